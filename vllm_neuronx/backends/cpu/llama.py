@@ -1,0 +1,266 @@
+"""The Llama family (Llama 2/3.x, SmolLM2, TinyLlama, Mistral) in plain PyTorch.
+
+One readable file, no framework: a decoder that runs NxDI's two graphs, context
+encoding (prefill into a KV line) and token generation (one token per line over
+the first ``bucket`` positions), on a contiguous KV cache
+``[lines, kv_heads, max_len, head_dim]`` per layer. The numerics follow Hugging
+Face transformers (fp32 RMSNorm and rotary tables, softmax in fp32) so greedy
+tokens match it.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+
+SUPPORTED_ARCHITECTURES = ("LlamaForCausalLM", "MistralForCausalLM")
+
+
+@dataclass(frozen=True, slots=True)
+class LlamaSpec:
+    """The shape of a Llama-family model, read from its HF config.json."""
+
+    vocab_size: int
+    hidden_size: int
+    intermediate_size: int
+    num_layers: int
+    num_heads: int
+    num_kv_heads: int
+    head_dim: int
+    rms_norm_eps: float
+    rope_theta: float
+    rope_scaling: dict | None
+    tie_word_embeddings: bool
+    attention_bias: bool
+    mlp_bias: bool
+    sliding_window: int | None
+
+    @classmethod
+    def from_hf_config(cls, cfg: dict[str, Any]) -> LlamaSpec:
+        archs = cfg.get("architectures") or []
+        if not any(a in SUPPORTED_ARCHITECTURES for a in archs):
+            raise ValueError(
+                f"the CPU backend does not support architectures {archs}; "
+                f"supported: {list(SUPPORTED_ARCHITECTURES)}"
+            )
+        if cfg.get("hidden_act", "silu") != "silu":
+            raise ValueError(f"hidden_act {cfg.get('hidden_act')!r} is not supported (silu only)")
+        rope = dict(cfg.get("rope_parameters") or {})
+        scaling = cfg.get("rope_scaling") or (rope if rope.get("rope_type", "default") != "default" else None)
+        if scaling is not None:
+            kind = scaling.get("rope_type", scaling.get("type"))
+            if kind in (None, "default"):
+                scaling = None
+            elif kind not in ("llama3", "linear"):
+                raise ValueError(f"rope scaling {kind!r} is not supported (llama3, linear)")
+        heads = cfg["num_attention_heads"]
+        return cls(
+            vocab_size=cfg["vocab_size"],
+            hidden_size=cfg["hidden_size"],
+            intermediate_size=cfg["intermediate_size"],
+            num_layers=cfg["num_hidden_layers"],
+            num_heads=heads,
+            num_kv_heads=cfg.get("num_key_value_heads") or heads,
+            head_dim=cfg.get("head_dim") or cfg["hidden_size"] // heads,
+            rms_norm_eps=float(cfg.get("rms_norm_eps", 1e-6)),
+            rope_theta=float(cfg.get("rope_theta") or rope.get("rope_theta") or 10000.0),
+            rope_scaling=scaling,
+            tie_word_embeddings=bool(cfg.get("tie_word_embeddings", False)),
+            attention_bias=bool(cfg.get("attention_bias", False)),
+            mlp_bias=bool(cfg.get("mlp_bias", False)),
+            sliding_window=cfg.get("sliding_window"),
+        )
+
+    @classmethod
+    def from_folder(cls, model_path: str) -> LlamaSpec:
+        with open(os.path.join(model_path, "config.json")) as f:
+            return cls.from_hf_config(json.load(f))
+
+
+def rope_inv_freq(spec: LlamaSpec) -> torch.Tensor:
+    """Rotary inverse frequencies in fp32, with llama3 or linear scaling."""
+    dim = spec.head_dim
+    inv_freq = 1.0 / (spec.rope_theta ** (torch.arange(0, dim, 2, dtype=torch.int64).float() / dim))
+    scaling = spec.rope_scaling
+    if scaling is None:
+        return inv_freq
+    factor = float(scaling["factor"])
+    if scaling.get("rope_type", scaling.get("type")) == "linear":
+        return inv_freq / factor
+    low, high = float(scaling["low_freq_factor"]), float(scaling["high_freq_factor"])
+    old_len = float(scaling["original_max_position_embeddings"])
+    wavelen = 2 * math.pi / inv_freq
+    scaled = torch.where(wavelen > old_len / low, inv_freq / factor, inv_freq)
+    smooth = (old_len / wavelen - low) / (high - low)
+    smoothed = (1 - smooth) * scaled / factor + smooth * scaled
+    medium = (wavelen >= old_len / high) & (wavelen <= old_len / low)
+    return torch.where(medium, smoothed, scaled)
+
+
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    h = x.float()
+    h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + eps)
+    return weight * h.to(x.dtype)
+
+
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """x [b, heads, t, d]; cos/sin [b, 1, t, d]."""
+    half = x.shape[-1] // 2
+    rotated = torch.cat((-x[..., half:], x[..., :half]), dim=-1)
+    return x * cos + rotated * sin
+
+
+class LlamaModel:
+    """Weights, rotary tables and the KV cache of one model, and its two graphs."""
+
+    def __init__(
+        self, spec: LlamaSpec, weights: dict[str, torch.Tensor], *,
+        num_lines: int, max_len: int, dtype: torch.dtype,
+    ) -> None:
+        self.spec = spec
+        self.dtype = dtype
+        self.max_len = max_len
+        self.w = weights
+        shape = (spec.num_layers, num_lines, spec.num_kv_heads, max_len, spec.head_dim)
+        self.k_cache = torch.zeros(shape, dtype=dtype)
+        self.v_cache = torch.zeros(shape, dtype=dtype)
+        freqs = torch.outer(torch.arange(max_len, dtype=torch.float32), rope_inv_freq(spec))
+        emb = torch.cat((freqs, freqs), dim=-1)
+        self.cos = emb.cos().to(dtype)
+        self.sin = emb.sin().to(dtype)
+        self.q_size = spec.num_heads * spec.head_dim
+        self.kv_size = spec.num_kv_heads * spec.head_dim
+        self.scale = 1.0 / math.sqrt(spec.head_dim)
+
+    # -- weights ------------------------------------------------------------
+    @staticmethod
+    def convert_hf_weights(
+        spec: LlamaSpec, hf: dict[str, torch.Tensor], dtype: torch.dtype
+    ) -> dict[str, torch.Tensor]:
+        """HF names -> our fused layout (qkv and gate_up stacked), in ``dtype``."""
+        def get(name: str) -> torch.Tensor:
+            for key in (name, f"model.{name}"):
+                if key in hf:
+                    return hf[key]
+            raise KeyError(f"weight {name!r} missing from the checkpoint")
+
+        out: dict[str, torch.Tensor] = {"embed": get("embed_tokens.weight"), "norm": get("norm.weight")}
+        out["lm_head"] = (
+            out["embed"] if spec.tie_word_embeddings or "lm_head.weight" not in hf
+            else hf["lm_head.weight"]
+        )
+        for i in range(spec.num_layers):
+            p = f"layers.{i}."
+            out[p + "qkv"] = torch.cat([get(p + f"self_attn.{n}_proj.weight") for n in "qkv"])
+            out[p + "o"] = get(p + "self_attn.o_proj.weight")
+            out[p + "gate_up"] = torch.cat(
+                [get(p + "mlp.gate_proj.weight"), get(p + "mlp.up_proj.weight")]
+            )
+            out[p + "down"] = get(p + "mlp.down_proj.weight")
+            out[p + "ln1"] = get(p + "input_layernorm.weight")
+            out[p + "ln2"] = get(p + "post_attention_layernorm.weight")
+            if spec.attention_bias:
+                out[p + "qkv_bias"] = torch.cat([get(p + f"self_attn.{n}_proj.bias") for n in "qkv"])
+                if f"model.{p}self_attn.o_proj.bias" in hf or f"{p}self_attn.o_proj.bias" in hf:
+                    out[p + "o_bias"] = get(p + "self_attn.o_proj.bias")
+            if spec.mlp_bias:
+                out[p + "gate_up_bias"] = torch.cat(
+                    [get(p + "mlp.gate_proj.bias"), get(p + "mlp.up_proj.bias")]
+                )
+                out[p + "down_bias"] = get(p + "mlp.down_proj.bias")
+        return {k: v.to(dtype).contiguous() for k, v in out.items()}
+
+    # -- the decoder ----------------------------------------------------------
+    def _layer(
+        self, i: int, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, attend
+    ) -> torch.Tensor:
+        s, w, p = self.spec, self.w, f"layers.{i}."
+        b, t, _ = x.shape
+        h = rms_norm(x, w[p + "ln1"], s.rms_norm_eps)
+        qkv = F.linear(h, w[p + "qkv"], w.get(p + "qkv_bias"))
+        q, k, v = qkv.split([self.q_size, self.kv_size, self.kv_size], dim=-1)
+        q = apply_rope(q.view(b, t, s.num_heads, s.head_dim).transpose(1, 2), cos, sin)
+        k = apply_rope(k.view(b, t, s.num_kv_heads, s.head_dim).transpose(1, 2), cos, sin)
+        v = v.view(b, t, s.num_kv_heads, s.head_dim).transpose(1, 2)
+        attn = attend(i, q, k, v)  # [b, heads, t, d]
+        x = x + F.linear(attn.transpose(1, 2).reshape(b, t, self.q_size), w[p + "o"], w.get(p + "o_bias"))
+        h = rms_norm(x, w[p + "ln2"], s.rms_norm_eps)
+        gate, up = F.linear(h, w[p + "gate_up"], w.get(p + "gate_up_bias")).chunk(2, dim=-1)
+        return x + F.linear(F.silu(gate) * up, w[p + "down"], w.get(p + "down_bias"))
+
+    def _logits(self, h: torch.Tensor) -> torch.Tensor:
+        h = rms_norm(h, self.w["norm"], self.spec.rms_norm_eps)
+        return F.linear(h, self.w["lm_head"]).float()
+
+    def _window_mask(self, mask: torch.Tensor, q_pos: torch.Tensor, k_len: int) -> torch.Tensor:
+        window = self.spec.sliding_window
+        if window is None or window >= self.max_len:
+            return mask
+        k_pos = torch.arange(k_len)
+        return mask & (q_pos[..., None] - k_pos < window)
+
+    @torch.inference_mode()
+    def context_encode(
+        self, input_ids: torch.Tensor, lengths: torch.Tensor, seq_ids: torch.Tensor
+    ) -> torch.Tensor:
+        """Prefill ``n`` right-padded prompts [n, bucket] into KV lines ``seq_ids``.
+
+        Returns fp32 logits of each prompt's last real token, [n, vocab].
+        """
+        n, t = input_ids.shape
+        x = F.embedding(input_ids, self.w["embed"])
+        cos, sin = self.cos[:t][None, None], self.sin[:t][None, None]
+        positions = torch.arange(t)
+        mask = self._window_mask(positions[None, :] <= positions[:, None], positions, t)
+        lines = seq_ids.tolist()
+
+        def attend(i, q, k, v):
+            for row, line in enumerate(lines):
+                self.k_cache[i, line, :, :t] = k[row]
+                self.v_cache[i, line, :, :t] = v[row]
+            return F.scaled_dot_product_attention(
+                q, k, v, attn_mask=mask, scale=self.scale, enable_gqa=True
+            )
+
+        for i in range(self.spec.num_layers):
+            x = self._layer(i, x, cos, sin, attend)
+        last = x[torch.arange(n), lengths - 1]
+        return self._logits(last)
+
+    @torch.inference_mode()
+    def token_generate(
+        self, input_ids: torch.Tensor, positions: torch.Tensor, seq_ids: torch.Tensor, bucket: int
+    ) -> torch.Tensor:
+        """Decode one token per row: input_ids/positions [m], seq_ids [m] sorted.
+
+        Each row writes its K/V at its position and attends over the first
+        ``bucket`` positions of its own line. Returns fp32 logits [m, vocab].
+        """
+        m = input_ids.shape[0]
+        x = F.embedding(input_ids[:, None], self.w["embed"])
+        cos, sin = self.cos[positions][:, None, None], self.sin[positions][:, None, None]
+        mask = (torch.arange(bucket)[None, :] <= positions[:, None])
+        mask = self._window_mask(mask, positions[:, None], bucket)[:, None, None, :]
+        all_lines = m == self.k_cache.shape[1] and bool(
+            torch.equal(seq_ids, torch.arange(m, dtype=seq_ids.dtype))
+        )
+
+        def attend(i, q, k, v):
+            self.k_cache[i, seq_ids, :, positions] = k[:, :, 0]
+            self.v_cache[i, seq_ids, :, positions] = v[:, :, 0]
+            keys, values = self.k_cache[i, :, :, :bucket], self.v_cache[i, :, :, :bucket]
+            if not all_lines:
+                keys, values = keys.index_select(0, seq_ids), values.index_select(0, seq_ids)
+            return F.scaled_dot_product_attention(
+                q, keys, values, attn_mask=mask, scale=self.scale, enable_gqa=True
+            )
+
+        for i in range(self.spec.num_layers):
+            x = self._layer(i, x, cos, sin, attend)
+        return self._logits(x[:, 0])

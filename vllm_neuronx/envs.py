@@ -1,0 +1,46 @@
+"""Every environment variable vllm-neuronx reads, in one table.
+
+Read lazily (``envs.NAME``) so tests can set them with monkeypatch.
+"""
+
+import os
+from collections.abc import Callable
+from typing import Any
+
+
+def _flag(name: str) -> Callable[[], bool]:
+    return lambda: os.environ.get(name, "0").strip().lower() not in ("", "0", "false", "no")
+
+
+def _str(name: str, default: str | None = None) -> Callable[[], str | None]:
+    return lambda: os.environ.get(name, default) or default
+
+
+_VARS: dict[str, Callable[[], Any]] = {
+    # Which Neuron framework serves the model: "neuronx-distributed-inference"
+    # (default when installed), "transformers-neuronx", or "cpu" (ours).
+    "VLLM_NEURON_FRAMEWORK": _str("VLLM_NEURON_FRAMEWORK"),
+    # Folder of compiled artifacts: loaded if present, else compiled and stored.
+    "NEURON_COMPILED_ARTIFACTS": _str("NEURON_COMPILED_ARTIFACTS"),
+    # Set to a non-zero value to return logits instead of device-sampled tokens.
+    "NEURON_ON_DEVICE_SAMPLING_DISABLED": _flag("NEURON_ON_DEVICE_SAMPLING_DISABLED"),
+    # transformers-neuronx bucket lists (comma separated), as upstream read them.
+    "NEURON_CONTEXT_LENGTH_BUCKETS": _str("NEURON_CONTEXT_LENGTH_BUCKETS"),
+    "NEURON_TOKEN_GEN_BUCKETS": _str("NEURON_TOKEN_GEN_BUCKETS"),
+    "NEURON_QUANT_DTYPE": _str("NEURON_QUANT_DTYPE", "s8"),
+    # Tests only: route through a backend even without a Neuron device
+    # ("nxdi" or "tnx" against the simulators in tests/). Never set in production.
+    "VLLM_NEURONX_FORCE_BACKEND": _str("VLLM_NEURONX_FORCE_BACKEND"),
+    # Threads for the CPU backend's matmuls (default: all cores this process may use).
+    "VLLM_NEURONX_CPU_THREADS": _str("VLLM_NEURONX_CPU_THREADS"),
+}
+
+
+def __getattr__(name: str) -> Any:
+    if name in _VARS:
+        return _VARS[name]()
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+def __dir__() -> list[str]:
+    return list(_VARS)

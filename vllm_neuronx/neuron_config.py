@@ -1,0 +1,320 @@
+"""vLLM settings -> the NxDI neuron config, as one pure function.
+
+The neuron config is a plain dict with NxDI's field names (``NeuronConfig(**d)``
+takes it as is). Every backend reads the same dict, so the CPU backend honours
+exactly what a Neuron device would be compiled for. NxDI silently drops keys it
+does not know; we refuse them and name the key.
+"""
+
+from __future__ import annotations
+
+import copy
+import difflib
+import json
+import math
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import torch
+
+DEFAULT_GLOBAL_TOPK = 256
+MIN_BUCKET = 128
+
+# NxDI OnDeviceSamplingConfig fields and their defaults (vLLM turns `dynamic` on:
+# per-row top_k/top_p/temperature come from the sampling tensor).
+ON_DEVICE_SAMPLING_DEFAULTS: dict[str, Any] = {
+    "do_sample": False,
+    "top_k": 1,
+    "top_p": 1.0,
+    "temperature": 1.0,
+    "dynamic": True,
+    "deterministic": False,
+    "global_topk": DEFAULT_GLOBAL_TOPK,
+}
+ON_DEVICE_SAMPLING_KEYS = frozenset(ON_DEVICE_SAMPLING_DEFAULTS) | {
+    "on_device_sampling_config",
+    "top_k_kernel_enabled",
+    "sampling_dp_degree",
+}
+
+# NeuronConfig fields (NxDI 0.3 .. HEAD) that users pass through the override.
+NEURON_CONFIG_KEYS = frozenset(
+    """
+    batch_size ctx_batch_size tkg_batch_size max_batch_size kv_cache_batch_size
+    kv_cache_padding_size seq_len max_context_length max_new_tokens max_length
+    n_active_tokens n_positions padding_side allow_input_truncation torch_dtype
+    rpl_reduce_dtype cast_type attention_dtype output_logits on_cpu vocab_parallel
+    enable_bucketing buckets bucket_n_active_tokens context_encoding_buckets
+    token_generation_buckets prefix_buckets token_generation_batches
+    is_continuous_batching k_cache_transposed disable_kv_cache_tiling kv_cache_tiling
+    kv_cache_quant kv_quant_config flash_decoding_enabled apply_seq_ids_mask
+    is_block_kv_layout pa_num_blocks pa_block_size is_prefix_caching is_chunked_prefill
+    chunked_prefill_config windowed_context_encoding_size on_device_sampling_config
+    speculation_length spec_batch_size enable_fused_speculation enable_eagle_speculation
+    is_eagle_draft enable_eagle_draft_input_norm token_tree_config is_medusa
+    medusa_speculation_length num_medusa_heads medusa_tree trace_tokengen_model
+    quantized quantized_checkpoints_path quantization_type quantization_dtype
+    modules_to_not_convert draft_model_modules_to_not_convert quantized_mlp_kernel_enabled
+    activation_quantization_type rmsnorm_quantize_kernel_enabled quantize_clamp_bound
+    quantization_block_size quantization_block_axis quantization_scale_dtype
+    is_mxfp4_compute tp_degree pp_degree ep_degree world_size start_rank_id
+    local_ranks_size logical_nc_config logical_neuron_cores sequence_parallel_enabled
+    weight_gather_seq_len_threshold save_sharded_checkpoint skip_sharding cp_degree
+    attention_dp_degree mlp_cp_degree moe_tp_degree moe_ep_degree fused_qkv
+    attn_kernel_enabled qkv_kernel_enabled qkv_kernel_nbsd_layout mlp_kernel_enabled
+    fused_rmsnorm_skip_gamma mlp_kernel_fuse_residual_add qkv_kernel_fuse_residual_add
+    attn_tkg_nki_kernel_enabled attn_tkg_builtin_kernel_enabled
+    attn_block_tkg_nki_kernel_enabled attn_block_tkg_nki_kernel_cache_update
+    layer_boundary_markers qk_layernorm async_mode cc_pipeline_tiling_factor target
+    skip_warmup lora_config weights_to_skip_layout_optimization scratchpad_page_size
+    lm_head_pad disable_argmax_kernel tensor_capture_config switch_cc
+    capacity_factor glu_mlp glu_type router_config blockwise_matmul_config
+    normalize_top_k_affinities fused_shared_experts hybrid_sharding_config
+    """.split()
+)
+# Keys the vLLM side consumes (LoRA adapters, transformers-neuronx extras).
+VLLM_SIDE_KEYS = frozenset(
+    "lora_modules target_modules cast_logits_dtype continuous_batching quant "
+    "on_device_generation sparse_attn".split()
+)
+KNOWN_KEYS = NEURON_CONFIG_KEYS | VLLM_SIDE_KEYS
+
+_DTYPE_NAMES = {
+    torch.float32: "float32",
+    torch.bfloat16: "bfloat16",
+    torch.float16: "float16",
+}
+_DTYPE_ALIASES = {
+    "float": "float32",
+    "float32": "float32",
+    "fp32": "float32",
+    "bfloat16": "bfloat16",
+    "bf16": "bfloat16",
+    "half": "float16",
+    "float16": "float16",
+    "fp16": "float16",
+}
+
+
+class NeuronConfigError(ValueError):
+    """A neuron config that no backend can honour; the message names the field."""
+
+
+def dtype_name(dtype: torch.dtype | str) -> str:
+    """vLLM's dtype (resolved torch.dtype or a string) -> NxDI's torch_dtype string."""
+    if isinstance(dtype, torch.dtype):
+        if dtype not in _DTYPE_NAMES:
+            raise NeuronConfigError(f"torch_dtype {dtype} is not supported on Neuron")
+        return _DTYPE_NAMES[dtype]
+    name = _DTYPE_ALIASES.get(str(dtype).lower().removeprefix("torch."))
+    if name is None:
+        raise NeuronConfigError(
+            f"torch_dtype {dtype!r} is not supported; use one of "
+            f"{sorted(set(_DTYPE_ALIASES.values()))}"
+        )
+    return name
+
+
+def default_neuron_config(
+    *, tp_degree: int, max_num_seqs: int, max_model_len: int, dtype: torch.dtype | str
+) -> dict[str, Any]:
+    """The neuron config vLLM derives from its own settings (the user guide's table)."""
+    return {
+        "tp_degree": tp_degree,
+        "ctx_batch_size": 1,
+        "batch_size": max_num_seqs,
+        "max_context_length": max_model_len,
+        "seq_len": max_model_len,
+        "enable_bucketing": True,
+        "is_continuous_batching": True,
+        "quantized": False,
+        "torch_dtype": dtype_name(dtype),
+        "padding_side": "right",
+        "on_device_sampling_config": dict(ON_DEVICE_SAMPLING_DEFAULTS),
+    }
+
+
+def parse_overrides(raw: Any) -> dict[str, Any]:
+    """Accept a dict or a JSON object string; anything else is a named error."""
+    if raw is None:
+        return {}
+    if isinstance(raw, str):
+        try:
+            raw = json.loads(raw)
+        except json.JSONDecodeError as e:
+            raise NeuronConfigError(f"override_neuron_config is not valid JSON: {e}") from e
+    if not isinstance(raw, Mapping):
+        raise NeuronConfigError(
+            f"override_neuron_config must be a JSON object (dict), got {type(raw).__name__}"
+        )
+    return dict(raw)
+
+
+def check_known_keys(overrides: Mapping[str, Any]) -> None:
+    """Refuse keys that no backend knows (NxDI would drop them with a warning)."""
+    for key, value in overrides.items():
+        if key not in KNOWN_KEYS:
+            close = difflib.get_close_matches(key, sorted(KNOWN_KEYS), n=1)
+            hint = f"; did you mean {close[0]!r}?" if close else ""
+            raise NeuronConfigError(f"unknown override_neuron_config key {key!r}{hint}")
+        if key == "on_device_sampling_config" and isinstance(value, Mapping):
+            for sub in value:
+                if sub not in ON_DEVICE_SAMPLING_KEYS:
+                    raise NeuronConfigError(
+                        f"unknown on_device_sampling_config key {sub!r}; known: "
+                        f"{sorted(ON_DEVICE_SAMPLING_KEYS)}"
+                    )
+
+
+def merge_overrides(defaults: Mapping[str, Any], overrides: Mapping[str, Any]) -> dict:
+    """Overrides win; nested dicts merge per key; an explicit None replaces the value."""
+    merged = copy.deepcopy(dict(defaults))
+    for key, value in overrides.items():
+        base = merged.get(key)
+        if isinstance(value, Mapping) and isinstance(base, Mapping):
+            merged[key] = merge_overrides(base, value)
+        else:
+            merged[key] = copy.deepcopy(value)
+    return merged
+
+
+def generate_buckets(min_length: int, max_length: int) -> list[int]:
+    """NxDI's autobucketing: powers of two from ``min_length``, then the maximum."""
+    if max_length <= min_length:
+        return [max_length]
+    low = int(math.log2(min_length))
+    high = round(math.log2(max_length))
+    buckets = [2**i for i in range(low, high) if 2**i < max_length]
+    return buckets + [max_length]
+
+
+def context_buckets(cfg: Mapping[str, Any]) -> list[int]:
+    """Prefill (context-encoding) buckets the config compiles."""
+    max_ctx = cfg["max_context_length"]
+    if not cfg.get("enable_bucketing"):
+        return [max_ctx]
+    return list(cfg.get("context_encoding_buckets") or generate_buckets(MIN_BUCKET, max_ctx))
+
+
+def token_buckets(cfg: Mapping[str, Any]) -> list[int]:
+    """Decode (token-generation) buckets the config compiles."""
+    seq_len = cfg["seq_len"]
+    if not cfg.get("enable_bucketing"):
+        return [seq_len]
+    return list(cfg.get("token_generation_buckets") or generate_buckets(MIN_BUCKET, seq_len))
+
+
+def pick_bucket(buckets: Sequence[int], length: int) -> int:
+    """NxDI's first fit: the first bucket strictly larger than ``length``;
+    equality is allowed at the largest bucket only."""
+    for bucket in buckets:
+        if bucket > length:
+            return bucket
+    if buckets and buckets[-1] == length:
+        return buckets[-1]
+    raise ValueError(f"length {length} exceeds the largest bucket {buckets[-1]}")
+
+
+def _check_buckets(name: str, buckets: Any, limit: int, limit_name: str) -> None:
+    if not isinstance(buckets, list) or not buckets:
+        raise NeuronConfigError(f"{name} must be a non-empty list of integers")
+    if any(not isinstance(b, int) or isinstance(b, bool) or b <= 0 for b in buckets):
+        raise NeuronConfigError(f"{name} must hold positive integers, got {buckets}")
+    if buckets != sorted(set(buckets)):
+        raise NeuronConfigError(f"{name} must be sorted ascending without repeats, got {buckets}")
+    if buckets[-1] > limit:
+        raise NeuronConfigError(
+            f"{name} {buckets} go past {limit_name}={limit}; the largest bucket must be "
+            f"<= {limit_name}"
+        )
+
+
+def validate(cfg: Mapping[str, Any], *, max_num_seqs: int, max_model_len: int) -> None:
+    """Refuse a config that contradicts vLLM's settings or cannot run."""
+    for key in ("batch_size", "tp_degree", "seq_len", "max_context_length", "ctx_batch_size"):
+        value = cfg.get(key)
+        if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+            raise NeuronConfigError(f"{key} must be a positive integer, got {value!r}")
+    if cfg["batch_size"] != max_num_seqs:
+        raise NeuronConfigError(
+            f"batch_size={cfg['batch_size']} contradicts max_num_seqs={max_num_seqs}: "
+            "each sequence owns one KV line, so set max_num_seqs instead"
+        )
+    if cfg["seq_len"] != max_model_len:
+        raise NeuronConfigError(
+            f"seq_len={cfg['seq_len']} contradicts max_model_len={max_model_len}; "
+            "set max_model_len instead"
+        )
+    if cfg["max_context_length"] > cfg["seq_len"]:
+        raise NeuronConfigError(
+            f"max_context_length={cfg['max_context_length']} exceeds seq_len={cfg['seq_len']}"
+        )
+    if cfg["ctx_batch_size"] > cfg["batch_size"]:
+        raise NeuronConfigError(
+            f"ctx_batch_size={cfg['ctx_batch_size']} exceeds batch_size={cfg['batch_size']}"
+        )
+    if cfg.get("padding_side", "right") != "right":
+        raise NeuronConfigError("padding_side must be 'right' for vLLM")
+    if cfg.get("is_continuous_batching") is not True and max_num_seqs > 1:
+        raise NeuronConfigError(
+            "is_continuous_batching must stay True when max_num_seqs > 1: vLLM admits "
+            "requests into free KV lines while others decode"
+        )
+    dtype_name(cfg.get("torch_dtype", "bfloat16"))
+    if cfg.get("enable_bucketing"):
+        if cfg.get("context_encoding_buckets") is not None:
+            _check_buckets(
+                "context_encoding_buckets", cfg["context_encoding_buckets"],
+                cfg["max_context_length"], "max_context_length",
+            )
+        if cfg.get("token_generation_buckets") is not None:
+            _check_buckets(
+                "token_generation_buckets", cfg["token_generation_buckets"],
+                cfg["seq_len"], "seq_len",
+            )
+            if cfg["token_generation_buckets"][-1] != cfg["seq_len"]:
+                raise NeuronConfigError(
+                    f"token_generation_buckets {cfg['token_generation_buckets']} must end at "
+                    f"seq_len={cfg['seq_len']} (max_model_len), or sequences could not reach it"
+                )
+    ods = cfg.get("on_device_sampling_config")
+    if ods is not None:
+        if not isinstance(ods, Mapping):
+            raise NeuronConfigError("on_device_sampling_config must be an object or null")
+        topk = ods.get("global_topk")
+        if not isinstance(topk, int) or isinstance(topk, bool) or topk < 1:
+            raise NeuronConfigError(
+                f"on_device_sampling_config.global_topk must be a positive integer, got {topk!r}"
+            )
+
+
+def resolve_neuron_config(
+    *,
+    tp_degree: int,
+    max_num_seqs: int,
+    max_model_len: int,
+    dtype: torch.dtype | str,
+    overrides: Any = None,
+    on_device_sampling_disabled: bool = False,
+) -> dict[str, Any]:
+    """Defaults from vLLM, then the user's overrides, then validation."""
+    parsed = parse_overrides(overrides)
+    check_known_keys(parsed)
+    cfg = merge_overrides(
+        default_neuron_config(
+            tp_degree=tp_degree, max_num_seqs=max_num_seqs,
+            max_model_len=max_model_len, dtype=dtype,
+        ),
+        parsed,
+    )
+    cfg["torch_dtype"] = dtype_name(cfg["torch_dtype"])
+    if on_device_sampling_disabled:
+        cfg["on_device_sampling_config"] = None
+    validate(cfg, max_num_seqs=max_num_seqs, max_model_len=max_model_len)
+    return cfg
+
+
+def global_topk(cfg: Mapping[str, Any]) -> int | None:
+    """The first-stage candidate count of on-device sampling (None when it is off)."""
+    ods = cfg.get("on_device_sampling_config")
+    return None if ods is None else int(ods["global_topk"])

@@ -1,0 +1,84 @@
+"""What the plugin entry points cannot reach in upstream vLLM, patched in one place.
+
+Every patch names what it changes and why, and applies only to the vLLM version
+it was written against: on another version it logs an error and stays out.
+"""
+
+from __future__ import annotations
+
+import importlib.abc
+import importlib.util
+import logging
+import sys
+from collections.abc import Callable
+
+logger = logging.getLogger(__name__)
+
+PINNED_VLLM = "0.33.0"
+_applied = False
+
+
+def vllm_version_matches() -> bool:
+    import vllm
+
+    return vllm.__version__.split("+")[0] == PINNED_VLLM
+
+
+def apply_all() -> None:
+    """Idempotent: vLLM loads plugins once per process, we may be called from both hooks."""
+    global _applied
+    if _applied:
+        return
+    _applied = True
+    if not vllm_version_matches():
+        import vllm
+
+        logger.error(
+            "vllm-neuronx patches target vLLM %s but %s is installed; device= and "
+            "override_neuron_config are unavailable", PINNED_VLLM, vllm.__version__,
+        )
+        return
+    from vllm_neuronx.patches import engine_args
+
+    after_import("vllm.engine.arg_utils", engine_args.apply)
+
+
+class _RunAfterExec(importlib.abc.Loader):
+    def __init__(self, loader, callback: Callable[[], None]) -> None:
+        self._loader, self._callback = loader, callback
+
+    def create_module(self, spec):
+        return self._loader.create_module(spec)
+
+    def exec_module(self, module) -> None:
+        self._loader.exec_module(module)
+        self._callback()
+
+
+class _PatchOnImport(importlib.abc.MetaPathFinder):
+    """Runs a patch right after a module finishes importing.
+
+    The platform plugin is resolved while ``vllm.config`` is still importing, so
+    patching ``vllm.engine.arg_utils`` then would be a circular import.
+    """
+
+    def __init__(self, name: str, callback: Callable[[], None]) -> None:
+        self.name, self.callback = name, callback
+
+    def find_spec(self, fullname, path, target=None):
+        if fullname != self.name:
+            return None
+        sys.meta_path.remove(self)
+        spec = importlib.util.find_spec(fullname)
+        if spec is not None and spec.loader is not None:
+            spec.loader = _RunAfterExec(spec.loader, self.callback)
+        return spec
+
+
+def after_import(name: str, callback: Callable[[], None]) -> None:
+    """Call ``callback`` now if ``name`` is imported, else right after it is."""
+    if name in sys.modules and getattr(sys.modules[name], "__spec__", None) is not None \
+            and not getattr(sys.modules[name].__spec__, "_initializing", False):
+        callback()
+    else:
+        sys.meta_path.insert(0, _PatchOnImport(name, callback))

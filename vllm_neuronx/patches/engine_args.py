@@ -1,0 +1,113 @@
+"""Accept the Neuron user guide's arguments on upstream's EngineArgs, LLM and CLI.
+
+Upstream 0.33 removed ``device`` and never had ``override_neuron_config``, so
+``LLM(..., device="neuron", override_neuron_config={...})`` raises TypeError and
+``--device neuron --override-neuron-config '{...}'`` is an unknown flag. We add
+both (LLM passes its kwargs to EngineArgs, so patching EngineArgs covers it):
+the overrides travel in ``additional_config["override_neuron_config"]``, the
+channel vLLM gives platforms. ``tensor_parallel_size`` becomes the backend's
+``tp_degree`` and vLLM's own world size stays 1, since NxDI runs tensor
+parallelism inside one process.
+"""
+
+from __future__ import annotations
+
+import argparse
+import functools
+from typing import Any
+
+from vllm_neuronx import neuron_config as nc
+from vllm_neuronx.platform_config import OVERRIDES_KEY
+
+DEVICES = ("neuron", "auto", "cpu")
+# vllm-neuron's default on Neuron: vLLM's own (256+) would compile a huge batch.
+DEFAULT_MAX_NUM_SEQS = 32
+
+
+def _check_device(device: Any) -> None:
+    if device is not None and str(device) not in DEVICES:
+        raise ValueError(f"device={device!r} is not supported by vllm-neuronx; use device='neuron'")
+
+
+def neuronize(engine_args, device: Any = None, overrides: Any = None) -> None:
+    """Fold the Neuron arguments into upstream's fields (safe to call twice)."""
+    _check_device(device)
+    parsed = nc.parse_overrides(overrides)
+    nc.check_known_keys(parsed)
+    additional = dict(engine_args.additional_config or {})
+    merged = nc.merge_overrides(nc.parse_overrides(additional.get(OVERRIDES_KEY)), parsed)
+    tp = engine_args.tensor_parallel_size
+    if tp and tp != 1:
+        merged.setdefault("tp_degree", tp)
+        engine_args.tensor_parallel_size = 1
+    if merged:
+        additional[OVERRIDES_KEY] = merged
+    engine_args.additional_config = additional
+    if engine_args.max_num_seqs is None:
+        engine_args.max_num_seqs = DEFAULT_MAX_NUM_SEQS
+
+
+def _patch_init(cls) -> None:
+    original = cls.__init__
+    if getattr(original, "__neuronx__", False):
+        return
+
+    @functools.wraps(original)
+    def __init__(self, *args, device=None, override_neuron_config=None, **kwargs):
+        original(self, *args, **kwargs)
+        neuronize(self, device, override_neuron_config)
+
+    __init__.__neuronx__ = True
+    cls.__init__ = __init__
+
+
+def json_object(text: str) -> dict:
+    """argparse type for --override-neuron-config: a JSON object, or a named error."""
+    try:
+        return nc.parse_overrides(text)
+    except nc.NeuronConfigError as e:
+        raise argparse.ArgumentTypeError(str(e)) from e
+
+
+def add_neuron_cli_args(parser):
+    group = parser.add_argument_group("Neuron (vllm-neuronx)")
+    group.add_argument(
+        "--device", choices=DEVICES, default=None,
+        help="Accepted for the Neuron user guide's commands; the platform is always Neuron.",
+    )
+    group.add_argument(
+        "--override-neuron-config", type=json_object, default=None,
+        help="JSON object of NxDI neuron config fields that override the defaults "
+        "derived from vLLM's settings, e.g. '{\"enable_bucketing\": false}'.",
+    )
+    return parser
+
+
+def apply() -> None:
+    from vllm.engine.arg_utils import AsyncEngineArgs, EngineArgs
+
+    for cls in (EngineArgs, AsyncEngineArgs):
+        _patch_init(cls)
+
+    add_cli_args = EngineArgs.add_cli_args
+    if not getattr(add_cli_args, "__neuronx__", False):
+        @functools.wraps(add_cli_args)
+        def patched_add_cli_args(parser):
+            return add_neuron_cli_args(add_cli_args(parser))
+
+        patched_add_cli_args.__neuronx__ = True
+        EngineArgs.add_cli_args = staticmethod(patched_add_cli_args)
+
+    from_cli_args = EngineArgs.from_cli_args.__func__
+    if not getattr(from_cli_args, "__neuronx__", False):
+        @functools.wraps(from_cli_args)
+        def patched_from_cli_args(cls, args: argparse.Namespace):
+            engine_args = from_cli_args(cls, args)
+            neuronize(
+                engine_args, getattr(args, "device", None),
+                getattr(args, "override_neuron_config", None),
+            )
+            return engine_args
+
+        patched_from_cli_args.__neuronx__ = True
+        EngineArgs.from_cli_args = classmethod(patched_from_cli_args)

@@ -1,0 +1,131 @@
+"""The Neuron platform for vLLM (an out-of-tree platform plugin).
+
+vLLM builds CPU tensors (device_type "cpu"); the backend moves them to the
+device, as NxDI expects. check_and_update_config turns vLLM's settings into
+Neuron's: one KV block of max_model_len tokens per sequence, max_num_seqs blocks,
+no chunked prefill, no prefix caching, no async scheduling, no vLLM compilation,
+world size 1 (tensor parallelism runs inside the backend), our worker and
+scheduler. Requests the device cannot serve are refused in validate_request.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import TYPE_CHECKING
+
+import torch
+from vllm.platforms.interface import Platform, PlatformEnum
+
+from vllm_neuronx.platform_config import NeuronSettings
+
+if TYPE_CHECKING:
+    from vllm.config import VllmConfig
+
+logger = logging.getLogger(__name__)
+
+WORKER_CLS = "vllm_neuronx.worker.worker.NeuronWorker"
+SCHEDULER_CLS = "vllm_neuronx.scheduler.NeuronScheduler"
+
+
+class NeuronPlatform(Platform):
+    _enum = PlatformEnum.OOT
+    device_name: str = "neuron"
+    device_type: str = "cpu"
+    dispatch_key: str = "CPU"
+    ray_device_key: str = "neuron_cores"
+    device_control_env_var: str = "NEURON_RT_VISIBLE_CORES"
+    dist_backend: str = "gloo"
+    simple_compile_backend: str = "eager"
+    supported_quantization: list[str] = ["neuron_quant"]
+
+    @property
+    def supported_dtypes(self) -> list[torch.dtype]:
+        return [torch.bfloat16, torch.float32, torch.float16]
+
+    @classmethod
+    def get_device_name(cls, device_id: int = 0) -> str:
+        return "neuron"
+
+    @classmethod
+    def get_device_total_memory(cls, device_id: int = 0) -> int:
+        import psutil
+
+        return psutil.virtual_memory().total
+
+    @classmethod
+    def is_pin_memory_available(cls) -> bool:
+        return False
+
+    def is_cpu(self) -> bool:
+        # vLLM's shutdown and memory paths treat us as host memory.
+        return True
+
+    @classmethod
+    def import_kernels(cls) -> None:
+        """No vllm._C on Neuron: our kernels live in the backend."""
+
+    @classmethod
+    def inference_mode(cls):
+        return torch.inference_mode(mode=True)
+
+    @classmethod
+    def set_device(cls, device: torch.device) -> None:
+        return
+
+    @classmethod
+    def manual_seed_all(cls, seed: int) -> None:
+        torch.manual_seed(seed)
+
+    @classmethod
+    def get_current_memory_usage(cls, device: torch.types.Device | None = None) -> float:
+        return 0.0
+
+    @classmethod
+    def check_and_update_config(cls, vllm_config: VllmConfig) -> None:
+        model_config = vllm_config.model_config
+        parallel = vllm_config.parallel_config
+        if parallel.worker_cls == "auto":
+            parallel.worker_cls = WORKER_CLS
+        parallel.distributed_executor_backend = "uni"
+        parallel.world_size = 1
+        if model_config is None:  # vLLM also calls this on partial configs
+            return
+        settings, warning = NeuronSettings.resolve(vllm_config)
+        if warning:
+            logger.warning(warning)
+        settings.store(vllm_config)
+
+        max_len = model_config.max_model_len
+        max_seqs = vllm_config.scheduler_config.max_num_seqs
+        cache = vllm_config.cache_config
+        cache.block_size = max_len
+        cache.user_specified_block_size = True
+        cache.enable_prefix_caching = False
+        cache.num_gpu_blocks_override = max_seqs + 1  # + upstream's null block
+
+        sched = vllm_config.scheduler_config
+        sched.scheduler_cls = SCHEDULER_CLS
+        sched.async_scheduling = False
+        sched.enable_chunked_prefill = False
+        sched.long_prefill_token_threshold = 0
+        budget = max(sched.max_num_batched_tokens, max_len * max_seqs)
+        sched.max_num_batched_tokens = budget
+        sched.max_num_scheduled_tokens = budget
+
+        from vllm.config import CompilationMode
+        from vllm.config.compilation import CUDAGraphMode
+
+        comp = vllm_config.compilation_config
+        comp.mode = CompilationMode.NONE
+        comp.cudagraph_mode = CUDAGraphMode.NONE
+        comp.cudagraph_capture_sizes = []
+
+    @classmethod
+    def update_block_size_for_backend(cls, vllm_config: VllmConfig) -> None:
+        """Our block size is max_model_len, set above; no attention backend to ask."""
+
+    @classmethod
+    def validate_request(cls, processed_inputs, params) -> None:
+        from vllm_neuronx.validation import validate_request
+
+        validate_request(processed_inputs, params)

@@ -1,0 +1,62 @@
+"""vLLM's config -> the Neuron settings every process agrees on.
+
+The platform resolves them once (so a bad override fails at ``LLM(...)`` with its
+name) and stores them in ``additional_config``; the worker reads them back.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+from typing import Any
+
+from vllm_neuronx import envs, framework
+from vllm_neuronx import neuron_config as nc
+
+SETTINGS_KEY = "neuron_settings"
+OVERRIDES_KEY = "override_neuron_config"
+
+
+@dataclass(frozen=True, slots=True)
+class NeuronSettings:
+    framework: str  # what the user chose (VLLM_NEURON_FRAMEWORK) or the default
+    backend: str  # the backend that runs it: nxdi | tnx | cpu
+    device: str  # "neuron" or "cpu"
+    neuron_config: dict[str, Any]
+
+    @classmethod
+    def resolve(cls, vllm_config) -> tuple[NeuronSettings, str | None]:
+        """Compute the settings; also returns the fallback warning, if any."""
+        choice = framework.choose_from_env()
+        overrides = (vllm_config.additional_config or {}).get(OVERRIDES_KEY)
+        cfg = nc.resolve_neuron_config(
+            tp_degree=vllm_config.parallel_config.tensor_parallel_size,
+            max_num_seqs=vllm_config.scheduler_config.max_num_seqs,
+            max_model_len=vllm_config.model_config.max_model_len,
+            dtype=vllm_config.model_config.dtype,
+            overrides=overrides,
+            on_device_sampling_disabled=envs.NEURON_ON_DEVICE_SAMPLING_DISABLED,
+        )
+        device = "neuron" if choice.backend in ("nxdi", "tnx") else "cpu"
+        return cls(choice.framework, choice.backend, device, cfg), choice.warning
+
+    def store(self, vllm_config) -> None:
+        global _ACTIVE
+        _ACTIVE = self
+        if not isinstance(vllm_config.additional_config, dict):
+            vllm_config.additional_config = {}
+        vllm_config.additional_config[SETTINGS_KEY] = asdict(self)
+
+    @classmethod
+    def from_vllm_config(cls, vllm_config) -> NeuronSettings:
+        stored = (vllm_config.additional_config or {}).get(SETTINGS_KEY)
+        if stored is not None:
+            return cls(**stored)
+        return cls.resolve(vllm_config)[0]
+
+
+_ACTIVE: NeuronSettings | None = None
+
+
+def active_settings() -> NeuronSettings | None:
+    """The settings this process configured last (request validation reads them)."""
+    return _ACTIVE

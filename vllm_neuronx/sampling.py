@@ -1,0 +1,78 @@
+"""On-device sampling: the ``[B, 3]`` tensor vLLM sends, and what the device does with it.
+
+Rows are ``(top_k, top_p, temperature)``. The rules match what the Neuron code
+bases converged on, without their bugs: the rows are built from the batch's own
+rows in row order, and the user's ``SamplingParams`` are never mutated.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+
+# vLLM treats temperatures below this as greedy.
+GREEDY_EPS = 1e-5
+
+
+def sampling_row(
+    temperature: float, top_k: int | None, top_p: float, global_topk: int
+) -> tuple[int, float, float]:
+    """One request's row: temperature 0 -> greedy (top_k=1); top_k off (-1/0) -> global_topk."""
+    if temperature < GREEDY_EPS:
+        return 1, 1.0, 1.0
+    if top_k is None or top_k < 1:
+        top_k = global_topk
+    return min(int(top_k), global_topk), float(top_p), float(temperature)
+
+
+def sampling_tensor(rows: Sequence[tuple[int, float, float]]) -> torch.Tensor:
+    """The ``[B, 3]`` float tensor, one row per input row, in row order."""
+    return torch.tensor(rows, dtype=torch.float32).reshape(len(rows), 3)
+
+
+def validate_sampling_tensor(params: torch.Tensor, global_topk: int, batch: int) -> None:
+    """What NxDI checks before sampling on the device."""
+    if params.dim() != 2 or params.shape != (batch, 3):
+        raise ValueError(f"sampling_params must have shape [{batch}, 3], got {list(params.shape)}")
+    top_k, top_p, temperature = params.unbind(-1)
+    if not torch.all(top_k == top_k.round()):
+        raise ValueError("sampling_params top_k must be integral")
+    if not torch.all((top_k == -1) | ((top_k >= 1) & (top_k <= global_topk))):
+        raise ValueError(f"sampling_params top_k must be -1 or in [1, {global_topk}]")
+    if not torch.all((top_p > 0) & (top_p <= 1)):
+        raise ValueError("sampling_params top_p must be in (0, 1]")
+    if not torch.all(temperature > 0):
+        raise ValueError("sampling_params temperature must be > 0")
+
+
+def sample(
+    logits: torch.Tensor,
+    params: torch.Tensor,
+    global_topk: int,
+    generator: torch.Generator | None = None,
+) -> torch.Tensor:
+    """Sample one token per row of ``logits`` [B, V] as NxDI's Sampler does.
+
+    Global top-k candidates, then each row's top_k as a rank mask, temperature,
+    top-p over the cumulative softmax (the best candidate always kept), then a
+    multinomial draw. Rows with top_k == 1 are an exact argmax.
+    """
+    top_k = params[:, 0]
+    if bool(torch.all(top_k == 1)):
+        return logits.argmax(dim=-1)
+    k = min(global_topk, logits.shape[-1])
+    values, indices = logits.float().topk(k, dim=-1)  # sorted, descending
+    ranks = torch.arange(k, device=logits.device)
+    row_k = torch.where(top_k < 1, torch.full_like(top_k, k), top_k)
+    values = values.masked_fill(ranks[None, :] >= row_k[:, None], float("-inf"))
+    values = values / params[:, 2:3]
+    probs = values.softmax(dim=-1)
+    cumulative = probs.cumsum(dim=-1) - probs  # mass strictly before each candidate
+    probs = probs.masked_fill(cumulative >= params[:, 1:2], 0.0)
+    choice = torch.multinomial(probs, 1, generator=generator).squeeze(-1)
+    picked = indices.gather(-1, choice[:, None]).squeeze(-1)
+    greedy = top_k == 1
+    if bool(greedy.any()):
+        picked = torch.where(greedy, logits.argmax(dim=-1), picked)
+    return picked

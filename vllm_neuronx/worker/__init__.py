@@ -1,0 +1,1 @@
+"""Worker side: the vLLM worker, its model runner, and the KV line pool."""

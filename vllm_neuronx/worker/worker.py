@@ -1,0 +1,118 @@
+"""The vLLM worker for Neuron: one process drives every core (tensor parallelism
+lives inside the backend as ``tp_degree``), so vLLM's world size stays 1.
+
+It tells vLLM's KV manager about exactly ``max_num_seqs`` blocks of
+``max_model_len`` tokens (plus upstream's null block): one block per sequence,
+so a decode never needs a new block and the scheduler never has to preempt.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+
+import torch
+from vllm.v1.kv_cache_interface import FullAttentionSpec, KVCacheSpec
+from vllm.v1.worker.worker_base import CompilationTimes, WorkerBase
+
+from vllm_neuronx import artifacts
+from vllm_neuronx.backends import backend_class
+from vllm_neuronx.platform_config import NeuronSettings
+from vllm_neuronx.worker.model_runner import NeuronModelRunner
+
+logger = logging.getLogger(__name__)
+
+KV_LAYER = "neuron_kv_lines"
+
+
+def resolve_model_folder(model: str, revision: str | None = None) -> str:
+    """A local folder as is; a hub id only from the local cache (never downloads)."""
+    if os.path.isdir(model):
+        return model
+    from huggingface_hub import snapshot_download
+
+    try:
+        return snapshot_download(model, revision=revision, local_files_only=True)
+    except Exception as e:
+        raise ValueError(
+            f"model {model!r} is neither a local folder nor in the local Hugging Face cache "
+            "(vllm-neuronx never downloads at run time)"
+        ) from e
+
+
+class NeuronWorker(WorkerBase):
+    def init_device(self) -> None:
+        self.device = torch.device("cpu")
+        self.settings = NeuronSettings.from_vllm_config(self.vllm_config)
+
+    def load_model(self, *, load_dummy_weights: bool = False) -> None:
+        settings = self.settings
+        model_path = resolve_model_folder(self.model_config.model, self.model_config.revision)
+        cls = backend_class(settings.backend)
+        backend = cls(model_path, settings.neuron_config, seed=self.model_config.seed or 0)
+        key = artifacts.artifact_key(settings.neuron_config, settings.backend, cls.version(), model_path)
+        result = artifacts.load_or_compile(
+            folder=artifacts.artifacts_folder(model_path, key),
+            key=key,
+            neuron_config=settings.neuron_config,
+            backend=settings.backend,
+            compile_fn=backend.compile,
+            load_fn=backend.load,
+        )
+        self.model_runner = NeuronModelRunner(backend)
+        logger.info(
+            "Neuron ready: framework=%s backend=%s device=%s context buckets=%s "
+            "token buckets=%s KV lines=%d x %d tokens dtype=%s artifacts=%s (%s)",
+            settings.framework, settings.backend, settings.device, backend.context_buckets,
+            backend.token_buckets, backend.num_lines, settings.neuron_config["seq_len"],
+            settings.neuron_config["torch_dtype"], result.folder,
+            "compiled" if result.compiled else "loaded",
+        )
+
+    # -- KV cache: one block of max_model_len tokens per sequence ------------------------
+    def get_kv_cache_spec(self) -> dict[str, KVCacheSpec]:
+        hf = self.model_config.hf_text_config
+        heads = hf.num_attention_heads
+        return {
+            KV_LAYER: FullAttentionSpec(
+                block_size=self.cache_config.block_size,
+                num_kv_heads=getattr(hf, "num_key_value_heads", None) or heads,
+                head_size=getattr(hf, "head_dim", None) or hf.hidden_size // heads,
+                dtype=self.model_config.dtype,
+            )
+        }
+
+    def get_supported_kv_cache_layouts(self) -> list[str]:
+        return ["LBHNC"]
+
+    def determine_available_memory(self) -> int:
+        spec = self.get_kv_cache_spec()[KV_LAYER]
+        return spec.page_size_bytes * (self.scheduler_config.max_num_seqs + 1)
+
+    def initialize_from_config(self, kv_cache_config) -> None:
+        """The backend owns the real KV cache; vLLM's blocks only do the bookkeeping."""
+
+    def initialize_cache(self, num_gpu_blocks: int, num_cpu_blocks: int) -> None:
+        self.cache_config.num_gpu_blocks = num_gpu_blocks
+        self.cache_config.num_cpu_blocks = num_cpu_blocks
+
+    def compile_or_warm_up_model(self) -> CompilationTimes:
+        return CompilationTimes(language_model=0.0, encoder=0.0)
+
+    def get_supported_tasks(self):
+        return ("generate",)
+
+    def execute_model(self, scheduler_output):
+        return self.model_runner.execute_model(scheduler_output)
+
+    def sample_tokens(self, grammar_output):
+        return self.model_runner.sample_tokens(grammar_output)
+
+    def get_model(self):
+        return self.model_runner.backend
+
+    def check_health(self) -> None:
+        return
+
+    def shutdown(self) -> None:
+        return
