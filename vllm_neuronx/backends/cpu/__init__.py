@@ -9,7 +9,6 @@ static buckets, KV lines indexed by seq_id, sampling on the "device".
 from __future__ import annotations
 
 import glob
-import logging
 import os
 import time
 
@@ -17,13 +16,13 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-from vllm_neuronx import envs
+from vllm_neuronx import envs, sampling
 from vllm_neuronx import neuron_config as nc
-from vllm_neuronx import sampling
 from vllm_neuronx.backends.cpu.llama import LlamaModel, LlamaSpec
 from vllm_neuronx.backends.protocol import ForwardOutput, NeuronBackend
+from vllm_neuronx.log import get_logger
 
-logger = logging.getLogger(__name__)
+logger = get_logger(__name__)
 
 WEIGHTS_FILE = "weights.safetensors"
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -68,6 +67,10 @@ class CpuBackend(NeuronBackend):
     def version(cls) -> str:
         return "cpu-1"
 
+    @property
+    def vocab_size(self) -> int:
+        return self.spec.vocab_size
+
     def compile(self, folder: str) -> None:
         start = time.perf_counter()
         hf = read_hf_checkpoint(self.model_path)
@@ -76,8 +79,11 @@ class CpuBackend(NeuronBackend):
         if weights["lm_head"].data_ptr() == weights["embed"].data_ptr():
             del weights["lm_head"]
         save_file(weights, os.path.join(folder, WEIGHTS_FILE))
-        logger.info("CPU backend: converted weights to %s in %.1f s", self.dtype,
-                    time.perf_counter() - start)
+        logger.info(
+            "CPU backend: converted weights to %s in %.1f s",
+            self.dtype,
+            time.perf_counter() - start,
+        )
 
     def load(self, folder: str) -> None:
         torch.set_num_threads(cpu_threads())
@@ -88,7 +94,10 @@ class CpuBackend(NeuronBackend):
         weights.setdefault("lm_head", weights["embed"])
         cfg = self.neuron_config
         self.model = LlamaModel(
-            self.spec, weights, num_lines=cfg["batch_size"], max_len=cfg["seq_len"],
+            self.spec,
+            weights,
+            num_lines=cfg["batch_size"],
+            max_len=cfg["seq_len"],
             dtype=self.dtype,
         )
 

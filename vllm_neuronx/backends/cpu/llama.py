@@ -52,7 +52,9 @@ class LlamaSpec:
         if cfg.get("hidden_act", "silu") != "silu":
             raise ValueError(f"hidden_act {cfg.get('hidden_act')!r} is not supported (silu only)")
         rope = dict(cfg.get("rope_parameters") or {})
-        scaling = cfg.get("rope_scaling") or (rope if rope.get("rope_type", "default") != "default" else None)
+        scaling = cfg.get("rope_scaling") or (
+            rope if rope.get("rope_type", "default") != "default" else None
+        )
         if scaling is not None:
             kind = scaling.get("rope_type", scaling.get("type"))
             if kind in (None, "default"):
@@ -120,8 +122,13 @@ class LlamaModel:
     """Weights, rotary tables and the KV cache of one model, and its two graphs."""
 
     def __init__(
-        self, spec: LlamaSpec, weights: dict[str, torch.Tensor], *,
-        num_lines: int, max_len: int, dtype: torch.dtype,
+        self,
+        spec: LlamaSpec,
+        weights: dict[str, torch.Tensor],
+        *,
+        num_lines: int,
+        max_len: int,
+        dtype: torch.dtype,
     ) -> None:
         self.spec = spec
         self.dtype = dtype
@@ -144,15 +151,20 @@ class LlamaModel:
         spec: LlamaSpec, hf: dict[str, torch.Tensor], dtype: torch.dtype
     ) -> dict[str, torch.Tensor]:
         """HF names -> our fused layout (qkv and gate_up stacked), in ``dtype``."""
+
         def get(name: str) -> torch.Tensor:
             for key in (name, f"model.{name}"):
                 if key in hf:
                     return hf[key]
             raise KeyError(f"weight {name!r} missing from the checkpoint")
 
-        out: dict[str, torch.Tensor] = {"embed": get("embed_tokens.weight"), "norm": get("norm.weight")}
+        out: dict[str, torch.Tensor] = {
+            "embed": get("embed_tokens.weight"),
+            "norm": get("norm.weight"),
+        }
         out["lm_head"] = (
-            out["embed"] if spec.tie_word_embeddings or "lm_head.weight" not in hf
+            out["embed"]
+            if spec.tie_word_embeddings or "lm_head.weight" not in hf
             else hf["lm_head.weight"]
         )
         for i in range(spec.num_layers):
@@ -166,7 +178,9 @@ class LlamaModel:
             out[p + "ln1"] = get(p + "input_layernorm.weight")
             out[p + "ln2"] = get(p + "post_attention_layernorm.weight")
             if spec.attention_bias:
-                out[p + "qkv_bias"] = torch.cat([get(p + f"self_attn.{n}_proj.bias") for n in "qkv"])
+                out[p + "qkv_bias"] = torch.cat(
+                    [get(p + f"self_attn.{n}_proj.bias") for n in "qkv"]
+                )
                 if f"model.{p}self_attn.o_proj.bias" in hf or f"{p}self_attn.o_proj.bias" in hf:
                     out[p + "o_bias"] = get(p + "self_attn.o_proj.bias")
             if spec.mlp_bias:
@@ -189,7 +203,9 @@ class LlamaModel:
         k = apply_rope(k.view(b, t, s.num_kv_heads, s.head_dim).transpose(1, 2), cos, sin)
         v = v.view(b, t, s.num_kv_heads, s.head_dim).transpose(1, 2)
         attn = attend(i, q, k, v)  # [b, heads, t, d]
-        x = x + F.linear(attn.transpose(1, 2).reshape(b, t, self.q_size), w[p + "o"], w.get(p + "o_bias"))
+        x = x + F.linear(
+            attn.transpose(1, 2).reshape(b, t, self.q_size), w[p + "o"], w.get(p + "o_bias")
+        )
         h = rms_norm(x, w[p + "ln2"], s.rms_norm_eps)
         gate, up = F.linear(h, w[p + "gate_up"], w.get(p + "gate_up_bias")).chunk(2, dim=-1)
         return x + F.linear(F.silu(gate) * up, w[p + "down"], w.get(p + "down_bias"))
@@ -245,7 +261,7 @@ class LlamaModel:
         m = input_ids.shape[0]
         x = F.embedding(input_ids[:, None], self.w["embed"])
         cos, sin = self.cos[positions][:, None, None], self.sin[positions][:, None, None]
-        mask = (torch.arange(bucket)[None, :] <= positions[:, None])
+        mask = torch.arange(bucket)[None, :] <= positions[:, None]
         mask = self._window_mask(mask, positions[:, None], bucket)[:, None, None, :]
         all_lines = m == self.k_cache.shape[1] and bool(
             torch.equal(seq_ids, torch.arange(m, dtype=seq_ids.dtype))

@@ -1,0 +1,62 @@
+"""Shared fixtures: tiny random-weight Llamas made on the fly, and HF references."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+
+# Never reach a model hub from tests.
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+
+
+def make_tiny_llama(path, *, seed: int = 0, vocab: int = 512, tie: bool = False, **overrides):
+    """A random Llama small enough to build and run in a second."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(seed)
+    cfg = dict(
+        vocab_size=vocab,
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=1024,
+        tie_word_embeddings=tie,
+        bos_token_id=1,
+        eos_token_id=2,
+    )
+    cfg.update(overrides)
+    model = LlamaForCausalLM(LlamaConfig(**cfg))
+    # Spread the logits so greedy choices are far from ties.
+    with torch.no_grad():
+        for p in model.parameters():
+            p.mul_(4.0) if p.dim() > 1 else None
+    model.save_pretrained(path)
+    return str(path)
+
+
+@pytest.fixture(scope="session")
+def tiny_llama(tmp_path_factory) -> str:
+    return make_tiny_llama(tmp_path_factory.mktemp("tiny-llama"))
+
+
+def hf_greedy(model_path: str, prompts: list[list[int]], max_new_tokens: list[int],
+              dtype=torch.float32) -> list[list[int]]:
+    """Greedy continuations from Hugging Face transformers, one prompt at a time."""
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(model_path, dtype=dtype).eval()
+    outs = []
+    with torch.no_grad():
+        for prompt, n in zip(prompts, max_new_tokens, strict=True):
+            ids = torch.tensor([prompt])
+            gen = model.generate(
+                ids, attention_mask=torch.ones_like(ids), max_new_tokens=n, min_new_tokens=n,
+                do_sample=False, eos_token_id=None, pad_token_id=0,
+            )
+            outs.append(gen[0, ids.shape[1]:].tolist())
+    return outs

@@ -1,0 +1,52 @@
+"""LLM.generate on a tiny random Llama: greedy tokens equal HF's, with requests
+joining and leaving mid-flight (max_num_seqs < prompts, varied lengths)."""
+
+from __future__ import annotations
+
+import random
+
+import pytest
+from vllm import LLM, SamplingParams
+from vllm.exceptions import VLLMValidationError
+
+from tests.conftest import hf_greedy
+
+MAX_NUM_SEQS = 3
+
+
+@pytest.fixture(scope="module")
+def llm(tiny_llama):
+    llm = LLM(
+        model=tiny_llama, device="neuron", max_num_seqs=MAX_NUM_SEQS, max_model_len=256,
+        skip_tokenizer_init=True, dtype="float32", tensor_parallel_size=2,
+    )
+    yield llm
+    del llm
+
+
+def test_greedy_matches_hf_with_continuous_batching(llm, tiny_llama):
+    rng = random.Random(1)
+    prompts = [[rng.randrange(3, 512) for _ in range(rng.randint(1, 150))] for _ in range(8)]
+    max_tokens = [rng.randint(1, 40) for _ in prompts]
+    params = [
+        SamplingParams(temperature=0, max_tokens=n, ignore_eos=True, detokenize=False)
+        for n in max_tokens
+    ]
+    outputs = llm.generate([{"prompt_token_ids": p} for p in prompts], params)
+    got = [list(o.outputs[0].token_ids) for o in outputs]
+    assert got == hf_greedy(tiny_llama, prompts, max_tokens)
+
+
+def test_prompt_filling_the_context_is_refused_with_a_clear_error(llm):
+    params = SamplingParams(temperature=0, max_tokens=4, detokenize=False)
+    with pytest.raises((ValueError, VLLMValidationError), match="maximum context length is 256"):
+        llm.generate([{"prompt_token_ids": [5] * 300}], params)
+    # The engine still serves the next request.
+    out = llm.generate([{"prompt_token_ids": [5, 6, 7]}], params)
+    assert len(out[0].outputs[0].token_ids) == 4
+
+
+def test_tensor_parallel_becomes_tp_degree_not_vllm_workers(llm):
+    settings = llm.llm_engine.vllm_config.additional_config["neuron_settings"]
+    assert settings["neuron_config"]["tp_degree"] == 2
+    assert llm.llm_engine.vllm_config.parallel_config.world_size == 1
