@@ -16,6 +16,7 @@ from vllm_neuronx.log import get_logger
 logger = get_logger(__name__)
 
 PINNED_VLLM = "0.33.0"
+ARG_UTILS = "vllm.engine.arg_utils"
 _applied = False
 
 
@@ -29,6 +30,10 @@ def apply_all() -> None:
     """Idempotent: vLLM loads plugins once per process, we may be called from both hooks."""
     global _applied
     if _applied:
+        if _imported(ARG_UTILS):  # the import hook may not have fired yet
+            from vllm_neuronx.patches import engine_args
+
+            engine_args.apply()
         return
     _applied = True
     if not vllm_version_matches():
@@ -43,7 +48,7 @@ def apply_all() -> None:
         return
     from vllm_neuronx.patches import engine_args
 
-    after_import("vllm.engine.arg_utils", engine_args.apply)
+    after_import(ARG_UTILS, engine_args.apply)
 
 
 class _RunAfterExec(importlib.abc.Loader):
@@ -59,23 +64,39 @@ class _RunAfterExec(importlib.abc.Loader):
 
 
 class _PatchOnImport(importlib.abc.MetaPathFinder):
-    """Runs a patch right after a module finishes importing.
+    """Runs a patch as soon as a module has finished importing.
 
-    The platform plugin is resolved while ``vllm.config`` is still importing, so
-    patching ``vllm.engine.arg_utils`` then would be a circular import.
+    The platform plugin is resolved while vLLM is still importing (sometimes in
+    the middle of ``vllm.engine.arg_utils`` itself), so the patch cannot run then.
+    Either the module's own import is wrapped, or, if it is already under way,
+    the next import anywhere finds it complete and runs the patch.
     """
 
     def __init__(self, name: str, callback: Callable[[], None]) -> None:
         self.name, self.callback = name, callback
 
+    def _done(self) -> None:
+        if self in sys.meta_path:
+            sys.meta_path.remove(self)
+        self.callback()
+
     def find_spec(self, fullname, path, target=None):
-        if fullname != self.name:
+        if _imported(self.name):
+            self._done()
+            return None
+        if fullname != self.name or fullname in sys.modules:
             return None
         sys.meta_path.remove(self)
         spec = importlib.util.find_spec(fullname)
         if spec is not None and spec.loader is not None:
             spec.loader = _RunAfterExec(spec.loader, self.callback)
         return spec
+
+
+def _imported(name: str) -> bool:
+    module = sys.modules.get(name)
+    spec = getattr(module, "__spec__", None)
+    return module is not None and not getattr(spec, "_initializing", False)
 
 
 def after_import(name: str, callback: Callable[[], None]) -> None:

@@ -116,6 +116,10 @@ class NeuronWorker(WorkerBase):
     def sample_tokens(self, grammar_output):
         return self.model_runner.sample_tokens(grammar_output)
 
+    def kv_lines_in_use(self) -> int:
+        """KV lines held by running requests (0 once everything finished or aborted)."""
+        return self.model_runner.lines_in_use
+
     def get_model(self) -> torch.nn.Module:
         return _BackendView(self.model_runner.backend)
 

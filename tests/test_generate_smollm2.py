@@ -1,0 +1,40 @@
+"""The real SmolLM2-135M-Instruct in fp32: greedy tokens equal HF transformers'."""
+
+from __future__ import annotations
+
+import pytest
+from transformers import AutoTokenizer
+from vllm import LLM, SamplingParams
+
+from tests.conftest import hf_greedy
+from vllm_neuronx.default_model import default_model_path
+
+PROMPTS = [
+    "The capital of France is",
+    "Hello, my name is",
+    "The president of the United States is",
+    "The future of AI is",
+    "def fibonacci(n):",
+    "List three colors: red,",
+    "Water boils at a temperature of",
+    "Once upon a time, in a small village,",
+]
+MAX_TOKENS = [12, 20, 16, 24, 20, 8, 12, 24]
+
+
+@pytest.fixture(scope="module")
+def model_path() -> str:
+    return default_model_path()
+
+
+def test_smollm2_fp32_greedy_matches_hf(model_path):
+    tok = AutoTokenizer.from_pretrained(model_path)
+    prompts = [tok(p)["input_ids"] for p in PROMPTS]
+    llm = LLM(model=model_path, device="neuron", max_num_seqs=4, max_model_len=128,
+              dtype="float32")
+    params = [SamplingParams(temperature=0, max_tokens=n, ignore_eos=True) for n in MAX_TOKENS]
+    outputs = llm.generate([{"prompt_token_ids": p} for p in prompts], params)
+    got = [list(o.outputs[0].token_ids) for o in outputs]
+    expected = hf_greedy(model_path, prompts, MAX_TOKENS)
+    assert got == expected
+    assert "Paris" in outputs[0].outputs[0].text
