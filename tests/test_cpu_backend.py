@@ -1,0 +1,111 @@
+"""The CPU backend honours NxDI's contract: buckets, KV lines by seq_id, phases."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from tests.conftest import hf_greedy
+from vllm_neuronx import neuron_config as nc
+from vllm_neuronx.backends.cpu import CpuBackend
+
+
+@pytest.fixture()
+def backend(tiny_llama, tmp_path):
+    cfg = nc.resolve_neuron_config(
+        tp_degree=1, max_num_seqs=4, max_model_len=128, dtype="float32",
+        overrides={"context_encoding_buckets": [16, 64, 128],
+                   "token_generation_buckets": [32, 128]},
+    )
+    b = CpuBackend(tiny_llama, cfg)
+    b.compile(str(tmp_path))
+    b.load(str(tmp_path))
+    return b
+
+
+def greedy(n):
+    return torch.tensor([[1, 1.0, 1.0]] * n)
+
+
+def spy(backend, name):
+    calls = []
+    original = getattr(backend.model, name)
+
+    def wrapped(*args):
+        calls.append(args)
+        return original(*args)
+
+    setattr(backend.model, name, wrapped)
+    return calls
+
+
+def test_buckets_are_chosen_first_fit(backend):
+    prefill = spy(backend, "context_encode")
+    decode = spy(backend, "token_generate")
+    ids = torch.arange(3, 3 + 40)[None]
+    backend.forward(ids, torch.arange(40)[None], torch.tensor([2]), greedy(1))
+    assert prefill[-1][0].shape == (1, 64)  # 40 tokens -> the 64 bucket
+    backend.forward(torch.tensor([[7]]), torch.tensor([[40]]), torch.tensor([2]), greedy(1))
+    assert decode[-1][3] == 128  # position 40 -> first token bucket > 40
+    ids = torch.arange(3, 3 + 16)[None]
+    backend.forward(ids, torch.arange(16)[None], torch.tensor([0]), greedy(1))
+    assert prefill[-1][0].shape == (1, 64)  # exactly 16 tokens: strictly larger bucket
+    backend.forward(torch.tensor([[7]]), torch.tensor([[16]]), torch.tensor([0]), greedy(1))
+    assert decode[-1][3] == 32
+
+
+def test_kv_lines_are_independent_and_match_hf(backend, tiny_llama):
+    prompts = [[5, 6, 7, 8, 9], [10, 11], [12, 13, 14]]
+    lines = [3, 0, 1]
+    steps = 6
+    width = max(map(len, prompts))
+    ids = torch.zeros((3, width), dtype=torch.long)
+    pos = torch.zeros((3, width), dtype=torch.long)
+    for i, p in enumerate(prompts):
+        ids[i, : len(p)] = torch.tensor(p)
+        pos[i, : len(p)] = torch.arange(len(p))
+    out = backend.forward(ids, pos, torch.tensor(lines), greedy(3)).tokens.tolist()
+    seqs = [p + [t] for p, t in zip(prompts, out, strict=True)]
+    for _ in range(steps - 1):
+        order = sorted(range(3), key=lambda i: lines[i])  # decode rows sorted by seq_id
+        tokens = backend.forward(
+            torch.tensor([[seqs[i][-1]] for i in order]),
+            torch.tensor([[len(seqs[i]) - 1] for i in order]),
+            torch.tensor([lines[i] for i in order]),
+            greedy(3),
+        ).tokens.tolist()
+        for i, t in zip(order, tokens, strict=True):
+            seqs[i].append(t)
+    expected = hf_greedy(tiny_llama, prompts, [steps] * 3)
+    assert [s[len(p):] for s, p in zip(seqs, prompts, strict=True)] == expected
+
+
+def test_contract_violations_are_refused(backend):
+    backend.forward(torch.tensor([[5, 6]]), torch.tensor([[0, 1]]), torch.tensor([0]), greedy(1))
+    backend.forward(torch.tensor([[5, 6]]), torch.tensor([[0, 1]]), torch.tensor([1]), greedy(1))
+    with pytest.raises(ValueError, match="sorted ascending"):
+        backend.forward(torch.tensor([[1], [2]]), torch.tensor([[2], [2]]),
+                        torch.tensor([1, 0]), greedy(2))
+    with pytest.raises(ValueError, match="must not be mixed"):
+        backend.forward(torch.tensor([[1, 2]]), torch.tensor([[2, 3]]), torch.tensor([0]),
+                        greedy(1))
+    with pytest.raises(ValueError, match="seq_ids must be KV lines"):
+        backend.forward(torch.tensor([[1]]), torch.tensor([[2]]), torch.tensor([4]), greedy(1))
+    with pytest.raises(ValueError, match="top_k"):
+        backend.forward(torch.tensor([[1]]), torch.tensor([[2]]), torch.tensor([0]),
+                        torch.tensor([[999, 1.0, 1.0]]))
+    with pytest.raises(ValueError, match="exceeds the largest bucket"):
+        backend.forward(torch.ones((1, 129), dtype=torch.long), torch.arange(129)[None],
+                        torch.tensor([0]), greedy(1))
+
+
+def test_logits_when_on_device_sampling_is_off(tiny_llama, tmp_path):
+    cfg = nc.resolve_neuron_config(tp_degree=1, max_num_seqs=1, max_model_len=64,
+                                   dtype="float32", on_device_sampling_disabled=True)
+    b = CpuBackend(tiny_llama, cfg)
+    b.compile(str(tmp_path))
+    b.load(str(tmp_path))
+    out = b.forward(torch.tensor([[5, 6, 7]]), torch.tensor([[0, 1, 2]]), torch.tensor([0]),
+                    greedy(1))
+    assert out.tokens is None and out.logits.shape == (1, 512)
+    assert out.logits.dtype == torch.float32
