@@ -16,6 +16,7 @@ from typing import TYPE_CHECKING
 import torch
 from vllm.platforms.interface import Platform, PlatformEnum
 
+from vllm_neuronx import envs
 from vllm_neuronx.log import get_logger
 from vllm_neuronx.platform_config import NeuronSettings
 
@@ -26,7 +27,6 @@ logger = get_logger(__name__)
 
 WORKER_CLS = "vllm_neuronx.worker.worker.NeuronWorker"
 SCHEDULER_CLS = "vllm_neuronx.scheduler.NeuronScheduler"
-_WARNED_ENV = "VLLM_NEURONX_FALLBACK_WARNED"
 
 
 class NeuronPlatform(Platform):
@@ -93,8 +93,8 @@ class NeuronPlatform(Platform):
         if model_config is None:  # vLLM also calls this on partial configs
             return
         settings, warning = NeuronSettings.resolve(vllm_config)
-        if warning and not os.environ.get(_WARNED_ENV):
-            os.environ[_WARNED_ENV] = "1"  # inherited: one line per process tree
+        if warning and not os.environ.get(envs.FALLBACK_WARNED):
+            os.environ[envs.FALLBACK_WARNED] = "1"  # inherited: one line per process tree
             logger.warning(warning)
         settings.store(vllm_config)
 
@@ -122,6 +122,20 @@ class NeuronPlatform(Platform):
         comp.mode = CompilationMode.NONE
         comp.cudagraph_mode = CUDAGraphMode.NONE
         comp.cudagraph_capture_sizes = []
+
+    @classmethod
+    def validate_environ(cls, hard_fail: bool) -> None:
+        """Upstream's check of VLLM_* variables, knowing ours (VLLM_NEURON_FRAMEWORK...)."""
+        from vllm import envs as vllm_envs
+
+        for name in os.environ:
+            if not name.startswith("VLLM_") or name in vllm_envs.environment_variables:
+                continue
+            if name in envs.OWN_VARIABLES:
+                continue
+            if hard_fail:
+                raise ValueError(f"Unknown vLLM environment variable detected: {name}")
+            logger.warning("Unknown vLLM environment variable detected: %s", name)
 
     @classmethod
     def update_block_size_for_backend(cls, vllm_config: VllmConfig) -> None:

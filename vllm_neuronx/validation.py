@@ -10,6 +10,8 @@ from __future__ import annotations
 
 from typing import Any
 
+from vllm.exceptions import VLLMValidationError
+
 from vllm_neuronx import neuron_config as nc
 from vllm_neuronx.platform_config import active_settings
 
@@ -31,6 +33,10 @@ _UNSUPPORTED = {
 }
 
 
+class NeuronRequestError(VLLMValidationError, ValueError):
+    """A request Neuron cannot serve: HTTP 400 on the server, a ValueError offline."""
+
+
 def _is_off(value: Any, off: Any) -> bool:
     if off is None:
         return value is None or value == [] or value == {}
@@ -44,22 +50,28 @@ def validate_request(engine_input: Any, params: Any) -> None:
     for field, off in _UNSUPPORTED.items():
         value = getattr(params, field, off)
         if not _is_off(value, off):
-            raise ValueError(
+            raise NeuronRequestError(
                 f"{field}={value!r} is not supported on Neuron yet: on-device sampling "
-                "applies only temperature, top_k and top_p"
+                "applies only temperature, top_k and top_p",
+                parameter=field,
+                value=value,
             )
     topk = nc.global_topk(settings.neuron_config)
     if topk is not None and params.top_k is not None and params.top_k > topk:
-        raise ValueError(
+        raise NeuronRequestError(
             f"top_k={params.top_k} exceeds on-device sampling's global_topk={topk}; use "
             "top_k <= global_topk, or raise override_neuron_config "
-            "on_device_sampling_config.global_topk"
+            "on_device_sampling_config.global_topk",
+            parameter="top_k",
+            value=params.top_k,
         )
     prompt = engine_input.get("prompt_token_ids") if hasattr(engine_input, "get") else None
     if prompt is not None:
         longest = nc.context_buckets(settings.neuron_config)[-1]
         if len(prompt) > longest:
-            raise ValueError(
+            raise NeuronRequestError(
                 f"the prompt has {len(prompt)} tokens, more than the largest context-encoding "
-                f"bucket ({longest})"
+                f"bucket ({longest})",
+                parameter="input_tokens",
+                value=len(prompt),
             )
