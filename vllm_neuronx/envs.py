@@ -36,9 +36,7 @@ _VARS: dict[str, Callable[[], Any]] = {
 }
 
 
-# Set by the platform so the CPU fallback warning prints once per process tree.
-FALLBACK_WARNED = "VLLM_NEURONX_FALLBACK_WARNED"
-OWN_VARIABLES = frozenset(_VARS) | {FALLBACK_WARNED}
+OWN_VARIABLES = frozenset(_VARS)
 
 
 def __getattr__(name: str) -> Any:

@@ -10,6 +10,7 @@ scheduler. Requests the device cannot serve are refused in validate_request.
 
 from __future__ import annotations
 
+import multiprocessing
 import os
 from typing import TYPE_CHECKING
 
@@ -93,9 +94,8 @@ class NeuronPlatform(Platform):
         if model_config is None:  # vLLM also calls this on partial configs
             return
         settings, warning = NeuronSettings.resolve(vllm_config)
-        if warning and not os.environ.get(envs.FALLBACK_WARNED):
-            os.environ[envs.FALLBACK_WARNED] = "1"  # inherited: one line per process tree
-            logger.warning(warning)
+        if warning and multiprocessing.parent_process() is None:
+            logger.warning(warning)  # in the user's process only, not again in the engine core
         settings.store(vllm_config)
 
         max_len = model_config.max_model_len

@@ -67,6 +67,16 @@ def validate_request(engine_input: Any, params: Any) -> None:
         )
     prompt = engine_input.get("prompt_token_ids") if hasattr(engine_input, "get") else None
     if prompt is not None:
+        max_len = settings.neuron_config["seq_len"]
+        room = max_len - len(prompt)
+        if params.max_tokens is not None and 0 < room < params.max_tokens:
+            # Upstream would quietly cut the output short; say so instead.
+            raise NeuronRequestError(
+                f"max_tokens={params.max_tokens} does not fit: the prompt has {len(prompt)} "
+                f"tokens and max_model_len is {max_len}, which leaves room for {room}",
+                parameter="max_tokens",
+                value=params.max_tokens,
+            )
         longest = nc.context_buckets(settings.neuron_config)[-1]
         if len(prompt) > longest:
             raise NeuronRequestError(

@@ -6,6 +6,7 @@ it was written against: on another version it logs an error and stays out.
 
 from __future__ import annotations
 
+import functools
 import importlib.abc
 import importlib.util
 import sys
@@ -46,9 +47,15 @@ def apply_all() -> None:
             vllm.__version__,
         )
         return
-    from vllm_neuronx.patches import engine_args
+    from vllm_neuronx.patches import engine_args, max_tokens
 
     after_import(ARG_UTILS, engine_args.apply)
+    for name in max_tokens.USERS:
+        after_import(name, functools.partial(_patch_named, name, max_tokens.patch_module))
+
+
+def _patch_named(name: str, patch: Callable) -> None:
+    patch(sys.modules[name])
 
 
 class _RunAfterExec(importlib.abc.Loader):

@@ -1,0 +1,229 @@
+"""The user guide's server command and client, through our platform on the CPU backend.
+
+One server for the module (start-ups are the slow part): the guide's flags, plus an
+API key and dev mode (for /collective_rpc, which reads the runner's KV line count).
+"""
+
+from __future__ import annotations
+
+import concurrent.futures
+import json
+import time
+
+import openai
+import pytest
+import requests
+from vllm import LLM, SamplingParams
+
+from tests.server_utils import Server, api_server_argv
+from vllm_neuronx.default_model import default_model_path
+
+API_KEY = "test-key"
+MAX_NUM_SEQS = 4
+MAX_MODEL_LEN = 128
+
+
+@pytest.fixture(scope="module")
+def server():
+    server = Server(
+        api_server_argv(
+            default_model_path(),
+            f"--max-num-seqs={MAX_NUM_SEQS}", f"--max-model-len={MAX_MODEL_LEN}",
+            "--tensor-parallel-size=8", "--device", "neuron",
+            "--override-neuron-config", '{"enable_bucketing":false}', "--api-key", API_KEY,
+        ),
+        env={"VLLM_NEURON_FRAMEWORK": "neuronx-distributed-inference",
+             "VLLM_SERVER_DEV_MODE": "1"},
+    )
+    yield server
+    server.stop()
+
+
+@pytest.fixture(scope="module")
+def client(server) -> openai.OpenAI:
+    return openai.OpenAI(api_key=API_KEY, base_url=server.url + "/v1", max_retries=0)
+
+
+@pytest.fixture(scope="module")
+def model(client) -> str:
+    return client.models.list().data[0].id
+
+
+def kv_lines_in_use(server) -> int:
+    r = requests.post(server.url + "/collective_rpc", json={"method": "kv_lines_in_use"},
+                      headers={"Authorization": f"Bearer {API_KEY}"}, timeout=30)
+    r.raise_for_status()
+    return int(r.json()["results"][0])
+
+
+def wait_for_idle(server, timeout=30.0) -> None:
+    deadline = time.monotonic() + timeout
+    while kv_lines_in_use(server) and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert kv_lines_in_use(server) == 0
+
+
+def test_startup_logs_one_line_with_framework_device_buckets_and_lines(server):
+    lines = [ln for ln in server.output().splitlines() if "Neuron ready:" in ln]
+    assert len(lines) == 1
+    for part in ("framework=neuronx-distributed-inference", "device=cpu", "context buckets=[128]",
+                 "token buckets=[128]", f"KV lines={MAX_NUM_SEQS} x {MAX_MODEL_LEN}"):
+        assert part in lines[0]
+    assert server.output().count("no Neuron device found") == 1
+
+
+def test_models_list(client, model):
+    assert model == default_model_path()
+
+
+@pytest.mark.parametrize("stream", [False, True])
+def test_the_guide_client_chat_with_top_k(client, model, stream):
+    response = client.chat.completions.create(
+        model=model, messages=[{"role": "user", "content": "Hello, my name is Llama "}],
+        max_tokens=32, temperature=1.0, top_p=1.0, stream=stream, extra_body={"top_k": 50},
+    )
+    if stream:
+        text = "".join(c.choices[0].delta.content or "" for c in response if c.choices)
+    else:
+        text = response.choices[0].message.content
+    assert text.strip()
+
+
+def test_chat_uses_smollm2_chat_template(client, model):
+    r = client.chat.completions.create(
+        model=model, messages=[{"role": "user", "content": "Hi"}], max_tokens=1,
+    )
+    # SmolLM2's template adds a system turn and the role markers around "Hi".
+    assert r.usage.prompt_tokens > 10
+
+
+@pytest.mark.parametrize("stream", [False, True])
+def test_completions(client, model, stream):
+    response = client.completions.create(model=model, prompt="The capital of France is",
+                                         max_tokens=8, temperature=0, stream=stream)
+    text = "".join(c.choices[0].text for c in response) if stream else response.choices[0].text
+    assert "Paris" in text
+
+
+def test_greedy_equals_offline_llm(client, model):
+    prompt = "Once upon a time, in a small village,"
+    online = client.completions.create(model=model, prompt=prompt, max_tokens=24, temperature=0,
+                                       extra_body={"ignore_eos": True})
+    llm = LLM(model=model, device="neuron", max_num_seqs=MAX_NUM_SEQS,
+              max_model_len=MAX_MODEL_LEN, tensor_parallel_size=8,
+              override_neuron_config={"enable_bucketing": False})
+    offline = llm.generate([prompt], SamplingParams(temperature=0, max_tokens=24,
+                                                    ignore_eos=True))
+    del llm
+    assert online.choices[0].text == offline[0].outputs[0].text
+
+
+def test_streaming_delivers_tokens_as_they_are_generated(client, model):
+    start = time.monotonic()
+    stream = client.chat.completions.create(
+        model=model, messages=[{"role": "user", "content": "Tell me a long story."}],
+        max_tokens=64, temperature=0, stream=True, stream_options={"include_usage": True},
+        extra_body={"ignore_eos": True},
+    )
+    arrivals, usage = [], None
+    for chunk in stream:
+        if chunk.choices and chunk.choices[0].delta.content:
+            arrivals.append(time.monotonic() - start)
+        if chunk.usage is not None:
+            usage = chunk.usage
+    assert len(arrivals) >= 32
+    # The first token arrives long before the last: streamed, not sent at the end.
+    assert arrivals[0] < arrivals[-1] / 2
+    assert len({round(t, 3) for t in arrivals}) > len(arrivals) // 2
+    assert usage is not None and usage.completion_tokens == 64
+
+
+def test_concurrency_twice_max_num_seqs_all_complete(client, model, server):
+    def one(i: int) -> int:
+        r = client.completions.create(model=model, prompt=f"Count to {i}:", max_tokens=40,
+                                      temperature=0, extra_body={"ignore_eos": True})
+        return r.usage.completion_tokens
+
+    with concurrent.futures.ThreadPoolExecutor(2 * MAX_NUM_SEQS) as pool:
+        results = list(pool.map(one, range(2 * MAX_NUM_SEQS)))
+    assert results == [40] * (2 * MAX_NUM_SEQS)
+    wait_for_idle(server)
+    metrics = requests.get(server.url + "/metrics", timeout=10).text
+    # Decode steps carried several requests at once (continuous batching, no collapse
+    # to one request per step): the per-step token histogram has entries above 1.
+    assert "vllm:num_requests_running" in metrics
+    assert batched_steps(metrics) > 0
+
+
+def batched_steps(metrics: str) -> float:
+    """Steps that scheduled more than one token (vllm:iteration_tokens_total buckets)."""
+    total = one = 0.0
+    for line in metrics.splitlines():
+        if line.startswith("vllm:iteration_tokens_total_count"):
+            total += float(line.rsplit(" ", 1)[1])
+        if line.startswith("vllm:iteration_tokens_total_bucket") and 'le="1.0"' in line:
+            one += float(line.rsplit(" ", 1)[1])
+    return total - one
+
+
+def test_client_disconnect_frees_the_kv_line(server, model):
+    body = {"model": model, "prompt": "Write a long essay.", "max_tokens": 100,
+            "stream": True, "ignore_eos": True}
+    with requests.post(server.url + "/v1/completions", json=body, stream=True, timeout=60,
+                       headers={"Authorization": f"Bearer {API_KEY}"}) as r:
+        chunks = r.iter_lines()
+        for _ in range(3):
+            next(chunks)
+        assert kv_lines_in_use(server) == 1
+    wait_for_idle(server)
+    r = requests.post(server.url + "/v1/completions", json={**body, "stream": False,
+                                                            "max_tokens": 5},
+                      headers={"Authorization": f"Bearer {API_KEY}"}, timeout=60)
+    assert r.status_code == 200 and r.json()["usage"]["completion_tokens"] == 5
+
+
+BAD_REQUESTS = [
+    ({"prompt": "word " * 200}, 400, "maximum context length is 128"),
+    ({"prompt": "hi", "max_tokens": 500}, 400, "max_tokens=500 cannot be greater"),
+    ({"prompt": "word " * 100, "max_tokens": 60}, 400, "max_tokens=60 does not fit"),
+    ({"prompt": "hi", "max_tokens": 0}, 400, "max_tokens must be at least 1"),
+    ({"prompt": "hi", "max_tokens": -3}, 400, "max_tokens must be at least 1"),
+    ({"prompt": "hi", "top_p": 1.5}, 400, "top_p must be in (0, 1]"),
+    ({"prompt": "hi", "top_p": 0}, 400, "top_p must be in (0, 1]"),
+    ({"prompt": "hi", "temperature": -0.5}, 400, "temperature must be non-negative"),
+    ({"prompt": "hi", "top_k": 300}, 400, "top_k=300 exceeds on-device sampling's global_topk"),
+    ({"prompt": ""}, 400, "non-empty"),
+    ({"prompt": [1, 2, 10**6]}, 400, "out of vocabulary"),
+    ({"prompt": "hi", "presence_penalty": 0.5}, 400, "presence_penalty"),
+    ({"prompt": "hi", "model": "no-such-model"}, 404, "does not exist"),
+]
+
+
+@pytest.mark.parametrize("body,status,message", BAD_REQUESTS)
+def test_bad_input_is_a_4xx_with_upstream_shape(server, model, body, status, message):
+    r = requests.post(server.url + "/v1/completions", json={"model": model, **body},
+                      headers={"Authorization": f"Bearer {API_KEY}"}, timeout=60)
+    assert r.status_code == status, r.text
+    error = r.json()["error"]
+    assert error["code"] == status and message in error["message"]
+
+
+def test_malformed_json_is_400(server):
+    r = requests.post(server.url + "/v1/chat/completions", data="{not json",
+                      headers={"Authorization": f"Bearer {API_KEY}",
+                               "Content-Type": "application/json"}, timeout=30)
+    assert r.status_code == 400
+    assert "JSON" in json.dumps(r.json())
+
+
+def test_engine_survives_bad_input(client, model):
+    r = client.completions.create(model=model, prompt="2 + 2 =", max_tokens=3, temperature=0)
+    assert r.usage.completion_tokens == 3
+
+
+def test_health_metrics_and_api_key(server):
+    assert requests.get(server.url + "/health", timeout=10).status_code == 200
+    assert "vllm:" in requests.get(server.url + "/metrics", timeout=10).text
+    assert requests.get(server.url + "/v1/models", timeout=10).status_code == 401
+    bad = {"Authorization": "Bearer wrong"}
+    assert requests.get(server.url + "/v1/models", headers=bad, timeout=10).status_code == 401
