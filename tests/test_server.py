@@ -227,3 +227,17 @@ def test_health_metrics_and_api_key(server):
     assert requests.get(server.url + "/v1/models", timeout=10).status_code == 401
     bad = {"Authorization": "Bearer wrong"}
     assert requests.get(server.url + "/v1/models", headers=bad, timeout=10).status_code == 401
+
+
+@pytest.mark.parametrize("stream", [False, True])
+def test_the_guide_client_script_runs(server, stream):
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    script = Path(__file__).resolve().parents[1] / "examples/online_serving/neuron_client.py"
+    argv = [sys.executable, str(script), "--base-url", server.url + "/v1", "--api-key", API_KEY]
+    proc = subprocess.run(argv + (["--stream"] if stream else []), capture_output=True,
+                          text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.strip()

@@ -36,6 +36,11 @@ class NeuronSettings:
             overrides=overrides,
             on_device_sampling_disabled=envs.NEURON_ON_DEVICE_SAMPLING_DISABLED,
         )
+        from vllm_neuronx.backends import backend_class
+
+        backend_class(choice.backend).validate(
+            cfg, quantization=vllm_config.model_config.quantization
+        )
         device = "neuron" if choice.backend in ("nxdi", "tnx") else "cpu"
         return cls(choice.framework, choice.backend, device, cfg), choice.warning
 

@@ -37,6 +37,19 @@ class NeuronBackend(abc.ABC):
         self.neuron_config = neuron_config
         self.seed = seed
 
+    # -- checks before anything is built ------------------------------------------
+    @classmethod
+    def validate(cls, neuron_config: dict[str, Any], *, quantization: str | None = None) -> None:
+        """Refuse, naming the field, a config this backend cannot compile
+        (called when vLLM's config is resolved, before the engine starts)."""
+        return None
+
+    @classmethod
+    def stored_config(cls, folder: str) -> dict[str, Any] | None:
+        """The neuron config of compiled artifacts in ``folder`` written by a tool
+        other than ours (e.g. NxDI's own neuron_config.json), or None."""
+        return None
+
     # -- compile / load ---------------------------------------------------------
     @abc.abstractmethod
     def compile(self, folder: str) -> None:

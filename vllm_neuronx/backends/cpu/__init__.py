@@ -57,15 +57,26 @@ class CpuBackend(NeuronBackend):
     def __init__(self, model_path: str, neuron_config: dict, *, seed: int = 0) -> None:
         super().__init__(model_path, neuron_config, seed=seed)
         self.spec = LlamaSpec.from_folder(model_path)
+        self.validate(neuron_config)
         self.dtype = _DTYPES[neuron_config["torch_dtype"]]
-        if self.dtype is torch.float16:
-            raise ValueError("the CPU backend runs float32 or bfloat16, not float16")
         self.model: LlamaModel | None = None
         self.generator = torch.Generator().manual_seed(seed)
 
     @classmethod
     def version(cls) -> str:
         return "cpu-1"
+
+    @classmethod
+    def validate(cls, neuron_config: dict, *, quantization: str | None = None) -> None:
+        if quantization is not None:
+            raise nc.NeuronConfigError(
+                f"quantization={quantization!r}: the CPU backend runs float32 or bfloat16 "
+                "weights; drop --quantization"
+            )
+        if neuron_config["torch_dtype"] == "float16":
+            raise nc.NeuronConfigError(
+                "torch_dtype float16 is not supported by the CPU backend; use bfloat16 or float32"
+            )
 
     @property
     def vocab_size(self) -> int:
