@@ -1,12 +1,15 @@
 """Compiled-artifact cache shared by every backend (NEURON_COMPILED_ARTIFACTS).
 
-- Variable set and artifacts there: load them, no recompile.
+- Variable set and artifacts there: load them, no recompile; their config wins
+  over vLLM's arguments (the platform adopts it and logs what differs).
 - Variable set but nothing loadable there: compile with the current config, store there.
-- Variable unset: ``<model dir>/neuron-compiled-artifacts/<key>``, reused on the next start
-  (the earlier code bases deleted this folder first; we keep it).
+- Variable unset: ``<model dir>/neuron-compiled-artifacts/<key>`` (or the user cache
+  when the model folder is read-only), reused by the next start. The earlier code
+  bases deleted this folder before every start; we keep it.
 The key covers all that changes the compiled result. Writes go to a temporary
 folder, then a rename; a file lock makes concurrent starts compile once; a folder
-without its manifest (partial, or corrupt) is rebuilt, never loaded.
+whose manifest or checksums do not match (partial, truncated, corrupt) is rebuilt,
+never loaded.
 """
 
 from __future__ import annotations
@@ -31,6 +34,7 @@ logger = get_logger(__name__)
 
 MANIFEST = "vllm-neuronx-manifest.json"
 DEFAULT_SUBDIR = "neuron-compiled-artifacts"
+_TMP_PREFIX = ".compiling-"
 
 
 def model_identity(model_path: str) -> list[tuple[str, int, int]]:
@@ -59,20 +63,56 @@ def artifact_key(neuron_config: dict, backend: str, backend_version: str, model_
     return hashlib.sha256(payload.encode()).hexdigest()[:20]
 
 
+def _writable(folder: str) -> bool:
+    probe = folder
+    while not os.path.exists(probe):
+        probe = os.path.dirname(probe) or "."
+    return os.access(probe, os.W_OK)
+
+
 def artifacts_folder(model_path: str, key: str) -> str:
+    """Where this configuration's artifacts live."""
     explicit = envs.NEURON_COMPILED_ARTIFACTS
     if explicit:
         return os.path.abspath(explicit)
-    return os.path.join(model_path, DEFAULT_SUBDIR, key)
+    folder = os.path.join(model_path, DEFAULT_SUBDIR, key)
+    if _writable(folder):
+        return folder
+    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    return os.path.join(base, "vllm-neuronx", "compiled", key)
 
 
-def read_manifest(folder: str) -> dict[str, Any] | None:
-    """The manifest of a complete folder, or None (missing, partial, unreadable)."""
+def _sha256(path: str) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(1 << 22):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def _files(folder: str) -> list[str]:
+    out = []
+    for root, _, names in os.walk(folder):
+        for name in names:
+            rel = os.path.relpath(os.path.join(root, name), folder)
+            if rel != MANIFEST:
+                out.append(rel)
+    return sorted(out)
+
+
+def read_manifest(folder: str, *, verify: bool = True) -> dict[str, Any] | None:
+    """The manifest of a complete, intact folder, or None (missing, partial, corrupt)."""
     try:
         with open(os.path.join(folder, MANIFEST)) as f:
             manifest = json.load(f)
-        for name, size in manifest["files"].items():
-            if os.path.getsize(os.path.join(folder, name)) != size:
+        files = manifest["files"]
+        if sorted(files) != _files(folder):
+            return None
+        for name, meta in files.items():
+            path = os.path.join(folder, name)
+            if os.path.getsize(path) != meta["size"]:
+                return None
+            if verify and _sha256(path) != meta["sha256"]:
                 return None
         return manifest
     except (OSError, ValueError, KeyError, TypeError):
@@ -81,7 +121,9 @@ def read_manifest(folder: str) -> dict[str, Any] | None:
 
 def _write_manifest(folder: str, key: str, neuron_config: dict, backend: str) -> None:
     files = {
-        name: os.path.getsize(os.path.join(folder, name)) for name in sorted(os.listdir(folder))
+        name: {"size": os.path.getsize(p), "sha256": _sha256(p)}
+        for name in _files(folder)
+        for p in [os.path.join(folder, name)]
     }
     manifest = {
         "key": key,
@@ -92,6 +134,57 @@ def _write_manifest(folder: str, key: str, neuron_config: dict, backend: str) ->
     }
     with open(os.path.join(folder, MANIFEST), "w") as f:
         json.dump(manifest, f, indent=1, sort_keys=True)
+
+
+def precompiled_config(
+    backend: str, stored_config: Callable[[str], dict | None]
+) -> tuple[str, dict] | None:
+    """With NEURON_COMPILED_ARTIFACTS set: (folder, config) of ``backend``'s artifacts there.
+
+    Ours carry a manifest; a backend may also recognise its own tool's artifacts
+    (``stored_config``, e.g. NxDI's neuron_config.json).
+    """
+    folder = envs.NEURON_COMPILED_ARTIFACTS
+    if not folder or not os.path.isdir(folder):
+        return None
+    folder = os.path.abspath(folder)
+    manifest = read_manifest(folder, verify=False)
+    if manifest is not None:
+        return (folder, manifest["neuron_config"]) if manifest["backend"] == backend else None
+    if os.path.exists(os.path.join(folder, MANIFEST)):
+        return None  # ours but broken: recompile
+    config = stored_config(folder)
+    return (folder, config) if config is not None else None
+
+
+def config_differences(ours: dict, theirs: dict) -> dict[str, tuple[Any, Any]]:
+    """Keys whose values differ between two neuron configs: key -> (ours, theirs)."""
+    return {
+        k: (ours.get(k), theirs.get(k))
+        for k in sorted(set(ours) | set(theirs))
+        if ours.get(k) != theirs.get(k)
+    }
+
+
+def _remove_stale_temps(parent: str) -> None:
+    """Temp folders of compiles that died (their pid is gone) are removed under the lock."""
+    for name in os.listdir(parent):
+        if not name.startswith(_TMP_PREFIX):
+            continue
+        pid = name[len(_TMP_PREFIX) :].split("-", 1)[0]
+        alive = pid.isdigit() and _pid_alive(int(pid))
+        if not alive:
+            shutil.rmtree(os.path.join(parent, name), ignore_errors=True)
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
 
 
 @dataclass(slots=True)
@@ -109,26 +202,35 @@ def load_or_compile(
     backend: str,
     compile_fn: Callable[[str], None],
     load_fn: Callable[[str], None],
+    foreign: bool = False,
 ) -> CacheResult:
-    """Load ``folder`` if complete, else compile into a temp folder, rename, load."""
+    """Load ``folder`` if intact, else compile into a temp folder, rename, load.
+
+    ``foreign``: the folder holds another tool's artifacts (no manifest of ours); try them.
+    """
     start = time.perf_counter()
-    parent = os.path.dirname(folder.rstrip(os.sep)) or "."
+    folder = folder.rstrip(os.sep)
+    parent = os.path.dirname(folder) or "."
     os.makedirs(parent, exist_ok=True)
-    with FileLock(folder.rstrip(os.sep) + ".lock"):
-        if read_manifest(folder) is not None:
+    with FileLock(folder + ".lock"):
+        _remove_stale_temps(parent)
+        if foreign or read_manifest(folder) is not None:
             try:
                 load_fn(folder)
                 seconds = time.perf_counter() - start
                 logger.info("Loaded compiled artifacts from %s in %.1f s", folder, seconds)
                 return CacheResult(folder, False, seconds)
-            except Exception as e:  # corrupt content behind a valid manifest
+            except Exception as e:  # unreadable content: rebuild below
                 logger.warning("Artifacts in %s failed to load (%s); recompiling", folder, e)
-        elif os.path.exists(folder) and os.listdir(folder):
-            logger.warning("Artifacts in %s are incomplete; recompiling", folder)
-        tmp = tempfile.mkdtemp(prefix=".compiling-", dir=parent)
+        elif os.path.exists(folder):
+            _check_replaceable(folder)
+            logger.warning("Artifacts in %s are incomplete or corrupt; recompiling", folder)
+        tmp = tempfile.mkdtemp(prefix=f"{_TMP_PREFIX}{os.getpid()}-", dir=parent)
         try:
+            logger.info("Compiling for %s into %s", backend, folder)
             compile_fn(tmp)
             _write_manifest(tmp, key, neuron_config, backend)
+            os.chmod(tmp, 0o777 & ~_umask())
             if os.path.exists(folder):
                 shutil.rmtree(folder)
             os.rename(tmp, folder)
@@ -139,3 +241,29 @@ def load_or_compile(
         seconds = time.perf_counter() - start
         logger.info("Compiled and stored artifacts in %s in %.1f s", folder, seconds)
         return CacheResult(folder, True, seconds)
+
+
+# What our backends and NxDI / transformers-neuronx write into an artifact folder.
+ARTIFACT_NAMES = frozenset(
+    {MANIFEST, "weights.safetensors", "model.pt", "neuron_config.json", "weights", "graphs"}
+)
+
+
+def _check_replaceable(folder: str) -> None:
+    """Only artifact folders are ever replaced: never a user's folder of other files."""
+    if not os.path.isdir(folder):
+        return
+    entries = set(os.listdir(folder))
+    ours = os.path.basename(os.path.dirname(folder)) == DEFAULT_SUBDIR
+    if ours or entries <= ARTIFACT_NAMES:
+        return
+    raise RuntimeError(
+        f"{folder} holds files that are not compiled artifacts; refusing to replace it. "
+        "Point NEURON_COMPILED_ARTIFACTS at an empty or artifact folder."
+    )
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask

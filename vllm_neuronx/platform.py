@@ -93,10 +93,12 @@ class NeuronPlatform(Platform):
         parallel.world_size = 1
         if model_config is None:  # vLLM also calls this on partial configs
             return
-        settings, warning = NeuronSettings.resolve(vllm_config)
-        if warning and multiprocessing.parent_process() is None:
-            logger.warning(warning)  # in the user's process only, not again in the engine core
+        settings, warnings = NeuronSettings.resolve(vllm_config)
+        if multiprocessing.parent_process() is None:  # the user's process, not the engine core
+            for warning in warnings:
+                logger.warning(warning)
         settings.store(vllm_config)
+        settings.align(vllm_config)
 
         max_len = model_config.max_model_len
         max_seqs = vllm_config.scheduler_config.max_num_seqs

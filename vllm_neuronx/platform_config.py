@@ -24,9 +24,15 @@ class NeuronSettings:
     neuron_config: dict[str, Any]
 
     @classmethod
-    def resolve(cls, vllm_config) -> tuple[NeuronSettings, str | None]:
-        """Compute the settings; also returns the fallback warning, if any."""
+    def resolve(cls, vllm_config) -> tuple[NeuronSettings, list[str]]:
+        """Compute the settings; also returns the warnings the user should see."""
+        from vllm_neuronx import artifacts
+        from vllm_neuronx.backends import backend_class
+
+        warnings = []
         choice = framework.choose_from_env()
+        if choice.warning:
+            warnings.append(choice.warning)
         overrides = (vllm_config.additional_config or {}).get(OVERRIDES_KEY)
         cfg = nc.resolve_neuron_config(
             tp_degree=vllm_config.parallel_config.tensor_parallel_size,
@@ -36,13 +42,21 @@ class NeuronSettings:
             overrides=overrides,
             on_device_sampling_disabled=envs.NEURON_ON_DEVICE_SAMPLING_DISABLED,
         )
-        from vllm_neuronx.backends import backend_class
-
-        backend_class(choice.backend).validate(
-            cfg, quantization=vllm_config.model_config.quantization
-        )
+        backend = backend_class(choice.backend)
+        found = artifacts.precompiled_config(choice.backend, backend.stored_config)
+        if found is not None:
+            folder, stored = found
+            diffs = artifacts.config_differences(cfg, stored)
+            if diffs:
+                changes = ", ".join(f"{k}: {a!r} -> {b!r}" for k, (a, b) in diffs.items())
+                warnings.append(
+                    f"NEURON_COMPILED_ARTIFACTS={folder} holds compiled artifacts; their config "
+                    f"wins over vLLM's arguments ({changes})"
+                )
+            cfg = dict(stored)
+        backend.validate(cfg, quantization=vllm_config.model_config.quantization)
         device = "neuron" if choice.backend in ("nxdi", "tnx") else "cpu"
-        return cls(choice.framework, choice.backend, device, cfg), choice.warning
+        return cls(choice.framework, choice.backend, device, cfg), warnings
 
     def store(self, vllm_config) -> None:
         global _ACTIVE
@@ -57,6 +71,11 @@ class NeuronSettings:
         if stored is not None:
             return cls(**stored)
         return cls.resolve(vllm_config)[0]
+
+    def align(self, vllm_config) -> None:
+        """Make vLLM's scheduler match what was compiled (precompiled artifacts may differ)."""
+        vllm_config.scheduler_config.max_num_seqs = self.neuron_config["batch_size"]
+        vllm_config.model_config.max_model_len = self.neuron_config["seq_len"]
 
 
 _ACTIVE: NeuronSettings | None = None

@@ -14,8 +14,7 @@ import torch
 from vllm.v1.kv_cache_interface import FullAttentionSpec, KVCacheSpec
 from vllm.v1.worker.worker_base import CompilationTimes, WorkerBase
 
-from vllm_neuronx import artifacts
-from vllm_neuronx.backends import backend_class
+from vllm_neuronx.loader import load_backend
 from vllm_neuronx.log import get_logger
 from vllm_neuronx.platform_config import NeuronSettings
 from vllm_neuronx.worker.model_runner import NeuronModelRunner
@@ -48,19 +47,7 @@ class NeuronWorker(WorkerBase):
     def load_model(self, *, load_dummy_weights: bool = False) -> None:
         settings = self.settings
         model_path = resolve_model_folder(self.model_config.model, self.model_config.revision)
-        cls = backend_class(settings.backend)
-        backend = cls(model_path, settings.neuron_config, seed=self.model_config.seed or 0)
-        key = artifacts.artifact_key(
-            settings.neuron_config, settings.backend, cls.version(), model_path
-        )
-        result = artifacts.load_or_compile(
-            folder=artifacts.artifacts_folder(model_path, key),
-            key=key,
-            neuron_config=settings.neuron_config,
-            backend=settings.backend,
-            compile_fn=backend.compile,
-            load_fn=backend.load,
-        )
+        backend, result = load_backend(model_path, settings, seed=self.model_config.seed or 0)
         self.model_runner = NeuronModelRunner(backend)
         logger.info(
             "Neuron ready: framework=%s backend=%s device=%s context buckets=%s "

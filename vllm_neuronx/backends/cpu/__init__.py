@@ -15,6 +15,7 @@ import time
 import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
+from tqdm import tqdm
 
 from vllm_neuronx import envs, sampling
 from vllm_neuronx import neuron_config as nc
@@ -28,17 +29,22 @@ WEIGHTS_FILE = "weights.safetensors"
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
+def read_safetensors(paths: list[str], desc: str) -> dict[str, torch.Tensor]:
+    """Every tensor of these safetensors files, with a progress bar on a terminal."""
+    tensors: dict[str, torch.Tensor] = {}
+    for path in paths:
+        with safe_open(path, framework="pt") as f:
+            for name in tqdm(list(f.keys()), desc=desc, unit="tensor", disable=None):
+                tensors[name] = f.get_tensor(name)
+    return tensors
+
+
 def read_hf_checkpoint(model_path: str) -> dict[str, torch.Tensor]:
     """Every tensor of an HF safetensors checkpoint (one file or shards)."""
     files = sorted(glob.glob(os.path.join(model_path, "*.safetensors")))
     if not files:
         raise FileNotFoundError(f"no *.safetensors files in {model_path}")
-    tensors: dict[str, torch.Tensor] = {}
-    for path in files:
-        with safe_open(path, framework="pt") as f:
-            for name in f.keys():
-                tensors[name] = f.get_tensor(name)
-    return tensors
+    return read_safetensors(files, "Compiling: reading the checkpoint")
 
 
 def cpu_threads() -> int:
@@ -98,10 +104,7 @@ class CpuBackend(NeuronBackend):
 
     def load(self, folder: str) -> None:
         torch.set_num_threads(cpu_threads())
-        weights: dict[str, torch.Tensor] = {}
-        with safe_open(os.path.join(folder, WEIGHTS_FILE), framework="pt") as f:
-            for name in f.keys():
-                weights[name] = f.get_tensor(name)
+        weights = read_safetensors([os.path.join(folder, WEIGHTS_FILE)], "Loading artifacts")
         weights.setdefault("lm_head", weights["embed"])
         cfg = self.neuron_config
         self.model = LlamaModel(

@@ -1,0 +1,37 @@
+"""Backend + compiled artifacts -> a model ready to run (the worker's load_model)."""
+
+from __future__ import annotations
+
+import os
+
+from vllm_neuronx import artifacts, envs
+from vllm_neuronx.backends import NeuronBackend, backend_class
+from vllm_neuronx.platform_config import NeuronSettings
+
+
+def load_backend(
+    model_path: str, settings: NeuronSettings, *, seed: int = 0
+) -> tuple[NeuronBackend, artifacts.CacheResult]:
+    """Construct the backend, then load its artifacts or compile and store them."""
+    cls = backend_class(settings.backend)
+    backend = cls(model_path, settings.neuron_config, seed=seed)
+    key = artifacts.artifact_key(
+        settings.neuron_config, settings.backend, cls.version(), model_path
+    )
+    folder = artifacts.artifacts_folder(model_path, key)
+    foreign = bool(
+        envs.NEURON_COMPILED_ARTIFACTS
+        and os.path.isdir(folder)
+        and not os.path.exists(os.path.join(folder, artifacts.MANIFEST))
+        and cls.stored_config(folder) is not None
+    )
+    result = artifacts.load_or_compile(
+        folder=folder,
+        key=key,
+        neuron_config=settings.neuron_config,
+        backend=settings.backend,
+        compile_fn=backend.compile,
+        load_fn=backend.load,
+        foreign=foreign,
+    )
+    return backend, result
