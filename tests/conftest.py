@@ -39,6 +39,18 @@ def make_tiny_llama(path, *, seed: int = 0, vocab: int = 512, tie: bool = False,
     return str(path)
 
 
+def pytest_collection_modifyitems(config, items):
+    """Hardware tests (marker ``neuron``) run only where a Neuron device is present."""
+    from vllm_neuronx.framework import neuron_device_present
+
+    if neuron_device_present():
+        return
+    skip = pytest.mark.skip(reason="no Neuron device (/dev/neuron*) on this machine")
+    for item in items:
+        if "neuron" in item.keywords:
+            item.add_marker(skip)
+
+
 @pytest.fixture(scope="session")
 def tiny_llama(tmp_path_factory) -> str:
     return make_tiny_llama(tmp_path_factory.mktemp("tiny-llama"))

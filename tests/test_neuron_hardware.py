@@ -1,0 +1,47 @@
+"""The end-to-end checks on a real Neuron device, through the framework installed there
+(NxDI by default). Skipped, with the reason printed, on machines without /dev/neuron*."""
+
+from __future__ import annotations
+
+import random
+
+import pytest
+from vllm import LLM, SamplingParams
+
+from tests.conftest import hf_greedy
+
+pytestmark = pytest.mark.neuron
+
+
+@pytest.fixture(scope="module")
+def llm(tiny_llama):
+    llm = LLM(model=tiny_llama, device="neuron", max_num_seqs=2, max_model_len=128,
+              skip_tokenizer_init=True, dtype="float32", tensor_parallel_size=1)
+    yield llm
+    del llm
+
+
+def test_greedy_matches_hf_on_device(llm, tiny_llama):
+    settings = llm.llm_engine.vllm_config.additional_config["neuron_settings"]
+    assert settings["device"] == "neuron"
+    rng = random.Random(0)
+    prompts = [[rng.randrange(3, 500) for _ in range(rng.randint(1, 60))] for _ in range(5)]
+    max_tokens = [rng.randint(1, 20) for _ in prompts]
+    params = [SamplingParams(temperature=0, max_tokens=n, ignore_eos=True, detokenize=False)
+              for n in max_tokens]
+    outputs = llm.generate([{"prompt_token_ids": p} for p in prompts], params)
+    assert [list(o.outputs[0].token_ids) for o in outputs] == hf_greedy(
+        tiny_llama, prompts, max_tokens)
+
+
+def test_aborts_free_kv_lines_on_device(llm):
+    engine = llm.llm_engine
+    params = SamplingParams(temperature=0, max_tokens=30, ignore_eos=True, detokenize=False)
+    for i in range(3):
+        engine.add_request(f"hw{i}", {"prompt_token_ids": [3 + i, 4, 5]}, params)
+    engine.step()
+    engine.abort_request(["hw0", "hw1", "hw2"])
+    while engine.has_unfinished_requests():
+        engine.step()
+    out = llm.generate([{"prompt_token_ids": [7, 8]}], params)
+    assert len(out[0].outputs[0].token_ids) == 30
