@@ -158,12 +158,9 @@ def precompiled_config(
 
 
 def config_differences(ours: dict, theirs: dict) -> dict[str, tuple[Any, Any]]:
-    """Keys whose values differ between two neuron configs: key -> (ours, theirs)."""
-    return {
-        k: (ours.get(k), theirs.get(k))
-        for k in sorted(set(ours) | set(theirs))
-        if ours.get(k) != theirs.get(k)
-    }
+    """Keys of ours whose values differ in theirs: key -> (ours, theirs). Keys only
+    theirs has (fields NxDI derives, like n_active_tokens) are not differences."""
+    return {k: (ours[k], theirs.get(k)) for k in sorted(ours) if ours[k] != theirs.get(k)}
 
 
 def _remove_stale_temps(parent: str) -> None:

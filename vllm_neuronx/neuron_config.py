@@ -46,13 +46,13 @@ NEURON_CONFIG_KEYS = frozenset(
     rpl_reduce_dtype cast_type attention_dtype output_logits on_cpu vocab_parallel
     enable_bucketing buckets bucket_n_active_tokens context_encoding_buckets
     token_generation_buckets prefix_buckets token_generation_batches
-    is_continuous_batching k_cache_transposed disable_kv_cache_tiling kv_cache_tiling
+    is_continuous_batching k_cache_transposed disable_kv_cache_tiling
     kv_cache_quant kv_quant_config flash_decoding_enabled apply_seq_ids_mask
     is_block_kv_layout pa_num_blocks pa_block_size is_prefix_caching is_chunked_prefill
     chunked_prefill_config windowed_context_encoding_size on_device_sampling_config
     speculation_length spec_batch_size enable_fused_speculation enable_eagle_speculation
     is_eagle_draft enable_eagle_draft_input_norm token_tree_config is_medusa
-    medusa_speculation_length num_medusa_heads medusa_tree trace_tokengen_model
+    medusa_speculation_length num_medusa_heads medusa_tree
     quantized quantized_checkpoints_path quantization_type quantization_dtype
     modules_to_not_convert draft_model_modules_to_not_convert quantized_mlp_kernel_enabled
     activation_quantization_type rmsnorm_quantize_kernel_enabled quantize_clamp_bound
@@ -69,7 +69,7 @@ NEURON_CONFIG_KEYS = frozenset(
     skip_warmup lora_config weights_to_skip_layout_optimization scratchpad_page_size
     lm_head_pad disable_argmax_kernel tensor_capture_config switch_cc
     capacity_factor glu_mlp glu_type router_config blockwise_matmul_config
-    normalize_top_k_affinities fused_shared_experts hybrid_sharding_config
+    disable_normalize_top_k_affinities fused_shared_experts hybrid_sharding_config
     """.split()
 )
 # Keys the vLLM side consumes (LoRA adapters, transformers-neuronx extras).

@@ -1,0 +1,378 @@
+"""The NxD Inference backend: our protocol on NxDI's application API.
+
+This is the only module that imports ``neuronx_distributed_inference``, and only
+inside functions, so vllm-neuronx imports (and the CPU backend runs) where NxDI
+is not installed. The flow is NxDI's own:
+``Cls.get_neuron_config_cls()(**cfg)`` -> ``Cls.get_config_cls()(neuron_config,
+load_config=load_pretrained_config(path))`` -> ``Cls(path, config)`` ->
+``compile(folder)`` / ``load(folder)`` -> ``model(input_ids, position_ids=...,
+seq_ids=..., sampling_params=...)``.
+
+What the earlier code bases got wrong is handled here: LoRA goes under
+``lora_config`` (upstream passed ``lora_serving_config``, which NxDI drops with
+a warning), rows are sorted by seq_id before the call and restored after, and
+``--quantization neuron_quant`` (a transformers-neuronx option) is refused with
+the NxDI keys to use instead.
+"""
+
+from __future__ import annotations
+
+import copy
+import glob
+import importlib
+import importlib.metadata
+import json
+import os
+from collections.abc import Mapping
+from typing import Any
+
+import torch
+
+from vllm_neuronx import neuron_config as nc
+from vllm_neuronx.backends.protocol import ForwardOutput, NeuronBackend
+from vllm_neuronx.log import get_logger
+
+logger = get_logger(__name__)
+
+NXDI_PACKAGE = "neuronx_distributed_inference"
+NXDI_CONFIG_FILE = "neuron_config.json"  # what NxDI's compile writes next to model.pt
+
+# HF architecture -> (module under neuronx_distributed_inference.models, class).
+# Mistral runs on NxDI's Llama implementation, as upstream vLLM did: a separate
+# models.mistral exists only in the newest NxDI releases. Qwen2 needs NxDI >= 0.4,
+# Qwen3 and Qwen3-MoE >= 0.5.
+MODEL_CLASSES: dict[str, tuple[str, str]] = {
+    "LlamaForCausalLM": ("llama.modeling_llama", "NeuronLlamaForCausalLM"),
+    "MistralForCausalLM": ("llama.modeling_llama", "NeuronLlamaForCausalLM"),
+    "MixtralForCausalLM": ("mixtral.modeling_mixtral", "NeuronMixtralForCausalLM"),
+    "DbrxForCausalLM": ("dbrx.modeling_dbrx", "NeuronDbrxForCausalLM"),
+    "Qwen2ForCausalLM": ("qwen2.modeling_qwen2", "NeuronQwen2ForCausalLM"),
+    "Qwen3ForCausalLM": ("qwen3.modeling_qwen3", "NeuronQwen3ForCausalLM"),
+    "Qwen3MoeForCausalLM": ("qwen3_moe.modeling_qwen3_moe", "NeuronQwen3MoeForCausalLM"),
+    "MllamaForConditionalGeneration": ("mllama.modeling_mllama", "NeuronMllamaForCausalLM"),
+}
+MLLAMA = "MllamaForConditionalGeneration"
+
+# The NxDI docs list trn2 (LNC=2) 1,2,4,8,16,32,64; inf2 1,2,4,8,24; trn1 1,2,8,16,32.
+SUPPORTED_TP_DEGREES = (1, 2, 4, 8, 16, 24, 32, 64)
+QUANTIZATION_KEYS = ("quantized", "quantized_checkpoints_path", "quantization_type",
+                     "quantization_dtype")
+# vLLM-side keys this backend consumes (the other VLLM_SIDE_KEYS are transformers-neuronx's).
+_LORA_KEYS = frozenset({"lora_modules", "target_modules"})
+# Fields of a compiled folder that must equal ours for its graphs to fit our runner.
+_COMPILED_SHAPE_KEYS = ("batch_size", "seq_len", "max_context_length", "tp_degree")
+
+
+def read_hf_config(model_path: str) -> dict[str, Any]:
+    with open(os.path.join(model_path, "config.json")) as f:
+        return json.load(f)
+
+
+def model_class_path(hf_config: Mapping[str, Any]) -> tuple[str, str, str]:
+    """(architecture, module, class) of the first supported architecture in the config."""
+    archs = list(hf_config.get("architectures") or [])
+    for arch in archs:
+        if arch in MODEL_CLASSES:
+            module, cls = MODEL_CLASSES[arch]
+            return arch, f"{NXDI_PACKAGE}.models.{module}", cls
+    raise ValueError(
+        f"neuronx-distributed-inference does not serve architectures {archs}; supported: "
+        f"{sorted(MODEL_CLASSES)}"
+    )
+
+
+def parse_lora_modules(value: Any) -> dict[str, str]:
+    """vLLM's LoRA adapters -> {name: path}: a list of {"name", "path"} objects or
+    "name=path" strings (the --lora-modules form), or a {name: path} mapping."""
+    if value is None:
+        return {}
+    if isinstance(value, Mapping):
+        items = list(value.items())
+    elif isinstance(value, list | tuple):
+        items = []
+        for entry in value:
+            if isinstance(entry, Mapping) and {"name", "path"} <= set(entry):
+                items.append((entry["name"], entry["path"]))
+            elif isinstance(entry, str) and "=" in entry:
+                items.append(tuple(entry.split("=", 1)))
+            else:
+                raise nc.NeuronConfigError(
+                    f"lora_modules entry {entry!r} must be {{'name': ..., 'path': ...}} or "
+                    "'name=path'"
+                )
+    else:
+        raise nc.NeuronConfigError(
+            f"lora_modules must be a list of {{'name', 'path'}} objects or 'name=path' "
+            f"strings, got {type(value).__name__}"
+        )
+    paths: dict[str, str] = {}
+    for name, path in items:
+        name, path = str(name).strip(), str(path).strip()
+        if not name or not path:
+            raise nc.NeuronConfigError(f"lora_modules entry {name!r}={path!r} is incomplete")
+        if name in paths:
+            raise nc.NeuronConfigError(f"lora_modules names adapter {name!r} twice")
+        paths[name] = path
+    return paths
+
+
+def _ckpt_paths_dict(value: Any) -> dict[str, str]:
+    """NxDI's lora_ckpt_paths: {id: path} or a list of "id:path" strings."""
+    if value is None:
+        return {}
+    if isinstance(value, Mapping):
+        return {str(k): str(v) for k, v in value.items()}
+    return dict(str(p).split(":", 1) for p in value)
+
+
+def hf_compat_kwargs(hf_config: Mapping[str, Any]) -> dict[str, Any]:
+    """InferenceConfig attributes NxDI reads but transformers >= 5 no longer writes at the
+    top level: ``rope_theta`` (a required Llama attribute) and ``rope_scaling``, both now
+    inside ``rope_parameters``. Passed as kwargs, they override after load_config."""
+    rope = hf_config.get("rope_parameters")
+    out: dict[str, Any] = {}
+    if not isinstance(rope, Mapping):
+        return out
+    if "rope_theta" not in hf_config and "rope_theta" in rope:
+        out["rope_theta"] = rope["rope_theta"]
+    if "rope_scaling" not in hf_config and rope.get("rope_type", "default") != "default":
+        out["rope_scaling"] = {k: v for k, v in rope.items() if k != "rope_theta"}
+    return out
+
+
+def _checkpoint_present(path: str) -> bool:
+    """A quantized checkpoint NxDI can read: a file, or a folder with weights in it."""
+    if os.path.isfile(path):
+        return True
+    if os.path.isdir(path):
+        return any(glob.glob(os.path.join(path, pattern))
+                   for pattern in ("*.safetensors", "*.pt", "*.bin"))
+    return False
+
+
+class NxdiBackend(NeuronBackend):
+    framework = "neuronx-distributed-inference"
+
+    def __init__(self, model_path: str, neuron_config: dict, *, seed: int = 0) -> None:
+        super().__init__(model_path, neuron_config, seed=seed)
+        self.validate(neuron_config)
+        self.hf_config = read_hf_config(model_path)
+        self.architecture, module, name = model_class_path(self.hf_config)
+        self.model_cls = getattr(importlib.import_module(module), name)
+        self.config = self._inference_config()
+        self.model = None  # the NxDI application, once compiled or loaded
+
+    # -- checks before anything is built ------------------------------------------------
+    @classmethod
+    def validate(cls, neuron_config: dict, *, quantization: str | None = None) -> None:
+        """Refuse what NxDI cannot compile, naming the key to change."""
+        if quantization is not None:
+            hint = ("neuron_quant is transformers-neuronx's quantization"
+                    if quantization == "neuron_quant" else "NxDI quantizes the weights itself")
+            raise nc.NeuronConfigError(
+                f"--quantization {quantization} is not supported with "
+                f"neuronx-distributed-inference ({hint}); drop it and set the "
+                f"override_neuron_config keys {', '.join(QUANTIZATION_KEYS)} instead, e.g. "
+                '{"quantized": true, "quantized_checkpoints_path": "<folder or .pt>", '
+                '"quantization_type": "per_channel_symmetric", "quantization_dtype": "int8"}'
+            )
+        tp = neuron_config.get("tp_degree")
+        if isinstance(tp, bool) or tp not in SUPPORTED_TP_DEGREES:
+            raise nc.NeuronConfigError(
+                f"tp_degree={tp!r} is not supported by NxDI; use one of "
+                f"{list(SUPPORTED_TP_DEGREES)} (trn2: 1,2,4,8,16,32,64; inf2: 1,2,4,8,24; "
+                "trn1: 1,2,8,16,32), set through tensor_parallel_size"
+            )
+        if neuron_config.get("quantized") and not neuron_config.get("quantized_checkpoints_path"):
+            raise nc.NeuronConfigError(
+                "quantized=true needs quantized_checkpoints_path: the folder or .pt file where "
+                "the quantized checkpoint is (written on the first start if missing)"
+            )
+        if neuron_config.get("is_continuous_batching") and neuron_config.get(
+            "ctx_batch_size", 1
+        ) != 1:
+            raise nc.NeuronConfigError(
+                f"ctx_batch_size={neuron_config.get('ctx_batch_size')} with "
+                "is_continuous_batching: NxDI's context encoding writes one KV line per run, "
+                "so ctx_batch_size must be 1"
+            )
+        parse_lora_modules(neuron_config.get("lora_modules"))
+
+    @classmethod
+    def stored_config(cls, folder: str) -> dict[str, Any] | None:
+        """The neuron config NxDI's compile saved in ``folder`` (neuron_config.json), or
+        None. Only the fields our neuron config knows are kept: NxDI also saves internal
+        attributes that are no NeuronConfig keyword (NxDI would warn on each)."""
+        try:
+            with open(os.path.join(folder, NXDI_CONFIG_FILE)) as f:
+                saved = json.load(f)
+        except (OSError, ValueError):
+            return None
+        stored = saved.get("neuron_config") if isinstance(saved, dict) else None
+        if not isinstance(stored, dict):
+            return None
+        return {k: v for k, v in stored.items() if k in nc.NEURON_CONFIG_KEYS}
+
+    @classmethod
+    def version(cls) -> str:
+        """Artifacts of another NxDI release are recompiled, not loaded."""
+        try:
+            release = importlib.metadata.version("neuronx-distributed-inference")
+        except importlib.metadata.PackageNotFoundError:
+            try:
+                module = importlib.import_module(NXDI_PACKAGE)
+                release = getattr(module, "__version__", "unknown")
+            except ImportError:
+                release = "absent"
+        return f"nxdi-1-{release}"
+
+    # -- NxDI configuration -------------------------------------------------------------------
+    def _inference_config(self):
+        from neuronx_distributed_inference.models.config import OnDeviceSamplingConfig
+        from neuronx_distributed_inference.utils.hf_adapter import load_pretrained_config
+
+        kwargs = {k: copy.deepcopy(v) for k, v in self.neuron_config.items()
+                  if k not in nc.VLLM_SIDE_KEYS}
+        ignored = sorted(set(self.neuron_config) & nc.VLLM_SIDE_KEYS - _LORA_KEYS)
+        if ignored:
+            logger.warning("override_neuron_config keys %s are transformers-neuronx options; "
+                           "neuronx-distributed-inference ignores them", ignored)
+        ods = kwargs.get("on_device_sampling_config")
+        if isinstance(ods, Mapping):
+            kwargs["on_device_sampling_config"] = OnDeviceSamplingConfig(**ods)
+        lora = self._lora_config(kwargs.pop("lora_config", None))
+        if lora is not None:
+            kwargs["lora_config"] = lora
+        neuron_config = self.model_cls.get_neuron_config_cls()(**kwargs)
+        return self.model_cls.get_config_cls()(
+            neuron_config,
+            load_config=load_pretrained_config(self.model_path),
+            **hf_compat_kwargs(self.hf_config),
+        )
+
+    def _lora_config(self, lora_config: Any):
+        """``lora_config`` (NxDI's key) plus vLLM's lora_modules/target_modules -> one
+        LoraServingConfig, or None without LoRA."""
+        adapters = parse_lora_modules(self.neuron_config.get("lora_modules"))
+        if lora_config is None and not adapters:
+            return None
+        from neuronx_distributed_inference.modules.lora_serving import LoraServingConfig
+
+        if isinstance(lora_config, LoraServingConfig):
+            return lora_config
+        args = dict(lora_config or {})
+        if adapters:
+            paths = _ckpt_paths_dict(args.get("lora_ckpt_paths"))
+            paths.update(adapters)
+            args["lora_ckpt_paths"] = paths
+            args.setdefault("max_loras", len(paths))
+        targets = self.neuron_config.get("target_modules")
+        if targets is not None:
+            args.setdefault("target_modules", list(targets))
+        return LoraServingConfig(**args)
+
+    @property
+    def lora_enabled(self) -> bool:
+        return getattr(self.config.neuron_config, "lora_config", None) is not None
+
+    @property
+    def vocab_size(self) -> int:
+        text = self.hf_config.get("text_config") or {}
+        return int(self.hf_config.get("vocab_size") or text["vocab_size"])
+
+    # -- compile / load -------------------------------------------------------------------------
+    def compile(self, folder: str) -> None:
+        path = self.neuron_config.get("quantized_checkpoints_path")
+        if self.neuron_config.get("quantized") and not _checkpoint_present(path):
+            logger.info("NxDI: writing the quantized checkpoint to %s", path)
+            self.model_cls.save_quantized_state_dict(self.model_path, self.config)
+        model = self.model_cls(self.model_path, self.config)
+        model.compile(folder)
+        self.model = model
+
+    def load(self, folder: str) -> None:
+        stored = self.stored_config(folder)
+        if stored is not None:
+            differ = {k: (stored.get(k), self.neuron_config.get(k)) for k in _COMPILED_SHAPE_KEYS
+                      if k in stored and stored.get(k) != self.neuron_config.get(k)}
+            if differ:
+                raise ValueError(
+                    f"NxDI artifacts in {folder} were compiled for another shape "
+                    f"(key: (compiled, ours)): {differ}"
+                )
+        if self.model is None:  # compiled by an earlier process
+            self.model = self.model_cls(self.model_path, self.config)
+        self.model.load(folder)
+
+    # -- run ------------------------------------------------------------------------------------
+    def forward(self, input_ids, position_ids, seq_ids, sampling_params,
+                adapter_ids=None) -> ForwardOutput:
+        """One NxDI call; rows go in sorted by seq_id (NxDI pairs row i with KV line
+        seq_ids[i] only in that order) and come back in the caller's order."""
+        if self.model is None:
+            raise RuntimeError("load() must run before forward()")
+        n = input_ids.shape[0]
+        if seq_ids.shape != (n,) or position_ids.shape != input_ids.shape:
+            raise ValueError("input_ids, position_ids and seq_ids disagree on the batch")
+        order = torch.argsort(seq_ids, stable=True)
+        kwargs: dict[str, Any] = {
+            "attention_mask": None,
+            "position_ids": position_ids.index_select(0, order),
+            "seq_ids": seq_ids.index_select(0, order),
+            "sampling_params": sampling_params.index_select(0, order),
+        }
+        ids = input_ids.index_select(0, order)
+        if self.lora_enabled:
+            if adapter_ids is None:
+                adapter_ids = torch.zeros(n, dtype=torch.int32)
+            kwargs["adapter_ids"] = adapter_ids.to(torch.int32).index_select(0, order)
+        if self.architecture == MLLAMA:
+            ids = self._mllama_inputs(ids, kwargs)
+        output = self.model(ids, **kwargs)
+        restore = torch.argsort(order)
+        tokens = logits = None
+        sampled_on_device = self.config.neuron_config.on_device_sampling_config is not None
+        if sampled_on_device:
+            # NxDI sets .tokens on every output; .hidden_states holds them only when
+            # output_logits is off (it is [] with output_logits on).
+            tokens = getattr(output, "tokens", None)
+            if not torch.is_tensor(tokens):
+                tokens = output.hidden_states
+            if tokens.dim() == 2 and tokens.shape[1] == 1:
+                tokens = tokens[:, 0]
+            if tokens.shape != (n,):
+                raise RuntimeError(f"NxDI returned tokens of shape {tuple(tokens.shape)}, "
+                                   f"expected [{n}] or [{n}, 1]")
+            tokens = tokens.to(torch.long).index_select(0, restore)
+        if not sampled_on_device or self.neuron_config.get("output_logits"):
+            if not torch.is_tensor(output.logits):
+                raise RuntimeError("NxDI returned no logits; compile with output_logits=true "
+                                   "or with on-device sampling off")
+            # [n, 1, V'] fp32; V' may carry tensor-parallel padding columns past the vocab.
+            logits = output.logits[:, -1, : self.vocab_size].to(torch.float32)
+            logits = logits.index_select(0, restore)
+        return ForwardOutput(tokens=tokens, logits=logits)
+
+    def _mllama_inputs(self, ids: torch.Tensor, kwargs: dict[str, Any]) -> torch.Tensor:
+        """Text-only Mllama: NxDI's empty image tensors, and prompts at least two wide
+        (NxDI's Mllama picks context encoding by input width, not by position)."""
+        from neuronx_distributed_inference.models.mllama.utils import (
+            create_vision_mask,
+            get_image_tensors,
+        )
+
+        prefill = int(kwargs["position_ids"].min()) == 0
+        if prefill and ids.shape[1] == 1:
+            ids = torch.nn.functional.pad(ids, (0, 1))
+            kwargs["position_ids"] = torch.nn.functional.pad(kwargs["position_ids"], (0, 1))
+        pixel_values, aspect_ratios, num_chunks, has_image = get_image_tensors(
+            self.config, [[] for _ in range(ids.shape[0])], is_for_context_encoding=prefill
+        )
+        kwargs.update(
+            pixel_values=pixel_values,
+            aspect_ratios=aspect_ratios,
+            num_chunks=num_chunks,
+            has_image=has_image,
+            vision_mask=create_vision_mask(ids, self.hf_config.get("image_token_index", 128256)),
+        )
+        return ids
