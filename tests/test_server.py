@@ -194,7 +194,7 @@ BAD_REQUESTS = [
     ({"prompt": "hi", "top_k": 300}, 400, "top_k=300 exceeds on-device sampling's global_topk"),
     ({"prompt": ""}, 400, "non-empty"),
     ({"prompt": [1, 2, 10**6]}, 400, "out of vocabulary"),
-    ({"prompt": "hi", "presence_penalty": 0.5}, 400, "presence_penalty"),
+    ({"prompt": "hi", "thinking_token_budget": 5}, 400, "thinking_token_budget"),
     ({"prompt": "hi", "model": "no-such-model"}, 404, "does not exist"),
 ]
 
@@ -241,3 +241,52 @@ def test_the_guide_client_script_runs(server, stream):
                           text=True, timeout=120)
     assert proc.returncode == 0, proc.stderr
     assert proc.stdout.strip()
+
+
+# -- sampling on the host: every parameter honoured (the CPU backend returns logits) ----------
+PERSON = {
+    "type": "object",
+    "properties": {"name": {"type": "string", "maxLength": 20},
+                   "age": {"type": "integer", "minimum": 0, "maximum": 150}},
+    "required": ["name", "age"],
+    "additionalProperties": False,
+}
+
+
+def test_response_format_json_schema_is_enforced(client, model):
+    import jsonschema
+
+    r = client.chat.completions.create(
+        model=model, messages=[{"role": "user", "content": "Describe a person called Ann."}],
+        max_tokens=48, temperature=0,
+        response_format={"type": "json_schema",
+                         "json_schema": {"name": "person", "schema": PERSON}},
+    )
+    jsonschema.validate(json.loads(r.choices[0].message.content), PERSON)
+
+
+def test_chat_logprobs_are_real(client, model):
+    r = client.chat.completions.create(
+        model=model, messages=[{"role": "user", "content": "Hi"}], max_tokens=6,
+        temperature=0, logprobs=True, top_logprobs=3,
+    )
+    content = r.choices[0].logprobs.content
+    assert len(content) == 6
+    for position in content:
+        top = [t.logprob for t in position.top_logprobs]
+        assert len(top) == 3 and top == sorted(top, reverse=True)
+        assert position.logprob == pytest.approx(top[0])  # greedy took the most likely
+        assert top[0] < 0 and sum(2.718281828 ** v for v in top) <= 1.0 + 1e-4
+
+
+def test_penalties_seed_and_bad_words_over_http(client, model):
+    def complete(**extra):
+        r = client.completions.create(model=model, prompt="The capital of France is",
+                                      max_tokens=8, **extra)
+        assert r.usage.completion_tokens > 0
+        return r.choices[0].text
+
+    # Greedy says "Paris" here (test_completions); a bad word it cannot say.
+    assert "Paris" not in complete(temperature=0, extra_body={"bad_words": [" Paris", "Paris"]})
+    complete(temperature=1.0, seed=11, presence_penalty=0.5, frequency_penalty=0.3,
+             extra_body={"repetition_penalty": 1.1, "min_p": 0.05, "min_tokens": 2})

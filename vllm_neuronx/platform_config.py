@@ -11,6 +11,7 @@ from typing import Any
 
 from vllm_neuronx import envs, framework
 from vllm_neuronx import neuron_config as nc
+from vllm_neuronx.backends.protocol import SamplingCapabilities
 
 SETTINGS_KEY = "neuron_settings"
 OVERRIDES_KEY = "override_neuron_config"
@@ -22,6 +23,8 @@ class NeuronSettings:
     backend: str  # the backend that runs it: nxdi | tnx | cpu
     device: str  # "neuron" or "cpu"
     neuron_config: dict[str, Any]
+    # What the compiled model returns besides tokens (request validation reads it).
+    sampling: SamplingCapabilities = SamplingCapabilities()
 
     @classmethod
     def resolve(cls, vllm_config) -> tuple[NeuronSettings, list[str]]:
@@ -56,7 +59,8 @@ class NeuronSettings:
             cfg = dict(stored)
         backend.validate(cfg, quantization=vllm_config.model_config.quantization)
         device = "neuron" if choice.backend in ("nxdi", "tnx") else "cpu"
-        return cls(choice.framework, choice.backend, device, cfg), warnings
+        caps = backend.sampling_capabilities(cfg)
+        return cls(choice.framework, choice.backend, device, cfg, caps), warnings
 
     def store(self, vllm_config) -> None:
         global _ACTIVE
@@ -69,6 +73,8 @@ class NeuronSettings:
     def from_vllm_config(cls, vllm_config) -> NeuronSettings:
         stored = (vllm_config.additional_config or {}).get(SETTINGS_KEY)
         if stored is not None:
+            stored = dict(stored)
+            stored["sampling"] = SamplingCapabilities(**stored.get("sampling", {}))
             return cls(**stored)
         return cls.resolve(vllm_config)[0]
 

@@ -3,16 +3,64 @@
 Rows are ``(top_k, top_p, temperature)``. The rules match what the Neuron code
 bases converged on, without their bugs: the rows are built from the batch's own
 rows in row order, and the user's ``SamplingParams`` are never mutated.
+
+A request that needs more than those three (``host_parameters``) is sampled on
+the host from the logits instead, by upstream vLLM's sampler
+(``vllm_neuronx.worker.host_sampler``); request validation refuses it where the
+backend returns no logits.
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import Any
 
 import torch
 
 # vLLM treats temperatures below this as greedy.
 GREEDY_EPS = 1e-5
+# The row of a greedy request (and of a request sampled on the host: the device's
+# token for it is not used, and argmax is the device's cheapest path).
+GREEDY_ROW = (1, 1.0, 1.0)
+
+# SamplingParams fields only the host sampler honours -> the value meaning "off".
+HOST_PARAMETERS: dict[str, Any] = {
+    "logprobs": None,
+    "prompt_logprobs": None,
+    "logprob_token_ids": None,
+    "presence_penalty": 0.0,
+    "frequency_penalty": 0.0,
+    "repetition_penalty": 1.0,
+    "seed": None,
+    "min_p": 0.0,
+    "logit_bias": None,
+    "allowed_token_ids": None,
+    "bad_words": None,
+    "min_tokens": 0,
+    "structured_outputs": None,
+}
+
+
+def is_off(value: Any, off: Any) -> bool:
+    if off is None:
+        return value is None or value == [] or value == {}
+    return value == off
+
+
+def host_parameters(params: Any) -> list[tuple[str, Any]]:
+    """(field, value) of every parameter of ``params`` on-device sampling cannot apply.
+
+    A seed on a greedy request changes nothing, so it does not count.
+    """
+    found = []
+    for field, off in HOST_PARAMETERS.items():
+        value = getattr(params, field, off)
+        if is_off(value, off):
+            continue
+        if field == "seed" and params.temperature < GREEDY_EPS:
+            continue
+        found.append((field, value))
+    return found
 
 
 def sampling_row(
@@ -20,7 +68,7 @@ def sampling_row(
 ) -> tuple[int, float, float]:
     """One request's row: temperature 0 -> greedy (top_k=1); top_k off (-1/0) -> global_topk."""
     if temperature < GREEDY_EPS:
-        return 1, 1.0, 1.0
+        return GREEDY_ROW
     if top_k is None or top_k < 1:
         top_k = global_topk
     return min(int(top_k), global_topk), float(top_p), float(temperature)

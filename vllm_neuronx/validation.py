@@ -1,9 +1,14 @@
-"""Requests the Neuron path cannot serve are refused up front, with the parameter named.
+"""Requests the selected backend cannot serve are refused up front, with the parameter named.
 
 The earlier Neuron code bases ignored what on-device sampling cannot do
 (penalties, seeds, logprobs...) with a log line; users only saw it in their
-results. Offline ``LLM`` and the server both reach this through the platform's
-``validate_request``, so they refuse the same things with the same words.
+results. Here every sampling parameter is either honoured or refused: plain
+requests (temperature, top_k, top_p) are sampled on the device; the others
+(``sampling.HOST_PARAMETERS``) on the host from the logits, which is possible
+only where the compiled model returns logits (the backend's
+``SamplingCapabilities``, in the active NeuronSettings). Offline ``LLM`` and the
+server both reach this through the platform's ``validate_request``, so they
+refuse the same things with the same words.
 """
 
 from __future__ import annotations
@@ -13,23 +18,21 @@ from typing import Any
 from vllm.exceptions import VLLMValidationError
 
 from vllm_neuronx import neuron_config as nc
+from vllm_neuronx import sampling
 from vllm_neuronx.platform_config import active_settings
 
-# SamplingParams field -> (value meaning "off", what to say)
-_UNSUPPORTED = {
-    "presence_penalty": 0.0,
-    "frequency_penalty": 0.0,
-    "repetition_penalty": 1.0,
-    "min_p": 0.0,
-    "logit_bias": None,
-    "allowed_token_ids": None,
-    "bad_words": None,
-    "logprobs": None,
-    "prompt_logprobs": None,
-    "seed": None,
-    "min_tokens": 0,
-    "structured_outputs": None,
-    "logits_processors": None,
+# SamplingParams fields no Neuron backend honours -> (value meaning "off", why).
+_NEVER = {
+    "thinking_token_budget": (None, "thinking budgets are not implemented on Neuron"),
+    "prompt_logprob_token_ids": (
+        None,
+        "scoring chosen prompt tokens is not implemented on Neuron; use prompt_logprobs",
+    ),
+    "prompt_logprob_start": (
+        None,
+        "scoring chosen prompt tokens is not implemented on Neuron; use prompt_logprobs",
+    ),
+    "trace_decode_token_ids": (None, "trace replay is not implemented on Neuron"),
 }
 
 
@@ -37,34 +40,54 @@ class NeuronRequestError(VLLMValidationError, ValueError):
     """A request Neuron cannot serve: HTTP 400 on the server, a ValueError offline."""
 
 
-def _is_off(value: Any, off: Any) -> bool:
-    if off is None:
-        return value is None or value == [] or value == {}
-    return value == off
+def _refuse(message: str, field: str, value: Any) -> None:
+    raise NeuronRequestError(message, parameter=field, value=value)
+
+
+def _check_sampling(params: Any, settings) -> None:
+    for field, (off, why) in _NEVER.items():
+        value = getattr(params, field, off)
+        if not sampling.is_off(value, off):
+            _refuse(f"{field}={value!r} is not supported: {why}", field, value)
+    caps = settings.sampling
+    host = sampling.host_parameters(params)
+    if host and not caps.logits:
+        field, value = host[0]
+        _refuse(
+            f"{field}={value!r} needs the logits on the host, but this model was compiled "
+            f"with on-device sampling that returns only tokens (backend {settings.backend}, "
+            f"which applies only temperature, top_k and top_p); to serve it, "
+            f"{caps.enable_logits}",
+            field,
+            value,
+        )
+    prompt_logprobs = getattr(params, "prompt_logprobs", None)
+    if prompt_logprobs is not None and not caps.prompt_logits:
+        _refuse(
+            f"prompt_logprobs={prompt_logprobs!r} is not supported by the {settings.backend} "
+            "backend: its context encoding returns the logits of the last prompt position "
+            "only (the NxDI contract), so prompt tokens cannot be scored; use logprobs "
+            "(generated tokens) instead",
+            "prompt_logprobs",
+            prompt_logprobs,
+        )
+    topk = nc.global_topk(settings.neuron_config)
+    if host or topk is None or params.top_k is None or params.top_k <= topk:
+        return  # the host sampler applies any top_k
+    _refuse(
+        f"top_k={params.top_k} exceeds on-device sampling's global_topk={topk}; use "
+        "top_k <= global_topk, or raise override_neuron_config "
+        "on_device_sampling_config.global_topk",
+        "top_k",
+        params.top_k,
+    )
 
 
 def validate_request(engine_input: Any, params: Any) -> None:
     settings = active_settings()
     if settings is None or not hasattr(params, "temperature"):
         return  # not a generation request, or not configured by our platform
-    for field, off in _UNSUPPORTED.items():
-        value = getattr(params, field, off)
-        if not _is_off(value, off):
-            raise NeuronRequestError(
-                f"{field}={value!r} is not supported on Neuron yet: on-device sampling "
-                "applies only temperature, top_k and top_p",
-                parameter=field,
-                value=value,
-            )
-    topk = nc.global_topk(settings.neuron_config)
-    if topk is not None and params.top_k is not None and params.top_k > topk:
-        raise NeuronRequestError(
-            f"top_k={params.top_k} exceeds on-device sampling's global_topk={topk}; use "
-            "top_k <= global_topk, or raise override_neuron_config "
-            "on_device_sampling_config.global_topk",
-            parameter="top_k",
-            value=params.top_k,
-        )
+    _check_sampling(params, settings)
     prompt = engine_input.get("prompt_token_ids") if hasattr(engine_input, "get") else None
     if prompt is not None:
         max_len = settings.neuron_config["seq_len"]

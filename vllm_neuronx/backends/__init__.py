@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import importlib
 
-from vllm_neuronx.backends.protocol import ForwardOutput, NeuronBackend
+from vllm_neuronx.backends.protocol import ForwardOutput, NeuronBackend, SamplingCapabilities
 
 # backend name -> "module:class"
 _BACKENDS = {
@@ -21,4 +21,4 @@ def backend_class(name: str) -> type[NeuronBackend]:
     return getattr(importlib.import_module(module), cls)
 
 
-__all__ = ["ForwardOutput", "NeuronBackend", "backend_class"]
+__all__ = ["ForwardOutput", "NeuronBackend", "SamplingCapabilities", "backend_class"]

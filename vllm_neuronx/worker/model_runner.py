@@ -2,6 +2,12 @@
 
 It knows only the backend protocol. It keeps, per running request, its KV line
 and its tokens; lines are freed when vLLM reports the request finished or aborted.
+
+Sampling has two paths in one batch. A request that needs only temperature,
+top_k and top_p is sampled on the device (or, with on-device sampling off, by
+the same rules on the host). A request that needs more is sampled by upstream
+vLLM's sampler from the logits the backend returns (``host_sampler``); the
+device's token for it is not used.
 """
 
 from __future__ import annotations
@@ -12,6 +18,7 @@ from vllm.v1.outputs import EMPTY_MODEL_RUNNER_OUTPUT, ModelRunnerOutput
 from vllm_neuronx import sampling
 from vllm_neuronx.backends import NeuronBackend
 from vllm_neuronx.log import get_logger
+from vllm_neuronx.worker.host_sampler import HostSampler, merge_logprobs
 from vllm_neuronx.worker.inputs import SequenceRow, StepInputs, decode_inputs, prefill_inputs
 from vllm_neuronx.worker.kv_lines import KVLinePool
 
@@ -19,13 +26,26 @@ logger = get_logger(__name__)
 
 
 class NeuronModelRunner:
-    def __init__(self, backend: NeuronBackend) -> None:
+    def __init__(self, backend: NeuronBackend, vllm_config) -> None:
         self.backend = backend
+        self.capabilities = backend.capabilities
         self.lines = KVLinePool(backend.num_lines)
         self.requests: dict[str, SequenceRow] = {}
         self._pending: StepInputs | None = None
-        # Host-side sampling (on-device sampling off) uses the same rules.
+        # Plain requests with on-device sampling off are sampled by the device's rules.
         self._host_generator = torch.Generator().manual_seed(backend.seed)
+        self.host = HostSampler(
+            vllm_config,
+            vocab_size=backend.vocab_size,
+            max_num_reqs=backend.num_lines,
+            max_len=int(backend.neuron_config["seq_len"]),
+        )
+        if self.host.custom_logitsprocs and not self.capabilities.logits:
+            raise ValueError(
+                "custom logits processors (--logits-processors, or an installed "
+                "vllm.logits_processors plugin) need the logits on the host, but this model "
+                f"returns only device-sampled tokens; {self.capabilities.enable_logits}"
+            )
 
     @property
     def _topk_limit(self) -> int:
@@ -40,6 +60,25 @@ class NeuronModelRunner:
     def _forget(self, req_id: str) -> None:
         self.requests.pop(req_id, None)
         self.lines.release(req_id)
+        self.host.forget(req_id)
+
+    def _admit(self, req) -> SequenceRow:
+        params = req.sampling_params
+        on_host = self.host.needs_host(params)
+        if on_host:
+            if not self.capabilities.logits:
+                raise RuntimeError(
+                    f"request {req.req_id} needs sampling on the host "
+                    f"({sampling.host_parameters(params)}) but the backend returns no logits; "
+                    "request validation should have refused it"
+                )
+            self.host.admit(req.req_id, req.prompt_token_ids, params)
+        return SequenceRow(
+            req.req_id,
+            self.lines.allocate(req.req_id),
+            list(req.prompt_token_ids),
+            sampling.GREEDY_ROW if on_host else self._sampling_row(params),
+        )
 
     def execute_model(self, scheduler_output) -> ModelRunnerOutput | None:
         """Admit new requests, free finished ones, and stage this step's inputs."""
@@ -62,12 +101,7 @@ class NeuronModelRunner:
                         f"request {req.req_id} arrived with {req.num_computed_tokens} cached "
                         "tokens; prefix caching must be off on Neuron"
                     )
-                row = SequenceRow(
-                    req.req_id,
-                    self.lines.allocate(req.req_id),
-                    list(req.prompt_token_ids),
-                    self._sampling_row(req.sampling_params),
-                )
+                row = self._admit(req)
                 self.requests[req.req_id] = row
                 rows.append(row)
             self._pending = prefill_inputs(rows)
@@ -91,22 +125,69 @@ class NeuronModelRunner:
         step, self._pending = self._pending, None
         if step is None:
             return EMPTY_MODEL_RUNNER_OUTPUT
+        host_rows = [i for i, req_id in enumerate(step.req_ids) if req_id in self.host]
+        wants_prompt = [
+            step.is_prefill and self.host.wants_prompt_logprobs(r) for r in step.req_ids
+        ]
+        extra = {}
+        if any(wants_prompt):
+            if not self.capabilities.prompt_logits:
+                raise RuntimeError(
+                    "prompt_logprobs reached a backend without prompt logits; request "
+                    "validation should have refused it"
+                )
+            extra["prompt_logits"] = torch.tensor(wants_prompt)
         out = self.backend.forward(
-            step.input_ids, step.position_ids, step.seq_ids, step.sampling_params
+            step.input_ids, step.position_ids, step.seq_ids, step.sampling_params, **extra
         )
-        tokens = out.tokens
-        if tokens is None:
-            tokens = sampling.sample(
-                out.logits, step.sampling_params, self._topk_limit, self._host_generator
+        if host_rows and out.logits is None:
+            raise RuntimeError(
+                f"{type(self.backend).__name__} returned no logits although its sampling "
+                "capabilities say it does"
             )
-        sampled = tokens.tolist()
+        sampled = self._device_tokens(out, step, host_rows)
+        logprobs = None
+        if host_rows:
+            host = self.host.sample(
+                [step.req_ids[i] for i in host_rows], out.logits[host_rows], grammar_output
+            )
+            for i, token in zip(host_rows, host.tokens, strict=True):
+                sampled[i] = token
+            logprobs = merge_logprobs(len(sampled), host_rows, host.logprobs)
+        prompt_logprobs = {
+            req_id: self.host.prompt_logprobs(req_id, out.prompt_logits[i])
+            for i, req_id in enumerate(step.req_ids)
+            if wants_prompt[i]
+        }
         for req_id, token in zip(step.req_ids, sampled, strict=True):
             self.requests[req_id].token_ids.append(token)
         return ModelRunnerOutput(
             req_ids=step.req_ids,
             req_id_to_index={r: i for i, r in enumerate(step.req_ids)},
             sampled_token_ids=[[t] for t in sampled],
+            logprobs=logprobs,
+            prompt_logprobs_dict=prompt_logprobs,
         )
+
+    def _device_tokens(self, out, step: StepInputs, host_rows: list[int]) -> list[int]:
+        """The device's tokens; with on-device sampling off, the device's rules applied
+        on the host to the rows not sampled by the host sampler (their tokens are 0)."""
+        if out.tokens is not None:
+            return out.tokens.tolist()
+        sampled = [0] * len(step.req_ids)
+        skip = set(host_rows)
+        plain = [i for i in range(len(sampled)) if i not in skip]
+        if plain:
+            rows = torch.tensor(plain)
+            tokens = sampling.sample(
+                out.logits[rows],
+                step.sampling_params[rows],
+                self._topk_limit,
+                self._host_generator,
+            )
+            for i, token in zip(plain, tokens.tolist(), strict=True):
+                sampled[i] = token
+        return sampled
 
     @property
     def lines_in_use(self) -> int:

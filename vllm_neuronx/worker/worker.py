@@ -48,7 +48,7 @@ class NeuronWorker(WorkerBase):
         settings = self.settings
         model_path = resolve_model_folder(self.model_config.model, self.model_config.revision)
         backend, result = load_backend(model_path, settings, seed=self.model_config.seed or 0)
-        self.model_runner = NeuronModelRunner(backend)
+        self.model_runner = NeuronModelRunner(backend, self.vllm_config)
         logger.info(
             "Neuron ready: framework=%s backend=%s device=%s context buckets=%s "
             "token buckets=%s KV lines=%d x %d tokens dtype=%s artifacts=%s (%s)",

@@ -3,7 +3,10 @@
 "compile" does the work a warm start can skip: it converts the HF checkpoint to
 the target dtype and our fused layout and stores it with the resolved config.
 "load" maps that back and allocates the KV lines. forward follows the contract:
-static buckets, KV lines indexed by seq_id, sampling on the "device".
+static buckets, KV lines indexed by seq_id, sampling on the "device". Like NxDI
+with ``output_logits`` it returns the logits with the tokens (it computes them
+anyway), and, beyond NxDI's contract, the logits of every prompt position on
+request (prompt_logprobs).
 """
 
 from __future__ import annotations
@@ -20,7 +23,7 @@ from tqdm import tqdm
 from vllm_neuronx import envs, sampling
 from vllm_neuronx import neuron_config as nc
 from vllm_neuronx.backends.cpu.llama import LlamaModel, LlamaSpec
-from vllm_neuronx.backends.protocol import ForwardOutput, NeuronBackend
+from vllm_neuronx.backends.protocol import ForwardOutput, NeuronBackend, SamplingCapabilities
 from vllm_neuronx.log import get_logger
 
 logger = get_logger(__name__)
@@ -84,6 +87,10 @@ class CpuBackend(NeuronBackend):
                 "torch_dtype float16 is not supported by the CPU backend; use bfloat16 or float32"
             )
 
+    @classmethod
+    def sampling_capabilities(cls, neuron_config: dict) -> SamplingCapabilities:
+        return SamplingCapabilities(logits=True, prompt_logits=True)
+
     @property
     def vocab_size(self) -> int:
         return self.spec.vocab_size
@@ -115,7 +122,9 @@ class CpuBackend(NeuronBackend):
             dtype=self.dtype,
         )
 
-    def forward(self, input_ids, position_ids, seq_ids, sampling_params) -> ForwardOutput:
+    def forward(
+        self, input_ids, position_ids, seq_ids, sampling_params, prompt_logits=None
+    ) -> ForwardOutput:
         model = self.model
         if model is None:
             raise RuntimeError("load() must run before forward()")
@@ -127,22 +136,29 @@ class CpuBackend(NeuronBackend):
         topk = self.global_topk
         if topk is not None:
             sampling.validate_sampling_tensor(sampling_params, topk, n)
+        prompt = None
         if int(position_ids.min()) == 0:  # NxDI's phase rule: a prefill call
-            logits = self._prefill(input_ids, position_ids, seq_ids)
+            rows = [] if prompt_logits is None else prompt_logits.nonzero().flatten().tolist()
+            logits, every = self._prefill(input_ids, position_ids, seq_ids, rows)
+            if prompt_logits is not None:
+                prompt = [every.get(row) for row in range(n)]
         else:
+            if prompt_logits is not None and bool(prompt_logits.any()):
+                raise ValueError("prompt logits exist on a prefill only")
             logits = self._decode(input_ids, position_ids, seq_ids)
-        if topk is None:
-            return ForwardOutput(logits=logits)
-        return ForwardOutput(tokens=sampling.sample(logits, sampling_params, topk, self.generator))
+        tokens = None
+        if topk is not None:
+            tokens = sampling.sample(logits, sampling_params, topk, self.generator)
+        return ForwardOutput(tokens=tokens, logits=logits, prompt_logits=prompt)
 
-    def _prefill(self, input_ids, position_ids, seq_ids) -> torch.Tensor:
+    def _prefill(self, input_ids, position_ids, seq_ids, prompt_rows):
         lengths = position_ids.max(dim=1).values + 1
         longest = int(lengths.max())
         bucket = nc.pick_bucket(self.context_buckets, longest)
         padded = torch.zeros((input_ids.shape[0], bucket), dtype=torch.long)
         width = min(input_ids.shape[1], bucket)
         padded[:, :width] = input_ids[:, :width]
-        return self.model.context_encode(padded, lengths, seq_ids)
+        return self.model.context_encode(padded, lengths, seq_ids, prompt_rows)
 
     def _decode(self, input_ids, position_ids, seq_ids) -> torch.Tensor:
         if input_ids.shape[1] != 1:

@@ -13,6 +13,7 @@ from __future__ import annotations
 import json
 import math
 import os
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -223,11 +224,16 @@ class LlamaModel:
 
     @torch.inference_mode()
     def context_encode(
-        self, input_ids: torch.Tensor, lengths: torch.Tensor, seq_ids: torch.Tensor
-    ) -> torch.Tensor:
+        self,
+        input_ids: torch.Tensor,
+        lengths: torch.Tensor,
+        seq_ids: torch.Tensor,
+        prompt_rows: Sequence[int] = (),
+    ) -> tuple[torch.Tensor, dict[int, torch.Tensor]]:
         """Prefill ``n`` right-padded prompts [n, bucket] into KV lines ``seq_ids``.
 
-        Returns fp32 logits of each prompt's last real token, [n, vocab].
+        Returns fp32 logits of each prompt's last real token, [n, vocab], and for
+        each row in ``prompt_rows`` the fp32 logits of all its positions, [len, vocab].
         """
         n, t = input_ids.shape
         x = F.embedding(input_ids, self.w["embed"])
@@ -247,7 +253,8 @@ class LlamaModel:
         for i in range(self.spec.num_layers):
             x = self._layer(i, x, cos, sin, attend)
         last = x[torch.arange(n), lengths - 1]
-        return self._logits(last)
+        every = {row: self._logits(x[row, : int(lengths[row])]) for row in prompt_rows}
+        return self._logits(last), every
 
     @torch.inference_mode()
     def token_generate(

@@ -1,0 +1,94 @@
+"""The NxDI backend (against the NxDI simulator of tests/simulators) and host sampling:
+compiled with ``output_logits`` it returns tokens and logits, and requests that need the
+host are served from those logits; with on-device sampling alone they are refused up
+front, naming the parameter and the override. prompt_logprobs is refused either way
+(NxDI's context encoding returns the last position's logits only)."""
+
+from __future__ import annotations
+
+import os
+import sys
+
+import pytest
+import torch
+from vllm import LLM, SamplingParams
+
+from tests.conftest import hf_greedy
+
+SIMULATORS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "simulators")
+
+
+def _forget_simulator() -> None:
+    """Other test modules must not find 'neuronx_distributed_inference' installed."""
+    for name in [m for m in sys.modules if m.split(".")[0] == "neuronx_distributed_inference"]:
+        del sys.modules[name]
+    sys.modules.pop("vllm_neuronx.backends.nxdi", None)
+
+
+@pytest.fixture(scope="module", autouse=True)
+def sim():
+    mp = pytest.MonkeyPatch()
+    _forget_simulator()
+    mp.syspath_prepend(SIMULATORS)
+    mp.setenv("VLLM_NEURONX_FORCE_BACKEND", "nxdi")
+    mp.setenv("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
+    import neuronx_distributed_inference as simulator
+
+    assert os.path.dirname(simulator.__file__).startswith(SIMULATORS)
+    yield simulator
+    mp.undo()
+    _forget_simulator()
+
+
+def make_llm(monkeypatch, model: str, artifacts, **overrides) -> LLM:
+    monkeypatch.setenv("NEURON_COMPILED_ARTIFACTS", str(artifacts))
+    return LLM(model=model, device="neuron", max_num_seqs=2, max_model_len=128,
+               skip_tokenizer_init=True, dtype="float32", override_neuron_config=overrides)
+
+
+def params(**kwargs) -> SamplingParams:
+    kwargs.setdefault("temperature", 0)
+    return SamplingParams(max_tokens=8, ignore_eos=True, detokenize=False, **kwargs)
+
+
+PROMPTS = [[5, 6, 7, 8, 9], [10, 11, 12], [13, 14, 15, 16]]
+
+
+def test_on_device_sampling_only_refuses_host_parameters_by_name(tiny_llama, tmp_path,
+                                                                 monkeypatch):
+    llm = make_llm(monkeypatch, tiny_llama, tmp_path / "ods")
+    try:
+        for kwargs, field in [(dict(logprobs=1), "logprobs"),
+                              (dict(repetition_penalty=1.2), "repetition_penalty"),
+                              (dict(seed=3, temperature=0.5), "seed")]:
+            with pytest.raises(ValueError, match=rf"{field}=.*output_logits"):
+                llm.generate([{"prompt_token_ids": PROMPTS[0]}], params(**kwargs))
+        # Plain requests still run, on the device.
+        out = llm.generate([{"prompt_token_ids": PROMPTS[0]}], params())
+        assert [list(out[0].outputs[0].token_ids)] == hf_greedy(tiny_llama, PROMPTS[:1], [8])
+    finally:
+        del llm
+
+
+def test_output_logits_serves_host_parameters_from_nxdi_logits(tiny_llama, tmp_path,
+                                                               monkeypatch):
+    from transformers import AutoModelForCausalLM
+
+    llm = make_llm(monkeypatch, tiny_llama, tmp_path / "logits", output_logits=True)
+    try:
+        kinds = [params(), params(logprobs=2), params(repetition_penalty=1.0001)]
+        outs = llm.generate([{"prompt_token_ids": p} for p in PROMPTS], kinds)
+        got = [list(o.outputs[0].token_ids) for o in outs]
+        assert got == hf_greedy(tiny_llama, PROMPTS, [8] * 3)
+        hf = AutoModelForCausalLM.from_pretrained(tiny_llama, dtype=torch.float32).eval()
+        with torch.no_grad():
+            ids = PROMPTS[1] + got[1]
+            reference = hf(torch.tensor([ids])).logits[0].log_softmax(-1)
+        for i, token in enumerate(got[1]):
+            logprob = outs[1].outputs[0].logprobs[i][token].logprob
+            assert logprob == pytest.approx(float(reference[len(PROMPTS[1]) - 1 + i, token]),
+                                            abs=2e-4)
+        with pytest.raises(ValueError, match="prompt_logprobs=1 is not supported by the nxdi"):
+            llm.generate([{"prompt_token_ids": PROMPTS[0]}], params(prompt_logprobs=1))
+    finally:
+        del llm
