@@ -18,6 +18,8 @@ def register() -> str:
 
 def register_patches() -> None:
     """vllm.general_plugins entry point (every process, before args are parsed)."""
+    from vllm_neuronx import quantization
     from vllm_neuronx.patches import apply_all
 
     apply_all()
+    quantization.register()
