@@ -35,6 +35,7 @@ logger = get_logger(__name__)
 MANIFEST = "vllm-neuronx-manifest.json"
 DEFAULT_SUBDIR = "neuron-compiled-artifacts"
 _TMP_PREFIX = ".compiling-"
+COMPILE_ENV = ("NEURON_CONTEXT_LENGTH_BUCKETS", "NEURON_TOKEN_GEN_BUCKETS", "NEURON_QUANT_DTYPE")
 
 
 def model_identity(model_path: str) -> list[tuple[str, int, int]]:
@@ -56,6 +57,8 @@ def artifact_key(neuron_config: dict, backend: str, backend_version: str, model_
             "backend_version": backend_version,
             "torch": torch.__version__,
             "model": model_identity(model_path),
+            # transformers-neuronx reads these at compile time
+            "env": {name: os.environ.get(name) for name in COMPILE_ENV},
         },
         sort_keys=True,
         default=str,
@@ -252,7 +255,8 @@ def _check_replaceable(folder: str) -> None:
         return
     entries = set(os.listdir(folder))
     ours = os.path.basename(os.path.dirname(folder)) == DEFAULT_SUBDIR
-    if ours or entries <= ARTIFACT_NAMES:
+    graphs = {e for e in entries if e.endswith((".neff", ".pt"))}  # compiled graphs
+    if ours or entries - graphs <= ARTIFACT_NAMES:
         return
     raise RuntimeError(
         f"{folder} holds files that are not compiled artifacts; refusing to replace it. "

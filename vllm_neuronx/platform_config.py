@@ -57,7 +57,10 @@ class NeuronSettings:
                     f"wins over vLLM's arguments ({changes})"
                 )
             cfg = dict(stored)
-        backend.validate(cfg, quantization=vllm_config.model_config.quantization)
+        quantization = vllm_config.model_config.quantization
+        backend.validate(cfg, quantization=quantization)
+        if quantization == "neuron_quant":  # the framework quantizes (and the cache key says so)
+            cfg["quantized"] = True
         device = "neuron" if choice.backend in ("nxdi", "tnx") else "cpu"
         caps = backend.sampling_capabilities(cfg)
         return cls(choice.framework, choice.backend, device, cfg, caps), warnings
