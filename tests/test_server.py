@@ -196,6 +196,7 @@ BAD_REQUESTS = [
     ({"prompt": [1, 2, 10**6]}, 400, "out of vocabulary"),
     ({"prompt": "hi", "thinking_token_budget": 5}, 400, "thinking_token_budget"),
     ({"prompt": "hi", "model": "no-such-model"}, 404, "does not exist"),
+    ({"prompt": "hi", "best_of": 3}, 400, "best_of=3 is not supported"),
 ]
 
 

@@ -47,11 +47,14 @@ def apply_all() -> None:
             vllm.__version__,
         )
         return
-    from vllm_neuronx.patches import engine_args, max_tokens
+    from vllm_neuronx.patches import best_of, engine_args, max_tokens
 
     after_import(ARG_UTILS, engine_args.apply)
     for name in max_tokens.USERS:
         after_import(name, functools.partial(_patch_named, name, max_tokens.patch_module))
+    for name, cls in best_of.REQUEST_MODULES.items():
+        patch = functools.partial(best_of.patch_module, class_name=cls)
+        after_import(name, functools.partial(_patch_named, name, patch))
 
 
 def _patch_named(name: str, patch: Callable) -> None:
