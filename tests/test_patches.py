@@ -78,3 +78,18 @@ def test_neuron_quant_is_known_to_vllm_and_answered_by_the_backend():
     with pytest.raises(Exception, match="the CPU backend runs float32 or bfloat16 weights"):
         EngineArgs(model=MODEL, quantization="neuron_quant", skip_tokenizer_init=True,
                    max_model_len=64).create_engine_config()
+
+
+def test_unsupported_architecture_is_refused_when_the_config_is_built(tmp_path):
+    import json
+    import shutil
+
+    folder = tmp_path / "qwen"
+    shutil.copytree(MODEL, folder, ignore=shutil.ignore_patterns("neuron-compiled-artifacts"))
+    cfg = json.loads((folder / "config.json").read_text())
+    cfg["architectures"] = ["Qwen2ForCausalLM"]
+    (folder / "config.json").write_text(json.dumps(cfg))
+    with pytest.raises(Exception, match=r"does not serve architectures \['Qwen2ForCausalLM'\]; "
+                                        r"supported: \['LlamaForCausalLM', 'MistralForCausalLM'\]"):
+        EngineArgs(model=str(folder), skip_tokenizer_init=True,
+                   max_model_len=64).create_engine_config()

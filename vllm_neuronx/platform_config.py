@@ -57,6 +57,12 @@ class NeuronSettings:
                     f"wins over vLLM's arguments ({changes})"
                 )
             cfg = dict(stored)
+        archs = list(getattr(vllm_config.model_config.hf_config, "architectures", None) or [])
+        if backend.architectures and not set(archs) & set(backend.architectures):
+            raise nc.NeuronConfigError(
+                f"{choice.framework} ({choice.backend} backend) does not serve architectures "
+                f"{archs}; supported: {sorted(backend.architectures)}"
+            )
         quantization = vllm_config.model_config.quantization
         backend.validate(cfg, quantization=quantization)
         if quantization == "neuron_quant":  # the framework quantizes (and the cache key says so)

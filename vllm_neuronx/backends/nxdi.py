@@ -152,6 +152,7 @@ def _checkpoint_present(path: str) -> bool:
 
 class NxdiBackend(NeuronBackend):
     framework = "neuronx-distributed-inference"
+    architectures = tuple(MODEL_CLASSES)
 
     def __init__(self, model_path: str, neuron_config: dict, *, seed: int = 0) -> None:
         super().__init__(model_path, neuron_config, seed=seed)

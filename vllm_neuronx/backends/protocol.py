@@ -61,6 +61,8 @@ class NeuronBackend(abc.ABC):
 
     #: The framework name users give in VLLM_NEURON_FRAMEWORK.
     framework: ClassVar[str]
+    #: HF architectures this backend serves (checked when vLLM's config is resolved).
+    architectures: ClassVar[tuple[str, ...]] = ()
 
     def __init__(self, model_path: str, neuron_config: dict[str, Any], *, seed: int = 0) -> None:
         self.model_path = model_path

@@ -141,6 +141,7 @@ def quant_dtype() -> str:
 
 class TnxBackend(NeuronBackend):
     framework = "transformers-neuronx"
+    architectures = tuple(SUPPORTED_MODELS)
 
     def __init__(
         self,

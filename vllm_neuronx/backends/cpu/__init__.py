@@ -22,7 +22,7 @@ from tqdm import tqdm
 
 from vllm_neuronx import envs, sampling
 from vllm_neuronx import neuron_config as nc
-from vllm_neuronx.backends.cpu.llama import LlamaModel, LlamaSpec
+from vllm_neuronx.backends.cpu.llama import SUPPORTED_ARCHITECTURES, LlamaModel, LlamaSpec
 from vllm_neuronx.backends.protocol import ForwardOutput, NeuronBackend, SamplingCapabilities
 from vllm_neuronx.log import get_logger
 
@@ -62,6 +62,7 @@ def cpu_threads() -> int:
 
 class CpuBackend(NeuronBackend):
     framework = "cpu"
+    architectures = SUPPORTED_ARCHITECTURES
 
     def __init__(self, model_path: str, neuron_config: dict, *, seed: int = 0) -> None:
         super().__init__(model_path, neuron_config, seed=seed)
