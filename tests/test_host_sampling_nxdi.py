@@ -6,38 +6,17 @@ front, naming the parameter and the override. prompt_logprobs is refused either 
 
 from __future__ import annotations
 
-import os
-import sys
-
 import pytest
 import torch
 from vllm import LLM, SamplingParams
 
 from tests.conftest import hf_greedy
-
-SIMULATORS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "simulators")
-
-
-def _forget_simulator() -> None:
-    """Other test modules must not find 'neuronx_distributed_inference' installed."""
-    for name in [m for m in sys.modules if m.split(".")[0] == "neuronx_distributed_inference"]:
-        del sys.modules[name]
-    sys.modules.pop("vllm_neuronx.backends.nxdi", None)
+from tests.engine_checks import use_simulator
 
 
 @pytest.fixture(scope="module", autouse=True)
 def sim():
-    mp = pytest.MonkeyPatch()
-    _forget_simulator()
-    mp.syspath_prepend(SIMULATORS)
-    mp.setenv("VLLM_NEURONX_FORCE_BACKEND", "nxdi")
-    mp.setenv("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
-    import neuronx_distributed_inference as simulator
-
-    assert os.path.dirname(simulator.__file__).startswith(SIMULATORS)
-    yield simulator
-    mp.undo()
-    _forget_simulator()
+    yield from use_simulator("neuronx_distributed_inference", "nxdi")
 
 
 def make_llm(monkeypatch, model: str, artifacts, **overrides) -> LLM:

@@ -8,40 +8,23 @@ from __future__ import annotations
 import json
 import os
 import random
-import sys
 
 import pytest
 import torch
 from vllm import LLM, SamplingParams
 
 from tests.conftest import hf_greedy
+from tests.engine_checks import check_aborts_free_lines, use_simulator
 from vllm_neuronx import neuron_config as nc
 
-SIMULATORS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "simulators")
 MAX_NUM_SEQS = 3
-
-
-def _forget_simulator() -> None:
-    """Other test modules must not find 'neuronx_distributed_inference' installed."""
-    for name in [m for m in sys.modules if m.split(".")[0] == "neuronx_distributed_inference"]:
-        del sys.modules[name]
-    sys.modules.pop("vllm_neuronx.backends.nxdi", None)
 
 
 @pytest.fixture(scope="module", autouse=True)
 def sim():
-    mp = pytest.MonkeyPatch()
-    _forget_simulator()
-    mp.syspath_prepend(SIMULATORS)
-    mp.setenv("VLLM_NEURONX_FORCE_BACKEND", "nxdi")
-    mp.setenv("VLLM_ENABLE_V1_MULTIPROCESSING", "0")  # the engine runs in this process
-    import neuronx_distributed_inference as simulator
-
-    assert os.path.dirname(simulator.__file__).startswith(SIMULATORS)
-    simulator.reset_simulator()
-    yield simulator
-    mp.undo()
-    _forget_simulator()
+    for simulator in use_simulator("neuronx_distributed_inference", "nxdi"):
+        simulator.reset_simulator()
+        yield simulator
 
 
 @pytest.fixture(scope="module")
@@ -122,29 +105,8 @@ def test_tp_and_neuron_config_reach_nxdi(llm):
     assert llm.llm_engine.vllm_config.parallel_config.world_size == 1
 
 
-def lines_in_use(llm) -> int:
-    llm.llm_engine.step()  # finished ids reach the runner with the next step
-    (count,) = llm.collective_rpc("kv_lines_in_use")
-    return count
-
-
 def test_aborted_requests_free_their_kv_lines(llm):
-    engine = llm.llm_engine
-    params = SamplingParams(temperature=0, max_tokens=40, ignore_eos=True, detokenize=False)
-    for i in range(5):
-        engine.add_request(f"abort-{i}", {"prompt_token_ids": [3 + i, 4, 5]}, params)
-    for _ in range(4):
-        engine.step()
-    assert llm.collective_rpc("kv_lines_in_use") == [MAX_NUM_SEQS]
-    engine.abort_request(["abort-0", "abort-1", "abort-4"])  # two running, one waiting
-    finished = set()
-    while engine.has_unfinished_requests():
-        finished |= {o.request_id for o in engine.step() if o.finished}
-    assert finished == {"abort-2", "abort-3"}
-    assert lines_in_use(llm) == 0
-    out = llm.generate([{"prompt_token_ids": [7, 8]}], params)
-    assert len(out[0].outputs[0].token_ids) == 40
-    assert lines_in_use(llm) == 0
+    check_aborts_free_lines(llm, MAX_NUM_SEQS)
 
 
 # -- NxdiBackend's own contract -------------------------------------------------------------------

@@ -9,6 +9,8 @@ import random
 import pytest
 from vllm import LLM, SamplingParams
 
+from tests.engine_checks import check_aborts_free_lines, lines_in_use
+
 MAX_NUM_SEQS = 2
 
 
@@ -21,14 +23,6 @@ def inproc_llm(tiny_llama):
     yield llm
     del llm
     mp.undo()
-
-
-def lines_in_use(llm) -> int:
-    """Finished ids reach the runner with the next step; the busy loop of a
-    multiprocess engine runs it by itself, in-process we run it here."""
-    llm.llm_engine.step()
-    (count,) = llm.collective_rpc("kv_lines_in_use")
-    return count
 
 
 def test_saturation_never_preempts_and_the_queue_drains(inproc_llm):
@@ -66,20 +60,4 @@ def test_saturation_never_preempts_and_the_queue_drains(inproc_llm):
 
 
 def test_aborted_requests_free_their_kv_lines(inproc_llm):
-    engine = inproc_llm.llm_engine
-    params = SamplingParams(temperature=0, max_tokens=50, ignore_eos=True, detokenize=False)
-    for i in range(5):
-        engine.add_request(f"r{i}", {"prompt_token_ids": [3 + i, 4, 5]}, params)
-    for _ in range(4):
-        engine.step()
-    assert inproc_llm.collective_rpc("kv_lines_in_use") == [MAX_NUM_SEQS]
-    engine.abort_request(["r0", "r1", "r4"])  # two running, one still waiting
-    finished = set()
-    while engine.has_unfinished_requests():
-        finished |= {o.request_id for o in engine.step() if o.finished}
-    assert finished == {"r2", "r3"}
-    assert lines_in_use(inproc_llm) == 0
-    # and the engine still serves
-    out = inproc_llm.generate([{"prompt_token_ids": [7, 8]}], params)
-    assert len(out[0].outputs[0].token_ids) == 50
-    assert lines_in_use(inproc_llm) == 0
+    check_aborts_free_lines(inproc_llm, MAX_NUM_SEQS)

@@ -11,36 +11,26 @@ from __future__ import annotations
 import json
 import os
 import random
-import sys
 
 import pytest
 import torch
 
 from tests.conftest import hf_greedy, make_tiny_llama
+from tests.engine_checks import check_aborts_free_lines, use_simulator
 from vllm_neuronx import neuron_config as nc
 
-SIMULATORS = os.path.join(os.path.dirname(__file__), "simulators")
 MAX_NUM_SEQS = 3
 
 
 @pytest.fixture(scope="module", autouse=True)
 def tnx_env():
     mp = pytest.MonkeyPatch()
-    mp.setenv("VLLM_NEURONX_FORCE_BACKEND", "tnx")
-    mp.setenv("VLLM_NEURON_FRAMEWORK", "transformers-neuronx")
-    mp.setenv("VLLM_ENABLE_V1_MULTIPROCESSING", "0")  # the simulator lives in this process
     for var in ("NEURON_CONTEXT_LENGTH_BUCKETS", "NEURON_TOKEN_GEN_BUCKETS", "NEURON_QUANT_DTYPE",
                 "NEURON_COMPILED_ARTIFACTS", "NEURON_ON_DEVICE_SAMPLING_DISABLED"):
         mp.delenv(var, raising=False)
-    mp.syspath_prepend(SIMULATORS)
-    import transformers_neuronx
-
-    assert "simulators" in transformers_neuronx.__file__  # never a real install
-    yield transformers_neuronx
+    yield from use_simulator("transformers_neuronx", "tnx",
+                             VLLM_NEURON_FRAMEWORK="transformers-neuronx")
     mp.undo()
-    # Later modules must not see a "installed" transformers_neuronx (framework choice).
-    for name in [m for m in sys.modules if m.split(".")[0] == "transformers_neuronx"]:
-        del sys.modules[name]
 
 
 @pytest.fixture()
@@ -120,22 +110,7 @@ def test_the_engine_was_built_through_transformers_neuronx(llm, sim):
 
 
 def test_aborted_requests_free_their_kv_lines(llm):
-    from vllm import SamplingParams
-
-    engine = llm.llm_engine
-    params = SamplingParams(temperature=0, max_tokens=40, ignore_eos=True, detokenize=False)
-    for i in range(5):
-        engine.add_request(f"tnx-abort-{i}", {"prompt_token_ids": [3 + i, 4, 5]}, params)
-    for _ in range(4):
-        engine.step()
-    assert llm.collective_rpc("kv_lines_in_use") == [MAX_NUM_SEQS]
-    engine.abort_request(["tnx-abort-0", "tnx-abort-1", "tnx-abort-4"])
-    finished = set()
-    while engine.has_unfinished_requests():
-        finished |= {o.request_id for o in engine.step() if o.finished}
-    assert finished == {"tnx-abort-2", "tnx-abort-3"}
-    engine.step()  # finished ids reach the runner with the next step
-    assert llm.collective_rpc("kv_lines_in_use") == [0]
+    check_aborts_free_lines(llm, MAX_NUM_SEQS, "tnx-abort")
 
 
 def test_sampled_requests_push_their_settings_to_their_kv_lines(llm, sim):

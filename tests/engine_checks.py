@@ -1,0 +1,71 @@
+"""Checks shared by the end-to-end tests of every backend (CPU and both simulators)."""
+
+from __future__ import annotations
+
+import os
+import sys
+
+import pytest
+from vllm import SamplingParams
+
+SIMULATORS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "simulators")
+
+
+def lines_in_use(llm) -> int:
+    """KV lines the runner holds. Finished ids reach it with the next step: the busy
+    loop of a multiprocess engine runs that step by itself, in-process we run it here."""
+    llm.llm_engine.step()
+    (count,) = llm.collective_rpc("kv_lines_in_use")
+    return count
+
+
+def check_aborts_free_lines(llm, max_num_seqs: int, prefix: str = "abort") -> None:
+    """Abort two running requests and a waiting one: the rest finish, every line comes
+    back, and the engine still serves."""
+    engine = llm.llm_engine
+    params = SamplingParams(temperature=0, max_tokens=40, ignore_eos=True, detokenize=False)
+    ids = [f"{prefix}-{i}" for i in range(max_num_seqs + 3)]
+    for i, req_id in enumerate(ids):
+        engine.add_request(req_id, {"prompt_token_ids": [3 + i, 4, 5]}, params)
+    for _ in range(4):
+        engine.step()
+    assert llm.collective_rpc("kv_lines_in_use") == [max_num_seqs]
+    aborted = {ids[0], ids[1], ids[-1]}  # two running, one still waiting
+    engine.abort_request(sorted(aborted))
+    finished = set()
+    while engine.has_unfinished_requests():
+        finished |= {o.request_id for o in engine.step() if o.finished}
+    assert finished == set(ids) - aborted
+    assert lines_in_use(llm) == 0
+    out = llm.generate([{"prompt_token_ids": [7, 8]}], params)
+    assert len(out[0].outputs[0].token_ids) == 40
+    assert lines_in_use(llm) == 0
+
+
+def forget_module(package: str, *also: str) -> None:
+    """Drop a simulator package from sys.modules so other test modules cannot import it."""
+    for name in [m for m in sys.modules if m.split(".")[0] == package]:
+        del sys.modules[name]
+    for name in also:
+        sys.modules.pop(name, None)
+
+
+def use_simulator(package: str, backend: str, **env: str):
+    """Generator for a module fixture: the simulator of ``package`` is importable, the
+    platform routes through ``backend`` and the engine runs in this process."""
+    import importlib
+
+    mp = pytest.MonkeyPatch()
+    forget_module(package, f"vllm_neuronx.backends.{backend}")
+    mp.syspath_prepend(SIMULATORS)
+    mp.setenv("VLLM_NEURONX_FORCE_BACKEND", backend)
+    mp.setenv("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
+    for name, value in env.items():
+        mp.setenv(name, value)
+    simulator = importlib.import_module(package)
+    assert os.path.dirname(simulator.__file__).startswith(SIMULATORS)
+    try:
+        yield simulator
+    finally:
+        mp.undo()
+        forget_module(package, f"vllm_neuronx.backends.{backend}")
