@@ -9,6 +9,7 @@ import pytest
 from vllm import LLM, SamplingParams
 
 from tests.conftest import hf_greedy
+from tests.engine_checks import check_aborts_free_lines
 
 pytestmark = pytest.mark.neuron
 
@@ -35,13 +36,4 @@ def test_greedy_matches_hf_on_device(llm, tiny_llama):
 
 
 def test_aborts_free_kv_lines_on_device(llm):
-    engine = llm.llm_engine
-    params = SamplingParams(temperature=0, max_tokens=30, ignore_eos=True, detokenize=False)
-    for i in range(3):
-        engine.add_request(f"hw{i}", {"prompt_token_ids": [3 + i, 4, 5]}, params)
-    engine.step()
-    engine.abort_request(["hw0", "hw1", "hw2"])
-    while engine.has_unfinished_requests():
-        engine.step()
-    out = llm.generate([{"prompt_token_ids": [7, 8]}], params)
-    assert len(out[0].outputs[0].token_ids) == 30
+    check_aborts_free_lines(llm, max_num_seqs=2, prefix="hw")
