@@ -109,3 +109,13 @@ def test_logits_when_on_device_sampling_is_off(tiny_llama, tmp_path):
                     greedy(1))
     assert out.tokens is None and out.logits.shape == (1, 512)
     assert out.logits.dtype == torch.float32
+
+
+def test_bf16_is_computed_in_fp32_only_without_bf16_units(monkeypatch):
+    import vllm_neuronx.backends.cpu as cpu
+
+    monkeypatch.setattr(cpu, "native_bf16", lambda: False)
+    assert cpu.compute_dtype(torch.bfloat16) is torch.float32
+    assert cpu.compute_dtype(torch.float32) is torch.float32
+    monkeypatch.setattr(cpu, "native_bf16", lambda: True)
+    assert cpu.compute_dtype(torch.bfloat16) is torch.bfloat16

@@ -11,6 +11,7 @@ request (prompt_logprobs).
 
 from __future__ import annotations
 
+import functools
 import glob
 import os
 import time
@@ -30,6 +31,25 @@ logger = get_logger(__name__)
 
 WEIGHTS_FILE = "weights.safetensors"
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+@functools.cache
+def native_bf16() -> bool:
+    """Whether this CPU multiplies bf16 in hardware (AMX or AVX512-BF16). Without it,
+    oneDNN/MKL convert every bf16 matmul and run it several times slower than fp32."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            flags = f.read()
+    except OSError:
+        return True  # not Linux: trust the requested dtype
+    return "amx_bf16" in flags or "avx512_bf16" in flags
+
+
+def compute_dtype(requested: torch.dtype) -> torch.dtype:
+    """bf16 is computed in fp32 on CPUs without bf16 units (faster, and more precise)."""
+    if requested is torch.bfloat16 and not native_bf16():
+        return torch.float32
+    return requested
 
 
 def read_safetensors(paths: list[str], desc: str) -> dict[str, torch.Tensor]:
@@ -68,13 +88,21 @@ class CpuBackend(NeuronBackend):
         super().__init__(model_path, neuron_config, seed=seed)
         self.spec = LlamaSpec.from_folder(model_path)
         self.validate(neuron_config)
-        self.dtype = _DTYPES[neuron_config["torch_dtype"]]
+        requested = _DTYPES[neuron_config["torch_dtype"]]
+        self.dtype = compute_dtype(requested)
+        if self.dtype is not requested:
+            logger.info(
+                "CPU backend: %s requested, computing in %s (this CPU has no bf16 units)",
+                requested,
+                self.dtype,
+            )
         self.model: LlamaModel | None = None
         self.generator = torch.Generator().manual_seed(seed)
 
     @classmethod
     def version(cls) -> str:
-        return "cpu-1"
+        # The stored weights' dtype depends on the CPU (see compute_dtype).
+        return f"cpu-1-{'bf16' if native_bf16() else 'bf16-as-fp32'}"
 
     @classmethod
     def validate(cls, neuron_config: dict, *, quantization: str | None = None) -> None:
