@@ -11,6 +11,17 @@ from vllm import SamplingParams
 SIMULATORS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "simulators")
 
 
+def prefill_args(prompts, lines=None):
+    """(input_ids, position_ids, seq_ids) of a prefill call, from the runner's own builder."""
+    from vllm_neuronx.worker.inputs import SequenceRow, prefill_inputs
+
+    lines = list(range(len(prompts))) if lines is None else lines
+    rows = [SequenceRow(str(i), line, list(p), (1, 1.0, 1.0))
+            for i, (p, line) in enumerate(zip(prompts, lines, strict=True))]
+    step = prefill_inputs(rows)
+    return step.input_ids, step.position_ids, step.seq_ids
+
+
 def lines_in_use(llm) -> int:
     """KV lines the runner holds. Finished ids reach it with the next step: the busy
     loop of a multiprocess engine runs that step by itself, in-process we run it here."""

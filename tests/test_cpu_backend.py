@@ -6,6 +6,7 @@ import pytest
 import torch
 
 from tests.conftest import hf_greedy
+from tests.engine_checks import prefill_args
 from vllm_neuronx import neuron_config as nc
 from vllm_neuronx.backends.cpu import CpuBackend
 
@@ -58,13 +59,7 @@ def test_kv_lines_are_independent_and_match_hf(backend, tiny_llama):
     prompts = [[5, 6, 7, 8, 9], [10, 11], [12, 13, 14]]
     lines = [3, 0, 1]
     steps = 6
-    width = max(map(len, prompts))
-    ids = torch.zeros((3, width), dtype=torch.long)
-    pos = torch.zeros((3, width), dtype=torch.long)
-    for i, p in enumerate(prompts):
-        ids[i, : len(p)] = torch.tensor(p)
-        pos[i, : len(p)] = torch.arange(len(p))
-    out = backend.forward(ids, pos, torch.tensor(lines), greedy(3)).tokens.tolist()
+    out = backend.forward(*prefill_args(prompts, lines), greedy(3)).tokens.tolist()
     seqs = [p + [t] for p, t in zip(prompts, out, strict=True)]
     for _ in range(steps - 1):
         order = sorted(range(3), key=lambda i: lines[i])  # decode rows sorted by seq_id

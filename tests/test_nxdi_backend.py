@@ -14,7 +14,7 @@ import torch
 from vllm import LLM, SamplingParams
 
 from tests.conftest import hf_greedy
-from tests.engine_checks import check_aborts_free_lines, use_simulator
+from tests.engine_checks import check_aborts_free_lines, prefill_args, use_simulator
 from vllm_neuronx import neuron_config as nc
 
 MAX_NUM_SEQS = 3
@@ -58,16 +58,6 @@ def make_backend(model_path, folder=None, *, max_num_seqs=4, max_model_len=128, 
         backend.compile(str(folder))
         backend.load(str(folder))
     return backend
-
-
-def prefill_tensors(prompts):
-    width = max(map(len, prompts))
-    ids = torch.zeros((len(prompts), width), dtype=torch.long)
-    pos = torch.zeros((len(prompts), width), dtype=torch.long)
-    for i, p in enumerate(prompts):
-        ids[i, : len(p)] = torch.tensor(p)
-        pos[i, : len(p)] = torch.arange(len(p))
-    return ids, pos
 
 
 # -- the engine, end to end through NxdiBackend and the simulator ------------------------------
@@ -116,7 +106,7 @@ def test_rows_reach_nxdi_sorted_by_seq_id_and_come_back_in_input_order(sim, tiny
     prompts = [[5, 6, 7, 8, 9], [10, 11], [12, 13, 14]]
     lines = torch.tensor([3, 0, 1])
     rows = torch.tensor([[1, 0.9, 1.0], [1, 0.8, 1.0], [1, 0.7, 1.0]])  # greedy, distinct
-    ids, pos = prefill_tensors(prompts)
+    ids, pos, _ = prefill_args(prompts)
     tokens = backend.forward(ids, pos, lines, rows).tokens
     sent = sim.SIM_FORWARDS[-1]
     assert sent["seq_ids"].tolist() == [0, 1, 3]
@@ -141,7 +131,7 @@ def test_logits_when_on_device_sampling_is_off(tiny_llama, tmp_path):
     backend = make_backend(tiny_llama, tmp_path, on_device_sampling_disabled=True)
     assert backend.config.neuron_config.on_device_sampling_config is None
     prompts = [[5, 6, 7], [9, 10, 11, 12]]
-    ids, pos = prefill_tensors(prompts)
+    ids, pos, _ = prefill_args(prompts)
     out = backend.forward(ids, pos, torch.tensor([2, 0]), greedy(2))
     assert out.tokens is None and out.logits.shape == (2, 512)
     assert out.logits.dtype == torch.float32
@@ -152,7 +142,7 @@ def test_logits_when_on_device_sampling_is_off(tiny_llama, tmp_path):
 def test_output_logits_gives_tokens_and_logits(tiny_llama, tmp_path):
     backend = make_backend(tiny_llama, tmp_path, overrides={"output_logits": True})
     prompts = [[5, 6, 7], [9, 10, 11, 12]]
-    ids, pos = prefill_tensors(prompts)
+    ids, pos, _ = prefill_args(prompts)
     out = backend.forward(ids, pos, torch.tensor([2, 0]), greedy(2))
     assert out.logits.shape == (2, 512)  # the simulator pads the vocab; it is cut back
     assert out.tokens.tolist() == out.logits.argmax(-1).tolist()
@@ -204,7 +194,7 @@ def test_the_simulator_is_strict(sim, tiny_llama, tmp_path):
     backend.compile(str(tmp_path))
     backend.load(str(tmp_path))
     model = backend.model
-    ids, pos = prefill_tensors([[5, 6], [7, 8, 9]])
+    ids, pos, _ = prefill_args([[5, 6], [7, 8, 9]])
     with pytest.raises(ValueError, match="sorted ascending"):
         model(ids, attention_mask=None, position_ids=pos, seq_ids=torch.tensor([1, 0]),
               sampling_params=greedy(2))
@@ -252,7 +242,7 @@ def test_lora_modules_become_lora_config_never_lora_serving_config(sim, tiny_lla
     saved = backend.stored_config(str(tmp_path / "compiled"))
     assert saved["lora_config"]["lora_ckpt_paths"] == adapters
     assert "lora_modules" not in saved and "lora_serving_config" not in saved
-    ids, pos = prefill_tensors([[5, 6, 7]])
+    ids, pos, _ = prefill_args([[5, 6, 7]])
     backend.forward(ids, pos, torch.tensor([1]), greedy(1))
     adapter_ids = sim.SIM_FORWARDS[-1]["adapter_ids"]
     assert adapter_ids.dtype == torch.int32 and adapter_ids.tolist() == [0]
@@ -270,7 +260,7 @@ def test_quantized_compile_writes_the_missing_checkpoint_once(sim, tiny_llama, t
     assert sim.SIM_CALLS["save_quantized_state_dict"] == before + 1 and checkpoint.is_file()
     make_backend(tiny_llama, tmp_path / "b", overrides=overrides)  # checkpoint present now
     assert sim.SIM_CALLS["save_quantized_state_dict"] == before + 1
-    ids, pos = prefill_tensors([[5, 6, 7]])
+    ids, pos, _ = prefill_args([[5, 6, 7]])
     assert backend.forward(ids, pos, torch.tensor([0]), greedy(1)).tokens.shape == (1,)
 
 
@@ -328,6 +318,6 @@ def test_artifacts_compiled_by_nxdi_itself_load_with_their_stored_config(sim, ti
     backend.load(str(tmp_path))
     assert sim.SIM_CALLS["compile"] == compiles
     prompts = [[5, 6, 7], [8, 9]]
-    ids, pos = prefill_tensors(prompts)
+    ids, pos, _ = prefill_args(prompts)
     tokens = backend.forward(ids, pos, torch.tensor([1, 0]), greedy(2)).tokens.tolist()
     assert tokens == [t[0] for t in hf_greedy(tiny_llama, prompts, [1, 1])]

@@ -16,7 +16,7 @@ import pytest
 import torch
 
 from tests.conftest import hf_greedy, make_tiny_llama
-from tests.engine_checks import check_aborts_free_lines, use_simulator
+from tests.engine_checks import check_aborts_free_lines, prefill_args, use_simulator
 from vllm_neuronx import neuron_config as nc
 
 MAX_NUM_SEQS = 3
@@ -55,16 +55,6 @@ def make_backend(model, tmp_path, *, max_num_seqs=4, max_model_len=128, ods=True
 
 def greedy(n):
     return torch.tensor([[1, 1.0, 1.0]] * n)
-
-
-def prefill_args(prompts, lines):
-    width = max(map(len, prompts))
-    ids = torch.zeros((len(prompts), width), dtype=torch.long)
-    pos = torch.zeros((len(prompts), width), dtype=torch.long)
-    for i, p in enumerate(prompts):
-        ids[i, : len(p)] = torch.tensor(p)
-        pos[i, : len(p)] = torch.arange(len(p))
-    return ids, pos, torch.tensor(lines)
 
 
 # -- end to end through vLLM ---------------------------------------------------------------
