@@ -22,6 +22,17 @@ def prefill_args(prompts, lines=None):
     return step.input_ids, step.position_ids, step.seq_ids
 
 
+def check_greedy_matches_hf(llm, model: str, prompts: list[list[int]],
+                            max_tokens: list[int]) -> None:
+    """LLM.generate's greedy tokens equal HF transformers' for the same prompts."""
+    from tests.conftest import hf_greedy
+
+    params = [SamplingParams(temperature=0, max_tokens=n, ignore_eos=True, detokenize=False)
+              for n in max_tokens]
+    outputs = llm.generate([{"prompt_token_ids": p} for p in prompts], params)
+    assert [list(o.outputs[0].token_ids) for o in outputs] == hf_greedy(model, prompts, max_tokens)
+
+
 def lines_in_use(llm) -> int:
     """KV lines the runner holds. Finished ids reach it with the next step: the busy
     loop of a multiprocess engine runs that step by itself, in-process we run it here."""

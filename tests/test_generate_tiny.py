@@ -9,7 +9,7 @@ import pytest
 from vllm import LLM, SamplingParams
 from vllm.exceptions import VLLMValidationError
 
-from tests.conftest import hf_greedy
+from tests.engine_checks import check_greedy_matches_hf
 
 MAX_NUM_SEQS = 3
 
@@ -28,13 +28,7 @@ def test_greedy_matches_hf_with_continuous_batching(llm, tiny_llama):
     rng = random.Random(1)
     prompts = [[rng.randrange(3, 512) for _ in range(rng.randint(1, 150))] for _ in range(8)]
     max_tokens = [rng.randint(1, 40) for _ in prompts]
-    params = [
-        SamplingParams(temperature=0, max_tokens=n, ignore_eos=True, detokenize=False)
-        for n in max_tokens
-    ]
-    outputs = llm.generate([{"prompt_token_ids": p} for p in prompts], params)
-    got = [list(o.outputs[0].token_ids) for o in outputs]
-    assert got == hf_greedy(tiny_llama, prompts, max_tokens)
+    check_greedy_matches_hf(llm, tiny_llama, prompts, max_tokens)
 
 
 def test_prompt_filling_the_context_is_refused_with_a_clear_error(llm):

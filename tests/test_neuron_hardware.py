@@ -6,10 +6,9 @@ from __future__ import annotations
 import random
 
 import pytest
-from vllm import LLM, SamplingParams
+from vllm import LLM
 
-from tests.conftest import hf_greedy
-from tests.engine_checks import check_aborts_free_lines
+from tests.engine_checks import check_aborts_free_lines, check_greedy_matches_hf
 
 pytestmark = pytest.mark.neuron
 
@@ -28,11 +27,7 @@ def test_greedy_matches_hf_on_device(llm, tiny_llama):
     rng = random.Random(0)
     prompts = [[rng.randrange(3, 500) for _ in range(rng.randint(1, 60))] for _ in range(5)]
     max_tokens = [rng.randint(1, 20) for _ in prompts]
-    params = [SamplingParams(temperature=0, max_tokens=n, ignore_eos=True, detokenize=False)
-              for n in max_tokens]
-    outputs = llm.generate([{"prompt_token_ids": p} for p in prompts], params)
-    assert [list(o.outputs[0].token_ids) for o in outputs] == hf_greedy(
-        tiny_llama, prompts, max_tokens)
+    check_greedy_matches_hf(llm, tiny_llama, prompts, max_tokens)
 
 
 def test_aborts_free_kv_lines_on_device(llm):

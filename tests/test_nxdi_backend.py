@@ -11,10 +11,15 @@ import random
 
 import pytest
 import torch
-from vllm import LLM, SamplingParams
+from vllm import LLM
 
 from tests.conftest import hf_greedy
-from tests.engine_checks import check_aborts_free_lines, prefill_args, use_simulator
+from tests.engine_checks import (
+    check_aborts_free_lines,
+    check_greedy_matches_hf,
+    prefill_args,
+    use_simulator,
+)
 from vllm_neuronx import neuron_config as nc
 
 MAX_NUM_SEQS = 3
@@ -70,11 +75,7 @@ def test_greedy_matches_hf_with_continuous_batching(llm, sim, tiny_llama):
     rng = random.Random(2)
     prompts = [[rng.randrange(3, 512) for _ in range(rng.randint(1, 150))] for _ in range(8)]
     max_tokens = [rng.randint(1, 30) for _ in prompts]
-    params = [SamplingParams(temperature=0, max_tokens=n, ignore_eos=True, detokenize=False)
-              for n in max_tokens]
-    outputs = llm.generate([{"prompt_token_ids": p} for p in prompts], params)
-    assert [list(o.outputs[0].token_ids) for o in outputs] == hf_greedy(
-        tiny_llama, prompts, max_tokens)
+    check_greedy_matches_hf(llm, tiny_llama, prompts, max_tokens)
     # every token came from the simulator: prefills of at most MAX_NUM_SEQS prompts,
     # then decodes of at most MAX_NUM_SEQS rows
     calls = sim.SIM_CALLS["forward"] - forwards_before

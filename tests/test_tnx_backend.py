@@ -16,7 +16,12 @@ import pytest
 import torch
 
 from tests.conftest import hf_greedy, make_tiny_llama
-from tests.engine_checks import check_aborts_free_lines, prefill_args, use_simulator
+from tests.engine_checks import (
+    check_aborts_free_lines,
+    check_greedy_matches_hf,
+    prefill_args,
+    use_simulator,
+)
 from vllm_neuronx import neuron_config as nc
 
 MAX_NUM_SEQS = 3
@@ -70,18 +75,13 @@ def llm(tnx_env, tiny_llama):
 
 
 def test_generate_greedy_matches_hf_with_continuous_batching(llm, tiny_llama, sim):
-    from vllm import SamplingParams
 
     rng = random.Random(3)
     lengths = [1, 37, 5, 120, 2, 64, 1, 17]
     prompts = [[rng.randrange(3, 512) for _ in range(n)] for n in lengths]
     max_tokens = [rng.randint(1, 24) for _ in prompts]
-    params = [SamplingParams(temperature=0, max_tokens=n, ignore_eos=True, detokenize=False)
-              for n in max_tokens]
     before = dict(sim.SIM_CALLS)
-    outputs = llm.generate([{"prompt_token_ids": p} for p in prompts], params)
-    got = [list(o.outputs[0].token_ids) for o in outputs]
-    assert got == hf_greedy(tiny_llama, prompts, max_tokens)
+    check_greedy_matches_hf(llm, tiny_llama, prompts, max_tokens)
     # (c) it ran on TNx's API: one context-encoding run per prompt, decode steps, and the
     # per-line greedy settings pushed to the device.
     assert sim.SIM_CALLS["context"] - before["context"] == len(prompts)

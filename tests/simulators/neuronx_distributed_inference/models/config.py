@@ -246,6 +246,20 @@ def to_plain(obj: Any) -> Any:
     return obj
 
 
+# HF attributes every decoder model's config requires (each model adds its own).
+DECODER_ATTRIBUTES = (
+    "hidden_size",
+    "num_attention_heads",
+    "num_hidden_layers",
+    "num_key_value_heads",
+    "pad_token_id",
+    "vocab_size",
+    "max_position_embeddings",
+    "rope_theta",
+    "rms_norm_eps",
+)
+
+
 class InferenceConfig:
     """The model's HF attributes plus its NeuronConfig; saved as neuron_config.json."""
 

@@ -6,25 +6,17 @@ computes Llama-family models, so compiling a Mixtral is refused.
 
 from __future__ import annotations
 
-from neuronx_distributed_inference.models.config import InferenceConfig, MoENeuronConfig
+from neuronx_distributed_inference.models.config import (
+    DECODER_ATTRIBUTES,
+    InferenceConfig,
+    MoENeuronConfig,
+)
 from neuronx_distributed_inference.models.model_base import NeuronBaseForCausalLM
 
 
 class MixtralInferenceConfig(InferenceConfig):
     def get_required_attributes(self) -> list[str]:
-        return [
-            "hidden_size",
-            "num_attention_heads",
-            "num_hidden_layers",
-            "num_key_value_heads",
-            "pad_token_id",
-            "vocab_size",
-            "max_position_embeddings",
-            "rope_theta",
-            "num_local_experts",
-            "num_experts_per_tok",
-            "rms_norm_eps",
-        ]
+        return [*DECODER_ATTRIBUTES, "num_local_experts", "num_experts_per_tok"]
 
     @classmethod
     def get_neuron_config_cls(cls):
