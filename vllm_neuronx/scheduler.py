@@ -11,6 +11,8 @@ we surface instead of silently recomputing.
 
 from __future__ import annotations
 
+import functools
+
 from vllm.v1.core.sched.request_queue import create_request_queue
 from vllm.v1.core.sched.scheduler import Scheduler
 
@@ -21,6 +23,8 @@ class NeuronScheduler(Scheduler):
         # Set when a prefill step admitted nothing, so the next step decodes
         # instead of retrying forever while running requests wait.
         self._prefill_stalled = False
+        # One block of max_model_len per request: a decode step never allocates.
+        self._one_block_per_request = self.block_size >= self.max_model_len
 
     def schedule(self, throttle_prefills: bool = False):
         free_lines = self.max_num_running_reqs - len(self.running)
@@ -50,9 +54,23 @@ class NeuronScheduler(Scheduler):
     def _decode_step(self):
         """Schedule running requests only; new arrivals wait for the next prefill step."""
         waiting, self.waiting = self.waiting, create_request_queue(self.policy)
+        manager = self.kv_cache_manager
+        if self._one_block_per_request:
+            manager.allocate_slots = functools.partial(self._decode_slots, manager.allocate_slots)
         try:
             return super().schedule()
         finally:
+            manager.__dict__.pop("allocate_slots", None)
             arrived, self.waiting = self.waiting, waiting
             for request in arrived:
                 self.waiting.add_request(request)
+
+    def _decode_slots(self, allocate, request, num_new_tokens, num_lookahead_tokens=0, **kw):
+        """The KV manager's allocate_slots, short-cut for a running request whose one
+        block already holds the new token: the full bookkeeping (about a third of the
+        host's time per decode step at batch 32) would find nothing to allocate."""
+        if not kw and request.num_computed_tokens + num_new_tokens + num_lookahead_tokens <= (
+            self.max_model_len
+        ):
+            return self.kv_cache_manager.empty_kv_cache_blocks
+        return allocate(request, num_new_tokens, num_lookahead_tokens=num_lookahead_tokens, **kw)

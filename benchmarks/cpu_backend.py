@@ -1,0 +1,106 @@
+"""The CPU backend alone: prefill and decode speed of SmolLM2, no vLLM around it.
+
+Each speed lever of the CPU backend is measured here, step by step, before it is
+judged in the serving benchmark. Decode steps run at a context of 192 tokens (the
+middle of a 128-in / 128-out request); prefill runs 32 prompts of 128 tokens the
+way the scheduler hands them over (as many as free lines allow).
+
+    .venv/bin/python benchmarks/cpu_backend.py [--dtype bfloat16] [--steps 20]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import statistics
+import tempfile
+import time
+
+import torch
+
+from vllm_neuronx import neuron_config as nc
+from vllm_neuronx import sampling
+from vllm_neuronx.backends.cpu import CpuBackend, compute_dtype
+from vllm_neuronx.default_model import default_model_path
+
+LINES, SEQ_LEN, PROMPT, CONTEXT = 32, 512, 128, 192
+
+
+def make_backend(model: str, dtype: str, folder: str) -> CpuBackend:
+    cfg = nc.default_neuron_config(tp_degree=1, max_num_seqs=LINES, max_model_len=SEQ_LEN,
+                                   dtype=dtype)
+    backend = CpuBackend(model, cfg)
+    backend.compile(folder)
+    backend.load(folder)
+    return backend
+
+
+def greedy(n: int) -> torch.Tensor:
+    return sampling.sampling_tensor([sampling.GREEDY_ROW] * n)
+
+
+def time_prefill(backend: CpuBackend, batch: int, vocab: int) -> float:
+    """Seconds to prefill LINES prompts of PROMPT tokens, ``batch`` prompts per call."""
+    ids = torch.randint(0, vocab, (LINES, PROMPT))
+    pos = torch.arange(PROMPT).expand(LINES, PROMPT)
+    start = time.perf_counter()
+    for first in range(0, LINES, batch):
+        rows = slice(first, first + batch)
+        n = ids[rows].shape[0]
+        backend.forward(ids[rows], pos[rows], torch.arange(first, first + n), greedy(n))
+    return time.perf_counter() - start
+
+
+def time_decode(backend: CpuBackend, batch: int, steps: int, vocab: int) -> float:
+    """Median seconds per decode step of ``batch`` rows at context CONTEXT."""
+    seq_ids = torch.arange(batch)
+    times = []
+    for step in range(steps + 2):
+        ids = torch.randint(0, vocab, (batch, 1))
+        pos = torch.full((batch, 1), CONTEXT + step)
+        start = time.perf_counter()
+        backend.forward(ids, pos, seq_ids, greedy(batch))
+        times.append(time.perf_counter() - start)
+    return statistics.median(times[2:])
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--model", default=None)
+    parser.add_argument("--dtype", default="bfloat16")
+    parser.add_argument("--steps", type=int, default=20)
+    parser.add_argument("--prefill-batch", type=int, nargs="*", default=[1, 8])
+    args = parser.parse_args()
+    model = args.model or default_model_path()
+    with tempfile.TemporaryDirectory() as folder:
+        backend = make_backend(model, args.dtype, folder)
+        vocab = backend.vocab_size
+        result = {
+            "model": os.path.basename(model),
+            "dtype": args.dtype,
+            "compute_dtype": str(compute_dtype(getattr(torch, args.dtype))),
+            "threads": torch.get_num_threads(),
+            "machine": platform.processor() or platform.machine(),
+            "prefill_s": {}, "decode_ms": {}, "decode_tok_s": {},
+        }
+        for batch in args.prefill_batch:
+            result["prefill_s"][batch] = round(time_prefill(backend, batch, vocab), 2)
+            print(f"prefill {LINES}x{PROMPT}, {batch} per call: {result['prefill_s'][batch]} s",
+                  flush=True)
+        for batch in (1, 8, 32):
+            step = time_decode(backend, batch, args.steps, vocab)
+            result["decode_ms"][batch] = round(step * 1e3, 1)
+            result["decode_tok_s"][batch] = round(batch / step, 1)
+            print(f"decode b={batch} @ctx {CONTEXT}: {step * 1e3:.1f} ms/step, "
+                  f"{batch / step:.0f} tok/s", flush=True)
+    os.makedirs(os.path.join(os.path.dirname(__file__), "results"), exist_ok=True)
+    out = os.path.join(os.path.dirname(__file__), "results", "cpu_backend.json")
+    with open(out, "w") as f:
+        json.dump(result, f, indent=1)
+    print("wrote", out)
+
+
+if __name__ == "__main__":
+    main()
