@@ -42,6 +42,13 @@ def test_on_device_sampling_only_refuses_host_parameters_by_name(tiny_llama, tmp
                               (dict(seed=3, temperature=0.5), "seed")]:
             with pytest.raises(ValueError, match=rf"{field}=.*output_logits"):
                 llm.generate([{"prompt_token_ids": PROMPTS[0]}], params(**kwargs))
+        # The server's best_of ranks candidates by logprobs: refused by its own name.
+        from vllm.entrypoints.openai.completion.protocol import CompletionRequest
+        from vllm.exceptions import VLLMValidationError
+
+        request = CompletionRequest(prompt="hi", best_of=3, temperature=1.0)
+        with pytest.raises(VLLMValidationError, match=r"best_of=3 .*output_logits"):
+            request.to_sampling_params(8)
         # Plain requests still run, on the device.
         out = llm.generate([{"prompt_token_ids": PROMPTS[0]}], params())
         assert [list(out[0].outputs[0].token_ids)] == hf_greedy(tiny_llama, PROMPTS[:1], [8])

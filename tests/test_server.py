@@ -196,7 +196,6 @@ BAD_REQUESTS = [
     ({"prompt": [1, 2, 10**6]}, 400, "out of vocabulary"),
     ({"prompt": "hi", "thinking_token_budget": 5}, 400, "thinking_token_budget"),
     ({"prompt": "hi", "model": "no-such-model"}, 404, "does not exist"),
-    ({"prompt": "hi", "best_of": 3}, 400, "best_of=3 is not supported"),
 ]
 
 
@@ -291,3 +290,80 @@ def test_penalties_seed_and_bad_words_over_http(client, model):
     assert "Paris" not in complete(temperature=0, extra_body={"bad_words": [" Paris", "Paris"]})
     complete(temperature=1.0, seed=11, presence_penalty=0.5, frequency_penalty=0.3,
              extra_body={"repetition_penalty": 1.1, "min_p": 0.05, "min_tokens": 2})
+
+
+# -- best_of (completions): best_of candidates sampled, the n likeliest returned -------------
+SAMPLED = {"prompt": "My favourite animal is", "max_tokens": 10, "temperature": 1.0, "seed": 1234}
+CANDIDATES = MAX_NUM_SEQS + 1  # more children than KV lines: admitted as lines free up
+
+
+def complete(server, model, path="/v1/completions", **body) -> requests.Response:
+    return requests.post(server.url + path, json={"model": model, **body}, timeout=120,
+                         headers={"Authorization": f"Bearer {API_KEY}"})
+
+
+def score(choice) -> float:
+    """Cumulative logprob: the sum of the sampled tokens' logprobs."""
+    return sum(choice["logprobs"]["token_logprobs"])
+
+
+@pytest.fixture(scope="module")
+def candidates(server, model) -> dict:
+    """What plain n=CANDIDATES gives (same seed): the candidates best_of chooses from."""
+    r = complete(server, model, n=CANDIDATES, logprobs=2, **SAMPLED)
+    assert r.status_code == 200, r.text
+    assert len({c["text"] for c in r.json()["choices"]}) > 1  # best_of has a real choice
+    return r.json()
+
+
+def test_best_of_returns_the_likeliest_candidate_and_bills_all(server, model, candidates):
+    r = complete(server, model, best_of=CANDIDATES, **SAMPLED)
+    assert r.status_code == 200, r.text
+    [choice] = r.json()["choices"]
+    assert choice["text"] == max(candidates["choices"], key=score)["text"]
+    assert choice["index"] == 0 and choice.get("logprobs") is None  # not asked for
+    assert r.json()["usage"] == candidates["usage"]  # every candidate's tokens counted
+    wait_for_idle(server)
+
+
+def test_best_of_returns_n_best_first_with_the_users_logprobs(server, model, candidates):
+    r = complete(server, model, n=2, best_of=CANDIDATES, logprobs=2, **SAMPLED)
+    assert r.status_code == 200, r.text
+    choices = r.json()["choices"]
+    ranked = sorted(candidates["choices"], key=score, reverse=True)[:2]
+    assert [c["text"] for c in choices] == [c["text"] for c in ranked]
+    assert [c["index"] for c in choices] == [0, 1]
+    assert score(choices[0]) >= score(choices[1])
+    for got, want in zip(choices, ranked, strict=True):
+        assert got["logprobs"]["tokens"] == want["logprobs"]["tokens"]
+        assert got["logprobs"]["token_logprobs"] == pytest.approx(
+            want["logprobs"]["token_logprobs"], abs=1e-4)
+        assert all(len(top) <= 3 for top in got["logprobs"]["top_logprobs"])  # k + 1
+
+
+def test_greedy_best_of_is_plain_greedy(server, model):
+    body = {"prompt": "The capital of France is", "max_tokens": 8, "temperature": 0}
+    plain = complete(server, model, **body).json()
+    best = complete(server, model, best_of=2, **body).json()
+    assert best["choices"][0]["text"] == plain["choices"][0]["text"]
+    # Greedy candidates would all be equal: one is generated, and counted.
+    assert best["usage"] == plain["usage"]
+
+
+@pytest.mark.parametrize("path,body,message", [
+    ("/v1/completions", {"prompt": "hi", "n": 2, "best_of": 1, "temperature": 1.0},
+     "best_of=1 must be greater than or equal to n=2"),
+    ("/v1/completions", {"prompt": "hi", "best_of": 2, "stream": True}, "cannot be streamed"),
+    ("/v1/completions", {"prompt": "hi", "best_of": "3"}, "best_of must be an integer"),
+    ("/v1/completions", {"prompt": "hi", "best_of": 2, "use_beam_search": True},
+     "cannot be combined with use_beam_search"),
+    ("/v1/chat/completions", {"messages": [{"role": "user", "content": "hi"}], "best_of": 3},
+     "not supported by chat completions"),
+])
+def test_best_of_refusals_are_400_in_upstream_shape(server, model, path, body, message):
+    r = complete(server, model, path, **body)
+    assert r.status_code == 400, r.text
+    error = r.json()["error"]
+    assert set(error) == {"message", "type", "param", "code"}
+    assert error["param"] == "best_of" and error["code"] == 400
+    assert error["type"] == "BadRequestError" and message in error["message"]

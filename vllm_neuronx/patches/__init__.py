@@ -52,8 +52,7 @@ def apply_all() -> None:
     after_import(ARG_UTILS, engine_args.apply)
     for name in max_tokens.USERS:
         after_import(name, functools.partial(_patch_named, name, max_tokens.patch_module))
-    for name, cls in best_of.REQUEST_MODULES.items():
-        patch = functools.partial(best_of.patch_module, class_name=cls)
+    for name, patch in best_of.PATCHES.items():
         after_import(name, functools.partial(_patch_named, name, patch))
 
 

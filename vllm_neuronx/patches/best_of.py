@@ -1,47 +1,190 @@
-"""Refuse ``best_of`` above ``n`` instead of ignoring it.
+"""``best_of`` on the completions API: sample best_of candidates, return the n most likely.
 
-vLLM 0.33 dropped best_of from SamplingParams; its OpenAI request models still
-accept the field (or keep it as an unknown extra) and never use it, so a client
-asking for the best of 5 silently gets 1. We answer HTTP 400 naming it.
+vLLM 0.33 dropped best_of with V0: SamplingParams has no such field, the
+completions request keeps it as an unknown extra and the chat request declares
+it, and both ignore it, so a client asking for the best of 5 silently gets one
+sample. We change upstream in three places:
+
+- ``CompletionRequest.to_sampling_params`` checks best_of (an integer >= n, not
+  with ``stream``) and, when best_of > n, asks the engine for ``n=best_of``
+  children (vLLM's usual fan-out: each child its own request and KV line,
+  child i seeded ``seed + i``) with ``logprobs=0`` if the user asked none, so
+  V1 fills each child's ``cumulative_logprob``. ``to_beam_search_params``
+  refuses best_of > n (beam search has its own ranking).
+- ``OpenAIServingCompletion.request_output_to_completion_response`` keeps each
+  prompt's n candidates with the highest cumulative logprob (the sum of the
+  sampled tokens' logprobs), best first, before upstream builds the response
+  from the user's own request (so logprobs appear only if asked, with the
+  user's k); afterwards the dropped candidates' tokens are added to usage, as
+  they were generated (OpenAI bills them).
+- ``ChatCompletionRequest.to_sampling_params`` refuses best_of other than n:
+  OpenAI's chat API has no best_of.
+
+Greedy sampling (temperature 0) would give best_of identical candidates and
+vLLM refuses n > 1 there, so a greedy best_of request generates one (and
+counts one). best_of equal to n is plain n.
 """
 
 from __future__ import annotations
 
 import functools
 
-REQUEST_MODULES = {
-    "vllm.entrypoints.openai.completion.protocol": "CompletionRequest",
-    "vllm.entrypoints.openai.chat_completion.protocol": "ChatCompletionRequest",
-}
+from vllm_neuronx import sampling
+
+PROTOCOL = "vllm.entrypoints.openai.completion.protocol"
+SERVING = "vllm.entrypoints.openai.completion.serving"
+CHAT_PROTOCOL = "vllm.entrypoints.openai.chat_completion.protocol"
+
+
+def _refuse(message: str, value) -> None:
+    from vllm.exceptions import VLLMValidationError
+
+    raise VLLMValidationError(message, parameter="best_of", value=value)
 
 
 def requested_best_of(request) -> int | None:
+    """The client's best_of, checked: None when absent, else an integer >= n."""
     value = getattr(request, "best_of", None)
     if value is None:
         value = (getattr(request, "model_extra", None) or {}).get("best_of")
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, int):
+        _refuse(f"best_of must be an integer, got {value!r}", value)
+    n = getattr(request, "n", None) or 1
+    if value < n:
+        _refuse(f"best_of={value} must be greater than or equal to n={n}", value)
+    import vllm.envs as envs
+
+    if value > envs.VLLM_MAX_N_SEQUENCES:
+        _refuse(
+            f"best_of={value} exceeds VLLM_MAX_N_SEQUENCES={envs.VLLM_MAX_N_SEQUENCES}", value
+        )
     return value
 
 
-def patch_module(module, class_name: str) -> None:
-    cls = getattr(module, class_name, None)
-    original = getattr(cls, "to_sampling_params", None)
+def _ranked(request) -> int | None:
+    """best_of when the request needs candidates ranked (best_of > n), else None."""
+    best_of = requested_best_of(request)
+    n = getattr(request, "n", None) or 1
+    return best_of if best_of is not None and best_of > n else None
+
+
+def _check_logits_on_host(best_of: int) -> None:
+    """Ranking needs logprobs, which only a model returning logits gives."""
+    from vllm_neuronx.platform_config import active_settings
+
+    settings = active_settings()
+    if settings is not None and not settings.sampling.logits:
+        _refuse(
+            f"best_of={best_of} ranks candidates by their logprobs, which need the logits "
+            f"on the host, but this model was compiled with on-device sampling that returns "
+            f"only tokens (backend {settings.backend}); to serve it, "
+            f"{settings.sampling.enable_logits}",
+            best_of,
+        )
+
+
+def _wrap(cls, name: str, make):
+    original = getattr(cls, name, None)
     if original is None or getattr(original, "__neuronx__", False):
         return
+    wrapped = functools.wraps(original)(make(original))
+    wrapped.__neuronx__ = True
+    setattr(cls, name, wrapped)
 
-    @functools.wraps(original)
-    def to_sampling_params(self, *args, **kwargs):
-        best_of = requested_best_of(self)
-        n = getattr(self, "n", None) or 1
-        if best_of is not None and best_of != n and best_of != 1:
-            from vllm.exceptions import VLLMValidationError
 
-            raise VLLMValidationError(
-                f"best_of={best_of} is not supported: vLLM 0.33 no longer implements it; "
-                f"use n={best_of} and pick by logprobs on the client",
-                parameter="best_of",
-                value=best_of,
-            )
-        return original(self, *args, **kwargs)
+def patch_completion_request(module) -> None:
+    cls = getattr(module, "CompletionRequest", None)
 
-    to_sampling_params.__neuronx__ = True
-    cls.to_sampling_params = to_sampling_params
+    def sampling_params(original):
+        def to_sampling_params(self, *args, **kwargs):
+            best_of = _ranked(self)
+            if best_of is not None and self.stream:
+                _refuse(f"best_of={best_of} cannot be streamed: candidates are ranked "
+                        "once all are finished; use stream=false", best_of)
+            params = original(self, *args, **kwargs)
+            if best_of is None or params.temperature < sampling.GREEDY_EPS:
+                return params
+            _check_logits_on_host(best_of)
+            params.n = best_of
+            if params.num_logprobs is None:
+                params.logprobs = 0  # the sampled token's logprob: V1 then sums them
+            return params
+
+        return to_sampling_params
+
+    def beam_search_params(original):
+        def to_beam_search_params(self, *args, **kwargs):
+            best_of = _ranked(self)
+            if best_of is not None:
+                _refuse(f"best_of={best_of} cannot be combined with use_beam_search, "
+                        "whose beams are ranked by n", best_of)
+            return original(self, *args, **kwargs)
+
+        return to_beam_search_params
+
+    _wrap(cls, "to_sampling_params", sampling_params)
+    _wrap(cls, "to_beam_search_params", beam_search_params)
+
+
+def _likeliest(outputs, n: int):
+    """The n outputs with the highest cumulative logprob, best first, re-indexed."""
+    def score(output) -> float:
+        value = output.cumulative_logprob
+        return float("-inf") if value is None else value
+
+    ordered = sorted(sorted(outputs, key=lambda o: o.index), key=score, reverse=True)
+    kept = ordered[:n]
+    for index, output in enumerate(kept):
+        output.index = index
+    return kept, ordered[n:]
+
+
+def patch_completion_serving(module) -> None:
+    cls = getattr(module, "OpenAIServingCompletion", None)
+
+    def to_response(original):
+        def request_output_to_completion_response(self, final_res_batch, request, *args, **kw):
+            best_of = _ranked(request)
+            if best_of is None:
+                return original(self, final_res_batch, request, *args, **kw)
+            request_id = kw.get("request_id", args[0] if args else "")
+            dropped_tokens = 0
+            for final_res in final_res_batch:
+                for output in final_res.outputs:  # a failed candidate fails the request
+                    self._raise_if_error(output.finish_reason, request_id)
+                final_res.outputs, dropped = _likeliest(final_res.outputs, request.n or 1)
+                dropped_tokens += sum(len(output.token_ids) for output in dropped)
+            response = original(self, final_res_batch, request, *args, **kw)
+            # The same UsageInfo object is the request metadata's final usage.
+            response.usage.completion_tokens += dropped_tokens
+            response.usage.total_tokens += dropped_tokens
+            return response
+
+        return request_output_to_completion_response
+
+    _wrap(cls, "request_output_to_completion_response", to_response)
+
+
+def patch_chat_request(module) -> None:
+    cls = getattr(module, "ChatCompletionRequest", None)
+
+    def sampling_params(original):
+        def to_sampling_params(self, *args, **kwargs):
+            best_of = _ranked(self)
+            if best_of is not None:
+                _refuse(f"best_of={best_of} is not supported by chat completions (OpenAI's "
+                        "chat API has no best_of); use /v1/completions", best_of)
+            return original(self, *args, **kwargs)
+
+        return to_sampling_params
+
+    _wrap(cls, "to_sampling_params", sampling_params)
+
+
+PATCHES = {
+    PROTOCOL: patch_completion_request,
+    SERVING: patch_completion_serving,
+    CHAT_PROTOCOL: patch_chat_request,
+}
