@@ -21,6 +21,8 @@ import torch
 import torch.nn.functional as F
 
 SUPPORTED_ARCHITECTURES = ("LlamaForCausalLM", "MistralForCausalLM")
+# Decode attention reads K/V up to the longest row, in steps of this many positions.
+ATTEND_STEP = 16
 
 
 @dataclass(frozen=True, slots=True)
@@ -262,14 +264,24 @@ class LlamaModel:
     ) -> torch.Tensor:
         """Decode one token per row: input_ids/positions [m], seq_ids [m] sorted.
 
-        Each row writes its K/V at its position and attends over the first
-        ``bucket`` positions of its own line. Returns fp32 logits [m, vocab].
+        Each row writes its K/V at its position and attends over its own line.
+        The bucket bounds the positions; attention reads only up to the longest
+        row (rounded up to ``ATTEND_STEP``), since positions past it are masked
+        anyway and reading them is most of a decode step's memory traffic.
+        Returns fp32 logits [m, vocab].
         """
+        s = self.spec
         m = input_ids.shape[0]
+        span = min(bucket, -(-(int(positions.max()) + 1) // ATTEND_STEP) * ATTEND_STEP)
         x = F.embedding(input_ids[:, None], self.w["embed"])
         cos, sin = self.cos[positions][:, None, None], self.sin[positions][:, None, None]
-        mask = torch.arange(bucket)[None, :] <= positions[:, None]
-        mask = self._window_mask(mask, positions[:, None], bucket)[:, None, None, :]
+        visible = torch.arange(span)[None, :] <= positions[:, None]
+        visible = self._window_mask(visible, positions[:, None], span)
+        # Query heads grouped by their KV head: [m, kv_heads, group, d] attends as a
+        # "query length" of group, so K/V are read once per KV head, not repeated.
+        bias = torch.zeros(visible.shape, dtype=self.dtype).masked_fill_(~visible, float("-inf"))
+        bias = bias[:, None, None, :]
+        group = s.num_heads // s.num_kv_heads
         all_lines = m == self.k_cache.shape[1] and bool(
             torch.equal(seq_ids, torch.arange(m, dtype=seq_ids.dtype))
         )
@@ -277,13 +289,15 @@ class LlamaModel:
         def attend(i, q, k, v):
             self.k_cache[i, seq_ids, :, positions] = k[:, :, 0]
             self.v_cache[i, seq_ids, :, positions] = v[:, :, 0]
-            keys, values = self.k_cache[i, :, :, :bucket], self.v_cache[i, :, :, :bucket]
+            keys, values = self.k_cache[i, :, :, :span], self.v_cache[i, :, :, :span]
             if not all_lines:
                 keys, values = keys.index_select(0, seq_ids), values.index_select(0, seq_ids)
-            return F.scaled_dot_product_attention(
-                q, keys, values, attn_mask=mask, scale=self.scale, enable_gqa=True
+            out = F.scaled_dot_product_attention(
+                q.view(m, s.num_kv_heads, group, s.head_dim), keys, values,
+                attn_mask=bias, scale=self.scale,
             )
+            return out.view(m, s.num_heads, 1, s.head_dim)
 
-        for i in range(self.spec.num_layers):
+        for i in range(s.num_layers):
             x = self._layer(i, x, cos, sin, attend)
         return self._logits(x[:, 0])
