@@ -109,6 +109,8 @@ def rope_inv_freq(spec: LlamaSpec) -> torch.Tensor:
 
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    if x.dtype is torch.float32:  # one fused op; the same arithmetic as below
+        return F.rms_norm(x, weight.shape, weight, eps)
     h = x.float()
     h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + eps)
     return weight * h.to(x.dtype)
@@ -201,9 +203,11 @@ class LlamaModel:
         b, t, _ = x.shape
         h = rms_norm(x, w[p + "ln1"], s.rms_norm_eps)
         qkv = F.linear(h, w[p + "qkv"], w.get(p + "qkv_bias"))
-        q, k, v = qkv.split([self.q_size, self.kv_size, self.kv_size], dim=-1)
-        q = apply_rope(q.view(b, t, s.num_heads, s.head_dim).transpose(1, 2), cos, sin)
-        k = apply_rope(k.view(b, t, s.num_kv_heads, s.head_dim).transpose(1, 2), cos, sin)
+        qk, v = qkv.split([self.q_size + self.kv_size, self.kv_size], dim=-1)
+        # Rotary on query and key heads together: half the small ops per layer.
+        qk = apply_rope(qk.view(b, t, s.num_heads + s.num_kv_heads, s.head_dim).transpose(1, 2),
+                        cos, sin)
+        q, k = qk.split([s.num_heads, s.num_kv_heads], dim=1)
         v = v.view(b, t, s.num_kv_heads, s.head_dim).transpose(1, 2)
         attn = attend(i, q, k, v)  # [b, heads, t, d]
         x = x + F.linear(
