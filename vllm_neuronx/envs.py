@@ -31,6 +31,10 @@ _VARS: dict[str, Callable[[], Any]] = {
     # Tests only: route through a backend even without a Neuron device
     # ("nxdi" or "tnx" against the simulators in tests/). Never set in production.
     "VLLM_NEURONX_FORCE_BACKEND": _str("VLLM_NEURONX_FORCE_BACKEND"),
+    # Tests only: "KIND:N" (KIND forward, prefill or decode) makes the backend's N-th
+    # call of that kind raise (vllm_neuronx/faults.py), to test engine failure end to
+    # end. Never set in production.
+    "VLLM_NEURONX_TEST_FAULT": _str("VLLM_NEURONX_TEST_FAULT"),
     # Threads for the CPU backend's matmuls (default: all cores this process may use).
     "VLLM_NEURONX_CPU_THREADS": _str("VLLM_NEURONX_CPU_THREADS"),
 }

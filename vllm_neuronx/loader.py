@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import os
 
-from vllm_neuronx import artifacts, envs
+from vllm_neuronx import artifacts, envs, faults
 from vllm_neuronx.backends import NeuronBackend, backend_class
 from vllm_neuronx.platform_config import NeuronSettings
 
@@ -34,4 +34,6 @@ def load_backend(
         load_fn=backend.load,
         foreign=foreign,
     )
+    if envs.VLLM_NEURONX_TEST_FAULT:
+        faults.inject(backend, envs.VLLM_NEURONX_TEST_FAULT)
     return backend, result
