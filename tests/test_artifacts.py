@@ -2,8 +2,12 @@
 
 from __future__ import annotations
 
+import errno
 import json
+import logging
 import os
+import resource
+import shutil
 import signal
 import subprocess
 import sys
@@ -12,8 +16,9 @@ import time
 from pathlib import Path
 
 import pytest
+import torch
 
-from vllm_neuronx import artifacts
+from vllm_neuronx import artifacts, unstored
 from vllm_neuronx import neuron_config as nc
 from vllm_neuronx.loader import load_backend
 from vllm_neuronx.platform_config import NeuronSettings
@@ -163,3 +168,166 @@ def test_killed_compile_leaves_nothing_loadable(model, explicit):
     backend, result = load_backend(model, settings())
     assert result.compiled and backend.model is not None
     assert not [p for p in explicit.parent.iterdir() if p.name.startswith(".compiling-")]
+
+
+# -- faults: a cache that cannot be written, corrupt files, modes, where files go ----------------
+
+@pytest.fixture()
+def records():
+    """Log records of our loggers (vllm.neuronx.*), whatever vLLM did to logging."""
+    caught: list[logging.LogRecord] = []
+    handler = logging.Handler(logging.INFO)
+    handler.emit = caught.append
+    logger = logging.getLogger("vllm.neuronx")
+    level = logger.level
+    logger.addHandler(handler)
+    logger.setLevel(logging.INFO)
+    yield caught
+    logger.removeHandler(handler)
+    logger.setLevel(level)
+
+
+def errors(records) -> list[str]:
+    return [r.getMessage() for r in records if r.levelno >= logging.ERROR]
+
+
+def first_logits(backend) -> torch.Tensor:
+    """The next-token logits of a fixed prompt: what the model computes, to compare loads."""
+    out = backend.forward(torch.tensor([[5, 6, 7]]), torch.arange(3)[None], torch.tensor([0]),
+                          torch.tensor([[1, 1.0, 1.0]]))
+    return out.logits[0]
+
+
+def scratch_left() -> list[str]:
+    return [os.path.join(parent, name) for parent in unstored.scratch_parents()
+            for name in os.listdir(parent) if name.startswith(unstored.SCRATCH_PREFIX)]
+
+
+def test_disk_full_while_storing_serves_from_memory_and_logs_one_error(
+        model, explicit, monkeypatch, records):
+    from vllm_neuronx.backends.cpu import CpuBackend
+
+    reference = first_logits(load_backend(model, settings())[0])
+    shutil.rmtree(explicit)
+    before = scratch_left()
+    compile_ = CpuBackend.compile
+
+    def fills_the_disk(self, folder):
+        compile_(self, folder)
+        if folder.startswith(str(explicit.parent)):  # the cache's disk, not the scratch
+            weights = Path(folder, "weights.safetensors")
+            weights.write_bytes(weights.read_bytes()[:4096])
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(weights))
+
+    monkeypatch.setattr(CpuBackend, "compile", fills_the_disk)
+    backend, result = load_backend(model, settings())
+    assert result.compiled and not result.stored
+    assert torch.equal(first_logits(backend), reference)  # served from memory
+    [error] = errors(records)
+    assert str(explicit) in error and "No space left on device" in error
+    # Nothing half-written stays in the cache, nor in the scratch space.
+    assert not explicit.exists() and sorted(os.listdir(explicit.parent)) == ["model"]
+    assert scratch_left() == before
+    monkeypatch.undo()
+    assert load_backend(model, settings())[1].stored  # room again: stored as usual
+
+
+@pytest.mark.skipif(not os.path.isdir("/sys/fs"), reason="needs Linux sysfs")
+def test_cache_without_write_permission_serves_from_memory(model, monkeypatch, records):
+    # sysfs refuses new files even to root: a real EACCES/EPERM, not a mock.
+    folder = "/sys/fs/vllm-neuronx-artifacts"
+    monkeypatch.setenv("NEURON_COMPILED_ARTIFACTS", folder)
+    backend, result = load_backend(model, settings())
+    assert result.compiled and not result.stored and backend.model is not None
+    [error] = errors(records)
+    assert folder in error and ("Permission denied" in error or "not permitted" in error)
+
+
+def test_read_only_cache_with_artifacts_is_loaded_without_a_lock(model, explicit, monkeypatch,
+                                                                  records):
+    load_backend(model, settings())
+
+    def read_only(path, *args, **kwargs):
+        raise OSError(errno.EROFS, os.strerror(errno.EROFS), path)
+
+    monkeypatch.setattr(artifacts, "FileLock", read_only)
+    backend, result = load_backend(model, settings())
+    assert not result.compiled and result.stored and backend.model is not None
+    assert errors(records) == []
+
+
+def test_a_real_write_failure_is_recognised_as_a_storage_error(tmp_path):
+    """safetensors reports a failed write as its own error type with the OS message."""
+    from safetensors.torch import save_file
+
+    limits = resource.getrlimit(resource.RLIMIT_FSIZE)
+    handler = signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+    resource.setrlimit(resource.RLIMIT_FSIZE, (4096, limits[1]))
+    try:
+        with pytest.raises(Exception) as info:
+            save_file({"w": torch.zeros(4096)}, str(tmp_path / "w.safetensors"))
+    finally:
+        resource.setrlimit(resource.RLIMIT_FSIZE, limits)
+        signal.signal(signal.SIGXFSZ, handler)
+    assert not isinstance(info.value, OSError)
+    assert unstored.storage_error(info.value) == os.strerror(errno.EFBIG)
+    assert unstored.storage_error(ValueError("bad config")) is None
+
+
+def test_truncated_weights_are_rebuilt_and_compute_the_same(model, explicit, records):
+    reference = first_logits(load_backend(model, settings())[0])
+    weights = explicit / "weights.safetensors"
+    weights.write_bytes(weights.read_bytes()[: weights.stat().st_size // 2])
+    backend, result = load_backend(model, settings())
+    assert result.compiled and result.stored
+    assert any("incomplete or corrupt; recompiling" in r.getMessage() for r in records)
+    assert torch.equal(first_logits(backend), reference)
+    assert artifacts.read_manifest(str(explicit)) is not None
+
+
+def test_artifact_folders_follow_the_umask_and_no_lock_is_left(model, monkeypatch, tmp_path):
+    monkeypatch.delenv("NEURON_COMPILED_ARTIFACTS", raising=False)
+    old = os.umask(0o027)
+    try:
+        _, default = load_backend(model, settings())
+        monkeypatch.setenv("NEURON_COMPILED_ARTIFACTS", str(tmp_path / "deep" / "er" / "art"))
+        _, explicit_result = load_backend(model, settings())
+    finally:
+        os.umask(old)
+    for folder, top in ((default.folder, Path(model, artifacts.DEFAULT_SUBDIR)),
+                        (explicit_result.folder, tmp_path / "deep")):
+        for root, _dirs, files in os.walk(top):
+            assert os.stat(root).st_mode & 0o777 == 0o750, root
+            for name in files:
+                assert os.stat(os.path.join(root, name)).st_mode & 0o777 == 0o640, name
+            assert not [f for f in files if f.endswith(".lock")], root
+        assert artifacts.read_manifest(folder) is not None
+
+
+def test_compile_and_load_write_nothing_outside_the_cache_folder(model, tmp_path, monkeypatch):
+    import tempfile
+
+    places = {name: tmp_path / name for name in ("home", "tmp", "cwd", "xdg")}
+    for path in places.values():
+        path.mkdir()
+    monkeypatch.setenv("HOME", str(places["home"]))
+    monkeypatch.setenv("XDG_CACHE_HOME", str(places["xdg"]))
+    monkeypatch.setenv("TMPDIR", str(places["tmp"]))
+    monkeypatch.setattr(tempfile, "tempdir", None)  # re-read TMPDIR
+    monkeypatch.chdir(places["cwd"])
+    monkeypatch.delenv("NEURON_COMPILED_ARTIFACTS", raising=False)
+
+    def tree() -> set[str]:
+        return {os.path.relpath(os.path.join(root, name), tmp_path)
+                for root, dirs, files in os.walk(tmp_path) for name in dirs + files}
+
+    before = tree()
+    for env in (None, str(tmp_path / "explicit")):
+        if env:
+            monkeypatch.setenv("NEURON_COMPILED_ARTIFACTS", env)
+        _, result = load_backend(model, settings())
+        assert result.compiled
+    new = tree() - before
+    inside = [p for p in new if p.startswith((os.path.join("model", artifacts.DEFAULT_SUBDIR),
+                                             "explicit"))]
+    assert sorted(set(new) - set(inside)) == []

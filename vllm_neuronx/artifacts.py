@@ -14,6 +14,7 @@ never loaded.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
@@ -187,11 +188,25 @@ def _pid_alive(pid: int) -> bool:
     return True
 
 
+@contextlib.contextmanager
+def _lock(path: str):
+    """The file lock, removed while still held once done, so nothing is left beside
+    the artifacts folder; a process waiting on the removed file takes a fresh one
+    (filelock checks that the file it locked still exists)."""
+    with FileLock(path):
+        try:
+            yield
+        finally:
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(path)
+
+
 @dataclass(slots=True)
 class CacheResult:
     folder: str
     compiled: bool  # False when existing artifacts were loaded
     seconds: float
+    stored: bool = True  # False when the cache could not be written (vllm_neuronx/unstored.py)
 
 
 def load_or_compile(
@@ -212,7 +227,7 @@ def load_or_compile(
     folder = folder.rstrip(os.sep)
     parent = os.path.dirname(folder) or "."
     os.makedirs(parent, exist_ok=True)
-    with FileLock(folder + ".lock"):
+    with _lock(folder + ".lock"):
         _remove_stale_temps(parent)
         if foreign or read_manifest(folder) is not None:
             try:
@@ -230,7 +245,7 @@ def load_or_compile(
             logger.info("Compiling for %s into %s", backend, folder)
             compile_fn(tmp)
             _write_manifest(tmp, key, neuron_config, backend)
-            os.chmod(tmp, 0o777 & ~_umask())
+            _follow_umask(tmp)
             if os.path.exists(folder):
                 shutil.rmtree(folder)
             os.rename(tmp, folder)
@@ -262,6 +277,17 @@ def _check_replaceable(folder: str) -> None:
         f"{folder} holds files that are not compiled artifacts; refusing to replace it. "
         "Point NEURON_COMPILED_ARTIFACTS at an empty or artifact folder."
     )
+
+
+def _follow_umask(folder: str) -> None:
+    """Give the artifacts the modes the user's umask asks for, as any file they create:
+    mkdtemp makes a 0700 folder and writers that go through a temporary file
+    (safetensors) leave 0600 files, which other users of a shared cache cannot read."""
+    mask = _umask()
+    for root, _dirs, files in os.walk(folder):
+        os.chmod(root, 0o777 & ~mask)
+        for name in files:
+            os.chmod(os.path.join(root, name), 0o666 & ~mask)
 
 
 def _umask() -> int:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import os
 
-from vllm_neuronx import artifacts, envs, faults
+from vllm_neuronx import artifacts, envs, faults, unstored
 from vllm_neuronx.backends import NeuronBackend, backend_class
 from vllm_neuronx.platform_config import NeuronSettings
 
@@ -12,7 +12,8 @@ from vllm_neuronx.platform_config import NeuronSettings
 def load_backend(
     model_path: str, settings: NeuronSettings, *, seed: int = 0
 ) -> tuple[NeuronBackend, artifacts.CacheResult]:
-    """Construct the backend, then load its artifacts or compile and store them."""
+    """Construct the backend, then load its artifacts or compile and store them
+    (or, when the cache cannot be written, compile and serve from memory)."""
     cls = backend_class(settings.backend)
     backend = cls(model_path, settings.neuron_config, seed=seed)
     key = artifacts.artifact_key(
@@ -25,15 +26,25 @@ def load_backend(
         and not os.path.exists(os.path.join(folder, artifacts.MANIFEST))
         and cls.stored_config(folder) is not None
     )
-    result = artifacts.load_or_compile(
-        folder=folder,
-        key=key,
-        neuron_config=settings.neuron_config,
-        backend=settings.backend,
-        compile_fn=backend.compile,
-        load_fn=backend.load,
-        foreign=foreign,
-    )
+    try:
+        result = artifacts.load_or_compile(
+            folder=folder,
+            key=key,
+            neuron_config=settings.neuron_config,
+            backend=settings.backend,
+            compile_fn=backend.compile,
+            load_fn=backend.load,
+            foreign=foreign,
+        )
+    except Exception as e:
+        # A full, read-only or forbidden cache: serve anyway (vllm_neuronx/unstored.py).
+        reason = unstored.storage_error(e)
+        if reason is None:
+            raise
+        if foreign or artifacts.read_manifest(folder) is not None:
+            result = unstored.load_read_only(folder, backend.load, reason)
+        else:
+            result = unstored.compile_unstored(folder, reason, backend.compile, backend.load)
     if envs.VLLM_NEURONX_TEST_FAULT:
         faults.inject(backend, envs.VLLM_NEURONX_TEST_FAULT)
     return backend, result
