@@ -29,6 +29,7 @@ import torch
 from filelock import FileLock
 
 from vllm_neuronx import envs
+from vllm_neuronx.interrupt import CompileInterrupted, stop_on_termination
 from vllm_neuronx.log import get_logger
 
 logger = get_logger(__name__)
@@ -243,14 +244,17 @@ def load_or_compile(
         tmp = tempfile.mkdtemp(prefix=f"{_TMP_PREFIX}{os.getpid()}-", dir=parent)
         try:
             logger.info("Compiling for %s into %s", backend, folder)
-            compile_fn(tmp)
-            _write_manifest(tmp, key, neuron_config, backend)
+            with stop_on_termination():
+                compile_fn(tmp)
+                _write_manifest(tmp, key, neuron_config, backend)
             _follow_umask(tmp)
             if os.path.exists(folder):
                 shutil.rmtree(folder)
             os.rename(tmp, folder)
-        except BaseException:
+        except BaseException as e:
             shutil.rmtree(tmp, ignore_errors=True)
+            if isinstance(e, CompileInterrupted):
+                logger.warning("%s; removed the partial artifacts (%s)", e, tmp)
             raise
         load_fn(folder)
         seconds = time.perf_counter() - start
