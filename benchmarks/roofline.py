@@ -1,0 +1,238 @@
+"""Roofline of this machine for the default model: what decode could reach at best.
+
+Decode is either memory bound (every step reads all weights, plus the KV cache) or
+compute bound (every step multiplies a batch by all weights). This measures the two
+rates that set those bounds on this machine, with the threads a server gets, and
+derives the best decode tok/s at batch 1 and at batch 32 with 192 tokens of context:
+
+- memory read bandwidth: a sum over a tensor far larger than the caches;
+- matmul GFLOP/s for every linear shape of the model at the batch (bf16 and fp32),
+  plus the attention product at that context.
+
+    .venv/bin/python benchmarks/roofline.py [--threads 2] [--json out.json]
+
+`benchmarks/serving.py` runs it in the same run as the serving table.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+
+BATCHES = (1, 32)
+CONTEXT = 192  # 128 prompt tokens + half of the 128 generated ones
+DTYPE_BYTES = {"bf16": 2, "fp32": 4}
+
+
+@dataclass(frozen=True)
+class LlamaShape:
+    """The sizes of a Llama decoder that set its cost per decoded token."""
+
+    hidden: int
+    intermediate: int
+    layers: int
+    heads: int
+    kv_heads: int
+    vocab: int
+
+    @property
+    def head_dim(self) -> int:
+        return self.hidden // self.heads
+
+    @classmethod
+    def from_config(cls, config: dict) -> LlamaShape:
+        return cls(
+            hidden=config["hidden_size"],
+            intermediate=config["intermediate_size"],
+            layers=config["num_hidden_layers"],
+            heads=config["num_attention_heads"],
+            kv_heads=config.get("num_key_value_heads", config["num_attention_heads"]),
+            vocab=config["vocab_size"],
+        )
+
+
+def linear_shapes(m: LlamaShape) -> dict[str, tuple[int, int, int]]:
+    """(in K, out N, how many per step) of every matmul against weights in one decode step.
+
+    The embedding lookup reads one row per token and is left out; the LM head is
+    counted whether or not it is tied to the embedding, since it is read every step.
+    """
+    kv = m.kv_heads * m.head_dim
+    return {
+        "q/o proj": (m.hidden, m.hidden, 2 * m.layers),
+        "k/v proj": (m.hidden, kv, 2 * m.layers),
+        "gate/up proj": (m.hidden, m.intermediate, 2 * m.layers),
+        "down proj": (m.intermediate, m.hidden, m.layers),
+        "lm head": (m.hidden, m.vocab, 1),
+    }
+
+
+def weight_bytes(m: LlamaShape, dtype: str) -> int:
+    """Bytes of weights one decode step reads."""
+    params = sum(k * n * count for k, n, count in linear_shapes(m).values())
+    return params * DTYPE_BYTES[dtype]
+
+
+def kv_bytes(m: LlamaShape, batch: int, context: int, dtype: str) -> int:
+    """Bytes of K and V one decode step reads for ``batch`` sequences of ``context`` tokens."""
+    return 2 * m.layers * batch * context * m.kv_heads * m.head_dim * DTYPE_BYTES[dtype]
+
+
+def linear_flops(m: LlamaShape, batch: int) -> dict[str, int]:
+    """FLOPs of each linear shape in one decode step (2 per multiply-add)."""
+    return {name: 2 * batch * k * n * count for name, (k, n, count) in linear_shapes(m).items()}
+
+
+def attention_flops(m: LlamaShape, batch: int, context: int) -> int:
+    """FLOPs of QK^T and PV over ``context`` cached tokens in one decode step."""
+    return 2 * 2 * m.layers * batch * m.heads * m.head_dim * context
+
+
+def decode_bound(
+    m: LlamaShape,
+    batch: int,
+    context: int,
+    dtype: str,
+    bandwidth_gbs: float,
+    matmul_gflops: dict[str, float],
+) -> dict[str, float]:
+    """Best decode tok/s: the slower of the memory time and the compute time of one step.
+
+    ``matmul_gflops`` maps every name of ``linear_shapes`` and "attention" to its rate
+    at this batch and dtype.
+    """
+    read = weight_bytes(m, dtype) + kv_bytes(m, batch, context, dtype)
+    memory_s = read / (bandwidth_gbs * 1e9)
+    flops = linear_flops(m, batch)
+    compute_s = sum(f / (matmul_gflops[name] * 1e9) for name, f in flops.items())
+    compute_s += attention_flops(m, batch, context) / (matmul_gflops["attention"] * 1e9)
+    step_s = max(memory_s, compute_s)
+    return {
+        "batch": batch,
+        "context": context,
+        "dtype": dtype,
+        "bytes_per_step": read,
+        "flops_per_step": sum(flops.values()) + attention_flops(m, batch, context),
+        "memory_ms": memory_s * 1e3,
+        "compute_ms": compute_s * 1e3,
+        "bound": "memory" if memory_s >= compute_s else "compute",
+        "tok_s": batch / step_s,
+    }
+
+
+def _best_seconds(fn: Callable[[], object], min_total_s: float = 0.3, repeats: int = 15) -> float:
+    """Fastest of ``repeats`` timings, each averaging enough calls to last ``min_total_s``."""
+    fn()
+    calls = 1
+    while True:
+        start = time.perf_counter()
+        for _ in range(calls):
+            fn()
+        if time.perf_counter() - start >= min_total_s / repeats or calls >= 1 << 16:
+            break
+        calls *= 2
+    best = float("inf")
+    for _ in range(repeats):
+        start = time.perf_counter()
+        for _ in range(calls):
+            fn()
+        best = min(best, (time.perf_counter() - start) / calls)
+    return best
+
+
+def measure_bandwidth_gbs(megabytes: int = 1024) -> float:
+    """Read bandwidth: sum of an fp32 tensor of ``megabytes``, far past the caches."""
+    import torch
+
+    x = torch.ones(megabytes * (1 << 20) // 4, dtype=torch.float32)
+    seconds = _best_seconds(lambda: x.sum(), min_total_s=1.5, repeats=10)
+    return x.numel() * 4 / seconds / 1e9
+
+
+def measure_matmul_gflops(m: LlamaShape, batch: int, context: int, dtype: str) -> dict[str, float]:
+    """GFLOP/s of every linear shape at ``batch`` rows, and of the decode attention product."""
+    import torch
+
+    torch_dtype = {"bf16": torch.bfloat16, "fp32": torch.float32}[dtype]
+    rates = {}
+    for name, (k, n, _) in linear_shapes(m).items():
+        x = torch.randn(batch, k, dtype=torch_dtype)
+        w = torch.randn(n, k, dtype=torch_dtype)
+        seconds = _best_seconds(lambda x=x, w=w: torch.nn.functional.linear(x, w))
+        rates[name] = 2 * batch * k * n / seconds / 1e9
+    group = m.heads // m.kv_heads
+    q = torch.randn(batch * m.kv_heads, group, m.head_dim, dtype=torch_dtype)
+    keys = torch.randn(batch * m.kv_heads, m.head_dim, context, dtype=torch_dtype)
+    seconds = _best_seconds(lambda: torch.bmm(q, keys))
+    rates["attention"] = 2 * batch * m.heads * m.head_dim * context / seconds / 1e9
+    return rates
+
+
+def measure(config: dict, threads: int) -> dict:
+    """Measured rates and the decode bounds they give, as one JSON-ready dict."""
+    import torch
+
+    torch.set_num_threads(threads)
+    m = LlamaShape.from_config(config)
+    bandwidth = measure_bandwidth_gbs()
+    rates = {
+        f"{dtype}_batch{batch}": measure_matmul_gflops(m, batch, CONTEXT, dtype)
+        for dtype in DTYPE_BYTES
+        for batch in BATCHES
+    }
+    bounds = [
+        decode_bound(m, batch, CONTEXT if batch > 1 else 0, dtype, bandwidth,
+                     rates[f"{dtype}_batch{batch}"])
+        for dtype in DTYPE_BYTES
+        for batch in BATCHES
+    ]
+    return {
+        "threads": threads,
+        "bandwidth_gbs": bandwidth,
+        "matmul_gflops": rates,
+        "weight_mb": {dtype: weight_bytes(m, dtype) / 1e6 for dtype in DTYPE_BYTES},
+        "decode_bounds": bounds,
+    }
+
+
+def format_roofline(result: dict) -> str:
+    """Human-readable lines for the measured rates and bounds."""
+    lines = [f"memory read bandwidth: {result['bandwidth_gbs']:.1f} GB/s "
+             f"({result['threads']} threads)"]
+    for key, rates in result["matmul_gflops"].items():
+        shown = ", ".join(f"{name} {rate:.0f}" for name, rate in rates.items())
+        lines.append(f"matmul GFLOP/s {key}: {shown}")
+    for b in result["decode_bounds"]:
+        context = f", {b['context']} tokens of context" if b["context"] else ""
+        lines.append(
+            f"decode bound {b['dtype']} batch {b['batch']}{context}: {b['tok_s']:.0f} tok/s "
+            f"({b['bound']} bound: memory {b['memory_ms']:.2f} ms, "
+            f"compute {b['compute_ms']:.2f} ms per step)"
+        )
+    return "\n".join(lines)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--model", default=None, help="HF folder (default: the default model)")
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--json", default=None, help="also write the result here")
+    args = parser.parse_args()
+    if args.model is None:
+        from vllm_neuronx.default_model import default_model_path
+
+        args.model = default_model_path()
+    with open(f"{args.model}/config.json") as f:
+        config = json.load(f)
+    result = measure(config, args.threads)
+    print(format_roofline(result))
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(result, f, indent=1)
+
+
+if __name__ == "__main__":
+    main()
