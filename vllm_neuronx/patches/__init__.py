@@ -54,6 +54,14 @@ def apply_all() -> None:
         after_import(name, functools.partial(_patch_named, name, max_tokens.patch_module))
     for name, patch in best_of.PATCHES.items():
         after_import(name, functools.partial(_patch_named, name, patch))
+    from vllm_neuronx.patches import drain, queue_bound, startup_signal
+
+    for name, patch in (
+        *drain.PATCHES.items(),
+        (queue_bound.ASYNC_LLM, queue_bound.patch_module),
+        (startup_signal.WORKER, startup_signal.patch_module),
+    ):
+        after_import(name, functools.partial(_patch_named, name, patch))
 
 
 def _patch_named(name: str, patch: Callable) -> None:

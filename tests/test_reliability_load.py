@@ -1,0 +1,133 @@
+"""200 streaming requests at once, a third cancelled by their clients mid-way.
+
+After upstream's test_request_cancellation, on our platform: a burst far past
+max_num_seqs (the queue grows: no bound is set), with about a third of the
+clients hanging up at random points, some before their first token. Every
+request left alone ends with the greedy text its prompt gets alone, from the
+same server; afterwards nothing runs or waits, every KV line is free, and the
+next request is served. A random-weight Llama with SmolLM2's tokenizer keeps it
+fast; the burst takes well under a minute on two cores.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+
+import pytest
+import requests
+
+from tests.server_utils import Server, api_server_argv, tiny_model_with_tokenizer
+
+MAX_NUM_SEQS = 8
+BURST = 200
+DISTINCT_PROMPTS = 10
+MAX_TOKENS = 12
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory):
+    model = tiny_model_with_tokenizer(tmp_path_factory.mktemp("tiny-tok"))
+    server = Server(
+        api_server_argv(model, f"--max-num-seqs={MAX_NUM_SEQS}", "--max-model-len=64",
+                        "--dtype=float32"),
+        env={"VLLM_SERVER_DEV_MODE": "1"},
+    )
+    server.model = model
+    yield server
+    server.stop()
+
+
+def body(server, prompt: str, **extra) -> dict:
+    return {"model": server.model, "prompt": prompt, "max_tokens": MAX_TOKENS,
+            "temperature": 0, "ignore_eos": True, **extra}
+
+
+def stream(server, prompt: str, cancel_after: int | None) -> str | None:
+    """The streamed text, or None when this client hung up after ``cancel_after`` chunks."""
+    with requests.post(server.url + "/v1/completions", json=body(server, prompt, stream=True),
+                       stream=True, timeout=300) as r:
+        assert r.status_code == 200, r.text
+        if cancel_after is not None:
+            lines = r.iter_lines()
+            for _ in range(cancel_after):
+                next(lines)
+            return None  # leaving the block closes the connection mid-stream
+        text, finish = "", None
+        for line in r.iter_lines():
+            if not line or line == b"data: [DONE]":
+                continue
+            choice = json.loads(line.removeprefix(b"data: "))["choices"][0]
+            text += choice["text"]
+            finish = choice["finish_reason"] or finish
+        assert finish == "length"
+        return text
+
+
+def metric(server, name: str) -> float:
+    text = requests.get(server.url + "/metrics", timeout=30).text
+    return sum(float(line.rsplit(" ", 1)[1]) for line in text.splitlines()
+               if line.startswith(name + "{") or line.startswith(name + " "))
+
+
+def kv_lines_in_use(server) -> int:
+    r = requests.post(server.url + "/collective_rpc", json={"method": "kv_lines_in_use"},
+                      timeout=30)
+    r.raise_for_status()
+    return int(r.json()["results"][0])
+
+
+def wait_until(condition, timeout: float = 60.0) -> bool:
+    deadline = time.monotonic() + timeout
+    while not condition():
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(0.2)
+    return True
+
+
+def test_burst_with_cancellations_serves_the_rest_exactly_and_frees_everything(server):
+    prompts = [f"Request {i}: write about the number {i * 7 + 3}." for i in range(DISTINCT_PROMPTS)]
+    alone = [stream(server, p, None) for p in prompts]
+    assert all(alone) and len(set(alone)) > 1
+
+    rng = random.Random(7)
+    plan = [(prompts[i % DISTINCT_PROMPTS],
+             rng.randrange(MAX_TOKENS) if rng.random() < 1 / 3 else None) for i in range(BURST)]
+    cancelled = sum(c is not None for _, c in plan)
+    assert BURST // 4 < cancelled < BURST // 2
+
+    most_waiting, done = 0.0, threading.Event()
+
+    def watch_queue():
+        nonlocal most_waiting
+        while not done.is_set():
+            most_waiting = max(most_waiting, metric(server, "vllm:num_requests_waiting"))
+            time.sleep(0.25)
+
+    finished_before = metric(server, "vllm:request_success_total")
+    watcher = threading.Thread(target=watch_queue)
+    watcher.start()
+    try:
+        with ThreadPoolExecutor(BURST) as pool:
+            results = list(pool.map(lambda job: stream(server, *job), plan))
+    finally:
+        done.set()
+        watcher.join()
+
+    for (prompt, cancel_after), text in zip(plan, results, strict=True):
+        if cancel_after is None:
+            assert text == alone[prompts.index(prompt)]
+    # Unbounded: the queue grew far past the KV lines, and every request was answered.
+    assert most_waiting > MAX_NUM_SEQS
+    # Hung-up clients stopped their requests in the engine (upstream counts no aborts here).
+    finished = metric(server, "vllm:request_success_total") - finished_before
+    assert BURST - cancelled <= finished < BURST
+
+    assert wait_until(lambda: metric(server, "vllm:num_requests_running") == 0
+                      and metric(server, "vllm:num_requests_waiting") == 0)
+    assert wait_until(lambda: kv_lines_in_use(server) == 0)
+    assert stream(server, prompts[0], None) == alone[0]
