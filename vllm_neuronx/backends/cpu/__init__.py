@@ -23,7 +23,12 @@ from tqdm import tqdm
 
 from vllm_neuronx import envs, sampling
 from vllm_neuronx import neuron_config as nc
-from vllm_neuronx.backends.cpu.llama import SUPPORTED_ARCHITECTURES, LlamaModel, LlamaSpec
+from vllm_neuronx.backends.cpu.llama import (
+    ATTEND_STEP,
+    SUPPORTED_ARCHITECTURES,
+    LlamaModel,
+    LlamaSpec,
+)
 from vllm_neuronx.backends.protocol import ForwardOutput, NeuronBackend, SamplingCapabilities
 from vllm_neuronx.log import get_logger
 
@@ -181,12 +186,16 @@ class CpuBackend(NeuronBackend):
         return ForwardOutput(tokens=tokens, logits=logits, prompt_logits=prompt)
 
     def _prefill(self, input_ids, position_ids, seq_ids, prompt_rows):
+        """Prompts are checked against the context buckets as on a device, but
+        computed only as wide as the longest one (right padding under a causal
+        mask cannot change the real positions), not as wide as its bucket."""
         lengths = position_ids.max(dim=1).values + 1
         longest = int(lengths.max())
         bucket = nc.pick_bucket(self.context_buckets, longest)
-        padded = torch.zeros((input_ids.shape[0], bucket), dtype=torch.long)
-        width = min(input_ids.shape[1], bucket)
-        padded[:, :width] = input_ids[:, :width]
+        width = min(bucket, -(-longest // ATTEND_STEP) * ATTEND_STEP)
+        padded = torch.zeros((input_ids.shape[0], width), dtype=torch.long)
+        given = min(input_ids.shape[1], width)
+        padded[:, :given] = input_ids[:, :given]
         return self.model.context_encode(padded, lengths, seq_ids, prompt_rows)
 
     def _decode(self, input_ids, position_ids, seq_ids) -> torch.Tensor:

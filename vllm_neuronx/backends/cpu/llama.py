@@ -236,7 +236,7 @@ class LlamaModel:
         seq_ids: torch.Tensor,
         prompt_rows: Sequence[int] = (),
     ) -> tuple[torch.Tensor, dict[int, torch.Tensor]]:
-        """Prefill ``n`` right-padded prompts [n, bucket] into KV lines ``seq_ids``.
+        """Prefill ``n`` right-padded prompts [n, width] into KV lines ``seq_ids``.
 
         Returns fp32 logits of each prompt's last real token, [n, vocab], and for
         each row in ``prompt_rows`` the fp32 logits of all its positions, [len, vocab].
