@@ -47,11 +47,13 @@ def apply_all() -> None:
             vllm.__version__,
         )
         return
-    from vllm_neuronx.patches import best_of, engine_args, max_tokens
+    from vllm_neuronx.patches import best_of, engine_args, engine_death, max_tokens
 
     after_import(ARG_UTILS, engine_args.apply)
     for name in max_tokens.USERS:
         after_import(name, functools.partial(_patch_named, name, max_tokens.patch_module))
+    for name, patch in engine_death.PATCHES.items():
+        after_import(name, functools.partial(_patch_named, name, patch))
     for name, patch in best_of.PATCHES.items():
         after_import(name, functools.partial(_patch_named, name, patch))
     from vllm_neuronx.patches import drain, queue_bound, startup_signal

@@ -1,0 +1,82 @@
+"""A server whose engine died exits with status 1, not 0.
+
+When the engine core fails (the model raised during a step, or its process
+died), upstream 0.33 answers the requests in flight with HTTP 500 (an error
+chunk then ``[DONE]`` when streaming), turns /health to 503, and its watchdog
+stops the HTTP server, which then returns normally: the process exits 0, as
+after a requested shutdown, so a supervisor (systemd, Kubernetes, a shell's
+``&&``) cannot tell a crash from a clean stop. We change upstream in two places:
+
+- ``terminate_if_errored`` (the watchdog's and the engine error handler's check)
+  notes an engine death when it finds the engine errored while no shutdown was
+  asked for (``patches.drain`` marks the engine client once ``shutdown`` is
+  called: an engine found dead after that is the shutdown's own doing).
+- ``run_server_worker`` (every API server process runs it) raises
+  ``SystemExit(1)`` once the server has stopped, when a death was noted.
+
+``VLLM_KEEP_ALIVE_ON_ENGINE_DEATH=1`` keeps upstream's meaning (the server stays
+up, /health answers 503); it exits 1 when it is stopped.
+"""
+
+from __future__ import annotations
+
+import functools
+
+from vllm_neuronx.log import get_logger
+from vllm_neuronx.patches import drain
+
+logger = get_logger(__name__)
+
+WORKER = "vllm.entrypoints.launchers.api_server.entry"
+# Modules holding terminate_if_errored: where it is defined, and one that imported it by name.
+CHECKERS = (
+    "vllm.entrypoints.launchers.launcher",
+    "vllm.entrypoints.serve.exception_handling.handlers.vllm_error",
+)
+EXIT_STATUS = 1
+MARK = "__neuronx_engine_death__"
+_died = False  # this process saw its engine die without being asked to stop
+
+
+def _mark(fn):
+    setattr(fn, MARK, True)
+    return fn
+
+
+def patch_checker(module) -> None:
+    terminate = module.terminate_if_errored
+    if getattr(terminate, MARK, False):
+        return
+
+    @_mark
+    @functools.wraps(terminate)
+    def noting_terminate(server, engine):
+        global _died
+        if engine.errored and not drain.draining(engine) and not _died:
+            _died = True
+            logger.error("The engine died; the server will exit with status %d", EXIT_STATUS)
+        return terminate(server, engine)
+
+    module.terminate_if_errored = noting_terminate
+
+
+def patch_worker(module) -> None:
+    run = module.run_server_worker
+    if getattr(run, MARK, False):
+        return
+
+    @_mark
+    @functools.wraps(run)
+    async def run_then_report(*args, **kwargs):
+        await run(*args, **kwargs)
+        if _died:
+            raise SystemExit(EXIT_STATUS)
+
+    module.run_server_worker = run_then_report
+
+
+# Module -> its patch, applied right after the module is imported.
+PATCHES = {
+    **{name: patch_checker for name in CHECKERS},
+    WORKER: patch_worker,
+}
