@@ -111,11 +111,11 @@ def test_engine_failure_errors_the_requests_then_the_server_exits_non_zero(serve
     while server.proc.poll() is None and time.monotonic() < deadline:
         try:
             seen.append(requests.get(server.url + "/health", timeout=2).status_code)
-        except requests.ConnectionError:
-            seen.append("refused")
+        except requests.RequestException:
+            seen.append("no answer")
         time.sleep(0.2)
     assert server.proc.poll() == 1, f"still running or exited 0 after {EXIT_BOUND_S} s: {seen}"
-    assert set(seen) <= {503, "refused"}, seen
+    assert set(seen) <= {503, "no answer"}, seen
     gone, alive = psutil.wait_procs(engine, timeout=10)
     assert not alive, alive
     log = server.output()

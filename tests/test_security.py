@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import secrets
 import tempfile
+from socket import SOCK_DGRAM
 
 import psutil
 import pytest
@@ -109,7 +110,7 @@ def test_nothing_listens_beyond_the_given_host(server):
     listening, unix_paths = [], []
     for process in processes:
         for conn in process.net_connections(kind="inet"):
-            if conn.status == psutil.CONN_LISTEN or not conn.raddr:  # TCP listeners, UDP
+            if conn.laddr and (conn.status == psutil.CONN_LISTEN or conn.type == SOCK_DGRAM):
                 listening.append((process.pid, conn.laddr.ip, conn.laddr.port))
         unix_paths += [c.laddr for c in process.net_connections(kind="unix") if c.laddr]
     assert (server.proc.pid, HOST, server.port) in listening
