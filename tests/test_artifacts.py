@@ -331,3 +331,22 @@ def test_compile_and_load_write_nothing_outside_the_cache_folder(model, tmp_path
     inside = [p for p in new if p.startswith((os.path.join("model", artifacts.DEFAULT_SUBDIR),
                                              "explicit"))]
     assert sorted(set(new) - set(inside)) == []
+
+
+@pytest.mark.skipif(not os.path.isdir("/sys/fs"), reason="needs Linux sysfs")
+def test_llm_generates_when_the_cache_cannot_be_written(model, monkeypatch, capfd):
+    """End to end, no injection: the engine core meets a real EACCES and still serves."""
+    from vllm import LLM, SamplingParams
+
+    monkeypatch.setenv("NEURON_COMPILED_ARTIFACTS", "/sys/fs/vllm-neuronx-artifacts")
+    llm = LLM(model=model, device="neuron", max_num_seqs=2, max_model_len=64,
+              skip_tokenizer_init=True, dtype="float32")
+    out = llm.generate([{"prompt_token_ids": [5, 6, 7]}],
+                       SamplingParams(temperature=0, max_tokens=4, ignore_eos=True,
+                                      detokenize=False))
+    del llm
+    assert len(out[0].outputs[0].token_ids) == 4
+    log = capfd.readouterr()
+    lines = [ln for ln in (log.out + log.err).splitlines()
+             if "Could not store compiled artifacts in /sys/fs/vllm-neuronx-artifacts" in ln]
+    assert len(lines) == 1, lines
