@@ -162,7 +162,8 @@ def test_sigterm_finishes_running_requests_refuses_new_ones_and_exits_0(bounded,
     alone = complete(server, LONG).json()["choices"][0]["text"]
     streams = [open_stream(server, LONG) for _ in range(3)]  # admitted: two run, one waits
     processes = psutil.Process(server.proc.pid).children(recursive=True)
-    server.proc.send_signal(signal.SIGTERM)  # 300 tokens to go: they are all in flight
+    # At once: some may not have reached the engine yet, all were accepted and are served.
+    server.proc.send_signal(signal.SIGTERM)
     with ThreadPoolExecutor(len(streams)) as pool:
         results = [pool.submit(read_stream, r) for r in streams]
 
@@ -179,7 +180,7 @@ def test_sigterm_finishes_running_requests_refuses_new_ones_and_exits_0(bounded,
             pass  # already closed: refused as well
         assert [f.result(timeout=180) for f in results] == [(alone, "length")] * 3
     assert server.proc.wait(timeout=120) == 0
-    assert "[shutdown] EngineCore: draining in-flight requests" in server.output()
+    assert "Shutting down: draining 3 HTTP request(s)" in server.output()
     gone, alive = psutil.wait_procs(processes, timeout=30)
     assert not alive
     parent = os.path.dirname(paths["artifacts"])

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import json
 import random
+import signal
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -29,16 +30,26 @@ MAX_TOKENS = 12
 
 
 @pytest.fixture(scope="module")
-def server(tmp_path_factory):
+def servers(tmp_path_factory):
+    """A running server (upstream's default: no drain on SIGTERM); a fresh one if the
+    last was stopped."""
     model = tiny_model_with_tokenizer(tmp_path_factory.mktemp("tiny-tok"))
-    server = Server(
-        api_server_argv(model, f"--max-num-seqs={MAX_NUM_SEQS}", "--max-model-len=64",
-                        "--dtype=float32"),
-        env={"VLLM_SERVER_DEV_MODE": "1"},
-    )
-    server.model = model
-    yield server
-    server.stop()
+    started: list[Server] = []
+
+    def get() -> Server:
+        if not started or started[-1].proc.poll() is not None:
+            server = Server(
+                api_server_argv(model, f"--max-num-seqs={MAX_NUM_SEQS}", "--max-model-len=64",
+                                "--dtype=float32"),
+                env={"VLLM_SERVER_DEV_MODE": "1"},
+            )
+            server.model = model
+            started.append(server)
+        return started[-1]
+
+    yield get
+    for server in started:
+        server.stop()
 
 
 def body(server, prompt: str, **extra) -> dict:
@@ -56,15 +67,22 @@ def stream(server, prompt: str, cancel_after: int | None) -> str | None:
             for _ in range(cancel_after):
                 next(lines)
             return None  # leaving the block closes the connection mid-stream
-        text, finish = "", None
-        for line in r.iter_lines():
-            if not line or line == b"data: [DONE]":
-                continue
-            choice = json.loads(line.removeprefix(b"data: "))["choices"][0]
-            text += choice["text"]
-            finish = choice["finish_reason"] or finish
+        text, finish = read_stream(r)
         assert finish == "length"
         return text
+
+
+def read_stream(r: requests.Response) -> tuple[str, str | None]:
+    text, finish = "", None
+    for line in r.iter_lines():
+        if not line or line == b"data: [DONE]":
+            continue
+        chunk = json.loads(line.removeprefix(b"data: "))
+        assert "choices" in chunk, chunk
+        choice = chunk["choices"][0]
+        text += choice["text"]
+        finish = choice["finish_reason"] or finish
+    return text, finish
 
 
 def metric(server, name: str) -> float:
@@ -89,7 +107,8 @@ def wait_until(condition, timeout: float = 60.0) -> bool:
     return True
 
 
-def test_burst_with_cancellations_serves_the_rest_exactly_and_frees_everything(server):
+def test_burst_with_cancellations_serves_the_rest_exactly_and_frees_everything(servers):
+    server = servers()
     prompts = [f"Request {i}: write about the number {i * 7 + 3}." for i in range(DISTINCT_PROMPTS)]
     alone = [stream(server, p, None) for p in prompts]
     assert all(alone) and len(set(alone)) > 1
@@ -131,3 +150,18 @@ def test_burst_with_cancellations_serves_the_rest_exactly_and_frees_everything(s
                       and metric(server, "vllm:num_requests_waiting") == 0)
     assert wait_until(lambda: kv_lines_in_use(server) == 0)
     assert stream(server, prompts[0], None) == alone[0]
+
+
+def test_sigterm_without_drain_ends_running_streams_as_aborted_and_exits_0(servers):
+    """Upstream's default --shutdown-timeout 0: nothing drains, but no client is left
+    hanging on an open stream (which kept the server from exiting) or handed an error."""
+    server = servers()
+    responses = [requests.post(server.url + "/v1/completions", stream=True, timeout=120,
+                               json=body(server, "Tell a long story.", stream=True,
+                                         max_tokens=50)) for _ in range(3)]
+    assert [r.status_code for r in responses] == [200] * 3
+    server.proc.send_signal(signal.SIGTERM)  # 150 tokens to go
+    with ThreadPoolExecutor(len(responses)) as pool:
+        ends = list(pool.map(read_stream, responses))
+    assert [finish for _, finish in ends] == ["abort"] * len(responses)
+    assert server.proc.wait(timeout=60) == 0
