@@ -101,10 +101,11 @@ def patch_async_llm(module) -> None:
     @functools.wraps(shutdown)
     def draining_shutdown(self, timeout: float | None = None):
         setattr(self, DRAINING, True)
+        why = "no drain"
         if timeout:
-            timeout = _drain_http(self, timeout)
-        elif timeout == 0:
-            _on_its_loop(self, functools.partial(_abort_open_requests, why="no drain"), wait=5.0)
+            timeout, why = _drain_http(self, timeout), "the drain timed out"
+        if timeout == 0:  # upstream kills the engine at once: tell the clients first
+            _on_its_loop(self, functools.partial(_abort_open_requests, why=why), wait=5.0)
         try:
             return shutdown(self, timeout=timeout)
         finally:
