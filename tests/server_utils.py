@@ -60,17 +60,3 @@ class Server:
 def api_server_argv(model: str, *extra: str) -> list[str]:
     return [sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", model, *extra]
 
-
-def tiny_model_with_tokenizer(path) -> str:
-    """A tiny random Llama with SmolLM2's tokenizer (a server needs one), vocab to match:
-    for server tests about load and lifecycle, where real text does not matter."""
-    import shutil
-    from pathlib import Path
-
-    from tests.conftest import make_tiny_llama
-    from vllm_neuronx.default_model import default_model_path
-
-    make_tiny_llama(path, vocab=49152)
-    for name in ("tokenizer.json", "tokenizer_config.json"):
-        shutil.copy(Path(default_model_path(), name), Path(path, name))
-    return str(path)

@@ -24,7 +24,8 @@ import psutil
 import pytest
 import requests
 
-from tests.server_utils import Server, api_server_argv, free_port, tiny_model_with_tokenizer
+from tests.server_utils import Server, api_server_argv, free_port
+from tests.tiny_chat_model import tiny_chat_model
 from vllm_neuronx.artifacts import read_manifest
 from vllm_neuronx.default_model import default_model_path
 
@@ -40,7 +41,7 @@ SHUTTING_DOWN = "The server is shutting down"
 @pytest.fixture(scope="module")
 def paths(tmp_path_factory) -> dict:
     base = tmp_path_factory.mktemp("overload")
-    return {"model": tiny_model_with_tokenizer(base / "model"),
+    return {"model": tiny_chat_model(base / "model"),
             "artifacts": str(base / "artifacts" / "tiny")}
 
 

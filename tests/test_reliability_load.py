@@ -21,7 +21,8 @@ from concurrent.futures import ThreadPoolExecutor
 import pytest
 import requests
 
-from tests.server_utils import Server, api_server_argv, tiny_model_with_tokenizer
+from tests.server_utils import Server, api_server_argv
+from tests.tiny_chat_model import tiny_chat_model
 
 MAX_NUM_SEQS = 8
 BURST = 200
@@ -33,7 +34,7 @@ MAX_TOKENS = 12
 def servers(tmp_path_factory):
     """A running server (upstream's default: no drain on SIGTERM); a fresh one if the
     last was stopped."""
-    model = tiny_model_with_tokenizer(tmp_path_factory.mktemp("tiny-tok"))
+    model = tiny_chat_model(tmp_path_factory.mktemp("tiny-chat"))
     started: list[Server] = []
 
     def get() -> Server:
