@@ -60,3 +60,21 @@ class Server:
 def api_server_argv(model: str, *extra: str) -> list[str]:
     return [sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", model, *extra]
 
+
+def kv_lines_in_use(server: Server, api_key: str | None = None) -> int:
+    """The runner's KV lines in use, read through /collective_rpc (VLLM_SERVER_DEV_MODE=1)."""
+    headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
+    r = requests.post(server.url + "/collective_rpc", json={"method": "kv_lines_in_use"},
+                      headers=headers, timeout=30)
+    r.raise_for_status()
+    return int(r.json()["results"][0])
+
+
+def wait_until(condition, timeout: float = 60.0) -> bool:
+    """Poll ``condition`` until it holds (True) or ``timeout`` seconds pass (False)."""
+    deadline = time.monotonic() + timeout
+    while not condition():
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(0.2)
+    return True

@@ -17,14 +17,13 @@ import os
 import signal
 import subprocess
 import sys
-import time
 from concurrent.futures import ThreadPoolExecutor
 
 import psutil
 import pytest
 import requests
 
-from tests.server_utils import Server, api_server_argv, free_port
+from tests.server_utils import Server, api_server_argv, free_port, kv_lines_in_use, wait_until
 from tests.tiny_chat_model import tiny_chat_model
 from vllm_neuronx.artifacts import read_manifest
 from vllm_neuronx.default_model import default_model_path
@@ -111,21 +110,6 @@ def assert_refused(r: requests.Response, message: str) -> None:
     error = r.json()["error"]
     assert error["type"] == "Service Unavailable" and error["code"] == 503
     assert error["message"].startswith(message), error["message"]
-
-
-def kv_lines_in_use(server) -> int:
-    r = requests.post(server.url + "/collective_rpc", json={"method": "kv_lines_in_use"},
-                      timeout=30)
-    return int(r.json()["results"][0])
-
-
-def wait_until(condition, timeout: float = 60.0) -> bool:
-    deadline = time.monotonic() + timeout
-    while not condition():
-        if time.monotonic() > deadline:
-            return False
-        time.sleep(0.2)
-    return True
 
 
 def test_past_the_bound_503_names_it_while_the_admitted_finish_exactly(bounded):

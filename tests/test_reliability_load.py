@@ -21,7 +21,7 @@ from concurrent.futures import ThreadPoolExecutor
 import pytest
 import requests
 
-from tests.server_utils import Server, api_server_argv
+from tests.server_utils import Server, api_server_argv, kv_lines_in_use, wait_until
 from tests.tiny_chat_model import tiny_chat_model
 
 MAX_NUM_SEQS = 8
@@ -90,22 +90,6 @@ def metric(server, name: str) -> float:
     text = requests.get(server.url + "/metrics", timeout=30).text
     return sum(float(line.rsplit(" ", 1)[1]) for line in text.splitlines()
                if line.startswith(name + "{") or line.startswith(name + " "))
-
-
-def kv_lines_in_use(server) -> int:
-    r = requests.post(server.url + "/collective_rpc", json={"method": "kv_lines_in_use"},
-                      timeout=30)
-    r.raise_for_status()
-    return int(r.json()["results"][0])
-
-
-def wait_until(condition, timeout: float = 60.0) -> bool:
-    deadline = time.monotonic() + timeout
-    while not condition():
-        if time.monotonic() > deadline:
-            return False
-        time.sleep(0.2)
-    return True
 
 
 def test_burst_with_cancellations_serves_the_rest_exactly_and_frees_everything(servers):

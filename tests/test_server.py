@@ -15,7 +15,8 @@ import pytest
 import requests
 from vllm import LLM, SamplingParams
 
-from tests.server_utils import Server, api_server_argv
+from tests.server_utils import Server, api_server_argv, wait_until
+from tests.server_utils import kv_lines_in_use as _kv_lines_in_use
 from vllm_neuronx.default_model import default_model_path
 
 API_KEY = "test-key"
@@ -50,17 +51,11 @@ def model(client) -> str:
 
 
 def kv_lines_in_use(server) -> int:
-    r = requests.post(server.url + "/collective_rpc", json={"method": "kv_lines_in_use"},
-                      headers={"Authorization": f"Bearer {API_KEY}"}, timeout=30)
-    r.raise_for_status()
-    return int(r.json()["results"][0])
+    return _kv_lines_in_use(server, API_KEY)
 
 
 def wait_for_idle(server, timeout=30.0) -> None:
-    deadline = time.monotonic() + timeout
-    while kv_lines_in_use(server) and time.monotonic() < deadline:
-        time.sleep(0.2)
-    assert kv_lines_in_use(server) == 0
+    assert wait_until(lambda: kv_lines_in_use(server) == 0, timeout)
 
 
 def test_startup_logs_one_line_with_framework_device_buckets_and_lines(server):
