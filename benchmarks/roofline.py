@@ -123,52 +123,64 @@ def decode_bound(
     }
 
 
-def _best_seconds(fn: Callable[[], object], min_total_s: float = 0.3, repeats: int = 15) -> float:
-    """Fastest of ``repeats`` timings, each averaging enough calls to last ``min_total_s``."""
+def _calls_for(fn: Callable[[], object], seconds: float) -> int:
+    """How many calls of ``fn`` (a power of two) last about ``seconds``."""
     fn()
     calls = 1
-    while True:
+    while calls < 1 << 16:
         start = time.perf_counter()
         for _ in range(calls):
             fn()
-        if time.perf_counter() - start >= min_total_s / repeats or calls >= 1 << 16:
+        if time.perf_counter() - start >= seconds:
             break
         calls *= 2
-    best = float("inf")
-    for _ in range(repeats):
-        start = time.perf_counter()
-        for _ in range(calls):
-            fn()
-        best = min(best, (time.perf_counter() - start) / calls)
+    return calls
+
+
+def _time_per_call(fn: Callable[[], object], calls: int) -> float:
+    start = time.perf_counter()
+    for _ in range(calls):
+        fn()
+    return (time.perf_counter() - start) / calls
+
+
+def best_seconds(kernels: dict[str, Callable[[], object]], rounds: int = 12,
+                 chunk_s: float = 0.02) -> dict[str, float]:
+    """Fastest time per call of each kernel over ``rounds`` interleaved rounds.
+
+    On a shared machine other processes take the cores in bursts; interleaving the
+    kernels spreads each one's samples over the whole measurement, so no kernel is
+    measured only during a burst, and the best sample is the machine's own rate.
+    """
+    calls = {name: _calls_for(fn, chunk_s) for name, fn in kernels.items()}
+    best = dict.fromkeys(kernels, float("inf"))
+    for _ in range(rounds):
+        for name, fn in kernels.items():
+            best[name] = min(best[name], _time_per_call(fn, calls[name]))
     return best
 
 
-def measure_bandwidth_gbs(megabytes: int = 1024) -> float:
-    """Read bandwidth: sum of an fp32 tensor of ``megabytes``, far past the caches."""
+def _kernels(m: LlamaShape, context: int, megabytes: int = 1024) -> dict[str, tuple]:
+    """name -> (callable, bytes or FLOPs per call): the read, every matmul, per dtype and batch."""
     import torch
 
     x = torch.ones(megabytes * (1 << 20) // 4, dtype=torch.float32)
-    seconds = _best_seconds(lambda: x.sum(), min_total_s=1.5, repeats=10)
-    return x.numel() * 4 / seconds / 1e9
-
-
-def measure_matmul_gflops(m: LlamaShape, batch: int, context: int, dtype: str) -> dict[str, float]:
-    """GFLOP/s of every linear shape at ``batch`` rows, and of the decode attention product."""
-    import torch
-
-    torch_dtype = {"bf16": torch.bfloat16, "fp32": torch.float32}[dtype]
-    rates = {}
-    for name, (k, n, _) in linear_shapes(m).items():
-        x = torch.randn(batch, k, dtype=torch_dtype)
-        w = torch.randn(n, k, dtype=torch_dtype)
-        seconds = _best_seconds(lambda x=x, w=w: torch.nn.functional.linear(x, w))
-        rates[name] = 2 * batch * k * n / seconds / 1e9
+    kernels = {"bandwidth": (x.sum, x.numel() * 4)}
     group = m.heads // m.kv_heads
-    q = torch.randn(batch * m.kv_heads, group, m.head_dim, dtype=torch_dtype)
-    keys = torch.randn(batch * m.kv_heads, m.head_dim, context, dtype=torch_dtype)
-    seconds = _best_seconds(lambda: torch.bmm(q, keys))
-    rates["attention"] = 2 * batch * m.heads * m.head_dim * context / seconds / 1e9
-    return rates
+    for dtype, torch_dtype in (("bf16", torch.bfloat16), ("fp32", torch.float32)):
+        for batch in BATCHES:
+            key = f"{dtype}_batch{batch}"
+            for name, (k, n, _) in linear_shapes(m).items():
+                a = torch.randn(batch, k, dtype=torch_dtype)
+                w = torch.randn(n, k, dtype=torch_dtype)
+                kernels[f"{key}/{name}"] = (
+                    lambda a=a, w=w: torch.nn.functional.linear(a, w), 2 * batch * k * n)
+            q = torch.randn(batch * m.kv_heads, group, m.head_dim, dtype=torch_dtype)
+            keys = torch.randn(batch * m.kv_heads, m.head_dim, context, dtype=torch_dtype)
+            kernels[f"{key}/attention"] = (
+                lambda q=q, keys=keys: torch.bmm(q, keys),
+                2 * batch * m.heads * m.head_dim * context)
+    return kernels
 
 
 def measure(config: dict, threads: int) -> dict:
@@ -177,12 +189,14 @@ def measure(config: dict, threads: int) -> dict:
 
     torch.set_num_threads(threads)
     m = LlamaShape.from_config(config)
-    bandwidth = measure_bandwidth_gbs()
-    rates = {
-        f"{dtype}_batch{batch}": measure_matmul_gflops(m, batch, CONTEXT, dtype)
-        for dtype in DTYPE_BYTES
-        for batch in BATCHES
-    }
+    kernels = _kernels(m, CONTEXT)
+    seconds = best_seconds({name: fn for name, (fn, _) in kernels.items()})
+    bandwidth = kernels["bandwidth"][1] / seconds["bandwidth"] / 1e9
+    rates: dict[str, dict[str, float]] = {}
+    for name, (_, flops) in kernels.items():
+        if name != "bandwidth":
+            key, shape = name.split("/", 1)
+            rates.setdefault(key, {})[shape] = flops / seconds[name] / 1e9
     bounds = [
         decode_bound(m, batch, CONTEXT if batch > 1 else 0, dtype, bandwidth,
                      rates[f"{dtype}_batch{batch}"])

