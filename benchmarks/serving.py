@@ -241,16 +241,19 @@ def run_step(argv: list[str], what: str, log_path: Path, timeout: float,
         proc = subprocess.Popen(argv, stdout=out, stderr=subprocess.STDOUT, env=env, cwd=cwd,
                                 start_new_session=True)
         next_note = start + MINUTE
-        while proc.poll() is None:
-            time.sleep(1)
-            now = time.monotonic()
-            if now - start > timeout:
-                stop_group(proc)
-                raise PeerUnavailable(f"{what}: timed out after {timeout / MINUTE:.0f} min "
-                                      f"(log: {log_path})")
-            if now >= next_note:
-                log(f"  ... {what}: {(now - start) / MINUTE:.0f} min, {last_line(log_path)}")
-                next_note += MINUTE
+        try:
+            while proc.poll() is None:
+                time.sleep(1)
+                now = time.monotonic()
+                if now - start > timeout:
+                    raise PeerUnavailable(f"{what}: timed out after {timeout / MINUTE:.0f} "
+                                          f"min (log: {log_path})")
+                if now >= next_note:
+                    log(f"  ... {what}: {(now - start) / MINUTE:.0f} min, "
+                        f"{last_line(log_path)}")
+                    next_note += MINUTE
+        finally:
+            stop_group(proc)
     if proc.returncode != 0:
         raise PeerUnavailable(f"{what}: exit {proc.returncode}: {last_line(log_path)} "
                               f"(log: {log_path})")
@@ -725,6 +728,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def main() -> None:
     args = parse_args()
+    # SIGTERM unwinds like an exception, so every server and client we started is stopped.
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
     from vllm_neuronx.default_model import default_model_path
 
     began = time.monotonic()
