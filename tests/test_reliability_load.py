@@ -65,8 +65,9 @@ def stream(server, prompt: str, cancel_after: int | None) -> str | None:
         assert r.status_code == 200, r.text
         if cancel_after is not None:
             lines = r.iter_lines()
-            for _ in range(cancel_after):
-                next(lines)
+            for _ in range(cancel_after):  # under load vLLM merges tokens into fewer chunks,
+                if next(lines, None) is None:  # so the stream may end before the cancel point
+                    break
             return None  # leaving the block closes the connection mid-stream
         text, finish = read_stream(r)
         assert finish == "length"
