@@ -9,6 +9,7 @@ from __future__ import annotations
 import functools
 import importlib.abc
 import importlib.util
+import inspect
 import sys
 from collections.abc import Callable
 
@@ -18,6 +19,7 @@ logger = get_logger(__name__)
 
 PINNED_VLLM = "0.33.0"
 ARG_UTILS = "vllm.engine.arg_utils"
+PATCHED = "__neuronx_patched__"
 _applied = False
 
 
@@ -64,6 +66,33 @@ def apply_all() -> None:
         (startup_signal.WORKER, startup_signal.patch_module),
     ):
         after_import(name, functools.partial(_patch_named, name, patch))
+
+
+def wrap_once(owner, name: str, make_wrapper: Callable[[Callable], Callable]) -> bool:
+    """Replace ``owner.name`` by ``make_wrapper(original)``, once per patch module.
+
+    Idempotent because vLLM loads plugins once per process but our hooks may fire
+    twice. The wrapper gets ``functools.wraps(original)`` and a marker naming the
+    patch module (``make_wrapper.__module__``), so two patches may wrap the same
+    function (``run_server_worker``: engine_death and startup_signal) and each
+    still applies once. A staticmethod or classmethod is wrapped as its function
+    and set back as the same kind. False when there is nothing to wrap or it is
+    already wrapped.
+    """
+    original = getattr(owner, name, None)
+    if original is None:
+        return False
+    raw = inspect.getattr_static(owner, name, None) if isinstance(owner, type) else None
+    kind = type(raw) if isinstance(raw, (staticmethod, classmethod)) else None
+    if kind is not None:
+        original = raw.__func__
+    done = getattr(original, PATCHED, frozenset())
+    if make_wrapper.__module__ in done:
+        return False
+    wrapped = functools.wraps(original)(make_wrapper(original))
+    setattr(wrapped, PATCHED, done | {make_wrapper.__module__})
+    setattr(owner, name, wrapped if kind is None else kind(wrapped))
+    return True
 
 
 def _patch_named(name: str, patch: Callable) -> None:

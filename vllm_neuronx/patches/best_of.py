@@ -27,9 +27,8 @@ counts one). best_of equal to n is plain n.
 
 from __future__ import annotations
 
-import functools
-
 from vllm_neuronx import sampling
+from vllm_neuronx.patches import wrap_once
 
 PROTOCOL = "vllm.entrypoints.openai.completion.protocol"
 SERVING = "vllm.entrypoints.openai.completion.serving"
@@ -85,15 +84,6 @@ def _check_logits_on_host(best_of: int) -> None:
         )
 
 
-def _wrap(cls, name: str, make):
-    original = getattr(cls, name, None)
-    if original is None or getattr(original, "__neuronx__", False):
-        return
-    wrapped = functools.wraps(original)(make(original))
-    wrapped.__neuronx__ = True
-    setattr(cls, name, wrapped)
-
-
 def patch_completion_request(module) -> None:
     cls = getattr(module, "CompletionRequest", None)
 
@@ -124,8 +114,8 @@ def patch_completion_request(module) -> None:
 
         return to_beam_search_params
 
-    _wrap(cls, "to_sampling_params", sampling_params)
-    _wrap(cls, "to_beam_search_params", beam_search_params)
+    wrap_once(cls, "to_sampling_params", sampling_params)
+    wrap_once(cls, "to_beam_search_params", beam_search_params)
 
 
 def _likeliest(outputs, n: int):
@@ -164,7 +154,7 @@ def patch_completion_serving(module) -> None:
 
         return request_output_to_completion_response
 
-    _wrap(cls, "request_output_to_completion_response", to_response)
+    wrap_once(cls, "request_output_to_completion_response", to_response)
 
 
 def patch_chat_request(module) -> None:
@@ -180,7 +170,7 @@ def patch_chat_request(module) -> None:
 
         return to_sampling_params
 
-    _wrap(cls, "to_sampling_params", sampling_params)
+    wrap_once(cls, "to_sampling_params", sampling_params)
 
 
 PATCHES = {

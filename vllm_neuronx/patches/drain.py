@@ -38,6 +38,7 @@ import time
 from http import HTTPStatus
 
 from vllm_neuronx.log import get_logger
+from vllm_neuronx.patches import wrap_once
 
 logger = get_logger(__name__)
 
@@ -93,26 +94,23 @@ class RefuseWhileDraining:
 
 
 def patch_async_llm(module) -> None:
-    cls = module.AsyncLLM
-    shutdown = cls.shutdown
-    if getattr(shutdown, "__neuronx_drain__", False):
-        return
+    def drain_first(shutdown):
+        def draining_shutdown(self, timeout: float | None = None):
+            setattr(self, DRAINING, True)
+            why = "no drain"
+            if timeout:
+                timeout, why = _drain_http(self, timeout), "the drain timed out"
+            if timeout == 0:  # upstream kills the engine at once: tell the clients first
+                _on_its_loop(self, functools.partial(_abort_open_requests, why=why), wait=5.0)
+            try:
+                return shutdown(self, timeout=timeout)
+            finally:
+                stopped = functools.partial(_abort_open_requests, why="the engine stopped")
+                _on_its_loop(self, stopped)
 
-    @functools.wraps(shutdown)
-    def draining_shutdown(self, timeout: float | None = None):
-        setattr(self, DRAINING, True)
-        why = "no drain"
-        if timeout:
-            timeout, why = _drain_http(self, timeout), "the drain timed out"
-        if timeout == 0:  # upstream kills the engine at once: tell the clients first
-            _on_its_loop(self, functools.partial(_abort_open_requests, why=why), wait=5.0)
-        try:
-            return shutdown(self, timeout=timeout)
-        finally:
-            _on_its_loop(self, functools.partial(_abort_open_requests, why="the engine stopped"))
+        return draining_shutdown
 
-    draining_shutdown.__neuronx_drain__ = True
-    cls.shutdown = draining_shutdown
+    wrap_once(module.AsyncLLM, "shutdown", drain_first)
 
 
 def _drain_http(async_llm, timeout: float) -> float:
@@ -177,18 +175,15 @@ def _on_its_loop(async_llm, fn, wait: float = 0.0) -> None:
 
 
 def patch_app(module) -> None:
-    init = module.init_entrypoints_middleware
-    if getattr(init, "__neuronx_drain__", False):
-        return
+    def with_drain(init):
+        def init_with_drain(args, app, *rest, **kwargs):
+            result = init(args, app, *rest, **kwargs)
+            app.add_middleware(RefuseWhileDraining)  # added last: runs first
+            return result
 
-    @functools.wraps(init)
-    def init_with_drain(args, app, *rest, **kwargs):
-        result = init(args, app, *rest, **kwargs)
-        app.add_middleware(RefuseWhileDraining)  # added last: runs first
-        return result
+        return init_with_drain
 
-    init_with_drain.__neuronx_drain__ = True
-    module.init_entrypoints_middleware = init_with_drain
+    wrap_once(module, "init_entrypoints_middleware", with_drain)
 
 
 PATCHES = {ASYNC_LLM: patch_async_llm, APP: patch_app}

@@ -13,10 +13,10 @@ parallelism inside one process.
 from __future__ import annotations
 
 import argparse
-import functools
 from typing import Any
 
 from vllm_neuronx import neuron_config as nc
+from vllm_neuronx.patches import wrap_once
 from vllm_neuronx.platform_config import OVERRIDES_KEY
 
 DEVICES = ("neuron", "auto", "cpu")
@@ -45,20 +45,6 @@ def neuronize(engine_args, device: Any = None, overrides: Any = None) -> None:
     engine_args.additional_config = additional
     if engine_args.max_num_seqs is None:
         engine_args.max_num_seqs = DEFAULT_MAX_NUM_SEQS
-
-
-def _patch_init(cls) -> None:
-    original = cls.__init__
-    if getattr(original, "__neuronx__", False):
-        return
-
-    @functools.wraps(original)
-    def __init__(self, *args, device=None, override_neuron_config=None, **kwargs):
-        original(self, *args, **kwargs)
-        neuronize(self, device, override_neuron_config)
-
-    __init__.__neuronx__ = True
-    cls.__init__ = __init__
 
 
 def json_object(text: str) -> dict:
@@ -90,23 +76,20 @@ def add_neuron_cli_args(parser):
 def apply() -> None:
     from vllm.engine.arg_utils import AsyncEngineArgs, EngineArgs
 
-    for cls in (EngineArgs, AsyncEngineArgs):
-        _patch_init(cls)
+    def init_args(original):
+        def __init__(self, *args, device=None, override_neuron_config=None, **kwargs):
+            original(self, *args, **kwargs)
+            neuronize(self, device, override_neuron_config)
 
-    add_cli_args = EngineArgs.add_cli_args
-    if not getattr(add_cli_args, "__neuronx__", False):
+        return __init__
 
-        @functools.wraps(add_cli_args)
+    def cli_args(add_cli_args):
         def patched_add_cli_args(parser):
             return add_neuron_cli_args(add_cli_args(parser))
 
-        patched_add_cli_args.__neuronx__ = True
-        EngineArgs.add_cli_args = staticmethod(patched_add_cli_args)
+        return patched_add_cli_args
 
-    from_cli_args = EngineArgs.from_cli_args.__func__
-    if not getattr(from_cli_args, "__neuronx__", False):
-
-        @functools.wraps(from_cli_args)
+    def from_cli(from_cli_args):
         def patched_from_cli_args(cls, args: argparse.Namespace):
             engine_args = from_cli_args(cls, args)
             neuronize(
@@ -116,5 +99,9 @@ def apply() -> None:
             )
             return engine_args
 
-        patched_from_cli_args.__neuronx__ = True
-        EngineArgs.from_cli_args = classmethod(patched_from_cli_args)
+        return patched_from_cli_args
+
+    for cls in (EngineArgs, AsyncEngineArgs):
+        wrap_once(cls, "__init__", init_args)
+    wrap_once(EngineArgs, "add_cli_args", cli_args)  # a staticmethod
+    wrap_once(EngineArgs, "from_cli_args", from_cli)  # a classmethod

@@ -20,10 +20,8 @@ up, /health answers 503); it exits 1 when it is stopped.
 
 from __future__ import annotations
 
-import functools
-
 from vllm_neuronx.log import get_logger
-from vllm_neuronx.patches import drain
+from vllm_neuronx.patches import drain, wrap_once
 
 logger = get_logger(__name__)
 
@@ -34,45 +32,33 @@ CHECKERS = (
     "vllm.entrypoints.serve.exception_handling.handlers.vllm_error",
 )
 EXIT_STATUS = 1
-MARK = "__neuronx_engine_death__"
 _died = False  # this process saw its engine die without being asked to stop
 
 
-def _mark(fn):
-    setattr(fn, MARK, True)
-    return fn
-
-
 def patch_checker(module) -> None:
-    terminate = module.terminate_if_errored
-    if getattr(terminate, MARK, False):
-        return
+    def noting_death(terminate):
+        def noting_terminate(server, engine):
+            global _died
+            if engine.errored and not drain.draining(engine) and not _died:
+                _died = True
+                logger.error("The engine died; the server will exit with status %d", EXIT_STATUS)
+            return terminate(server, engine)
 
-    @_mark
-    @functools.wraps(terminate)
-    def noting_terminate(server, engine):
-        global _died
-        if engine.errored and not drain.draining(engine) and not _died:
-            _died = True
-            logger.error("The engine died; the server will exit with status %d", EXIT_STATUS)
-        return terminate(server, engine)
+        return noting_terminate
 
-    module.terminate_if_errored = noting_terminate
+    wrap_once(module, "terminate_if_errored", noting_death)
 
 
 def patch_worker(module) -> None:
-    run = module.run_server_worker
-    if getattr(run, MARK, False):
-        return
+    def reporting_death(run):
+        async def run_then_report(*args, **kwargs):
+            await run(*args, **kwargs)
+            if _died:
+                raise SystemExit(EXIT_STATUS)
 
-    @_mark
-    @functools.wraps(run)
-    async def run_then_report(*args, **kwargs):
-        await run(*args, **kwargs)
-        if _died:
-            raise SystemExit(EXIT_STATUS)
+        return run_then_report
 
-    module.run_server_worker = run_then_report
+    wrap_once(module, "run_server_worker", reporting_death)
 
 
 # Module -> its patch, applied right after the module is imported.

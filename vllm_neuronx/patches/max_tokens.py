@@ -9,7 +9,7 @@ as OpenAI's own API does. A request without max_tokens still gets the room left.
 
 from __future__ import annotations
 
-import functools
+from vllm_neuronx.patches import wrap_once
 
 # Modules that imported get_max_tokens by name, and the module that defines it.
 USERS = (
@@ -20,10 +20,6 @@ USERS = (
 
 
 def strict(get_max_tokens):
-    if getattr(get_max_tokens, "__neuronx__", False):
-        return get_max_tokens
-
-    @functools.wraps(get_max_tokens)
     def checked(max_model_len, max_tokens, input_length, *args, **kwargs):
         allowed = get_max_tokens(max_model_len, max_tokens, input_length, *args, **kwargs)
         truncating = kwargs.get("truncate_prompt_tokens") is not None
@@ -39,10 +35,8 @@ def strict(get_max_tokens):
             )
         return allowed
 
-    checked.__neuronx__ = True
     return checked
 
 
 def patch_module(module) -> None:
-    if hasattr(module, "get_max_tokens"):
-        module.get_max_tokens = strict(module.get_max_tokens)
+    wrap_once(module, "get_max_tokens", strict)

@@ -9,10 +9,11 @@ same error type (``QueueOverflowError``) with a message naming the bound.
 
 from __future__ import annotations
 
-import functools
 from http import HTTPStatus
 
 from vllm.exceptions import GracefulHTTPError, QueueOverflowError
+
+from vllm_neuronx.patches import wrap_once
 
 ASYNC_LLM = "vllm.v1.engine.async_llm"
 
@@ -30,17 +31,13 @@ class QueueFull(QueueOverflowError):
 
 
 def patch_module(module) -> None:
-    cls = module.AsyncLLM
-    original = cls.check_admission
-    if getattr(original, "__neuronx_queue_bound__", False):
-        return
+    def naming_the_bound(original):
+        def check_admission(self, n: int = 1, request_id: str | None = None) -> None:
+            try:
+                original(self, n, request_id)
+            except QueueOverflowError as e:
+                raise QueueFull(self.scheduler_config.max_num_queued_reqs, n) from e
 
-    @functools.wraps(original)
-    def check_admission(self, n: int = 1, request_id: str | None = None) -> None:
-        try:
-            original(self, n, request_id)
-        except QueueOverflowError as e:
-            raise QueueFull(self.scheduler_config.max_num_queued_reqs, n) from e
+        return check_admission
 
-    check_admission.__neuronx_queue_bound__ = True
-    cls.check_admission = check_admission
+    wrap_once(module.AsyncLLM, "check_admission", naming_the_bound)

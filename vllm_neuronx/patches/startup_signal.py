@@ -18,11 +18,11 @@ returns, and the process exits 0, as after a SIGTERM while serving.
 from __future__ import annotations
 
 import asyncio
-import functools
 import multiprocessing
 import signal
 
 from vllm_neuronx.log import get_logger
+from vllm_neuronx.patches import wrap_once
 
 logger = get_logger(__name__)
 
@@ -54,20 +54,17 @@ class _StartupStop:
 
 
 def patch_module(module) -> None:
-    run = module.run_server_worker
-    if getattr(run, "__neuronx_startup_signal__", False):
-        return
+    def stoppable(run):
+        async def run_server_worker(*args, **kwargs):
+            stop = _StartupStop()
+            stop.install()
+            try:
+                return await run(*args, **kwargs)
+            except (Exception, KeyboardInterrupt, asyncio.CancelledError) as e:
+                if stop.signal_name is None:
+                    raise
+                logger.info("Start-up stopped by %s (%s)", stop.signal_name, type(e).__name__)
 
-    @functools.wraps(run)
-    async def run_server_worker(*args, **kwargs):
-        stop = _StartupStop()
-        stop.install()
-        try:
-            return await run(*args, **kwargs)
-        except (Exception, KeyboardInterrupt, asyncio.CancelledError) as e:
-            if stop.signal_name is None:
-                raise
-            logger.info("Start-up stopped by %s (%s)", stop.signal_name, type(e).__name__)
+        return run_server_worker
 
-    run_server_worker.__neuronx_startup_signal__ = True
-    module.run_server_worker = run_server_worker
+    wrap_once(module, "run_server_worker", stoppable)
