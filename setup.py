@@ -40,6 +40,8 @@ setup(
     long_description_content_type="text/markdown",
     python_requires=">=3.10",
     packages=find_packages(include=["vllm_neuronx", "vllm_neuronx.*"]),
+    # The CPU backend compiles its native kernels from source on the user's machine.
+    package_data={"vllm_neuronx.backends.cpu": ["*.c"]},
     install_requires=requirements,
     extras_require={"test": read_requirements("test.txt")},
     entry_points={

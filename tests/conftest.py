@@ -57,11 +57,16 @@ def tiny_llama(tmp_path_factory) -> str:
 
 
 def hf_greedy(model_path: str, prompts: list[list[int]], max_new_tokens: list[int],
-              dtype=torch.float32) -> list[list[int]]:
-    """Greedy continuations from Hugging Face transformers, one prompt at a time."""
+              dtype=torch.float32, weights_in=None) -> list[list[int]]:
+    """Greedy continuations from Hugging Face transformers, one prompt at a time.
+
+    ``weights_in``: round the weights to this dtype first, then compute in ``dtype``.
+    """
     from transformers import AutoModelForCausalLM
 
     model = AutoModelForCausalLM.from_pretrained(model_path, dtype=dtype).eval()
+    if weights_in is not None:
+        model = model.to(weights_in).to(dtype)
     outs = []
     with torch.no_grad():
         for prompt, n in zip(prompts, max_new_tokens, strict=True):

@@ -115,3 +115,56 @@ def test_bf16_is_computed_in_fp32_only_without_bf16_units(monkeypatch):
     assert cpu.compute_dtype(torch.float32) is torch.float32
     monkeypatch.setattr(cpu, "native_bf16", lambda: True)
     assert cpu.compute_dtype(torch.bfloat16) is torch.bfloat16
+
+
+def test_bf16_kernel_computes_fp32_matmul_of_bf16_weights():
+    from vllm_neuronx.backends.cpu import kernels
+
+    if not kernels.runs_here():
+        pytest.skip("the bf16 kernel needs AVX-512")
+    import tempfile
+
+    with tempfile.TemporaryDirectory() as folder:
+        assert kernels.build(folder)
+        gemv = kernels.load(folder)
+    torch.manual_seed(0)
+    for m, n, k in [(1, 37, 48), (3, 64, 576), (4, 5, 16)]:  # rows not a multiple of 4
+        w = torch.randn(n, k).bfloat16()
+        x = torch.randn(m, k)
+        assert gemv.takes(w)
+        torch.testing.assert_close(gemv(x, w), x @ w.float().T, rtol=1e-5, atol=1e-5)
+    assert not gemv.takes(torch.randn(4, 24).bfloat16())  # k not a multiple of 16
+
+
+def test_bf16_on_fp32_units_matches_hf_on_the_same_weights(tiny_llama, tmp_path, monkeypatch):
+    """bf16 requested on a CPU without bf16 units: weights stored in bf16, computed in
+    fp32 (the kernel for up to 4 rows, torch's matmul above). HF transformers computing
+    in fp32 over the same bf16-rounded weights gives the same greedy tokens."""
+    import vllm_neuronx.backends.cpu as cpu
+    from vllm_neuronx.backends.cpu import kernels
+
+    monkeypatch.setattr(cpu, "native_bf16", lambda: False)
+    cfg = nc.resolve_neuron_config(tp_degree=1, max_num_seqs=8, max_model_len=128,
+                                   dtype="bfloat16")
+    b = CpuBackend(tiny_llama, cfg)
+    b.compile(str(tmp_path))
+    b.load(str(tmp_path))
+    assert b.model.dtype is torch.float32
+    assert (b.model.gemv is not None) == kernels.runs_here()
+    prompts = [[5, 6, 7, 8, 9], [10, 11], [12, 13, 14], [3] * 20, [40, 41], [7, 8, 9, 10]]
+    steps = 5
+    expected = hf_greedy(tiny_llama, prompts, [steps] * len(prompts),
+                         weights_in=torch.bfloat16)
+    for group in (prompts[:1], prompts[:3], prompts):  # 1 and 3 rows: kernel; 6: torch
+        n = len(group)
+        lines = list(range(n))
+        seqs = [p + [t] for p, t in zip(
+            group, b.forward(*prefill_args(group, lines), greedy(n)).tokens.tolist(),
+            strict=True)]
+        for _ in range(steps - 1):
+            tokens = b.forward(torch.tensor([[s[-1]] for s in seqs]),
+                               torch.tensor([[len(s) - 1] for s in seqs]),
+                               torch.tensor(lines), greedy(n)).tokens.tolist()
+            for s, t in zip(seqs, tokens, strict=True):
+                s.append(t)
+        assert [s[len(p):] for s, p in zip(seqs, group, strict=True)] == expected[:n]

@@ -1,8 +1,9 @@
 """Our CPU backend: the NxDI contract honoured by plain PyTorch.
 
 "compile" does the work a warm start can skip: it converts the HF checkpoint to
-the target dtype and our fused layout and stores it with the resolved config.
-"load" maps that back and allocates the KV lines. forward follows the contract:
+the requested dtype and our fused layout, builds the native kernels for this CPU
+(kernels.py), and stores both with the resolved config. "load" maps them back,
+widens bf16 to fp32 where this CPU has no bf16 units, and allocates the KV lines. forward follows the contract:
 static buckets, KV lines indexed by seq_id, sampling on the "device". Like NxDI
 with ``output_logits`` it returns the logits with the tokens (it computes them
 anyway), and, beyond NxDI's contract, the logits of every prompt position on
@@ -23,6 +24,7 @@ from tqdm import tqdm
 
 from vllm_neuronx import envs, sampling
 from vllm_neuronx import neuron_config as nc
+from vllm_neuronx.backends.cpu import kernels
 from vllm_neuronx.backends.cpu.llama import (
     ATTEND_STEP,
     SUPPORTED_ARCHITECTURES,
@@ -100,7 +102,7 @@ class CpuBackend(NeuronBackend):
         super().__init__(model_path, neuron_config, seed=seed)
         self.spec = LlamaSpec.from_folder(model_path)
         self.validate(neuron_config)
-        requested = _DTYPES[neuron_config["torch_dtype"]]
+        requested = self.stored_dtype = _DTYPES[neuron_config["torch_dtype"]]
         self.dtype = compute_dtype(requested)
         if self.dtype is not requested:
             logger.info(
@@ -113,8 +115,8 @@ class CpuBackend(NeuronBackend):
 
     @classmethod
     def version(cls) -> str:
-        # The stored weights' dtype depends on the CPU (see compute_dtype).
-        return f"cpu-1-{'bf16' if native_bf16() else 'bf16-as-fp32'}"
+        # 2: weights stored in the requested dtype, with the native kernels.
+        return "cpu-2"
 
     @classmethod
     def validate(cls, neuron_config: dict, *, quantization: str | None = None) -> None:
@@ -139,21 +141,40 @@ class CpuBackend(NeuronBackend):
     def compile(self, folder: str) -> None:
         start = time.perf_counter()
         hf = read_hf_checkpoint(self.model_path)
-        weights = LlamaModel.convert_hf_weights(self.spec, hf, self.dtype)
+        weights = LlamaModel.convert_hf_weights(self.spec, hf, self.stored_dtype)
         # Tied embeddings share storage; safetensors stores each tensor once.
         if weights["lm_head"].data_ptr() == weights["embed"].data_ptr():
             del weights["lm_head"]
         save_file(weights, os.path.join(folder, WEIGHTS_FILE))
+        if self.uses_gemv():
+            kernels.build(folder)
         logger.info(
             "CPU backend: converted weights to %s in %.1f s",
-            self.dtype,
+            self.stored_dtype,
             time.perf_counter() - start,
         )
+
+    def uses_gemv(self) -> bool:
+        """bf16 weights computed in fp32: small batches read the bf16 copy (kernels.py)."""
+        return self.stored_dtype is torch.bfloat16 and self.dtype is torch.float32
 
     def load(self, folder: str) -> None:
         torch.set_num_threads(cpu_threads())
         weights = read_safetensors([os.path.join(folder, WEIGHTS_FILE)], "Loading artifacts")
         weights.setdefault("lm_head", weights["embed"])
+        gemv = kernels.load(folder) if self.uses_gemv() else None
+        small = (
+            {n: w for n, w in weights.items() if LlamaModel.is_matmul(n) and gemv.takes(w)}
+            if gemv is not None
+            else {}
+        )
+        if self.dtype is not self.stored_dtype:
+            widened = {n: w.to(self.dtype) for n, w in weights.items() if n != "lm_head"}
+            widened["lm_head"] = (
+                widened["embed"] if weights["lm_head"] is weights["embed"]
+                else weights["lm_head"].to(self.dtype)
+            )
+            weights = widened
         cfg = self.neuron_config
         self.model = LlamaModel(
             self.spec,
@@ -161,6 +182,8 @@ class CpuBackend(NeuronBackend):
             num_lines=cfg["batch_size"],
             max_len=cfg["seq_len"],
             dtype=self.dtype,
+            gemv=gemv,
+            gemv_weights=small,
         )
 
     def forward(

@@ -20,7 +20,11 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
+from vllm_neuronx.backends.cpu.kernels import Bf16Gemv
+
 SUPPORTED_ARCHITECTURES = ("LlamaForCausalLM", "MistralForCausalLM")
+# The weights every token multiplies (the rest are norms and the embedding table).
+MATMULS = ("qkv", "o", "gate_up", "down", "lm_head")
 # Decode attention reads K/V up to the longest row, in steps of this many positions.
 ATTEND_STEP = 16
 
@@ -134,11 +138,17 @@ class LlamaModel:
         num_lines: int,
         max_len: int,
         dtype: torch.dtype,
+        gemv: Bf16Gemv | None = None,
+        gemv_weights: dict[str, torch.Tensor] | None = None,
     ) -> None:
         self.spec = spec
         self.dtype = dtype
         self.max_len = max_len
         self.w = weights
+        # bf16 copies of the matmul weights for batches of at most gemv.max_rows
+        # rows, which read weights more than they compute (kernels.py).
+        self.gemv = gemv
+        self.w16 = gemv_weights or {}
         shape = (spec.num_layers, num_lines, spec.num_kv_heads, max_len, spec.head_dim)
         self.k_cache = torch.zeros(shape, dtype=dtype)
         self.v_cache = torch.zeros(shape, dtype=dtype)
@@ -195,14 +205,30 @@ class LlamaModel:
                 out[p + "down_bias"] = get(p + "mlp.down_proj.bias")
         return {k: v.to(dtype).contiguous() for k, v in out.items()}
 
+    @staticmethod
+    def is_matmul(name: str) -> bool:
+        return name.rsplit(".", 1)[-1] in MATMULS
+
     # -- the decoder ----------------------------------------------------------
+    def _linear(self, x: torch.Tensor, name: str) -> torch.Tensor:
+        """x @ weight^T + bias: the bf16 kernel for a few rows, torch's matmul otherwise."""
+        small = self.w16.get(name)
+        rows = x.numel() // x.shape[-1]
+        if small is None or rows > self.gemv.max_rows:
+            return F.linear(x, self.w[name], self.w.get(name + "_bias"))
+        out = self.gemv(x.reshape(rows, x.shape[-1]), small)
+        bias = self.w.get(name + "_bias")
+        if bias is not None:
+            out += bias
+        return out.view(*x.shape[:-1], small.shape[0])
+
     def _layer(
         self, i: int, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, attend
     ) -> torch.Tensor:
         s, w, p = self.spec, self.w, f"layers.{i}."
         b, t, _ = x.shape
         h = rms_norm(x, w[p + "ln1"], s.rms_norm_eps)
-        qkv = F.linear(h, w[p + "qkv"], w.get(p + "qkv_bias"))
+        qkv = self._linear(h, p + "qkv")
         qk, v = qkv.split([self.q_size + self.kv_size, self.kv_size], dim=-1)
         # Rotary on query and key heads together: half the small ops per layer.
         qk = apply_rope(qk.view(b, t, s.num_heads + s.num_kv_heads, s.head_dim).transpose(1, 2),
@@ -210,16 +236,14 @@ class LlamaModel:
         q, k = qk.split([s.num_heads, s.num_kv_heads], dim=1)
         v = v.view(b, t, s.num_kv_heads, s.head_dim).transpose(1, 2)
         attn = attend(i, q, k, v)  # [b, heads, t, d]
-        x = x + F.linear(
-            attn.transpose(1, 2).reshape(b, t, self.q_size), w[p + "o"], w.get(p + "o_bias")
-        )
+        x = x + self._linear(attn.transpose(1, 2).reshape(b, t, self.q_size), p + "o")
         h = rms_norm(x, w[p + "ln2"], s.rms_norm_eps)
-        gate, up = F.linear(h, w[p + "gate_up"], w.get(p + "gate_up_bias")).chunk(2, dim=-1)
-        return x + F.linear(F.silu(gate) * up, w[p + "down"], w.get(p + "down_bias"))
+        gate, up = self._linear(h, p + "gate_up").chunk(2, dim=-1)
+        return x + self._linear(F.silu(gate) * up, p + "down")
 
     def _logits(self, h: torch.Tensor) -> torch.Tensor:
         h = rms_norm(h, self.w["norm"], self.spec.rms_norm_eps)
-        return F.linear(h, self.w["lm_head"]).float()
+        return self._linear(h, "lm_head").float()
 
     def _window_mask(self, mask: torch.Tensor, q_pos: torch.Tensor, k_len: int) -> torch.Tensor:
         window = self.spec.sliding_window
@@ -286,16 +310,19 @@ class LlamaModel:
         bias = torch.zeros(visible.shape, dtype=self.dtype).masked_fill_(~visible, float("-inf"))
         bias = bias[:, None, None, :]
         group = s.num_heads // s.num_kv_heads
-        all_lines = m == self.k_cache.shape[1] and bool(
-            torch.equal(seq_ids, torch.arange(m, dtype=seq_ids.dtype))
-        )
+        # Sorted, unique seq_ids on consecutive lines (one row, or every line) are a
+        # view of the cache; only scattered lines need a gathering copy.
+        first = int(seq_ids[0])
+        lines = slice(first, first + m) if int(seq_ids[-1]) - first == m - 1 else None
 
         def attend(i, q, k, v):
             self.k_cache[i, seq_ids, :, positions] = k[:, :, 0]
             self.v_cache[i, seq_ids, :, positions] = v[:, :, 0]
-            keys, values = self.k_cache[i, :, :, :span], self.v_cache[i, :, :, :span]
-            if not all_lines:
-                keys, values = keys.index_select(0, seq_ids), values.index_select(0, seq_ids)
+            if lines is not None:
+                keys, values = self.k_cache[i, lines, :, :span], self.v_cache[i, lines, :, :span]
+            else:
+                keys = self.k_cache[i, :, :, :span].index_select(0, seq_ids)
+                values = self.v_cache[i, :, :, :span].index_select(0, seq_ids)
             out = F.scaled_dot_product_attention(
                 q.view(m, s.num_kv_heads, group, s.head_dim), keys, values,
                 attn_mask=bias, scale=self.scale,
