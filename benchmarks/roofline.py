@@ -7,7 +7,13 @@ derives the best decode tok/s at batch 1 and at batch 32 with 192 tokens of cont
 
 - memory read bandwidth: a sum over a tensor far larger than the caches;
 - matmul GFLOP/s for every linear shape of the model at the batch (bf16 and fp32),
-  plus the attention product at that context.
+  plus the attention product at that context, and at a batched prefill's 512 rows.
+
+Then the bound of a whole serving run (``serving_bound``): every request's prompt is
+prefilled and its tokens decoded at the run's concurrency, so output tok/s is capped
+by both. The "bf16 weights" bounds read weights and KV in bf16 and multiply at the
+faster of this CPU's bf16 and fp32 rates (without bf16 units, bf16 widened to fp32):
+the best any engine serving a bf16 model can do here.
 
     .venv/bin/python benchmarks/roofline.py [--threads 2] [--json out.json]
 
@@ -23,8 +29,10 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 BATCHES = (1, 32)
+PREFILL_ROWS = 512  # a batched prefill: 4 prompts of 128 multiplied at once
 CONTEXT = 192  # 128 prompt tokens + half of the 128 generated ones
 DTYPE_BYTES = {"bf16": 2, "fp32": 4}
+SERVING = {"input_len": 128, "output_len": 128, "concurrency": (1, 32)}
 
 
 @dataclass(frozen=True)
@@ -123,6 +131,49 @@ def decode_bound(
     }
 
 
+def best_multiplies(rates: dict[str, dict[str, float]], batch: int) -> dict[str, float]:
+    """Per shape, the faster of the bf16 and fp32 rates at ``batch`` rows."""
+    bf16, fp32 = rates[f"bf16_batch{batch}"], rates[f"fp32_batch{batch}"]
+    return {name: max(bf16[name], fp32[name]) for name in fp32}
+
+
+def prefill_seconds_per_token(m: LlamaShape, prompt: int, rates: dict[str, float]) -> float:
+    """Compute time of one prompt token at prefill rates: every linear but the LM head
+    (one row per prompt), and causal attention over half the prompt on average."""
+    flops = linear_flops(m, 1)
+    seconds = sum(f / (rates[name] * 1e9) for name, f in flops.items() if name != "lm head")
+    seconds += flops["lm head"] / prompt / (rates["lm head"] * 1e9)
+    return seconds + attention_flops(m, 1, prompt // 2) / (rates["attention"] * 1e9)
+
+
+def serving_bound(m: LlamaShape, concurrency: int, input_len: int, output_len: int,
+                  bandwidth_gbs: float, rates: dict[str, dict[str, float]]) -> dict:
+    """Best output tok/s of ``concurrency`` requests at a time, each of ``input_len``
+    prompt and ``output_len`` generated tokens, with bf16 weights and KV.
+
+    A wave of requests costs its prefills plus ``output_len`` decode steps at batch
+    ``concurrency`` (memory or compute bound, as ``decode_bound``); the multiply rates
+    are measured at batch 1 and 32 and at ``PREFILL_ROWS`` for prefill.
+    """
+    batch = 1 if concurrency == 1 else 32
+    context = input_len + output_len // 2 if concurrency > 1 else 0
+    step = decode_bound(m, concurrency, context, "bf16", bandwidth_gbs,
+                        best_multiplies(rates, batch))
+    step_s = concurrency / step["tok_s"]
+    prefill_s = concurrency * input_len * prefill_seconds_per_token(
+        m, input_len, best_multiplies(rates, PREFILL_ROWS))
+    wave_s = prefill_s + output_len * step_s
+    return {
+        "concurrency": concurrency,
+        "input_len": input_len,
+        "output_len": output_len,
+        "decode_step_ms": step_s * 1e3,
+        "decode_bound": step["bound"],
+        "prefill_ms_per_wave": prefill_s * 1e3,
+        "output_tok_s": concurrency * output_len / wave_s,
+    }
+
+
 def _calls_for(fn: Callable[[], object], seconds: float) -> int:
     """How many calls of ``fn`` (a power of two) last about ``seconds``."""
     fn()
@@ -168,7 +219,7 @@ def _kernels(m: LlamaShape, context: int, megabytes: int = 1024) -> dict[str, tu
     kernels = {"bandwidth": (x.sum, x.numel() * 4)}
     group = m.heads // m.kv_heads
     for dtype, torch_dtype in (("bf16", torch.bfloat16), ("fp32", torch.float32)):
-        for batch in BATCHES:
+        for batch in (*BATCHES, PREFILL_ROWS):
             key = f"{dtype}_batch{batch}"
             for name, (k, n, _) in linear_shapes(m).items():
                 a = torch.randn(batch, k, dtype=torch_dtype)
@@ -183,7 +234,7 @@ def _kernels(m: LlamaShape, context: int, megabytes: int = 1024) -> dict[str, tu
     return kernels
 
 
-def measure(config: dict, threads: int) -> dict:
+def measure(config: dict, threads: int, serving: dict = SERVING) -> dict:
     """Measured rates and the decode bounds they give, as one JSON-ready dict."""
     import torch
 
@@ -209,6 +260,10 @@ def measure(config: dict, threads: int) -> dict:
         "matmul_gflops": rates,
         "weight_mb": {dtype: weight_bytes(m, dtype) / 1e6 for dtype in DTYPE_BYTES},
         "decode_bounds": bounds,
+        "serving_bounds": [
+            serving_bound(m, c, serving["input_len"], serving["output_len"], bandwidth, rates)
+            for c in serving["concurrency"]
+        ],
     }
 
 
@@ -226,6 +281,13 @@ def format_roofline(result: dict) -> str:
             f"({b['bound']} bound: memory {b['memory_ms']:.2f} ms, "
             f"compute {b['compute_ms']:.2f} ms per step)"
         )
+    for b in result.get("serving_bounds", ()):
+        lines.append(
+            f"serving bound, bf16 weights, concurrency {b['concurrency']} "
+            f"({b['input_len']} in / {b['output_len']} out): {b['output_tok_s']:.0f} output "
+            f"tok/s (decode step {b['decode_step_ms']:.1f} ms, {b['decode_bound']} bound; "
+            f"prefill {b['prefill_ms_per_wave']:.0f} ms per wave of {b['concurrency']})"
+        )
     return "\n".join(lines)
 
 
@@ -234,6 +296,10 @@ def main() -> None:
     parser.add_argument("--model", default=None, help="HF folder (default: the default model)")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--json", default=None, help="also write the result here")
+    parser.add_argument("--input-len", type=int, default=SERVING["input_len"])
+    parser.add_argument("--output-len", type=int, default=SERVING["output_len"])
+    parser.add_argument("--concurrency", type=int, nargs="+",
+                        default=list(SERVING["concurrency"]))
     args = parser.parse_args()
     if args.model is None:
         from vllm_neuronx.default_model import default_model_path
@@ -241,7 +307,9 @@ def main() -> None:
         args.model = default_model_path()
     with open(f"{args.model}/config.json") as f:
         config = json.load(f)
-    result = measure(config, args.threads)
+    result = measure(config, args.threads, {"input_len": args.input_len,
+                                             "output_len": args.output_len,
+                                             "concurrency": args.concurrency})
     print(format_roofline(result))
     if args.json:
         with open(args.json, "w") as f:

@@ -140,6 +140,20 @@ def ratios(rows: list[dict], ours: str = "ours") -> list[dict]:
     return out
 
 
+def against_bounds(rows: list[dict], roofline: dict, ours: str = "ours") -> list[str]:
+    """Our output tok/s as a share of the roofline's serving bound at each concurrency."""
+    bounds = {b["concurrency"]: b for b in roofline.get("serving_bounds", ())}
+    out = []
+    for row in rows:
+        bound = bounds.get(row["concurrency"])
+        if row["peer"] == ours and bound and row.get("output_throughput"):
+            share = row["output_throughput"] / bound["output_tok_s"]
+            out.append(f"ours at concurrency {row['concurrency']}: {share:.0%} of the serving "
+                       f"bound ({row['output_throughput']:.1f} of {bound['output_tok_s']:.0f} "
+                       "tok/s)")
+    return out
+
+
 def format_ratios(entries: list[dict]) -> str:
     """A Markdown table of ``ratios``; the header says which way is better."""
     header = ["ours / peer", "conc"] + [
@@ -661,12 +675,15 @@ def bench_hf(workload: Workload, model: str, out_dir: Path) -> list[dict]:
     return rows
 
 
-def run_roofline(model: str, out_dir: Path) -> dict | None:
+def run_roofline(model: str, workload: Workload, out_dir: Path) -> dict | None:
     """benchmarks/roofline.py in a child process, with the servers' thread count."""
     out = out_dir / "roofline.json"
+    concurrency = [str(c) for c, _ in workload.runs]
     try:
         run_step([sys.executable, str(HERE / "roofline.py"), "--model", model,
-                  "--threads", str(len(os.sched_getaffinity(0))), "--json", str(out)],
+                  "--threads", str(len(os.sched_getaffinity(0))), "--json", str(out),
+                  "--input-len", str(workload.input_len),
+                  "--output-len", str(workload.output_len), "--concurrency", *concurrency],
                  "roofline: memory bandwidth and matmul rates", out_dir / "roofline.log",
                  20 * MINUTE)
     except PeerUnavailable as e:
@@ -742,7 +759,7 @@ def main() -> None:
     log(f"model {model}; peers {', '.join(args.peers)}; workload {workload}")
     log(f"machine: {machine}")
 
-    roofline = None if args.no_roofline else run_roofline(model, out_dir)
+    roofline = None if args.no_roofline else run_roofline(model, workload, out_dir)
     rows, peers = [], {}
     for name in args.peers:
         peer_began = time.monotonic()
@@ -766,6 +783,8 @@ def main() -> None:
         from roofline import format_roofline
 
         print("\nRoofline (same run):\n" + format_roofline(roofline))
+        for line in against_bounds(rows, roofline):
+            print(line)
     print("\nNotes:\n" + "\n".join(f"- {note}" for note in NOTES))
     machine["load_average_at_end"] = os.getloadavg()
     elapsed = time.monotonic() - began

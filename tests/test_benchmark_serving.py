@@ -108,3 +108,21 @@ def test_decode_bound_takes_the_slower_of_memory_and_compute():
     compute = roofline.decode_bound(m, 32, 192, "bf16", bandwidth_gbs=1e6, matmul_gflops=slow)
     assert compute["bound"] == "compute"
     assert compute["tok_s"] == pytest.approx(32 / (compute["flops_per_step"] / 1e9))
+
+
+def test_serving_bound_adds_each_wave_of_prefills_to_its_decode_steps():
+    m = roofline.LlamaShape.from_config(SMOLLM2)
+    shapes = [*roofline.linear_shapes(m), "attention"]
+    rates = {f"{dtype}_batch{b}": dict.fromkeys(shapes, 100.0 if dtype == "fp32" else 50.0)
+             for dtype in ("bf16", "fp32") for b in (1, 32, roofline.PREFILL_ROWS)}
+    bound = roofline.serving_bound(m, 32, 128, 128, bandwidth_gbs=20.0, rates=rates)
+    step = roofline.decode_bound(m, 32, 192, "bf16", 20.0, rates["fp32_batch32"])
+    prefill = 32 * 128 * roofline.prefill_seconds_per_token(m, 128, rates["fp32_batch512"])
+    assert bound["output_tok_s"] == pytest.approx(32 * 128 / (prefill + 128 * 32 / step["tok_s"]))
+    assert bound["output_tok_s"] < step["tok_s"]  # prompts cost time too
+    one = roofline.serving_bound(m, 1, 128, 128, bandwidth_gbs=20.0, rates=rates)
+    assert one["decode_bound"] == "memory"  # bf16 weights at batch 1: reading them
+    lines = serving.against_bounds(
+        [{"peer": "ours", "concurrency": 32, "output_throughput": bound["output_tok_s"] / 2}],
+        {"serving_bounds": [bound]})
+    assert lines and "50% of the serving bound" in lines[0]

@@ -30,6 +30,7 @@ from vllm_neuronx.backends.cpu.llama import (
     SUPPORTED_ARCHITECTURES,
     LlamaModel,
     LlamaSpec,
+    to_dtype,
 )
 from vllm_neuronx.backends.protocol import ForwardOutput, NeuronBackend, SamplingCapabilities
 from vllm_neuronx.log import get_logger
@@ -116,7 +117,7 @@ class CpuBackend(NeuronBackend):
     @classmethod
     def version(cls) -> str:
         # 2: weights stored in the requested dtype, with the native kernels.
-        return "cpu-2"
+        return f"cpu-2-{kernels.source_digest()}"
 
     @classmethod
     def validate(cls, neuron_config: dict, *, quantization: str | None = None) -> None:
@@ -169,12 +170,7 @@ class CpuBackend(NeuronBackend):
             else {}
         )
         if self.dtype is not self.stored_dtype:
-            widened = {n: w.to(self.dtype) for n, w in weights.items() if n != "lm_head"}
-            widened["lm_head"] = (
-                widened["embed"] if weights["lm_head"] is weights["embed"]
-                else weights["lm_head"].to(self.dtype)
-            )
-            weights = widened
+            weights = to_dtype(weights, self.dtype)
         cfg = self.neuron_config
         self.model = LlamaModel(
             self.spec,

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import ctypes
 import functools
+import hashlib
 import os
 import shutil
 import subprocess
@@ -44,6 +45,13 @@ def cpu_flags() -> frozenset[str]:
     except OSError:
         pass
     return frozenset()
+
+
+@functools.cache
+def source_digest() -> str:
+    """Part of the artifacts' key: a changed kernel is a new compile."""
+    with open(SOURCE, "rb") as f:
+        return hashlib.sha256(f.read() + " ".join(FLAGS).encode()).hexdigest()[:12]
 
 
 def runs_here() -> bool:

@@ -112,6 +112,15 @@ def rope_inv_freq(spec: LlamaSpec) -> torch.Tensor:
     return torch.where(medium, smoothed, scaled)
 
 
+def to_dtype(weights: dict[str, torch.Tensor], dtype: torch.dtype) -> dict[str, torch.Tensor]:
+    """Every tensor in ``dtype``, contiguous; tied weights (one tensor) stay one tensor."""
+    converted: dict[int, torch.Tensor] = {}
+    for tensor in weights.values():
+        if id(tensor) not in converted:
+            converted[id(tensor)] = tensor.to(dtype).contiguous()
+    return {name: converted[id(tensor)] for name, tensor in weights.items()}
+
+
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
     if x.dtype is torch.float32:  # one fused op; the same arithmetic as below
         return F.rms_norm(x, weight.shape, weight, eps)
@@ -203,7 +212,7 @@ class LlamaModel:
                     [get(p + "mlp.gate_proj.bias"), get(p + "mlp.up_proj.bias")]
                 )
                 out[p + "down_bias"] = get(p + "mlp.down_proj.bias")
-        return {k: v.to(dtype).contiguous() for k, v in out.items()}
+        return to_dtype(out, dtype)
 
     @staticmethod
     def is_matmul(name: str) -> bool:
