@@ -126,41 +126,50 @@ def test_bf16_kernel_computes_fp32_matmul_of_bf16_weights():
 
     with tempfile.TemporaryDirectory() as folder:
         assert kernels.build(folder)
-        gemv = kernels.load(folder)
+        matmul = kernels.load(folder)
     torch.manual_seed(0)
-    # weight rows not a multiple of 3, input rows across chunks of 8
-    for m, n, k in [(1, 37, 48), (3, 64, 576), (4, 5, 16), (9, 7, 32), (17, 40, 64)]:
+    # columns not a multiple of the panel, rows across blocks of 8, odd k
+    for m, n, k in [(1, 37, 48), (3, 960, 576), (4, 5, 16), (9, 7, 33), (17, 100, 64),
+                    (130, 49, 20), (300, 100, 64)]:  # 300 rows: widened for MKL
         w = torch.randn(n, k).bfloat16()
         x = torch.randn(m, k)
-        assert gemv.takes(w)
-        torch.testing.assert_close(gemv(x, w), x @ w.float().T, rtol=1e-5, atol=1e-5)
-    assert not gemv.takes(torch.randn(4, 24).bfloat16())  # k not a multiple of 16
+        got = matmul(x, matmul.pack(w))
+        torch.testing.assert_close(got, x @ w.float().T, rtol=1e-5, atol=1e-4)
+    with pytest.raises(ValueError, match="columns"):
+        matmul(torch.randn(2, 8), matmul.pack(torch.randn(4, 16).bfloat16()))
 
 
-def test_bf16_on_fp32_units_matches_hf_on_the_same_weights(tiny_llama, tmp_path, monkeypatch):
-    """bf16 requested on a CPU without bf16 units: weights stored in bf16, computed in
-    fp32 (the bf16 kernel for a few rows, torch's matmul above). HF transformers computing
-    in fp32 over the same bf16-rounded weights gives the same greedy tokens."""
+@pytest.mark.parametrize("kernel", [True, False], ids=["kernel", "widened"])
+def test_bf16_on_fp32_units_matches_hf_on_the_same_weights(tiny_llama, tmp_path, monkeypatch,
+                                                           kernel):
+    """bf16 requested on a CPU without bf16 units: weights stored in bf16 and multiplied
+    in fp32 by the native kernel (or, without AVX-512, widened to fp32 for torch's
+    matmul). HF transformers computing in fp32 over the same bf16-rounded weights gives
+    the same greedy tokens, for 1, 3 and 6 rows at once."""
     import vllm_neuronx.backends.cpu as cpu
     from vllm_neuronx.backends.cpu import kernels
 
     monkeypatch.setattr(cpu, "native_bf16", lambda: False)
+    if not kernel:
+        monkeypatch.setattr(kernels, "runs_here", lambda: False)
+    elif not kernels.runs_here():
+        pytest.skip("the bf16 kernel needs AVX-512")
     cfg = nc.resolve_neuron_config(tp_degree=1, max_num_seqs=8, max_model_len=128,
                                    dtype="bfloat16")
     b = CpuBackend(tiny_llama, cfg)
     b.compile(str(tmp_path))
     b.load(str(tmp_path))
     assert b.model.dtype is torch.float32
-    assert (b.model.gemv is not None) == kernels.runs_here()
+    assert (b.model.matmul is not None) == kernel
+    if kernel:  # no fp32 copies of the matmul weights
+        assert "layers.0.qkv" in b.model.packed and "layers.0.qkv" not in b.model.w
+    else:
+        assert b.model.w["layers.0.qkv"].dtype is torch.float32
     prompts = [[5, 6, 7, 8, 9], [10, 11], [12, 13, 14], [3] * 20, [40, 41], [7, 8, 9, 10]]
     steps = 5
     expected = hf_greedy(tiny_llama, prompts, [steps] * len(prompts),
                          weights_in=torch.bfloat16)
-    kernel_rows = b.model.gemv.max_rows if b.model.gemv else 0
-    for group, max_rows in [(prompts[:1], kernel_rows), (prompts[:3], kernel_rows),
-                            (prompts, kernel_rows), (prompts, 0)]:  # 0: torch's matmul
-        if b.model.gemv:
-            b.model.gemv.max_rows = max_rows
+    for group in (prompts[:1], prompts[:3], prompts):
         n = len(group)
         lines = list(range(n))
         seqs = [p + [t] for p, t in zip(

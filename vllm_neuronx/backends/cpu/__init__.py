@@ -147,7 +147,7 @@ class CpuBackend(NeuronBackend):
         if weights["lm_head"].data_ptr() == weights["embed"].data_ptr():
             del weights["lm_head"]
         save_file(weights, os.path.join(folder, WEIGHTS_FILE))
-        if self.uses_gemv():
+        if self.uses_kernel():
             kernels.build(folder)
         logger.info(
             "CPU backend: converted weights to %s in %.1f s",
@@ -155,21 +155,25 @@ class CpuBackend(NeuronBackend):
             time.perf_counter() - start,
         )
 
-    def uses_gemv(self) -> bool:
-        """bf16 weights computed in fp32: small batches read the bf16 copy (kernels.py)."""
+    def uses_kernel(self) -> bool:
+        """bf16 weights computed in fp32: the native kernel multiplies them (kernels.py)."""
         return self.stored_dtype is torch.bfloat16 and self.dtype is torch.float32
 
     def load(self, folder: str) -> None:
         torch.set_num_threads(cpu_threads())
         weights = read_safetensors([os.path.join(folder, WEIGHTS_FILE)], "Loading artifacts")
         weights.setdefault("lm_head", weights["embed"])
-        gemv = kernels.load(folder) if self.uses_gemv() else None
-        small = (
-            {n: w for n, w in weights.items() if LlamaModel.is_matmul(n) and gemv.takes(w)}
-            if gemv is not None
-            else {}
-        )
-        if self.dtype is not self.stored_dtype:
+        matmul = kernels.load(folder) if self.uses_kernel() else None
+        packed = {}
+        if matmul is not None:
+            packed = {n: matmul.pack(w) for n, w in weights.items() if LlamaModel.is_matmul(n)}
+            embed = weights["embed"]  # looked up a row at a time: it can stay bf16
+            weights = to_dtype(
+                {n: w for n, w in weights.items() if n not in packed and n != "embed"},
+                self.dtype,
+            )
+            weights["embed"] = embed
+        elif self.dtype is not self.stored_dtype:
             weights = to_dtype(weights, self.dtype)
         cfg = self.neuron_config
         self.model = LlamaModel(
@@ -178,8 +182,8 @@ class CpuBackend(NeuronBackend):
             num_lines=cfg["batch_size"],
             max_len=cfg["seq_len"],
             dtype=self.dtype,
-            gemv=gemv,
-            gemv_weights=small,
+            matmul=matmul,
+            packed=packed,
         )
 
     def forward(

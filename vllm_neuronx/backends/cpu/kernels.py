@@ -1,10 +1,10 @@
 """Native kernels of the CPU backend, compiled into the artifacts like a device's.
 
-One for now: the bf16 GEMV of small decode batches (``gemv_bf16.c``, see why
-there). ``build`` runs the system C compiler at compile time and stores the
-shared library beside the weights; ``load`` maps it back when this CPU can run it.
-Without a compiler or AVX-512 the backend keeps torch's fp32 matmuls: slower at
-batch 1, the same tokens.
+One for now: the bf16-weight matmul of CPUs without bf16 units
+(``matmul_bf16.c``, see why there). ``build`` runs the system C compiler at
+compile time and stores the shared library beside the weights; ``load`` maps it
+back when this CPU can run it. Without a compiler or AVX-512 the backend widens the
+weights to fp32 and uses torch's matmuls: more memory and slower, the same tokens.
 """
 
 from __future__ import annotations
@@ -15,6 +15,7 @@ import hashlib
 import os
 import shutil
 import subprocess
+from dataclasses import dataclass
 
 import torch
 
@@ -22,17 +23,12 @@ from vllm_neuronx.log import get_logger
 
 logger = get_logger(__name__)
 
-SOURCE = os.path.join(os.path.dirname(__file__), "gemv_bf16.c")
-LIBRARY = "gemv_bf16.so"
+SOURCE = os.path.join(os.path.dirname(__file__), "matmul_bf16.c")
+LIBRARY = "matmul_bf16.so"
 NEEDS = ("avx512f", "avx512bw")
 # -fopenmp links libgomp.so.1, which resolves to the copy torch has already loaded,
 # so the kernel's threads are torch's (torch.set_num_threads applies to both).
 FLAGS = ("-O3", "-mavx512f", "-mavx512bw", "-fopenmp", "-shared", "-fPIC")
-# Up to this many rows the kernel beats torch's fp32 matmul (SmolLM2's 30 layers on
-# 2 cores: 19 against 33 ms at 1 row, 29 against 73 at 8, 51 against 84 at 16; whole
-# decode steps at 24 rows: 108-121 against 127-136 ms); at 32 the two tie, both
-# bound by multiplies.
-MAX_ROWS = 24
 
 
 @functools.cache
@@ -61,11 +57,11 @@ def runs_here() -> bool:
 def build(folder: str) -> bool:
     """Compile the kernel into ``folder``; False (logged) where it cannot run or build."""
     if not runs_here():
-        logger.info("CPU backend: no AVX-512 here; small batches use torch's fp32 matmul")
+        logger.info("CPU backend: no AVX-512 here; bf16 weights are widened to fp32")
         return False
     compiler = shutil.which(os.environ.get("CC", "cc")) or shutil.which("gcc")
     if compiler is None:
-        logger.warning("CPU backend: no C compiler; small batches use torch's fp32 matmul")
+        logger.warning("CPU backend: no C compiler; bf16 weights are widened to fp32")
         return False
     out = os.path.join(folder, LIBRARY)
     result = subprocess.run(
@@ -73,45 +69,67 @@ def build(folder: str) -> bool:
     )
     if result.returncode != 0:
         logger.warning(
-            "CPU backend: building the bf16 kernel failed; small batches use torch's fp32 "
-            "matmul:\n%s",
+            "CPU backend: building the bf16 kernel failed; bf16 weights are widened to "
+            "fp32:\n%s",
             result.stderr.strip(),
         )
         return False
     return True
 
 
-class Bf16Gemv:
-    """``x [m, k] fp32 @ w[n, k]^T`` with bf16 weights; worth it for m up to ``max_rows``."""
+# From this many rows (a prefill) torch's fp32 sgemm beats the kernel by more than it
+# costs to widen the weight for the call: SmolLM2, 32 prompts of 128 prefilled 8 at a
+# time, took 6.1 s in the kernel and 4.4 s through MKL.
+WIDEN_ROWS = 256
 
-    __slots__ = ("_fn", "max_rows")
+
+@dataclass(frozen=True, slots=True)
+class PackedWeight:
+    """A [n, k] weight in the kernel's panel layout."""
+
+    data: torch.Tensor  # [panels, k, panel] bf16
+    n: int
+
+
+class Bf16Matmul:
+    """``x [m, k] fp32 @ w[n, k]^T`` over bf16 weights packed by ``pack``."""
+
+    __slots__ = ("_fn", "panel")
 
     def __init__(self, path: str) -> None:
         lib = ctypes.CDLL(path)
-        self._fn = lib.gemv_bf16
+        self._fn = lib.matmul_bf16
         self._fn.argtypes = [ctypes.c_void_p] * 3 + [ctypes.c_int] * 3
         self._fn.restype = None
-        self.max_rows = MAX_ROWS
+        self.panel = int(lib.matmul_bf16_panel())
 
-    @staticmethod
-    def takes(weight: torch.Tensor) -> bool:
-        return (
-            weight.dtype is torch.bfloat16
-            and weight.dim() == 2
-            and weight.shape[1] % 16 == 0
-            and weight.is_contiguous()
-        )
+    def pack(self, weight: torch.Tensor) -> PackedWeight:
+        """[n, k] -> [panels, k, panel] bf16: each panel's columns contiguous per k."""
+        n, k = weight.shape
+        padded = -(-n // self.panel) * self.panel
+        out = torch.zeros((padded, k), dtype=torch.bfloat16)
+        out[:n] = weight
+        data = out.view(padded // self.panel, self.panel, k).transpose(1, 2).contiguous()
+        return PackedWeight(data, n)
 
-    def __call__(self, x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
-        x = x.contiguous()
+    def __call__(self, x: torch.Tensor, weight: PackedWeight) -> torch.Tensor:
+        """x [m, k] -> [m, n] fp32."""
+        x = x.float().contiguous()
         m, k = x.shape
-        y = torch.empty((m, weight.shape[0]), dtype=torch.float32)
-        self._fn(x.data_ptr(), weight.data_ptr(), y.data_ptr(), m, weight.shape[0], k)
+        if weight.data.shape[1] != k:
+            raise ValueError(f"x has {k} columns, the weight {weight.data.shape[1]}")
+        if m >= WIDEN_ROWS:  # MKL's sgemm, over the weight widened to [k, n] fp32
+            panels = weight.data.shape[0]
+            wide = torch.empty((k, panels, self.panel), dtype=torch.float32)
+            wide.copy_(weight.data.permute(1, 0, 2))  # one pass: unpack and widen
+            return x @ wide.view(k, panels * self.panel)[:, : weight.n]
+        y = torch.empty((m, weight.n), dtype=torch.float32)
+        self._fn(x.data_ptr(), weight.data.data_ptr(), y.data_ptr(), m, weight.n, k)
         return y
 
 
-def load(folder: str) -> Bf16Gemv | None:
+def load(folder: str) -> Bf16Matmul | None:
     path = os.path.join(folder, LIBRARY)
     if not os.path.exists(path) or not runs_here():
         return None
-    return Bf16Gemv(path)
+    return Bf16Matmul(path)

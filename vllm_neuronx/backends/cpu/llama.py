@@ -20,7 +20,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from vllm_neuronx.backends.cpu.kernels import Bf16Gemv
+from vllm_neuronx.backends.cpu.kernels import Bf16Matmul, PackedWeight
 
 SUPPORTED_ARCHITECTURES = ("LlamaForCausalLM", "MistralForCausalLM")
 # The weights every token multiplies (the rest are norms and the embedding table).
@@ -147,17 +147,17 @@ class LlamaModel:
         num_lines: int,
         max_len: int,
         dtype: torch.dtype,
-        gemv: Bf16Gemv | None = None,
-        gemv_weights: dict[str, torch.Tensor] | None = None,
+        matmul: Bf16Matmul | None = None,
+        packed: dict[str, PackedWeight] | None = None,
     ) -> None:
         self.spec = spec
         self.dtype = dtype
         self.max_len = max_len
         self.w = weights
-        # bf16 copies of the matmul weights for batches of at most gemv.max_rows
-        # rows, which read weights more than they compute (kernels.py).
-        self.gemv = gemv
-        self.w16 = gemv_weights or {}
+        # Matmul weights kept in bf16 for the native kernel (kernels.py), instead of
+        # fp32 copies in ``weights``.
+        self.matmul = matmul
+        self.packed = packed or {}
         shape = (spec.num_layers, num_lines, spec.num_kv_heads, max_len, spec.head_dim)
         self.k_cache = torch.zeros(shape, dtype=dtype)
         self.v_cache = torch.zeros(shape, dtype=dtype)
@@ -220,16 +220,19 @@ class LlamaModel:
 
     # -- the decoder ----------------------------------------------------------
     def _linear(self, x: torch.Tensor, name: str) -> torch.Tensor:
-        """x @ weight^T + bias: the bf16 kernel for a few rows, torch's matmul otherwise."""
-        small = self.w16.get(name)
-        rows = x.numel() // x.shape[-1]
-        if small is None or rows > self.gemv.max_rows:
+        """x @ weight^T + bias, by the bf16 kernel where the weight is packed for it."""
+        packed = self.packed.get(name)
+        if packed is None:
             return F.linear(x, self.w[name], self.w.get(name + "_bias"))
-        out = self.gemv(x.reshape(rows, x.shape[-1]), small)
+        out = self.matmul(x.reshape(-1, x.shape[-1]), packed)
         bias = self.w.get(name + "_bias")
         if bias is not None:
             out += bias
-        return out.view(*x.shape[:-1], small.shape[0])
+        return out.view(*x.shape[:-1], packed.n)
+
+    def _embed(self, input_ids: torch.Tensor) -> torch.Tensor:
+        # The table may stay in bf16 beside the kernel: rows widen exactly.
+        return F.embedding(input_ids, self.w["embed"]).to(self.dtype)
 
     def _layer(
         self, i: int, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, attend
@@ -275,7 +278,7 @@ class LlamaModel:
         each row in ``prompt_rows`` the fp32 logits of all its positions, [len, vocab].
         """
         n, t = input_ids.shape
-        x = F.embedding(input_ids, self.w["embed"])
+        x = self._embed(input_ids)
         cos, sin = self.cos[:t][None, None], self.sin[:t][None, None]
         positions = torch.arange(t)
         mask = self._window_mask(positions[None, :] <= positions[:, None], positions, t)
@@ -310,7 +313,7 @@ class LlamaModel:
         s = self.spec
         m = input_ids.shape[0]
         span = min(bucket, -(-(int(positions.max()) + 1) // ATTEND_STEP) * ATTEND_STEP)
-        x = F.embedding(input_ids[:, None], self.w["embed"])
+        x = self._embed(input_ids[:, None])
         cos, sin = self.cos[positions][:, None, None], self.sin[positions][:, None, None]
         visible = torch.arange(span)[None, :] <= positions[:, None]
         visible = self._window_mask(visible, positions[:, None], span)
