@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import sys
 
+import psutil
 import requests
 
 from tests.server_utils import Server
@@ -28,5 +29,22 @@ def test_vllm_serve_with_the_guide_flags():
         assert r.status_code == 400 and "global_topk=64" in r.json()["error"]["message"]
         ready = [ln for ln in server.output().splitlines() if "Neuron ready:" in ln]
         assert len(ready) == 1 and "KV lines=2 x 128" in ready[0]
+        # The engine core was forked (prefer_fork), not spawned: a spawned one imports
+        # vLLM and torch again, half of a warm start. (Its title hides its command line;
+        # but starting a process by spawn also starts multiprocessing's resource tracker.)
+        children = psutil.Process(server.proc.pid).children(recursive=True)
+        assert any(c.name().startswith("VLLM::EngineCore") for c in children)
+        assert not any("resource_tracker" in " ".join(c.cmdline()) for c in children)
     finally:
         server.stop()
+
+
+def test_the_users_multiprocessing_method_wins(monkeypatch):
+    import vllm_neuronx
+
+    monkeypatch.delenv("VLLM_WORKER_MULTIPROC_METHOD", raising=False)
+    vllm_neuronx.prefer_fork()
+    assert os.environ["VLLM_WORKER_MULTIPROC_METHOD"] == "fork"
+    monkeypatch.setenv("VLLM_WORKER_MULTIPROC_METHOD", "spawn")
+    vllm_neuronx.prefer_fork()
+    assert os.environ["VLLM_WORKER_MULTIPROC_METHOD"] == "spawn"
