@@ -722,7 +722,7 @@ NOTES = (
     "sampled 4x/s from launch to the end of that row. start: launch to health check "
     "answered (hf: model loaded and warmed up).",
     "llama.cpp serves one request at a time (llama-cpp-python has no batching) on a "
-    "Q4_1 GGUF; the others compute in bf16 (ours computes bf16 in fp32 on CPUs "
+    "Q4_1 GGUF; the others hold bf16 weights (ours multiplies them in fp32 on CPUs "
     "without bf16 units).",
 )
 
