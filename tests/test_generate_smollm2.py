@@ -27,34 +27,31 @@ def model_path() -> str:
     return default_model_path()
 
 
-def test_smollm2_fp32_greedy_matches_hf(model_path):
+def greedy(model_path: str, dtype: str) -> tuple[list[list[int]], list, list[list[int]]]:
+    """(prompt token ids, vLLM outputs, generated token ids) of PROMPTS through our LLM."""
     tok = AutoTokenizer.from_pretrained(model_path)
     prompts = [tok(p)["input_ids"] for p in PROMPTS]
-    llm = LLM(model=model_path, device="neuron", max_num_seqs=4, max_model_len=128,
-              dtype="float32")
+    llm = LLM(model=model_path, device="neuron", max_num_seqs=4, max_model_len=128, dtype=dtype)
     params = [SamplingParams(temperature=0, max_tokens=n, ignore_eos=True) for n in MAX_TOKENS]
     outputs = llm.generate([{"prompt_token_ids": p} for p in prompts], params)
-    got = [list(o.outputs[0].token_ids) for o in outputs]
-    expected = hf_greedy(model_path, prompts, MAX_TOKENS)
-    assert got == expected
+    return prompts, outputs, [list(o.outputs[0].token_ids) for o in outputs]
+
+
+def test_smollm2_fp32_greedy_matches_hf(model_path):
+    prompts, outputs, got = greedy(model_path, "float32")
+    assert got == hf_greedy(model_path, prompts, MAX_TOKENS)
     assert "Paris" in outputs[0].outputs[0].text
 
 
 def test_smollm2_bf16_greedy_matches_hf_on_bf16_weights(model_path):
-    """bf16 on a CPU without bf16 units: the weights are rounded to bf16 and computed
-    in fp32, decode steps of 1-4 rows through the bf16 kernel. HF computing in fp32
-    over the same bf16 weights agrees."""
+    """bf16 on a CPU without bf16 units: the weights are rounded to bf16 and multiplied
+    in fp32 by the native kernel (by MKL over widened weights for long prefills). HF
+    computing in fp32 over the same bf16 weights agrees."""
     import torch
 
     import vllm_neuronx.backends.cpu as cpu
 
     if cpu.native_bf16():
         pytest.skip("this CPU computes bf16 natively (another path, other roundings)")
-    tok = AutoTokenizer.from_pretrained(model_path)
-    prompts = [tok(p)["input_ids"] for p in PROMPTS]
-    llm = LLM(model=model_path, device="neuron", max_num_seqs=4, max_model_len=128,
-              dtype="bfloat16")
-    params = [SamplingParams(temperature=0, max_tokens=n, ignore_eos=True) for n in MAX_TOKENS]
-    outputs = llm.generate([{"prompt_token_ids": p} for p in prompts], params)
-    got = [list(o.outputs[0].token_ids) for o in outputs]
+    prompts, _, got = greedy(model_path, "bfloat16")
     assert got == hf_greedy(model_path, prompts, MAX_TOKENS, weights_in=torch.bfloat16)
