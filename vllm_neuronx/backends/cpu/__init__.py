@@ -1,9 +1,10 @@
 """Our CPU backend: the NxDI contract honoured by plain PyTorch.
 
 "compile" does the work a warm start can skip: it converts the HF checkpoint to
-the requested dtype and our fused layout, builds the native kernels for this CPU
-(kernels.py), and stores both with the resolved config. "load" maps them back,
-widens bf16 to fp32 where this CPU has no bf16 units, and allocates the KV lines. forward follows the contract:
+the requested dtype and our fused layout, builds the native kernel for this CPU
+(kernels.py), and stores both with the resolved config. "load" maps them back (on
+a CPU without bf16 units, packing bf16 matmul weights for the kernel, or widening
+them to fp32 without it) and allocates the KV lines. forward follows the contract:
 static buckets, KV lines indexed by seq_id, sampling on the "device". Like NxDI
 with ``output_logits`` it returns the logits with the tokens (it computes them
 anyway), and, beyond NxDI's contract, the logits of every prompt position on
