@@ -182,3 +182,32 @@ def test_bf16_on_fp32_units_matches_hf_on_the_same_weights(tiny_llama, tmp_path,
             for s, t in zip(seqs, tokens, strict=True):
                 s.append(t)
         assert [s[len(p):] for s, p in zip(seqs, group, strict=True)] == expected[:n]
+
+
+def test_a_kernel_that_cannot_load_falls_back_to_widened_weights(tiny_llama, tmp_path,
+                                                                 monkeypatch, caplog):
+    """A folder on a noexec mount (Docker's /dev/shm, where an unwritable cache compiles
+    to) cannot map the kernel: the backend widens the weights and serves."""
+    import ctypes
+
+    import vllm_neuronx.backends.cpu as cpu
+    from vllm_neuronx.backends.cpu import kernels
+
+    if not kernels.runs_here():
+        pytest.skip("the bf16 kernel needs AVX-512")
+    monkeypatch.setattr(cpu, "native_bf16", lambda: False)
+    cfg = nc.resolve_neuron_config(tp_degree=1, max_num_seqs=2, max_model_len=128,
+                                   dtype="bfloat16")
+    b = CpuBackend(tiny_llama, cfg)
+    b.compile(str(tmp_path))
+    assert (tmp_path / kernels.LIBRARY).exists()
+
+    def refuse(path, *args, **kwargs):
+        raise OSError(f"{path}: failed to map segment from shared object")
+
+    monkeypatch.setattr(ctypes, "CDLL", refuse)
+    b.load(str(tmp_path))
+    assert b.model.matmul is None and b.model.w["layers.0.qkv"].dtype is torch.float32
+    assert "cannot load the bf16 kernel" in caplog.text
+    out = b.forward(*prefill_args([[5, 6, 7]], [0]), greedy(1))
+    assert out.tokens.shape == (1,)

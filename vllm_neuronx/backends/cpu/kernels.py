@@ -129,7 +129,17 @@ class Bf16Matmul:
 
 
 def load(folder: str) -> Bf16Matmul | None:
+    """The kernel built into ``folder``, or None (the caller widens the weights)."""
     path = os.path.join(folder, LIBRARY)
     if not os.path.exists(path) or not runs_here():
         return None
-    return Bf16Matmul(path)
+    try:
+        return Bf16Matmul(path)
+    except OSError as e:  # e.g. a folder on a noexec mount (Docker's /dev/shm)
+        logger.warning(
+            "CPU backend: cannot load the bf16 kernel from %s (%s); bf16 weights are "
+            "widened to fp32",
+            path,
+            e,
+        )
+        return None
