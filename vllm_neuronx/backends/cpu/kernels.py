@@ -64,9 +64,15 @@ def build(folder: str) -> bool:
         logger.warning("CPU backend: no C compiler; bf16 weights are widened to fp32")
         return False
     out = os.path.join(folder, LIBRARY)
-    result = subprocess.run(
-        [compiler, *FLAGS, SOURCE, "-o", out], capture_output=True, text=True, check=False
-    )
+    try:
+        result = subprocess.run(
+            [compiler, *FLAGS, SOURCE, "-o", out],
+            capture_output=True, text=True, check=False, timeout=300,
+        )
+    except (OSError, subprocess.TimeoutExpired) as e:
+        logger.warning("CPU backend: cannot run %s (%s); bf16 weights are widened to fp32",
+                       compiler, e)
+        return False
     if result.returncode != 0:
         logger.warning(
             "CPU backend: building the bf16 kernel failed; bf16 weights are widened to "
