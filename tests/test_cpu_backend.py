@@ -211,3 +211,15 @@ def test_a_kernel_that_cannot_load_falls_back_to_widened_weights(tiny_llama, tmp
     assert "cannot load the bf16 kernel" in caplog.text
     out = b.forward(*prefill_args([[5, 6, 7]], [0]), greedy(1))
     assert out.tokens.shape == (1,)
+
+
+@pytest.mark.parametrize("cc", ["/bin/false", "/nonexistent/cc"])
+def test_a_compiler_that_fails_leaves_no_kernel(tmp_path, monkeypatch, cc):
+    from vllm_neuronx.backends.cpu import kernels
+
+    if not kernels.runs_here():
+        pytest.skip("the bf16 kernel needs AVX-512")
+    monkeypatch.setenv("CC", cc)
+    monkeypatch.setattr(kernels.shutil, "which", lambda name: cc if name == cc else None)
+    assert kernels.build(str(tmp_path)) is False
+    assert kernels.load(str(tmp_path)) is None
