@@ -46,10 +46,8 @@ _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torc
 def native_bf16() -> bool:
     """Whether this CPU multiplies bf16 in hardware (AMX or AVX512-BF16). Without it,
     oneDNN/MKL convert every bf16 matmul and run it several times slower than fp32."""
-    try:
-        with open("/proc/cpuinfo") as f:
-            flags = f.read()
-    except OSError:
+    flags = kernels.cpu_flags()
+    if not flags:
         return True  # not Linux: trust the requested dtype
     return "amx_bf16" in flags or "avx512_bf16" in flags
 
