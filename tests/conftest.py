@@ -12,9 +12,15 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 
 
-def make_tiny_llama(path, *, seed: int = 0, vocab: int = 512, tie: bool = False, **overrides):
-    """A random Llama small enough to build and run in a second."""
-    from transformers import LlamaConfig, LlamaForCausalLM
+def make_tiny_llama(path, *, seed: int = 0, vocab: int = 512, tie: bool = False,
+                    mistral: bool = False, **overrides):
+    """A random Llama (or Mistral, for its sliding window) small enough to build and run
+    in a second."""
+    import transformers
+
+    family = "Mistral" if mistral else "Llama"
+    config_class = getattr(transformers, f"{family}Config")
+    model_class = getattr(transformers, f"{family}ForCausalLM")
 
     torch.manual_seed(seed)
     cfg = dict(
@@ -30,7 +36,7 @@ def make_tiny_llama(path, *, seed: int = 0, vocab: int = 512, tie: bool = False,
         eos_token_id=2,
     )
     cfg.update(overrides)
-    model = LlamaForCausalLM(LlamaConfig(**cfg))
+    model = model_class(config_class(**cfg))
     # Spread the logits so greedy choices are far from ties.
     with torch.no_grad():
         for p in model.parameters():

@@ -145,22 +145,12 @@ def test_bf16_on_fp32_units_matches_hf_on_the_same_weights(tiny_llama, tmp_path,
     """bf16 requested on a CPU without bf16 units: weights stored in bf16 and multiplied
     in fp32 by the native kernel (or, without AVX-512, widened to fp32 for torch's
     matmul). HF transformers computing in fp32 over the same bf16-rounded weights gives
-    the same greedy tokens, for 1, 3 and 6 rows at once."""
-    import vllm_neuronx.backends.cpu as cpu
-    from vllm_neuronx.backends.cpu import kernels
-
-    monkeypatch.setattr(cpu, "native_bf16", lambda: False)
-    if not kernel:
-        monkeypatch.setattr(kernels, "runs_here", lambda: False)
-    elif not kernels.runs_here():
-        pytest.skip("the bf16 kernel needs AVX-512")
-    cfg = nc.resolve_neuron_config(tp_degree=1, max_num_seqs=8, max_model_len=128,
-                                   dtype="bfloat16")
-    b = CpuBackend(tiny_llama, cfg)
-    b.compile(str(tmp_path))
-    b.load(str(tmp_path))
+    the same greedy tokens, for 1, 3 and 6 rows at once; with the kernel, decode steps
+    run natively whole (decode_step.c)."""
+    b = bf16_backend_without_bf16_units(tiny_llama, tmp_path, monkeypatch, kernel)
     assert b.model.dtype is torch.float32
     assert (b.model.matmul is not None) == kernel
+    assert (b.model.decode_step is not None) == kernel
     if kernel:  # no fp32 copies of the matmul weights
         assert "layers.0.qkv" in b.model.packed and "layers.0.qkv" not in b.model.w
     else:
@@ -170,18 +160,87 @@ def test_bf16_on_fp32_units_matches_hf_on_the_same_weights(tiny_llama, tmp_path,
     expected = hf_greedy(tiny_llama, prompts, [steps] * len(prompts),
                          weights_in=torch.bfloat16)
     for group in (prompts[:1], prompts[:3], prompts):
-        n = len(group)
-        lines = list(range(n))
-        seqs = [p + [t] for p, t in zip(
-            group, b.forward(*prefill_args(group, lines), greedy(n)).tokens.tolist(),
-            strict=True)]
-        for _ in range(steps - 1):
-            tokens = b.forward(torch.tensor([[s[-1]] for s in seqs]),
-                               torch.tensor([[len(s) - 1] for s in seqs]),
-                               torch.tensor(lines), greedy(n)).tokens.tolist()
-            for s, t in zip(seqs, tokens, strict=True):
-                s.append(t)
-        assert [s[len(p):] for s, p in zip(seqs, group, strict=True)] == expected[:n]
+        assert backend_greedy(b, group, steps) == expected[:len(group)]
+
+
+def backend_greedy(b, prompts, steps, lines=None):
+    """Greedy continuations of ``steps`` tokens, all prompts batched in each call."""
+    n = len(prompts)
+    lines = list(range(n)) if lines is None else lines
+    seqs = [p + [t] for p, t in zip(
+        prompts, b.forward(*prefill_args(prompts, lines), greedy(n)).tokens.tolist(),
+        strict=True)]
+    for _ in range(steps - 1):
+        tokens = b.forward(torch.tensor([[s[-1]] for s in seqs]),
+                           torch.tensor([[len(s) - 1] for s in seqs]),
+                           torch.tensor(lines), greedy(n)).tokens.tolist()
+        for s, t in zip(seqs, tokens, strict=True):
+            s.append(t)
+    return [s[len(p):] for s, p in zip(seqs, prompts, strict=True)]
+
+
+def bf16_backend_without_bf16_units(model, folder, monkeypatch, kernel, max_num_seqs=8):
+    import vllm_neuronx.backends.cpu as cpu
+    from vllm_neuronx.backends.cpu import kernels
+
+    monkeypatch.setattr(cpu, "native_bf16", lambda: False)
+    if not kernel:
+        monkeypatch.setattr(kernels, "runs_here", lambda: False)
+    elif not kernels.runs_here():
+        pytest.skip("the bf16 kernel needs AVX-512")
+    cfg = nc.resolve_neuron_config(tp_degree=1, max_num_seqs=max_num_seqs, max_model_len=128,
+                                   dtype="bfloat16")
+    b = CpuBackend(model, cfg)
+    folder.mkdir(exist_ok=True)
+    b.compile(str(folder))
+    b.load(str(folder))
+    return b
+
+
+def test_native_decode_step_matches_the_torch_decode(tmp_path, monkeypatch):
+    """decode_step.c against llama.py's torch decode on the same weights and cache:
+    scattered KV lines, rows at different positions, a head size (24) that is not a
+    multiple of the vector width."""
+    from tests.conftest import make_tiny_llama
+
+    model = make_tiny_llama(tmp_path / "model", hidden_size=96, num_attention_heads=4,
+                            num_key_value_heads=2)
+    b = bf16_backend_without_bf16_units(model, tmp_path / "artifacts", monkeypatch, True)
+    m = b.model
+    assert m.decode_step is not None
+    prompts = [[5, 6, 7, 8, 9], [10, 11], [12, 13, 14] * 9]
+    lines = [1, 4, 7]
+    b.forward(*prefill_args(prompts, lines), greedy(3))
+    ids, positions = torch.tensor([20, 21, 22]), torch.tensor([5, 2, 27])
+    cache = m.k_cache.clone(), m.v_cache.clone()
+    native = m.token_generate(ids, positions, torch.tensor(lines), 128)
+    native_cache = m.k_cache.clone(), m.v_cache.clone()
+    m.k_cache.copy_(cache[0])
+    m.v_cache.copy_(cache[1])
+    step, m.decode_step = m.decode_step, None
+    reference = m.token_generate(ids, positions, torch.tensor(lines), 128)
+    m.decode_step = step
+    torch.testing.assert_close(native, reference, rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(native_cache[0], m.k_cache, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(native_cache[1], m.v_cache, rtol=1e-5, atol=1e-5)
+    with pytest.raises(ValueError, match="rows"):
+        step(torch.zeros(9, 96), torch.zeros(9, dtype=torch.long), torch.zeros(9, dtype=torch.long))
+
+
+@pytest.mark.parametrize("kernel", [True, False], ids=["kernel", "widened"])
+def test_sliding_window_matches_hf(tmp_path, monkeypatch, kernel):
+    """A Mistral whose sliding window (6) is shorter than its prompts and generations:
+    prefill and decode both attend only inside the window, as HF transformers does."""
+    from tests.conftest import make_tiny_llama
+
+    model = make_tiny_llama(tmp_path / "model", mistral=True, sliding_window=6)
+    b = bf16_backend_without_bf16_units(model, tmp_path / "artifacts", monkeypatch, kernel)
+    assert b.spec.sliding_window == 6
+    assert (b.model.decode_step is not None) == kernel
+    prompts = [[5, 6, 7, 8, 9, 10, 11, 12, 13], [10, 11], [12, 13, 14] * 4]
+    steps = 8
+    expected = hf_greedy(model, prompts, [steps] * 3, weights_in=torch.bfloat16)
+    assert backend_greedy(b, prompts, steps) == expected
 
 
 def test_a_kernel_that_cannot_load_falls_back_to_widened_weights(tiny_llama, tmp_path,

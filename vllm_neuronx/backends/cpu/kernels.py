@@ -1,10 +1,11 @@
 """Native kernels of the CPU backend, compiled into the artifacts like a device's.
 
-One for now: the bf16-weight matmul of CPUs without bf16 units
-(``matmul_bf16.c``, see why there). ``build`` runs the system C compiler at
-compile time and stores the shared library beside the weights; ``load`` maps it
-back when this CPU can run it. Without a compiler or AVX-512 the backend widens the
-weights to fp32 and uses torch's matmuls: more memory and slower, the same tokens.
+For CPUs without bf16 units: the bf16-weight matmul (``matmul_bf16.c``) and a whole
+decode step built on it (``decode_step.c``); see why in each. ``build`` runs the
+system C compiler at compile time and stores the shared library beside the
+weights; ``load`` maps it back when this CPU can run it. Without a compiler or
+AVX-512 the backend widens the weights to fp32 and uses torch's matmuls: more
+memory and slower, the same tokens.
 """
 
 from __future__ import annotations
@@ -23,8 +24,10 @@ from vllm_neuronx.log import get_logger
 
 logger = get_logger(__name__)
 
-SOURCE = os.path.join(os.path.dirname(__file__), "matmul_bf16.c")
-LIBRARY = "matmul_bf16.so"
+HERE = os.path.dirname(__file__)
+SOURCES = tuple(os.path.join(HERE, name) for name in ("matmul_bf16.c", "decode_step.c"))
+HEADER = os.path.join(HERE, "kernels.h")
+LIBRARY = "cpu_kernels.so"
 NEEDS = ("avx512f", "avx512bw")
 # -fopenmp links libgomp.so.1, which resolves to the copy torch has already loaded,
 # so the kernel's threads are torch's (torch.set_num_threads applies to both).
@@ -47,8 +50,11 @@ def cpu_flags() -> frozenset[str]:
 @functools.cache
 def source_digest() -> str:
     """Part of the artifacts' key: a changed kernel is a new compile."""
-    with open(SOURCE, "rb") as f:
-        return hashlib.sha256(f.read() + " ".join(FLAGS).encode()).hexdigest()[:12]
+    digest = hashlib.sha256(" ".join(FLAGS).encode())
+    for path in (*SOURCES, HEADER):
+        with open(path, "rb") as f:
+            digest.update(f.read())
+    return digest.hexdigest()[:12]
 
 
 def runs_here() -> bool:
@@ -67,7 +73,7 @@ def build(folder: str) -> bool:
     out = os.path.join(folder, LIBRARY)
     try:
         result = subprocess.run(
-            [compiler, *FLAGS, SOURCE, "-o", out],
+            [compiler, *FLAGS, *SOURCES, "-o", out, "-lm"],
             capture_output=True, text=True, check=False, timeout=300,
         )
     except (OSError, subprocess.TimeoutExpired) as e:
@@ -101,10 +107,10 @@ class PackedWeight:
 class Bf16Matmul:
     """``x [m, k] fp32 @ w[n, k]^T`` over bf16 weights packed by ``pack``."""
 
-    __slots__ = ("_fn", "panel")
+    __slots__ = ("_fn", "lib", "panel")
 
     def __init__(self, path: str) -> None:
-        lib = ctypes.CDLL(path)
+        lib = self.lib = ctypes.CDLL(path)
         self._fn = lib.matmul_bf16
         self._fn.argtypes = [ctypes.c_void_p] * 3 + [ctypes.c_int] * 3
         self._fn.restype = None
@@ -133,6 +139,72 @@ class Bf16Matmul:
         y = torch.empty((m, weight.n), dtype=torch.float32)
         self._fn(x.data_ptr(), weight.data.data_ptr(), y.data_ptr(), m, weight.n, k)
         return y
+
+
+class _Layer(ctypes.Structure):
+    _fields_ = [(name, ctypes.c_void_p) for name in
+                ("ln1", "ln2", "qkv", "o", "gate_up", "down", "k_cache", "v_cache")]
+
+
+class _Model(ctypes.Structure):
+    _fields_ = [
+        *[(name, ctypes.c_int) for name in ("hidden", "intermediate", "heads", "kv_heads",
+                                            "head_dim", "layers", "max_len", "window",
+                                            "vocab")],
+        ("eps", ctypes.c_float),
+        ("scale", ctypes.c_float),
+        *[(name, ctypes.c_void_p) for name in ("cos", "sin", "norm", "lm_head")],
+        ("layer", ctypes.POINTER(_Layer)),
+    ]
+
+
+class DecodeStep:
+    """``decode_step.c``: every layer of a decode step of up to ``max_rows`` rows in one
+    native call. Holds pointers into the model's tensors, which must outlive it."""
+
+    __slots__ = ("_fn", "_model", "_layers", "_scratch", "max_rows", "hidden", "vocab")
+
+    def __init__(self, matmul: Bf16Matmul, *, dims: dict[str, int], eps: float, scale: float,
+                 tensors: dict[str, torch.Tensor | PackedWeight],
+                 layers: list[dict[str, torch.Tensor | PackedWeight]], max_rows: int) -> None:
+        def ptr(t: torch.Tensor | PackedWeight) -> int:
+            packed = isinstance(t, PackedWeight)
+            t = t.data if packed else t
+            if not t.is_contiguous() or t.dtype is not (torch.bfloat16 if packed else torch.float32):
+                raise ValueError("decode_step needs packed weights and contiguous fp32 tensors")
+            return t.data_ptr()
+
+        self._layers = (_Layer * len(layers))(
+            *[_Layer(*[ptr(layer[name]) for name, _ in _Layer._fields_]) for layer in layers]
+        )
+        self._model = _Model(**dims, eps=eps, scale=scale,
+                             **{name: ptr(tensors[name]) for name in ("cos", "sin", "norm",
+                                                                      "lm_head")},
+                             layer=self._layers)
+        lib = matmul.lib
+        lib.decode_scratch_floats.argtypes = [ctypes.POINTER(_Model), ctypes.c_int]
+        lib.decode_scratch_floats.restype = ctypes.c_long
+        self._fn = lib.decode_step
+        self._fn.argtypes = [ctypes.POINTER(_Model)] + [ctypes.c_void_p] + [ctypes.c_int] + \
+            [ctypes.c_void_p] * 4
+        self._fn.restype = None
+        self.max_rows, self.hidden, self.vocab = max_rows, dims["hidden"], dims["vocab"]
+        floats = lib.decode_scratch_floats(ctypes.byref(self._model), max_rows)
+        self._scratch = torch.empty(floats, dtype=torch.float32)
+
+    def __call__(self, x: torch.Tensor, positions: torch.Tensor,
+                 lines: torch.Tensor) -> torch.Tensor:
+        """x [m, hidden] fp32 (overwritten), positions and lines [m] int64 -> logits [m, vocab]."""
+        m = x.shape[0]
+        if not 0 < m <= self.max_rows or x.shape != (m, self.hidden) or \
+                x.dtype is not torch.float32 or not x.is_contiguous():
+            raise ValueError(f"decode_step takes [1..{self.max_rows}, {self.hidden}] fp32 rows")
+        positions = positions.to(torch.int64).contiguous()
+        lines = lines.to(torch.int64).contiguous()
+        logits = torch.empty((m, self.vocab), dtype=torch.float32)
+        self._fn(ctypes.byref(self._model), x.data_ptr(), m, positions.data_ptr(),
+                 lines.data_ptr(), self._scratch.data_ptr(), logits.data_ptr())
+        return logits
 
 
 def load(folder: str) -> Bf16Matmul | None:

@@ -20,7 +20,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from vllm_neuronx.backends.cpu.kernels import Bf16Matmul, PackedWeight
+from vllm_neuronx.backends.cpu.kernels import WIDEN_ROWS, Bf16Matmul, DecodeStep, PackedWeight
 
 SUPPORTED_ARCHITECTURES = ("LlamaForCausalLM", "MistralForCausalLM")
 # The weights every token multiplies (the rest are norms and the embedding table).
@@ -168,6 +168,33 @@ class LlamaModel:
         self.q_size = spec.num_heads * spec.head_dim
         self.kv_size = spec.num_kv_heads * spec.head_dim
         self.scale = 1.0 / math.sqrt(spec.head_dim)
+        self.decode_step = self._native_decode_step(num_lines)
+
+    def _native_decode_step(self, num_lines: int) -> DecodeStep | None:
+        """The whole decode step in one native call (decode_step.c), where every matmul
+        weight is packed for the kernel and the model has no biases."""
+        s = self.spec
+        if self.matmul is None or s.attention_bias or s.mlp_bias or \
+                any(self.w.get(name + "_bias") is not None for name in self.packed):
+            return None
+        if not all(name in self.packed for name in ("lm_head", "layers.0.qkv")):
+            return None
+        window = s.sliding_window if s.sliding_window and s.sliding_window < self.max_len else 0
+        layers = []
+        for i in range(s.num_layers):
+            p = f"layers.{i}."
+            layers.append({"ln1": self.w[p + "ln1"], "ln2": self.w[p + "ln2"],
+                           "k_cache": self.k_cache[i], "v_cache": self.v_cache[i],
+                           **{name: self.packed[p + name]
+                              for name in ("qkv", "o", "gate_up", "down")}})
+        dims = {"hidden": s.hidden_size, "intermediate": s.intermediate_size,
+                "heads": s.num_heads, "kv_heads": s.num_kv_heads, "head_dim": s.head_dim,
+                "layers": s.num_layers, "max_len": self.max_len, "window": window,
+                "vocab": s.vocab_size}
+        tensors = {"cos": self.cos, "sin": self.sin, "norm": self.w["norm"],
+                   "lm_head": self.packed["lm_head"]}
+        return DecodeStep(self.matmul, dims=dims, eps=s.rms_norm_eps, scale=self.scale,
+                          tensors=tensors, layers=layers, max_rows=min(num_lines, WIDEN_ROWS - 1))
 
     # -- weights ------------------------------------------------------------
     @staticmethod
@@ -312,11 +339,13 @@ class LlamaModel:
         """
         s = self.spec
         m = input_ids.shape[0]
+        if self.decode_step is not None and m <= self.decode_step.max_rows:
+            return self.decode_step(self._embed(input_ids), positions, seq_ids)
         span = min(bucket, -(-(int(positions.max()) + 1) // ATTEND_STEP) * ATTEND_STEP)
         x = self._embed(input_ids[:, None])
         cos, sin = self.cos[positions][:, None, None], self.sin[positions][:, None, None]
         visible = torch.arange(span)[None, :] <= positions[:, None]
-        visible = self._window_mask(visible, positions[:, None], span)
+        visible = self._window_mask(visible, positions, span)
         # Query heads grouped by their KV head: [m, kv_heads, group, d] attends as a
         # "query length" of group, so K/V are read once per KV head, not repeated.
         bias = torch.zeros(visible.shape, dtype=self.dtype).masked_fill_(~visible, float("-inf"))

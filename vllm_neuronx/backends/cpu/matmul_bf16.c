@@ -15,9 +15,10 @@
  * PANEL weights into 3 vectors and multiplies them by one broadcast x value per row:
  * 8 rows x 3 vectors = 24 accumulators in registers, no horizontal sums.
  * Threads (torch's own OpenMP runtime: the same library, the same team) split panels.
+ * ``matmul_team`` shares out its panels to the team it is called from, so the fused
+ * decode step (decode_step.c) runs its matmuls inside one parallel region.
  */
-#include <immintrin.h>
-#include <stdint.h>
+#include "kernels.h"
 
 #define PANEL 48
 #define ROWS 8
@@ -38,7 +39,7 @@ static inline __m512 widen(const uint16_t *p) {
  * ``rows`` so the accumulators stay in registers. */
 static inline __attribute__((always_inline)) void
 block(const float *restrict x, const uint16_t *restrict panel, float *restrict y, int rows,
-      int cols, int n, int k, int prefetch) {
+      int cols, int n, int k, int prefetch, int add) {
     __m512 acc[ROWS][3];
     for (int r = 0; r < rows; r++)
         for (int s = 0; s < 3; s++)
@@ -59,22 +60,27 @@ block(const float *restrict x, const uint16_t *restrict panel, float *restrict y
         float *yr = y + (long)r * n;
         for (int s = 0; s < 3; s++) {
             int left = cols - 16 * s;
-            if (left >= 16)
-                _mm512_storeu_ps(yr + 16 * s, acc[r][s]);
-            else if (left > 0)
-                _mm512_mask_storeu_ps(yr + 16 * s, (__mmask16)((1u << left) - 1), acc[r][s]);
+            if (left <= 0)
+                break;
+            __mmask16 mask = left >= 16 ? 0xffff : (__mmask16)((1u << left) - 1);
+            __m512 out = acc[r][s];
+            if (add)
+                out = _mm512_add_ps(out, _mm512_maskz_loadu_ps(mask, yr + 16 * s));
+            _mm512_mask_storeu_ps(yr + 16 * s, mask, out);
         }
     }
 }
 
-void matmul_bf16(const float *restrict x, const uint16_t *restrict w, float *restrict y,
-                 int m, int n, int k) {
+/* y = x . w^T, or y += x . w^T with ``add``; panels shared out to the calling team
+ * (serially outside a parallel region). Every thread of the team must call it. */
+void matmul_team(const float *restrict x, const uint16_t *restrict w, float *restrict y,
+                 int m, int n, int k, int add) {
     int panels = (n + PANEL - 1) / PANEL;
     /* Rows in slabs that stay in L2 while every panel passes them (a prefill's 1024
      * rows do not: re-reading them from L3 for each panel cost 40% of its time). */
     for (int slab = 0; slab < m; slab += SLAB_ROWS) {
         int slab_end = m - slab < SLAB_ROWS ? m : slab + SLAB_ROWS;
-#pragma omp parallel for schedule(static)
+#pragma omp for schedule(static)
         for (int p = 0; p < panels; p++) {
             const uint16_t *panel = w + (long)p * k * PANEL;
             int cols = n - p * PANEL < PANEL ? n - p * PANEL : PANEL;
@@ -83,16 +89,22 @@ void matmul_bf16(const float *restrict x, const uint16_t *restrict w, float *res
                 float *ys = y + (long)r0 * n + p * PANEL;
                 int first = r0 == slab;
                 switch (slab_end - r0 < ROWS ? slab_end - r0 : ROWS) {
-                case 8: block(xs, panel, ys, 8, cols, n, k, first); break;
-                case 7: block(xs, panel, ys, 7, cols, n, k, first); break;
-                case 6: block(xs, panel, ys, 6, cols, n, k, first); break;
-                case 5: block(xs, panel, ys, 5, cols, n, k, first); break;
-                case 4: block(xs, panel, ys, 4, cols, n, k, first); break;
-                case 3: block(xs, panel, ys, 3, cols, n, k, first); break;
-                case 2: block(xs, panel, ys, 2, cols, n, k, first); break;
-                default: block(xs, panel, ys, 1, cols, n, k, first); break;
+                case 8: block(xs, panel, ys, 8, cols, n, k, first, add); break;
+                case 7: block(xs, panel, ys, 7, cols, n, k, first, add); break;
+                case 6: block(xs, panel, ys, 6, cols, n, k, first, add); break;
+                case 5: block(xs, panel, ys, 5, cols, n, k, first, add); break;
+                case 4: block(xs, panel, ys, 4, cols, n, k, first, add); break;
+                case 3: block(xs, panel, ys, 3, cols, n, k, first, add); break;
+                case 2: block(xs, panel, ys, 2, cols, n, k, first, add); break;
+                default: block(xs, panel, ys, 1, cols, n, k, first, add); break;
                 }
             }
         }
     }
+}
+
+void matmul_bf16(const float *restrict x, const uint16_t *restrict w, float *restrict y,
+                 int m, int n, int k) {
+#pragma omp parallel
+    matmul_team(x, w, y, m, n, k, 0);
 }

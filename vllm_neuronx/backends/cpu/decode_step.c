@@ -1,0 +1,169 @@
+/* One decode step of a Llama-family model, every layer, in one call and one OpenMP
+ * parallel region.
+ *
+ * Why: at a few rows a decode step is a few hundred small operations per token
+ * (norms, rotary, the KV write, attention, SiLU) around the matmuls. Through torch
+ * each one is a dispatch and most are a parallel region of their own: about 1,800
+ * per SmolLM2 step, 7 of its 24 ms at batch 1, and each one a point where a thread
+ * the OS has lent to another process (the API server, a client) stalls the team.
+ * Here the team enters once per step and meets at a barrier between phases.
+ *
+ * The arithmetic is that of llama.py (and Hugging Face): fp32 activations and KV,
+ * RMSNorm, rotary as x*cos + rotate_half(x)*sin, softmax attention over each row's
+ * own positions (and its sliding window), SiLU(gate)*up; the matmuls are
+ * matmul_bf16.c's over bf16 weights. Biases are not handled: models with them take
+ * the torch path.
+ */
+#include <math.h>
+#include <string.h>
+
+#include "kernels.h"
+
+typedef struct {
+    const float *ln1, *ln2;                     /* [hidden] */
+    const uint16_t *qkv, *o, *gate_up, *down;   /* packed by kernels.pack */
+    float *k_cache, *v_cache;                   /* [lines, kv_heads, max_len, head_dim] */
+} Layer;
+
+typedef struct {
+    int hidden, intermediate, heads, kv_heads, head_dim, layers, max_len, window, vocab;
+    float eps, scale;
+    const float *cos, *sin;                     /* [max_len, head_dim] */
+    const float *norm;                          /* [hidden] */
+    const uint16_t *lm_head;                    /* packed */
+    const Layer *layer;                         /* [layers] */
+} Model;
+
+static int qkv_width(const Model *md) { return (md->heads + 2 * md->kv_heads) * md->head_dim; }
+
+/* Floats of scratch a step of ``m`` rows needs (kernels.py allocates it once). */
+long decode_scratch_floats(const Model *md, int m) {
+    return (md->hidden + qkv_width(md) + md->heads * md->head_dim + 3L * md->intermediate) * m;
+}
+
+static inline __mmask16 tail(int left) {
+    return left >= 16 ? (__mmask16)0xffff : (__mmask16)((1u << left) - 1);
+}
+
+static float dot(const float *a, const float *b, int d) {
+    __m512 acc = _mm512_setzero_ps();
+    for (int j = 0; j < d; j += 16) {
+        __mmask16 mk = tail(d - j);
+        acc = _mm512_fmadd_ps(_mm512_maskz_loadu_ps(mk, a + j), _mm512_maskz_loadu_ps(mk, b + j),
+                              acc);
+    }
+    return _mm512_reduce_add_ps(acc);
+}
+
+/* out += p * v over d floats */
+static void axpy(float *out, float p, const float *v, int d) {
+    __m512 pb = _mm512_set1_ps(p);
+    for (int j = 0; j < d; j += 16) {
+        __mmask16 mk = tail(d - j);
+        __m512 o = _mm512_maskz_loadu_ps(mk, out + j);
+        _mm512_mask_storeu_ps(out + j, mk, _mm512_fmadd_ps(pb, _mm512_maskz_loadu_ps(mk, v + j), o));
+    }
+}
+
+static void rms_norm_rows(const float *x, const float *w, float *out, int m, int n, float eps) {
+#pragma omp for schedule(static)
+    for (int r = 0; r < m; r++) {
+        const float *xr = x + (long)r * n;
+        float inv = 1.0f / sqrtf(dot(xr, xr, n) / n + eps);
+        for (int j = 0; j < n; j++)
+            out[(long)r * n + j] = w[j] * (xr[j] * inv);
+    }
+}
+
+/* Rotary on each query and key head in place; the key and value heads into the KV
+ * cache at (line, head, position). */
+static void rotate_and_store(const Model *md, const Layer *ly, float *qkv, int m,
+                             const long *pos, const long *line) {
+    int d = md->head_dim, half = d / 2, heads = md->heads + md->kv_heads, w = qkv_width(md);
+#pragma omp for schedule(static)
+    for (int item = 0; item < m * heads; item++) {
+        int r = item / heads, h = item % heads;
+        float *v = qkv + (long)r * w + (long)h * d;
+        const float *c = md->cos + pos[r] * d, *s = md->sin + pos[r] * d;
+        for (int j = 0; j < half; j++) {
+            float a = v[j], b = v[j + half];
+            v[j] = a * c[j] - b * s[j];
+            v[j + half] = b * c[j + half] + a * s[j + half];
+        }
+        if (h >= md->heads) {
+            int kvh = h - md->heads;
+            long at = ((line[r] * md->kv_heads + kvh) * md->max_len + pos[r]) * d;
+            memcpy(ly->k_cache + at, v, d * sizeof(float));
+            memcpy(ly->v_cache + at, v + (long)md->kv_heads * d, d * sizeof(float));
+        }
+    }
+}
+
+/* Each (row, query head): softmax(q . K^T * scale) . V over the row's own positions,
+ * in one pass (the running maximum rescales what is summed so far). */
+static void attend(const Model *md, const Layer *ly, const float *qkv, float *out, int m,
+                   const long *pos, const long *line) {
+    int d = md->head_dim, w = qkv_width(md), group = md->heads / md->kv_heads;
+#pragma omp for schedule(static)
+    for (int item = 0; item < m * md->heads; item++) {
+        int r = item / md->heads, h = item % md->heads;
+        long last = pos[r];
+        long first = md->window > 0 && last - md->window + 1 > 0 ? last - md->window + 1 : 0;
+        long base = (line[r] * md->kv_heads + h / group) * (long)md->max_len * d;
+        const float *q = qkv + (long)r * w + (long)h * d;
+        const float *keys = ly->k_cache + base, *values = ly->v_cache + base;
+        float *o = out + (long)r * md->heads * d + (long)h * d;
+        memset(o, 0, d * sizeof(float));
+        float top = -INFINITY, total = 0.0f;
+        for (long t = first; t <= last; t++) {
+            float s = dot(q, keys + t * d, d) * md->scale;
+            if (s > top) {
+                float shrink = expf(top - s);
+                for (int j = 0; j < d; j++)
+                    o[j] *= shrink;
+                total *= shrink;
+                top = s;
+            }
+            float p = expf(s - top);
+            total += p;
+            axpy(o, p, values + t * d, d);
+        }
+        for (int j = 0; j < d; j++)
+            o[j] /= total;
+    }
+}
+
+static void silu_times_up(const float *gate_up, float *out, int m, int n) {
+#pragma omp for schedule(static)
+    for (int r = 0; r < m; r++) {
+        const float *g = gate_up + (long)r * 2 * n, *u = g + n;
+        for (int j = 0; j < n; j++)
+            out[(long)r * n + j] = g[j] / (1.0f + expf(-g[j])) * u[j];
+    }
+}
+
+/* x [m, hidden]: the embedded tokens in, the last hidden state out; logits [m, vocab].
+ * pos and line: each row's position and KV line. */
+void decode_step(const Model *md, float *x, int m, const long *pos, const long *line,
+                 float *scratch, float *logits) {
+    int hidden = md->hidden, inter = md->intermediate, q_size = md->heads * md->head_dim;
+    float *h = scratch, *qkv = h + (long)m * hidden, *att = qkv + (long)m * qkv_width(md);
+    float *gu = att + (long)m * q_size, *act = gu + 2L * m * inter;
+#pragma omp parallel
+    {
+        for (int i = 0; i < md->layers; i++) {
+            const Layer *ly = md->layer + i;
+            rms_norm_rows(x, ly->ln1, h, m, hidden, md->eps);
+            matmul_team(h, ly->qkv, qkv, m, qkv_width(md), hidden, 0);
+            rotate_and_store(md, ly, qkv, m, pos, line);
+            attend(md, ly, qkv, att, m, pos, line);
+            matmul_team(att, ly->o, x, m, hidden, q_size, 1);
+            rms_norm_rows(x, ly->ln2, h, m, hidden, md->eps);
+            matmul_team(h, ly->gate_up, gu, m, 2 * inter, hidden, 0);
+            silu_times_up(gu, act, m, inter);
+            matmul_team(act, ly->down, x, m, hidden, inter, 1);
+        }
+        rms_norm_rows(x, md->norm, h, m, hidden, md->eps);
+        matmul_team(h, md->lm_head, logits, m, md->vocab, hidden, 0);
+    }
+}
