@@ -223,8 +223,10 @@ def test_native_decode_step_matches_the_torch_decode(tmp_path, monkeypatch):
     torch.testing.assert_close(native, reference, rtol=1e-4, atol=1e-4)
     torch.testing.assert_close(native_cache[0], m.k_cache, rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(native_cache[1], m.v_cache, rtol=1e-5, atol=1e-5)
-    with pytest.raises(ValueError, match="rows"):
-        step(torch.zeros(9, 96), torch.zeros(9, dtype=torch.long), torch.zeros(9, dtype=torch.long))
+    for rows, width in [(step.max_rows + 1, 96), (2, 95)]:
+        with pytest.raises(ValueError, match="rows"):
+            step(torch.zeros(rows, width), torch.zeros(rows, dtype=torch.long),
+                 torch.zeros(rows, dtype=torch.long))
 
 
 @pytest.mark.parametrize("kernel", [True, False], ids=["kernel", "widened"])

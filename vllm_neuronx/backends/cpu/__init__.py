@@ -165,7 +165,8 @@ class CpuBackend(NeuronBackend):
         matmul = kernels.load(folder) if self.uses_kernel() else None
         packed = {}
         if matmul is not None:
-            packed = {n: matmul.pack(w) for n, w in weights.items() if LlamaModel.is_matmul(n)}
+            packed = matmul.pack_all(
+                {n: w for n, w in weights.items() if LlamaModel.is_matmul(n)})
             embed = weights["embed"]  # looked up a row at a time: it can stay bf16
             weights = to_dtype(
                 {n: w for n, w in weights.items() if n not in packed and n != "embed"},

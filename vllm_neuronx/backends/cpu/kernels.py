@@ -20,6 +20,7 @@ from dataclasses import dataclass
 
 import torch
 
+from vllm_neuronx.backends.cpu import memory
 from vllm_neuronx.log import get_logger
 
 logger = get_logger(__name__)
@@ -117,13 +118,28 @@ class Bf16Matmul:
         self.panel = int(lib.matmul_bf16_panel())
 
     def pack(self, weight: torch.Tensor) -> PackedWeight:
-        """[n, k] -> [panels, k, panel] bf16: each panel's columns contiguous per k."""
-        n, k = weight.shape
-        padded = -(-n // self.panel) * self.panel
-        out = torch.zeros((padded, k), dtype=torch.bfloat16)
-        out[:n] = weight
-        data = out.view(padded // self.panel, self.panel, k).transpose(1, 2).contiguous()
-        return PackedWeight(data, n)
+        return self.pack_all({"w": weight})["w"]
+
+    def pack_all(self, weights: dict[str, torch.Tensor]) -> dict[str, PackedWeight]:
+        """Each [n, k] weight -> [panels, k, panel] bf16 (each panel's columns contiguous
+        per k, zero past n), all in one buffer on huge pages (memory.py)."""
+        panel, align = self.panel, 64  # each weight on its own cache lines
+        sizes = {name: -(-w.shape[0] // panel) * panel * w.shape[1] * 2
+                 for name, w in weights.items()}
+        buffer = memory.huge_page_bytes(sum(-(-size // align) * align for size in sizes.values()))
+        packed, offset = {}, 0
+        for name, weight in weights.items():
+            n, k = weight.shape
+            panels, full = -(-n // panel), n // panel
+            data = buffer[offset:offset + sizes[name]].view(torch.bfloat16).view(panels, k, panel)
+            offset += -(-sizes[name] // align) * align
+            if full:
+                data[:full].copy_(weight[:full * panel].view(full, panel, k).transpose(1, 2))
+            if full < panels:
+                data[full].zero_()
+                data[full, :, :n - full * panel].copy_(weight[full * panel:].T)
+            packed[name] = PackedWeight(data, n)
+        return packed
 
     def __call__(self, x: torch.Tensor, weight: PackedWeight) -> torch.Tensor:
         """x [m, k] -> [m, n] fp32."""
@@ -170,7 +186,8 @@ class DecodeStep:
         def ptr(t: torch.Tensor | PackedWeight) -> int:
             packed = isinstance(t, PackedWeight)
             t = t.data if packed else t
-            if not t.is_contiguous() or t.dtype is not (torch.bfloat16 if packed else torch.float32):
+            want = torch.bfloat16 if packed else torch.float32
+            if not t.is_contiguous() or t.dtype is not want:
                 raise ValueError("decode_step needs packed weights and contiguous fp32 tensors")
             return t.data_ptr()
 

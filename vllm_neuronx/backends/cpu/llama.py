@@ -21,6 +21,7 @@ import torch
 import torch.nn.functional as F
 
 from vllm_neuronx.backends.cpu.kernels import WIDEN_ROWS, Bf16Matmul, DecodeStep, PackedWeight
+from vllm_neuronx.backends.cpu.memory import huge_page_zeros
 
 SUPPORTED_ARCHITECTURES = ("LlamaForCausalLM", "MistralForCausalLM")
 # The weights every token multiplies (the rest are norms and the embedding table).
@@ -159,8 +160,8 @@ class LlamaModel:
         self.matmul = matmul
         self.packed = packed or {}
         shape = (spec.num_layers, num_lines, spec.num_kv_heads, max_len, spec.head_dim)
-        self.k_cache = torch.zeros(shape, dtype=dtype)
-        self.v_cache = torch.zeros(shape, dtype=dtype)
+        self.k_cache = huge_page_zeros(shape, dtype)
+        self.v_cache = huge_page_zeros(shape, dtype)
         freqs = torch.outer(torch.arange(max_len, dtype=torch.float32), rope_inv_freq(spec))
         emb = torch.cat((freqs, freqs), dim=-1)
         self.cos = emb.cos().to(dtype)
@@ -194,7 +195,7 @@ class LlamaModel:
         tensors = {"cos": self.cos, "sin": self.sin, "norm": self.w["norm"],
                    "lm_head": self.packed["lm_head"]}
         return DecodeStep(self.matmul, dims=dims, eps=s.rms_norm_eps, scale=self.scale,
-                          tensors=tensors, layers=layers, max_rows=min(num_lines, WIDEN_ROWS - 1))
+                          tensors=tensors, layers=layers, max_rows=WIDEN_ROWS - 1)
 
     # -- weights ------------------------------------------------------------
     @staticmethod
