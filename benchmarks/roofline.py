@@ -5,7 +5,7 @@ compute bound (every step multiplies a batch by all weights). This measures the 
 rates that set those bounds on this machine, with the threads a server gets, and
 derives the best decode tok/s at batch 1 and at batch 32 with 192 tokens of context:
 
-- memory read bandwidth: a sum over a tensor far larger than the caches;
+- memory read bandwidth: a sum over a tensor far larger than the caches (on huge pages);
 - matmul GFLOP/s for every linear shape of the model at the batch (bf16 and fp32),
   plus the attention product at that context, and at a batched prefill's 512 rows.
 
@@ -215,7 +215,11 @@ def _kernels(m: LlamaShape, context: int, megabytes: int = 1024) -> dict[str, tu
     """name -> (callable, bytes or FLOPs per call): the read, every matmul, per dtype and batch."""
     import torch
 
-    x = torch.ones(megabytes * (1 << 20) // 4, dtype=torch.float32)
+    from vllm_neuronx.backends.cpu.memory import huge_page_bytes
+
+    # On huge pages where the kernel allows, like the CPU backend's weights: 4 KB pages
+    # read more slowly, and the bound would understate the machine.
+    x = huge_page_bytes(megabytes * (1 << 20)).view(torch.float32).fill_(1.0)
     kernels = {"bandwidth": (x.sum, x.numel() * 4)}
     group = m.heads // m.kv_heads
     for dtype, torch_dtype in (("bf16", torch.bfloat16), ("fp32", torch.float32)):
