@@ -46,8 +46,11 @@ block(const float *restrict x, const uint16_t *restrict panel, float *restrict y
             acc[r][s] = _mm512_setzero_ps();
     for (int i = 0; i < k; i++) {
         const uint16_t *wi = panel + (long)i * PANEL;
-        if (prefetch)
+        if (prefetch && (i & 1) == 0) {  /* every line of the next two steps' 192 bytes */
             _mm_prefetch((const char *)wi + PREFETCH_BYTES, _MM_HINT_T1);
+            _mm_prefetch((const char *)wi + PREFETCH_BYTES + 64, _MM_HINT_T1);
+            _mm_prefetch((const char *)wi + PREFETCH_BYTES + 128, _MM_HINT_T1);
+        }
         __m512 w0 = widen(wi), w1 = widen(wi + 16), w2 = widen(wi + 32);
         for (int r = 0; r < rows; r++) {
             __m512 xb = _mm512_set1_ps(x[(long)r * k + i]);
