@@ -197,21 +197,24 @@ def bf16_backend_without_bf16_units(model, folder, monkeypatch, kernel, max_num_
     return b
 
 
-def test_native_decode_step_matches_the_torch_decode(tmp_path, monkeypatch):
+@pytest.mark.parametrize("head_dim", [24, 64])
+def test_native_decode_step_matches_the_torch_decode(tmp_path, monkeypatch, head_dim):
     """decode_step.c against llama.py's torch decode on the same weights and cache:
-    scattered KV lines, rows at different positions, a head size (24) that is not a
-    multiple of the vector width."""
+    scattered KV lines, rows at different positions (one past a chunk of 64 scores), a
+    head size that is not a multiple of the vector width (24) and one the attention
+    specialises (64)."""
     from tests.conftest import make_tiny_llama
 
-    model = make_tiny_llama(tmp_path / "model", hidden_size=96, num_attention_heads=4,
+    hidden = 4 * head_dim
+    model = make_tiny_llama(tmp_path / "model", hidden_size=hidden, num_attention_heads=4,
                             num_key_value_heads=2)
     b = bf16_backend_without_bf16_units(model, tmp_path / "artifacts", monkeypatch, True)
     m = b.model
     assert m.decode_step is not None
-    prompts = [[5, 6, 7, 8, 9], [10, 11], [12, 13, 14] * 9]
+    prompts = [[5, 6, 7, 8, 9], [10, 11], [12, 13, 14] * 30]
     lines = [1, 4, 7]
     b.forward(*prefill_args(prompts, lines), greedy(3))
-    ids, positions = torch.tensor([20, 21, 22]), torch.tensor([5, 2, 27])
+    ids, positions = torch.tensor([20, 21, 22]), torch.tensor([5, 2, 90])
     cache = m.k_cache.clone(), m.v_cache.clone()
     native = m.token_generate(ids, positions, torch.tensor(lines), 128)
     native_cache = m.k_cache.clone(), m.v_cache.clone()
@@ -223,7 +226,7 @@ def test_native_decode_step_matches_the_torch_decode(tmp_path, monkeypatch):
     torch.testing.assert_close(native, reference, rtol=1e-4, atol=1e-4)
     torch.testing.assert_close(native_cache[0], m.k_cache, rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(native_cache[1], m.v_cache, rtol=1e-5, atol=1e-5)
-    for rows, width in [(step.max_rows + 1, 96), (2, 95)]:
+    for rows, width in [(step.max_rows + 1, hidden), (2, hidden - 1)]:
         with pytest.raises(ValueError, match="rows"):
             step(torch.zeros(rows, width), torch.zeros(rows, dtype=torch.long),
                  torch.zeros(rows, dtype=torch.long))

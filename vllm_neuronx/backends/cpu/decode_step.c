@@ -55,16 +55,6 @@ static float dot(const float *a, const float *b, int d) {
     return _mm512_reduce_add_ps(acc);
 }
 
-/* out += p * v over d floats */
-static void axpy(float *out, float p, const float *v, int d) {
-    __m512 pb = _mm512_set1_ps(p);
-    for (int j = 0; j < d; j += 16) {
-        __mmask16 mk = tail(d - j);
-        __m512 o = _mm512_maskz_loadu_ps(mk, out + j);
-        _mm512_mask_storeu_ps(out + j, mk, _mm512_fmadd_ps(pb, _mm512_maskz_loadu_ps(mk, v + j), o));
-    }
-}
-
 static void rms_norm_rows(const float *x, const float *w, float *out, int m, int n, float eps) {
 #pragma omp for schedule(static)
     for (int r = 0; r < m; r++) {
@@ -99,8 +89,50 @@ static void rotate_and_store(const Model *md, const Layer *ly, float *qkv, int m
     }
 }
 
-/* Each (row, query head): softmax(q . K^T * scale) . V over the row's own positions,
- * in one pass (the running maximum rescales what is summed so far). */
+/* Positions scored at once: their dot products are independent (the out-of-order core
+ * overlaps them), and the running maximum rescales the sums once per chunk. */
+#define CHUNK 64
+
+/* One query head over positions [first, last] of its KV head: softmax(q . K^T * scale) . V.
+ * Inlined with a constant ``d`` (64, 128) so the output stays in registers. */
+static inline __attribute__((always_inline)) void
+attend_head(const float *q, const float *keys, const float *values, float *out, long first,
+            long last, float scale, const int d) {
+    __m512 acc[16];  /* d <= 256 */
+    int vectors = (d + 15) / 16;
+    for (int v = 0; v < vectors; v++)
+        acc[v] = _mm512_setzero_ps();
+    float s[CHUNK], top = -INFINITY, total = 0.0f;
+    for (long c0 = first; c0 <= last; c0 += CHUNK) {
+        int len = last - c0 + 1 < CHUNK ? (int)(last - c0 + 1) : CHUNK;
+        float chunk_top = -INFINITY;
+        for (int j = 0; j < len; j++) {
+            s[j] = dot(q, keys + (c0 + j) * d, d) * scale;
+            chunk_top = s[j] > chunk_top ? s[j] : chunk_top;
+        }
+        if (chunk_top > top) {
+            float shrink = expf(top - chunk_top);  /* 0 on the first chunk */
+            for (int v = 0; v < vectors; v++)
+                acc[v] = _mm512_mul_ps(acc[v], _mm512_set1_ps(shrink));
+            total *= shrink;
+            top = chunk_top;
+        }
+        for (int j = 0; j < len; j++) {
+            float p = expf(s[j] - top);
+            total += p;
+            const float *vt = values + (c0 + j) * d;
+            __m512 pb = _mm512_set1_ps(p);
+            for (int v = 0; v < vectors; v++)
+                acc[v] = _mm512_fmadd_ps(pb, _mm512_maskz_loadu_ps(tail(d - 16 * v), vt + 16 * v),
+                                         acc[v]);
+        }
+    }
+    __m512 inv = _mm512_set1_ps(1.0f / total);
+    for (int v = 0; v < vectors; v++)
+        _mm512_mask_storeu_ps(out + 16 * v, tail(d - 16 * v), _mm512_mul_ps(acc[v], inv));
+}
+
+/* Each (row, query head) over the row's own positions (and its sliding window). */
 static void attend(const Model *md, const Layer *ly, const float *qkv, float *out, int m,
                    const long *pos, const long *line) {
     int d = md->head_dim, w = qkv_width(md), group = md->heads / md->kv_heads;
@@ -113,23 +145,11 @@ static void attend(const Model *md, const Layer *ly, const float *qkv, float *ou
         const float *q = qkv + (long)r * w + (long)h * d;
         const float *keys = ly->k_cache + base, *values = ly->v_cache + base;
         float *o = out + (long)r * md->heads * d + (long)h * d;
-        memset(o, 0, d * sizeof(float));
-        float top = -INFINITY, total = 0.0f;
-        for (long t = first; t <= last; t++) {
-            float s = dot(q, keys + t * d, d) * md->scale;
-            if (s > top) {
-                float shrink = expf(top - s);
-                for (int j = 0; j < d; j++)
-                    o[j] *= shrink;
-                total *= shrink;
-                top = s;
-            }
-            float p = expf(s - top);
-            total += p;
-            axpy(o, p, values + t * d, d);
+        switch (d) {
+        case 64: attend_head(q, keys, values, o, first, last, md->scale, 64); break;
+        case 128: attend_head(q, keys, values, o, first, last, md->scale, 128); break;
+        default: attend_head(q, keys, values, o, first, last, md->scale, d); break;
         }
-        for (int j = 0; j < d; j++)
-            o[j] /= total;
     }
 }
 

@@ -173,9 +173,10 @@ class LlamaModel:
 
     def _native_decode_step(self, num_lines: int) -> DecodeStep | None:
         """The whole decode step in one native call (decode_step.c), where every matmul
-        weight is packed for the kernel and the model has no biases."""
+        weight is packed for the kernel, the model has no biases and heads of at most
+        256 (the attention keeps a head's output in registers)."""
         s = self.spec
-        if self.matmul is None or s.attention_bias or s.mlp_bias or \
+        if self.matmul is None or s.attention_bias or s.mlp_bias or s.head_dim > 256 or \
                 any(self.w.get(name + "_bias") is not None for name in self.packed):
             return None
         if not all(name in self.packed for name in ("lm_head", "layers.0.qkv")):
