@@ -230,6 +230,13 @@ def test_native_decode_step_matches_the_torch_decode(tmp_path, monkeypatch, head
         with pytest.raises(ValueError, match="rows"):
             step(torch.zeros(rows, width), torch.zeros(rows, dtype=torch.long),
                  torch.zeros(rows, dtype=torch.long))
+    for position, line in [(-1, 0), (128, 0), (3, -1), (3, 8)]:  # 128 positions, 8 lines
+        with pytest.raises(ValueError, match="positions in"):
+            step(torch.zeros(1, hidden), torch.tensor([position]), torch.tensor([line]))
+    for position in (-1, 128):  # the backend says so first, for either decode path
+        with pytest.raises(ValueError, match="decode positions"):
+            b.forward(torch.tensor([[5]]), torch.tensor([[position]]), torch.tensor([1]),
+                      greedy(1))
 
 
 @pytest.mark.parametrize("kernel", [True, False], ids=["kernel", "widened"])

@@ -237,5 +237,7 @@ class CpuBackend(NeuronBackend):
         if not bool(torch.all(seq_ids[1:] > seq_ids[:-1])):
             raise ValueError("decode seq_ids must be sorted ascending and unique")
         positions = position_ids[:, 0]
+        if int(positions.min()) < 0 or int(positions.max()) >= self.model.max_len:
+            raise ValueError(f"decode positions must be in [0, {self.model.max_len})")
         bucket = nc.pick_bucket(self.token_buckets, int(positions.max()))
         return self.model.token_generate(input_ids[:, 0], positions, seq_ids, bucket)

@@ -178,7 +178,8 @@ class DecodeStep:
     """``decode_step.c``: every layer of a decode step of up to ``max_rows`` rows in one
     native call. Holds pointers into the model's tensors, which must outlive it."""
 
-    __slots__ = ("_fn", "_model", "_layers", "_scratch", "max_rows", "hidden", "vocab")
+    __slots__ = ("_fn", "_model", "_layers", "_scratch", "max_rows", "hidden", "vocab",
+                 "max_len", "num_lines")
 
     def __init__(self, matmul: Bf16Matmul, *, dims: dict[str, int], eps: float, scale: float,
                  tensors: dict[str, torch.Tensor | PackedWeight],
@@ -206,6 +207,7 @@ class DecodeStep:
             [ctypes.c_void_p] * 4
         self._fn.restype = None
         self.max_rows, self.hidden, self.vocab = max_rows, dims["hidden"], dims["vocab"]
+        self.max_len, self.num_lines = dims["max_len"], layers[0]["k_cache"].shape[0]
         floats = lib.decode_scratch_floats(ctypes.byref(self._model), max_rows)
         self._scratch = torch.empty(floats, dtype=torch.float32)
 
@@ -218,6 +220,12 @@ class DecodeStep:
             raise ValueError(f"decode_step takes [1..{self.max_rows}, {self.hidden}] fp32 rows")
         positions = positions.to(torch.int64).contiguous()
         lines = lines.to(torch.int64).contiguous()
+        # Native code writes the KV cache at these: out of range would corrupt memory.
+        if positions.shape != (m,) or lines.shape != (m,) or \
+                int(positions.min()) < 0 or int(positions.max()) >= self.max_len or \
+                int(lines.min()) < 0 or int(lines.max()) >= self.num_lines:
+            raise ValueError(f"decode_step takes positions in [0, {self.max_len}) and lines "
+                             f"in [0, {self.num_lines}), one of each per row")
         logits = torch.empty((m, self.vocab), dtype=torch.float32)
         self._fn(ctypes.byref(self._model), x.data_ptr(), m, positions.data_ptr(),
                  lines.data_ptr(), self._scratch.data_ptr(), logits.data_ptr())

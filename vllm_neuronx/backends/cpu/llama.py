@@ -169,17 +169,15 @@ class LlamaModel:
         self.q_size = spec.num_heads * spec.head_dim
         self.kv_size = spec.num_kv_heads * spec.head_dim
         self.scale = 1.0 / math.sqrt(spec.head_dim)
-        self.decode_step = self._native_decode_step(num_lines)
+        self.decode_step = self._native_decode_step()
 
-    def _native_decode_step(self, num_lines: int) -> DecodeStep | None:
+    def _native_decode_step(self) -> DecodeStep | None:
         """The whole decode step in one native call (decode_step.c), where every matmul
         weight is packed for the kernel, the model has no biases and heads of at most
         256 (the attention keeps a head's output in registers)."""
         s = self.spec
-        if self.matmul is None or s.attention_bias or s.mlp_bias or s.head_dim > 256 or \
-                any(self.w.get(name + "_bias") is not None for name in self.packed):
-            return None
-        if not all(name in self.packed for name in ("lm_head", "layers.0.qkv")):
+        if self.matmul is None or s.head_dim > 256 or \
+                any(name + "_bias" in self.w for name in self.packed):
             return None
         window = s.sliding_window if s.sliding_window and s.sliding_window < self.max_len else 0
         layers = []
