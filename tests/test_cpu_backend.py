@@ -294,3 +294,16 @@ def test_a_compiler_that_fails_leaves_no_kernel(tmp_path, monkeypatch, cc):
     monkeypatch.setattr(kernels.shutil, "which", lambda name: cc if name == cc else None)
     assert kernels.build(str(tmp_path)) is False
     assert kernels.load(str(tmp_path)) is None
+
+
+def test_a_model_with_biases_decodes_through_torch_and_matches_hf(tmp_path, monkeypatch):
+    """The native step has no biases: a Llama with attention biases keeps the kernel for
+    its matmuls and decodes through llama.py's torch path, with HF's tokens."""
+    from tests.conftest import make_tiny_llama
+
+    model = make_tiny_llama(tmp_path / "model", attention_bias=True)
+    b = bf16_backend_without_bf16_units(model, tmp_path / "artifacts", monkeypatch, True)
+    assert b.model.matmul is not None and b.model.decode_step is None
+    prompts = [[5, 6, 7, 8, 9], [10, 11]]
+    assert backend_greedy(b, prompts, 5) == hf_greedy(model, prompts, [5, 5],
+                                                     weights_in=torch.bfloat16)
