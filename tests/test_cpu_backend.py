@@ -239,6 +239,37 @@ def test_native_decode_step_matches_the_torch_decode(tmp_path, monkeypatch, head
                       greedy(1))
 
 
+def test_native_prefill_matches_the_torch_prefill(tmp_path, monkeypatch):
+    """A prefill of fewer than 256 tokens runs as one native step over the prompts' real
+    tokens: the same last-token logits and KV lines as llama.py's padded torch prefill."""
+    from tests.conftest import make_tiny_llama
+
+    model = make_tiny_llama(tmp_path / "model", hidden_size=256, num_attention_heads=4,
+                            num_key_value_heads=2)
+    b = bf16_backend_without_bf16_units(model, tmp_path / "artifacts", monkeypatch, True)
+    m = b.model
+    prompts = [[5, 6, 7, 8, 9], [10, 11], [12, 13, 14] * 30]
+    lengths = torch.tensor([len(p) for p in prompts])
+    ids = torch.zeros((3, 96), dtype=torch.long)
+    for row, p in enumerate(prompts):
+        ids[row, :len(p)] = torch.tensor(p)
+    lines = torch.tensor([1, 4, 7])
+    native, _ = m.context_encode(ids, lengths, lines)
+    native_cache = m.k_cache.clone(), m.v_cache.clone()
+    m.k_cache.zero_()
+    m.v_cache.zero_()
+    step, m.decode_step = m.decode_step, None
+    reference, _ = m.context_encode(ids, lengths, lines)
+    m.decode_step = step
+    torch.testing.assert_close(native, reference, rtol=1e-4, atol=1e-4)
+    for line, n in zip(lines.tolist(), lengths.tolist(), strict=True):  # the real positions
+        for cache, ref in zip(native_cache, (m.k_cache, m.v_cache), strict=True):
+            torch.testing.assert_close(cache[:, line, :, :n], ref[:, line, :, :n],
+                                       rtol=1e-5, atol=1e-5)
+    with pytest.raises(ValueError, match="out_rows"):
+        step(torch.zeros(2, 256), torch.tensor([0, 1]), torch.tensor([0, 0]), torch.tensor([2]))
+
+
 @pytest.mark.parametrize("kernel", [True, False], ids=["kernel", "widened"])
 def test_sliding_window_matches_hf(tmp_path, monkeypatch, kernel):
     """A Mistral whose sliding window (6) is shorter than its prompts and generations:

@@ -38,7 +38,7 @@ static int qkv_width(const Model *md) { return (md->heads + 2 * md->kv_heads) * 
 
 /* Floats of scratch a step of ``m`` rows needs (kernels.py allocates it once). */
 long decode_scratch_floats(const Model *md, int m) {
-    return (md->hidden + qkv_width(md) + md->heads * md->head_dim + 3L * md->intermediate) * m;
+    return (2L * md->hidden + qkv_width(md) + md->heads * md->head_dim + 3L * md->intermediate) * m;
 }
 
 static inline __mmask16 tail(int left) {
@@ -162,12 +162,15 @@ static void silu_times_up(const float *gate_up, float *out, int m, int n) {
     }
 }
 
-/* x [m, hidden]: the embedded tokens in, the last hidden state out; logits [m, vocab].
- * pos and line: each row's position and KV line. */
+/* x [m, hidden]: the embedded tokens in, the last hidden state out. pos and line: each
+ * row's position and KV line. Rows may share a line: every row's K/V is stored before
+ * any row attends, so the rows of one prompt at positions 0..n-1 are its prefill.
+ * logits [n_out, vocab]: of rows out_rows[0..n_out) (each row, in order, when NULL). */
 void decode_step(const Model *md, float *x, int m, const long *pos, const long *line,
-                 float *scratch, float *logits) {
+                 const long *out_rows, int n_out, float *scratch, float *logits) {
     int hidden = md->hidden, inter = md->intermediate, q_size = md->heads * md->head_dim;
-    float *h = scratch, *qkv = h + (long)m * hidden, *att = qkv + (long)m * qkv_width(md);
+    float *h = scratch, *picked = h + (long)m * hidden, *qkv = picked + (long)m * hidden;
+    float *att = qkv + (long)m * qkv_width(md);
     float *gu = att + (long)m * q_size, *act = gu + 2L * m * inter;
 #pragma omp parallel
     {
@@ -183,7 +186,14 @@ void decode_step(const Model *md, float *x, int m, const long *pos, const long *
             silu_times_up(gu, act, m, inter);
             matmul_team(act, ly->down, x, m, hidden, inter, 1);
         }
-        rms_norm_rows(x, md->norm, h, m, hidden, md->eps);
-        matmul_team(h, md->lm_head, logits, m, md->vocab, hidden, 0);
+        if (out_rows != NULL) {  /* gather the rows that need logits */
+#pragma omp for schedule(static)
+            for (int r = 0; r < n_out; r++)
+                memcpy(picked + (long)r * hidden, x + out_rows[r] * hidden,
+                       hidden * sizeof(float));
+        }
+        const float *last = out_rows != NULL ? picked : x;
+        rms_norm_rows(last, md->norm, h, n_out, hidden, md->eps);
+        matmul_team(h, md->lm_head, logits, n_out, md->vocab, hidden, 0);
     }
 }

@@ -203,17 +203,20 @@ class DecodeStep:
         lib.decode_scratch_floats.argtypes = [ctypes.POINTER(_Model), ctypes.c_int]
         lib.decode_scratch_floats.restype = ctypes.c_long
         self._fn = lib.decode_step
-        self._fn.argtypes = [ctypes.POINTER(_Model)] + [ctypes.c_void_p] + [ctypes.c_int] + \
-            [ctypes.c_void_p] * 4
+        self._fn.argtypes = [ctypes.POINTER(_Model), ctypes.c_void_p, ctypes.c_int,
+                             ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int,
+                             ctypes.c_void_p, ctypes.c_void_p]
         self._fn.restype = None
         self.max_rows, self.hidden, self.vocab = max_rows, dims["hidden"], dims["vocab"]
         self.max_len, self.num_lines = dims["max_len"], layers[0]["k_cache"].shape[0]
         floats = lib.decode_scratch_floats(ctypes.byref(self._model), max_rows)
         self._scratch = torch.empty(floats, dtype=torch.float32)
 
-    def __call__(self, x: torch.Tensor, positions: torch.Tensor,
-                 lines: torch.Tensor) -> torch.Tensor:
-        """x [m, hidden] fp32 (overwritten), positions and lines [m] int64 -> logits [m, vocab]."""
+    def __call__(self, x: torch.Tensor, positions: torch.Tensor, lines: torch.Tensor,
+                 out_rows: torch.Tensor | None = None) -> torch.Tensor:
+        """x [m, hidden] fp32 (overwritten), positions and lines [m] int64 -> logits of every
+        row [m, vocab], or of ``out_rows`` only. Rows of one line at positions 0..n-1 are
+        that line's prefill (decode_step.c)."""
         m = x.shape[0]
         if not 0 < m <= self.max_rows or x.shape != (m, self.hidden) or \
                 x.dtype is not torch.float32 or not x.is_contiguous():
@@ -226,9 +229,17 @@ class DecodeStep:
                 int(lines.min()) < 0 or int(lines.max()) >= self.num_lines:
             raise ValueError(f"decode_step takes positions in [0, {self.max_len}) and lines "
                              f"in [0, {self.num_lines}), one of each per row")
-        logits = torch.empty((m, self.vocab), dtype=torch.float32)
+        rows_ptr, n_out = None, m
+        if out_rows is not None:
+            out_rows = out_rows.to(torch.int64).contiguous()
+            n_out = out_rows.shape[0]
+            if out_rows.dim() != 1 or not 0 < n_out <= m or int(out_rows.min()) < 0 or \
+                    int(out_rows.max()) >= m:
+                raise ValueError(f"out_rows must be 1 to {m} rows of the {m} given")
+            rows_ptr = out_rows.data_ptr()
+        logits = torch.empty((n_out, self.vocab), dtype=torch.float32)
         self._fn(ctypes.byref(self._model), x.data_ptr(), m, positions.data_ptr(),
-                 lines.data_ptr(), self._scratch.data_ptr(), logits.data_ptr())
+                 lines.data_ptr(), rows_ptr, n_out, self._scratch.data_ptr(), logits.data_ptr())
         return logits
 
 

@@ -305,6 +305,15 @@ class LlamaModel:
         each row in ``prompt_rows`` the fp32 logits of all its positions, [len, vocab].
         """
         n, t = input_ids.shape
+        if self.decode_step is not None and not prompt_rows and \
+                int(lengths.sum()) <= self.decode_step.max_rows:
+            # A small prefill runs as one native step over the prompts' real tokens
+            # (decode_step.c: rows of one line at positions 0..n-1 are its prefill).
+            real = torch.arange(t)[None, :] < lengths[:, None]
+            positions = torch.arange(t).expand(n, t)[real]
+            lines = seq_ids[:, None].expand(n, t)[real]
+            last = lengths.cumsum(0) - 1
+            return self.decode_step(self._embed(input_ids[real]), positions, lines, last), {}
         x = self._embed(input_ids)
         cos, sin = self.cos[:t][None, None], self.sin[:t][None, None]
         positions = torch.arange(t)
