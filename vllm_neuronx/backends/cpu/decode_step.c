@@ -1,5 +1,5 @@
 /* One decode step of a Llama-family model, every layer, in one call and one OpenMP
- * parallel region.
+ * parallel region (and a small prefill: the rows of one line at positions 0..n-1).
  *
  * Why: at a few rows a decode step is a few hundred small operations per token
  * (norms, rotary, the KV write, attention, SiLU) around the matmuls. Through torch

@@ -175,8 +175,9 @@ class _Model(ctypes.Structure):
 
 
 class DecodeStep:
-    """``decode_step.c``: every layer of a decode step of up to ``max_rows`` rows in one
-    native call. Holds pointers into the model's tensors, which must outlive it."""
+    """``decode_step.c``: every layer of a decode step (or a small prefill) of up to
+    ``max_rows`` rows in one native call. Holds pointers into the model's tensors, which
+    must outlive it."""
 
     __slots__ = ("_fn", "_model", "_layers", "_scratch", "max_rows", "hidden", "vocab",
                  "max_len", "num_lines")
