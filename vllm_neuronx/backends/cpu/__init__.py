@@ -222,7 +222,7 @@ class CpuBackend(NeuronBackend):
         lengths = position_ids.max(dim=1).values + 1
         longest = int(lengths.max())
         bucket = nc.pick_bucket(self.context_buckets, longest)
-        width = min(bucket, -(-longest // ATTEND_STEP) * ATTEND_STEP)
+        width = min(bucket, kernels.round_up(longest, ATTEND_STEP))
         padded = torch.zeros((input_ids.shape[0], width), dtype=torch.long)
         given = min(input_ids.shape[1], width)
         padded[:, :given] = input_ids[:, :given]

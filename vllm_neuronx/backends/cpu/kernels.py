@@ -97,6 +97,10 @@ def build(folder: str) -> bool:
 WIDEN_ROWS = 256
 
 
+def round_up(x: int, multiple: int) -> int:
+    return -(-x // multiple) * multiple
+
+
 @dataclass(frozen=True, slots=True)
 class PackedWeight:
     """A [n, k] weight in the kernel's panel layout."""
@@ -123,16 +127,18 @@ class Bf16Matmul:
     def pack_all(self, weights: dict[str, torch.Tensor]) -> dict[str, PackedWeight]:
         """Each [n, k] weight -> [panels, k, panel] bf16 (each panel's columns contiguous
         per k, zero past n), all in one buffer on huge pages (memory.py)."""
-        panel, align = self.panel, 64  # each weight on its own cache lines
-        sizes = {name: -(-w.shape[0] // panel) * panel * w.shape[1] * 2
+        panel = self.panel
+        # Each weight's bytes rounded up to whole cache lines, so the next starts on one.
+        sizes = {name: round_up(round_up(w.shape[0], panel) * w.shape[1] * 2, 64)
                  for name, w in weights.items()}
-        buffer = memory.huge_page_bytes(sum(-(-size // align) * align for size in sizes.values()))
+        buffer = memory.huge_page_bytes(sum(sizes.values()))
         packed, offset = {}, 0
         for name, weight in weights.items():
             n, k = weight.shape
             panels, full = -(-n // panel), n // panel
-            data = buffer[offset:offset + sizes[name]].view(torch.bfloat16).view(panels, k, panel)
-            offset += -(-sizes[name] // align) * align
+            data = buffer[offset:offset + sizes[name]].view(torch.bfloat16)
+            data = data[:panels * k * panel].view(panels, k, panel)
+            offset += sizes[name]
             if full:
                 data[:full].copy_(weight[:full * panel].view(full, panel, k).transpose(1, 2))
             if full < panels:

@@ -20,7 +20,13 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from vllm_neuronx.backends.cpu.kernels import WIDEN_ROWS, Bf16Matmul, DecodeStep, PackedWeight
+from vllm_neuronx.backends.cpu.kernels import (
+    WIDEN_ROWS,
+    Bf16Matmul,
+    DecodeStep,
+    PackedWeight,
+    round_up,
+)
 from vllm_neuronx.backends.cpu.memory import huge_page_zeros
 
 SUPPORTED_ARCHITECTURES = ("LlamaForCausalLM", "MistralForCausalLM")
@@ -169,6 +175,9 @@ class LlamaModel:
         self.q_size = spec.num_heads * spec.head_dim
         self.kv_size = spec.num_kv_heads * spec.head_dim
         self.scale = 1.0 / math.sqrt(spec.head_dim)
+        # The sliding window where it masks anything inside a KV line, else None.
+        window = spec.sliding_window
+        self.window = window if window and window < max_len else None
         self.decode_step = self._native_decode_step()
 
     def _native_decode_step(self) -> DecodeStep | None:
@@ -179,7 +188,6 @@ class LlamaModel:
         if self.matmul is None or s.head_dim > 256 or \
                 any(name + "_bias" in self.w for name in self.packed):
             return None
-        window = s.sliding_window if s.sliding_window and s.sliding_window < self.max_len else 0
         layers = []
         for i in range(s.num_layers):
             p = f"layers.{i}."
@@ -189,7 +197,7 @@ class LlamaModel:
                               for name in ("qkv", "o", "gate_up", "down")}})
         dims = {"hidden": s.hidden_size, "intermediate": s.intermediate_size,
                 "heads": s.num_heads, "kv_heads": s.num_kv_heads, "head_dim": s.head_dim,
-                "layers": s.num_layers, "max_len": self.max_len, "window": window,
+                "layers": s.num_layers, "max_len": self.max_len, "window": self.window or 0,
                 "vocab": s.vocab_size}
         tensors = {"cos": self.cos, "sin": self.sin, "norm": self.w["norm"],
                    "lm_head": self.packed["lm_head"]}
@@ -285,11 +293,10 @@ class LlamaModel:
         return self._linear(h, "lm_head").float()
 
     def _window_mask(self, mask: torch.Tensor, q_pos: torch.Tensor, k_len: int) -> torch.Tensor:
-        window = self.spec.sliding_window
-        if window is None or window >= self.max_len:
+        if self.window is None:
             return mask
         k_pos = torch.arange(k_len)
-        return mask & (q_pos[..., None] - k_pos < window)
+        return mask & (q_pos[..., None] - k_pos < self.window)
 
     @torch.inference_mode()
     def context_encode(
@@ -350,7 +357,7 @@ class LlamaModel:
         m = input_ids.shape[0]
         if self.decode_step is not None and m <= self.decode_step.max_rows:
             return self.decode_step(self._embed(input_ids), positions, seq_ids)
-        span = min(bucket, -(-(int(positions.max()) + 1) // ATTEND_STEP) * ATTEND_STEP)
+        span = min(bucket, round_up(int(positions.max()) + 1, ATTEND_STEP))
         x = self._embed(input_ids[:, None])
         cos, sin = self.cos[positions][:, None, None], self.sin[positions][:, None, None]
         visible = torch.arange(span)[None, :] <= positions[:, None]

@@ -50,5 +50,4 @@ def huge_page_bytes(nbytes: int) -> torch.Tensor:
 
 
 def huge_page_zeros(shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
-    itemsize = torch.empty((), dtype=dtype).element_size()
-    return huge_page_bytes(itemsize * torch.Size(shape).numel()).view(dtype).view(shape)
+    return huge_page_bytes(dtype.itemsize * torch.Size(shape).numel()).view(dtype).view(shape)
