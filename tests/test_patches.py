@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 from vllm.engine.arg_utils import AsyncEngineArgs, EngineArgs
-from vllm.entrypoints.common.cli_args import make_arg_parser
+from vllm.entrypoints.openai.cli_args import make_arg_parser
 from vllm.utils.argparse_utils import FlexibleArgumentParser
 
 from vllm_neuronx.neuron_config import NeuronConfigError

@@ -14,7 +14,6 @@ from socket import SOCK_DGRAM
 import psutil
 import pytest
 import requests
-from fastapi import FastAPI
 from starlette.datastructures import Headers
 
 from tests.server_utils import Server, api_server_argv
@@ -78,17 +77,16 @@ def test_the_key_is_compared_in_constant_time(tiny_llama, monkeypatch):
     """--api-key installs upstream's middleware, which compares SHA-256 digests of the
     presented and every configured key with secrets.compare_digest, without stopping
     at the first match: time depends on neither the key's length nor its content."""
-    from vllm.entrypoints.common.cli_args import make_arg_parser
-    from vllm.entrypoints.serve.middleware import authenticate, register
+    from vllm.entrypoints.openai.api_server import build_app
+    from vllm.entrypoints.openai.cli_args import make_arg_parser
+    from vllm.entrypoints.openai.server_utils import AuthenticationMiddleware
     from vllm.utils.argparse_utils import FlexibleArgumentParser
 
     args = make_arg_parser(FlexibleArgumentParser()).parse_args(
         ["--model", tiny_llama, "--api-key", API_KEY, "second-key"])
-    app = FastAPI()
-    register.init_entrypoints_middleware(args, app, ("generate",))
-    [installed] = [m for m in app.user_middleware
-                   if m.cls is authenticate.AuthenticationMiddleware]
-    middleware = authenticate.AuthenticationMiddleware(app, *installed.args, **installed.kwargs)
+    app = build_app(args, ("generate",))
+    [installed] = [m for m in app.user_middleware if m.cls is AuthenticationMiddleware]
+    middleware = AuthenticationMiddleware(app, *installed.args, **installed.kwargs)
 
     compared = []
     compare_digest = secrets.compare_digest

@@ -12,9 +12,15 @@ __version__ = "0.1.0"
 
 def register() -> str:
     """vllm.platform_plugins entry point: the Neuron platform, always active when installed."""
-    from vllm_neuronx.patches import apply_all
+    from vllm_neuronx.patches import PatchError, apply_all
 
-    apply_all()
+    try:
+        apply_all()
+    except PatchError as e:  # vLLM swallows a platform plugin's errors: say it first
+        from vllm_neuronx.log import get_logger
+
+        get_logger(__name__).error("%s", e)
+        raise
     prefer_fork()
     return "vllm_neuronx.platform.NeuronPlatform"
 

@@ -144,7 +144,7 @@ class NeuronPlatform(Platform):
         """Our block size is max_model_len, set above; no attention backend to ask."""
 
     @classmethod
-    def validate_request(cls, processed_inputs, params) -> None:
+    def validate_request(cls, prompt, params, processed_inputs) -> None:
         from vllm_neuronx.validation import validate_request
 
         validate_request(processed_inputs, params)

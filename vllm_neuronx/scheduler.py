@@ -26,10 +26,10 @@ class NeuronScheduler(Scheduler):
         # One block of max_model_len per request: a decode step never allocates.
         self._one_block_per_request = self.block_size >= self.max_model_len
 
-    def schedule(self, throttle_prefills: bool = False):
+    def schedule(self):
         free_lines = self.max_num_running_reqs - len(self.running)
         if free_lines > 0 and self.waiting and not self._prefill_stalled:
-            output = self._prefill_step(free_lines, throttle_prefills)
+            output = self._prefill_step(free_lines)
             self._prefill_stalled = output.total_num_scheduled_tokens == 0 and bool(self.running)
         else:
             self._prefill_stalled = False
@@ -41,15 +41,15 @@ class NeuronScheduler(Scheduler):
             )
         return output
 
-    def _prefill_step(self, free_lines: int, throttle_prefills: bool):
+    def _prefill_step(self, free_lines: int):
         """Schedule waiting requests only, at most one per free KV line."""
         running, self.running = self.running, []
-        active_limit, self.max_num_active_reqs = self.max_num_active_reqs, free_lines
+        limit, self.max_num_running_reqs = self.max_num_running_reqs, free_lines
         try:
-            return super().schedule(throttle_prefills)
+            return super().schedule()
         finally:
             self.running = running + self.running
-            self.max_num_active_reqs = active_limit
+            self.max_num_running_reqs = limit
 
     def _decode_step(self):
         """Schedule running requests only; new arrivals wait for the next prefill step."""

@@ -1,102 +1,161 @@
-"""What the plugin entry points cannot reach in upstream vLLM, patched in one place.
+"""What the plugin entry points cannot reach in upstream vLLM: one table, one mechanism.
 
-Every patch names what it changes and why, and applies only to the vLLM version
-it was written against: on another version it logs an error and stays out.
+Every change to an upstream object is a ``Patch`` in ``patches.table.PATCHES``: the
+upstream module and attribute, what upstream does, why we change it and when the
+patch can go. This module applies them: each as soon as its module has been
+imported, by wrapping the target with the patch's ``wrap`` (patches without one are
+applied by their owner at run time, e.g. the scheduler's per-step short cut, and are
+only checked here).
+
+The patches are written against one vLLM release, ``PINNED_VLLM``. Another installed
+release, a target that is gone, or one whose parameters changed is an error at
+start-up naming the patch and the vLLM version, never a silent no-op. README.md,
+"Moving to a new vLLM", says how to move the pin.
 """
 
 from __future__ import annotations
 
 import functools
+import importlib
 import importlib.abc
 import importlib.util
 import inspect
 import sys
 from collections.abc import Callable
+from dataclasses import dataclass
 
 from vllm_neuronx.log import get_logger
 
 logger = get_logger(__name__)
 
-PINNED_VLLM = "0.33.0"
-ARG_UTILS = "vllm.engine.arg_utils"
+# The one place the supported vLLM release is written (requirements/common.txt pins it too;
+# tests/test_pins.py checks that both agree).
+PINNED_VLLM = "0.16.0"
 PATCHED = "__neuronx_patched__"
-_applied = False
+_hooked: set[str] = set()  # modules whose import hook is installed
 
 
-def vllm_version_matches() -> bool:
+class PatchError(RuntimeError):
+    """An upstream target a patch needs is not what the patch was written against."""
+
+
+@dataclass(frozen=True, slots=True)
+class Patch:
+    name: str  # short handle, used in errors and the README table
+    module: str  # the upstream module holding the target
+    attribute: str  # the target in that module: "function" or "Class.method"
+    upstream: str  # what upstream does there
+    why: str  # why we change it
+    until: str  # when the patch can go
+    # original -> replacement; None when the owner named in ``why`` applies it at run time.
+    wrap: Callable[[Callable], Callable] | None = None
+    # Parameters the patch relies on, checked against the target's signature.
+    params: tuple[str, ...] = ()
+    # Parameters the target must not have (upstream taking them over would clash).
+    absent: tuple[str, ...] = ()
+
+    @property
+    def target(self) -> str:
+        return f"{self.module}.{self.attribute}"
+
+
+def installed_vllm() -> str:
     import vllm
 
-    return vllm.__version__.split("+")[0] == PINNED_VLLM
+    return vllm.__version__.split("+")[0]
 
 
-def apply_all() -> None:
-    """Idempotent: vLLM loads plugins once per process, we may be called from both hooks."""
-    global _applied
-    if _applied:
-        if _imported(ARG_UTILS):  # the import hook may not have fired yet
-            from vllm_neuronx.patches import engine_args
+def check_version() -> None:
+    installed = installed_vllm()
+    if installed != PINNED_VLLM:
+        from vllm_neuronx.patches.table import PATCHES
 
-            engine_args.apply()
-        return
-    _applied = True
-    if not vllm_version_matches():
-        import vllm
-
-        logger.error(
-            "vllm-neuronx patches target vLLM %s but %s is installed; device= and "
-            "override_neuron_config are unavailable",
-            PINNED_VLLM,
-            vllm.__version__,
+        raise PatchError(
+            f"vllm-neuronx's {len(PATCHES)} patches of upstream vLLM were written against vLLM "
+            f"{PINNED_VLLM}, but vLLM {installed} is installed; install vllm=={PINNED_VLLM} "
+            "(scripts/setup.sh), or move the pin as README.md's 'Moving to a new vLLM' says"
         )
-        return
-    from vllm_neuronx.patches import best_of, engine_args, engine_death, max_tokens
-
-    after_import(ARG_UTILS, engine_args.apply)
-    for name in max_tokens.USERS:
-        after_import(name, functools.partial(_patch_named, name, max_tokens.patch_module))
-    for name, patch in engine_death.PATCHES.items():
-        after_import(name, functools.partial(_patch_named, name, patch))
-    for name, patch in best_of.PATCHES.items():
-        after_import(name, functools.partial(_patch_named, name, patch))
-    from vllm_neuronx.patches import drain, queue_bound, startup_signal
-
-    for name, patch in (
-        *drain.PATCHES.items(),
-        (queue_bound.ASYNC_LLM, queue_bound.patch_module),
-        (startup_signal.WORKER, startup_signal.patch_module),
-    ):
-        after_import(name, functools.partial(_patch_named, name, patch))
 
 
-def wrap_once(owner, name: str, make_wrapper: Callable[[Callable], Callable]) -> bool:
-    """Replace ``owner.name`` by ``make_wrapper(original)``, once per patch module.
+def resolve(patch: Patch, module=None) -> tuple[object, str, Callable]:
+    """(owner, attribute name, target) of a patch, checked; PatchError if it does not fit."""
+    if module is None:
+        module = importlib.import_module(patch.module)
+    *path, name = patch.attribute.split(".")
+    owner = module
+    for part in path:
+        owner = getattr(owner, part, None)
+    target = getattr(owner, name, None) if owner is not None else None
+    if target is None:
+        _fail(patch, "is missing")
+    try:
+        params = inspect.signature(target).parameters
+    except (TypeError, ValueError):
+        params = {}
+    missing = [p for p in patch.params if p not in params]
+    clashing = [p for p in patch.absent if p in params]
+    if missing:
+        _fail(patch, f"has no parameter {', '.join(missing)}: its signature changed")
+    if clashing:
+        _fail(patch, f"now has the parameter {', '.join(clashing)} this patch adds")
+    return owner, name, target
+
+
+def _fail(patch: Patch, problem: str) -> None:
+    raise PatchError(
+        f"vllm-neuronx patch '{patch.name}': upstream {patch.target} {problem} in vLLM "
+        f"{installed_vllm()} (the patch was written for {PINNED_VLLM})"
+    )
+
+
+def wrap(owner, name: str, make_wrapper: Callable[[Callable], Callable], tag: str) -> None:
+    """Replace ``owner.name`` by ``make_wrapper(original)``, once per ``tag``.
 
     Idempotent because vLLM loads plugins once per process but our hooks may fire
-    twice. The wrapper gets ``functools.wraps(original)`` and a marker naming the
-    patch module (``make_wrapper.__module__``), so two patches may wrap the same
-    function (``run_server_worker``: engine_death and startup_signal) and each
-    still applies once. A staticmethod or classmethod is wrapped as its function
-    and set back as the same kind. False when there is nothing to wrap or it is
-    already wrapped.
+    twice; two patches may wrap the same function (``run_server_worker``), each once.
+    A staticmethod or classmethod is wrapped as its function and set back as the same
+    kind.
     """
-    original = getattr(owner, name, None)
-    if original is None:
-        return False
+    original = getattr(owner, name)
     raw = inspect.getattr_static(owner, name, None) if isinstance(owner, type) else None
     kind = type(raw) if isinstance(raw, (staticmethod, classmethod)) else None
     if kind is not None:
         original = raw.__func__
     done = getattr(original, PATCHED, frozenset())
-    if make_wrapper.__module__ in done:
-        return False
+    if tag in done:
+        return
     wrapped = functools.wraps(original)(make_wrapper(original))
-    setattr(wrapped, PATCHED, done | {make_wrapper.__module__})
+    setattr(wrapped, PATCHED, done | {tag})
     setattr(owner, name, wrapped if kind is None else kind(wrapped))
-    return True
 
 
-def _patch_named(name: str, patch: Callable) -> None:
-    patch(sys.modules[name])
+def _apply_module(name: str) -> None:
+    from vllm_neuronx.patches.table import PATCHES
+
+    module = sys.modules[name]
+    for patch in PATCHES:
+        if patch.module == name:
+            owner, attr, _ = resolve(patch, module)
+            if patch.wrap is not None:
+                wrap(owner, attr, patch.wrap, patch.name)
+
+
+def apply_all() -> None:
+    """Check the vLLM version, then patch each target module as soon as it is imported.
+
+    Safe to call again (vLLM loads plugins once per process, we are called from both
+    hooks): a module imported since the last call, whose import hook may not have fired
+    yet, is patched now; nothing is patched twice.
+    """
+    check_version()
+    from vllm_neuronx.patches.table import PATCHES
+
+    for name in dict.fromkeys(p.module for p in PATCHES if p.wrap is not None):
+        if _imported(name):
+            _apply_module(name)
+        elif name not in _hooked:
+            _hooked.add(name)
+            after_import(name, functools.partial(_apply_module, name))
 
 
 class _RunAfterExec(importlib.abc.Loader):
@@ -149,11 +208,7 @@ def _imported(name: str) -> bool:
 
 def after_import(name: str, callback: Callable[[], None]) -> None:
     """Call ``callback`` now if ``name`` is imported, else right after it is."""
-    if (
-        name in sys.modules
-        and getattr(sys.modules[name], "__spec__", None) is not None
-        and not getattr(sys.modules[name].__spec__, "_initializing", False)
-    ):
+    if _imported(name):
         callback()
     else:
         sys.meta_path.insert(0, _PatchOnImport(name, callback))

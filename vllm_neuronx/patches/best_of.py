@@ -1,9 +1,8 @@
 """``best_of`` on the completions API: sample best_of candidates, return the n most likely.
 
-vLLM 0.33 dropped best_of with V0: SamplingParams has no such field, the
-completions request keeps it as an unknown extra and the chat request declares
-it, and both ignore it, so a client asking for the best of 5 silently gets one
-sample. We change upstream in three places:
+vLLM dropped best_of with V0 (0.16 included): SamplingParams has no such field,
+and the completions and chat requests keep it as an unknown extra and ignore
+it, so a client asking for the best of 5 silently gets one sample. We change upstream in three places:
 
 - ``CompletionRequest.to_sampling_params`` checks best_of (an integer >= n, not
   with ``stream``) and, when best_of > n, asks the engine for ``n=best_of``
@@ -28,11 +27,6 @@ counts one). best_of equal to n is plain n.
 from __future__ import annotations
 
 from vllm_neuronx import sampling
-from vllm_neuronx.patches import wrap_once
-
-PROTOCOL = "vllm.entrypoints.openai.completion.protocol"
-SERVING = "vllm.entrypoints.openai.completion.serving"
-CHAT_PROTOCOL = "vllm.entrypoints.openai.chat_completion.protocol"
 
 
 def _refuse(message: str, value) -> None:
@@ -53,12 +47,6 @@ def requested_best_of(request) -> int | None:
     n = getattr(request, "n", None) or 1
     if value < n:
         _refuse(f"best_of={value} must be greater than or equal to n={n}", value)
-    import vllm.envs as envs
-
-    if value > envs.VLLM_MAX_N_SEQUENCES:
-        _refuse(
-            f"best_of={value} exceeds VLLM_MAX_N_SEQUENCES={envs.VLLM_MAX_N_SEQUENCES}", value
-        )
     return value
 
 
@@ -84,38 +72,37 @@ def _check_logits_on_host(best_of: int) -> None:
         )
 
 
-def patch_completion_request(module) -> None:
-    cls = getattr(module, "CompletionRequest", None)
+def completion_sampling_params(original):
+    """CompletionRequest.to_sampling_params: best_of > n asks for best_of children."""
 
-    def sampling_params(original):
-        def to_sampling_params(self, *args, **kwargs):
-            best_of = _ranked(self)
-            if best_of is not None and self.stream:
-                _refuse(f"best_of={best_of} cannot be streamed: candidates are ranked "
-                        "once all are finished; use stream=false", best_of)
-            params = original(self, *args, **kwargs)
-            if best_of is None or params.temperature < sampling.GREEDY_EPS:
-                return params
-            _check_logits_on_host(best_of)
-            params.n = best_of
-            if params.num_logprobs is None:
-                params.logprobs = 0  # the sampled token's logprob: V1 then sums them
+    def to_sampling_params(self, *args, **kwargs):
+        best_of = _ranked(self)
+        if best_of is not None and self.stream:
+            _refuse(f"best_of={best_of} cannot be streamed: candidates are ranked "
+                    "once all are finished; use stream=false", best_of)
+        params = original(self, *args, **kwargs)
+        if best_of is None or params.temperature < sampling.GREEDY_EPS:
             return params
+        _check_logits_on_host(best_of)
+        params.n = best_of
+        if params.logprobs is None:
+            params.logprobs = 0  # the sampled token's logprob: V1 then sums them
+        return params
 
-        return to_sampling_params
+    return to_sampling_params
 
-    def beam_search_params(original):
-        def to_beam_search_params(self, *args, **kwargs):
-            best_of = _ranked(self)
-            if best_of is not None:
-                _refuse(f"best_of={best_of} cannot be combined with use_beam_search, "
-                        "whose beams are ranked by n", best_of)
-            return original(self, *args, **kwargs)
 
-        return to_beam_search_params
+def completion_beam_search_params(original):
+    """CompletionRequest.to_beam_search_params: refuses best_of > n."""
 
-    wrap_once(cls, "to_sampling_params", sampling_params)
-    wrap_once(cls, "to_beam_search_params", beam_search_params)
+    def to_beam_search_params(self, *args, **kwargs):
+        best_of = _ranked(self)
+        if best_of is not None:
+            _refuse(f"best_of={best_of} cannot be combined with use_beam_search, "
+                    "whose beams are ranked by n", best_of)
+        return original(self, *args, **kwargs)
+
+    return to_beam_search_params
 
 
 def _likeliest(outputs, n: int):
@@ -131,50 +118,38 @@ def _likeliest(outputs, n: int):
     return kept, ordered[n:]
 
 
-def patch_completion_serving(module) -> None:
-    cls = getattr(module, "OpenAIServingCompletion", None)
+def completion_response(original):
+    """OpenAIServingCompletion.request_output_to_completion_response: keeps the n likeliest
+    candidates and bills the dropped ones."""
 
-    def to_response(original):
-        def request_output_to_completion_response(self, final_res_batch, request, *args, **kw):
-            best_of = _ranked(request)
-            if best_of is None:
-                return original(self, final_res_batch, request, *args, **kw)
-            request_id = kw.get("request_id", args[0] if args else "")
-            dropped_tokens = 0
-            for final_res in final_res_batch:
-                for output in final_res.outputs:  # a failed candidate fails the request
-                    self._raise_if_error(output.finish_reason, request_id)
-                final_res.outputs, dropped = _likeliest(final_res.outputs, request.n or 1)
-                dropped_tokens += sum(len(output.token_ids) for output in dropped)
-            response = original(self, final_res_batch, request, *args, **kw)
-            # The same UsageInfo object is the request metadata's final usage.
-            response.usage.completion_tokens += dropped_tokens
-            response.usage.total_tokens += dropped_tokens
-            return response
+    def request_output_to_completion_response(self, final_res_batch, request, *args, **kw):
+        best_of = _ranked(request)
+        if best_of is None:
+            return original(self, final_res_batch, request, *args, **kw)
+        request_id = kw.get("request_id", args[0] if args else "")
+        dropped_tokens = 0
+        for final_res in final_res_batch:
+            for output in final_res.outputs:  # a failed candidate fails the request
+                self._raise_if_error(output.finish_reason, request_id)
+            final_res.outputs, dropped = _likeliest(final_res.outputs, request.n or 1)
+            dropped_tokens += sum(len(output.token_ids) for output in dropped)
+        response = original(self, final_res_batch, request, *args, **kw)
+        # The same UsageInfo object is the request metadata's final usage.
+        response.usage.completion_tokens += dropped_tokens
+        response.usage.total_tokens += dropped_tokens
+        return response
 
-        return request_output_to_completion_response
-
-    wrap_once(cls, "request_output_to_completion_response", to_response)
+    return request_output_to_completion_response
 
 
-def patch_chat_request(module) -> None:
-    cls = getattr(module, "ChatCompletionRequest", None)
+def chat_sampling_params(original):
+    """ChatCompletionRequest.to_sampling_params: refuses best_of other than n."""
 
-    def sampling_params(original):
-        def to_sampling_params(self, *args, **kwargs):
-            best_of = _ranked(self)
-            if best_of is not None:
-                _refuse(f"best_of={best_of} is not supported by chat completions (OpenAI's "
-                        "chat API has no best_of); use /v1/completions", best_of)
-            return original(self, *args, **kwargs)
+    def to_sampling_params(self, *args, **kwargs):
+        best_of = _ranked(self)
+        if best_of is not None:
+            _refuse(f"best_of={best_of} is not supported by chat completions (OpenAI's "
+                    "chat API has no best_of); use /v1/completions", best_of)
+        return original(self, *args, **kwargs)
 
-        return to_sampling_params
-
-    wrap_once(cls, "to_sampling_params", sampling_params)
-
-
-PATCHES = {
-    PROTOCOL: patch_completion_request,
-    SERVING: patch_completion_serving,
-    CHAT_PROTOCOL: patch_chat_request,
-}
+    return to_sampling_params

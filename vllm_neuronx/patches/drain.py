@@ -1,50 +1,38 @@
 """A shutdown drains the HTTP requests already accepted, refuses new ones, and ends.
 
-Upstream, on SIGTERM with ``--shutdown-timeout N``, the API server asks the
-engine to stop at once, and the engine finishes the requests it holds for up to
-N seconds. Three things go wrong on the way:
+Upstream vLLM 0.16 has no ``--shutdown-timeout``: on SIGTERM its API server cancels
+the HTTP server at once and stops the engine. Requests in flight are cut: a
+stream's client waits on an open connection that may never end, and a request
+arriving meanwhile fails with a traceback. (vLLM 0.33 added ``--shutdown-timeout``;
+this patch gives 0.16 the same flag, with a drain at the HTTP door.)
 
-- A request accepted just before (its stream's headers already sent) reaches
-  the engine after the signal, and the engine refuses it: the client gets an
-  empty answer with finish_reason "abort".
-- A request arriving during the drain reaches a renderer already shut down:
-  HTTP 500 "cannot schedule new futures after shutdown", traceback in the log.
-- Requests still open when the engine stops (the default ``--shutdown-timeout
-  0`` aborts at once; a drain can time out) hear of it by a race: the engine is
-  killed before its abort outputs arrive, and either its death reaches them
-  (an HTTP 500 error chunk, a traceback each) or nothing does and their
-  streams stay open; the server then waits for those connections to close, as
-  long as the clients keep them.
-
-Here the drain happens at the HTTP door: once a shutdown begins, every request
-but /metrics gets 503 in vLLM's error shape, saying the server is shutting down
+With ``--shutdown-timeout N`` a SIGTERM starts a drain: every HTTP request but
+/metrics gets 503 in vLLM's error shape, saying the server is shutting down
 (``Connection: close``, so clients reconnect elsewhere); the requests accepted
-before get up to N seconds to finish, the engine serving them as usual; then
-the engine is stopped as upstream does, with the time left. Whatever is still
-open then, or at once without a drain, ends as aborted (finish_reason "abort").
+before get up to N seconds to finish, the engine serving them as usual; then the
+server stops as upstream's does. Whatever is still open then, or at once without a
+drain (the default, N = 0), ends as aborted (finish_reason "abort") before the
+engine stops, so no client is left waiting.
 
-Changes upstream: ``AsyncLLM.shutdown`` marks the shutdown, waits for the
-accepted HTTP requests and aborts the leftovers; the app's middleware
-(``init_entrypoints_middleware`` as ``build_app`` calls it) gains one that
-refuses and counts requests.
+Changes upstream: ``build_app`` gains a middleware that refuses and counts
+requests (and keeps the server's arguments on ``app.state``); ``serve_http`` gets
+our SIGTERM handler in place of upstream's; ``AsyncLLM.shutdown`` aborts the
+requests still open first.
 """
 
 from __future__ import annotations
 
 import asyncio
-import functools
-import threading
+import signal
 import time
 from http import HTTPStatus
 
 from vllm_neuronx.log import get_logger
-from vllm_neuronx.patches import wrap_once
 
 logger = get_logger(__name__)
 
-ASYNC_LLM = "vllm.v1.engine.async_llm"
-APP = "vllm.entrypoints.launchers.app"
 DRAINING = "_neuronx_draining"
+ARGS = "neuronx_server_args"  # app.state attribute: the API server's argparse Namespace
 OPEN_PATHS = frozenset({"/metrics"})
 MESSAGE = (
     "The server is shutting down: requests already running are finishing, new requests "
@@ -53,8 +41,30 @@ MESSAGE = (
 _accepted = 0  # HTTP requests let in and not yet answered (changed on the event loop only)
 
 
+def add_cli_arg(group) -> None:
+    group.add_argument(
+        "--shutdown-timeout",
+        type=float,
+        default=0.0,
+        help="Seconds a SIGTERM gives the requests already accepted to finish while new "
+        "ones get 503; 0 stops at once (requests still open end as aborted).",
+    )
+
+
 def draining(engine_client) -> bool:
     return bool(getattr(engine_client, DRAINING, False))
+
+
+def server_args(app):
+    return getattr(getattr(app, "state", None), ARGS, None)
+
+
+def error_body(message: str, status: HTTPStatus) -> dict:
+    """vLLM's error shape, as its OpenAI server answers."""
+    from vllm.entrypoints.openai.engine.protocol import ErrorInfo, ErrorResponse
+
+    info = ErrorInfo(message=message, type=status.phrase, code=status.value)
+    return ErrorResponse(error=info).model_dump()
 
 
 class RefuseWhileDraining:
@@ -82,108 +92,72 @@ class RefuseWhileDraining:
     @staticmethod
     async def _refuse(scope, receive, send) -> None:
         from fastapi.responses import JSONResponse
-        from vllm.entrypoints.serve.exception_handling.error_response import (
-            create_error_response,
-        )
 
         status = HTTPStatus.SERVICE_UNAVAILABLE
-        error = create_error_response(MESSAGE, err_type=status.phrase, status_code=status)
-        response = JSONResponse(error.model_dump(), status_code=status,
+        response = JSONResponse(error_body(MESSAGE, status), status_code=status,
                                 headers={"Connection": "close"})
         await response(scope, receive, send)
 
 
-def patch_async_llm(module) -> None:
-    def drain_first(shutdown):
-        def draining_shutdown(self, timeout: float | None = None):
-            setattr(self, DRAINING, True)
-            why = "no drain"
-            if timeout:
-                timeout, why = _drain_http(self, timeout), "the drain timed out"
-            if timeout == 0:  # upstream kills the engine at once: tell the clients first
-                _on_its_loop(self, functools.partial(_abort_open_requests, why=why), wait=5.0)
-            try:
-                return shutdown(self, timeout=timeout)
-            finally:
-                stopped = functools.partial(_abort_open_requests, why="the engine stopped")
-                _on_its_loop(self, stopped)
+def app_with_drain(build_app):
+    """build_app: the app keeps the server's arguments and refuses requests while draining."""
 
-        return draining_shutdown
+    def build_app_with_drain(args, *rest, **kwargs):
+        app = build_app(args, *rest, **kwargs)
+        setattr(app.state, ARGS, args)
+        app.add_middleware(RefuseWhileDraining)  # added last: runs first
+        return app
 
-    wrap_once(module.AsyncLLM, "shutdown", drain_first)
+    return build_app_with_drain
 
 
-def _drain_http(async_llm, timeout: float) -> float:
-    """Wait up to ``timeout`` s for the HTTP requests accepted before the shutdown; the
-    seconds left. Only from another thread than the loop's (upstream's SIGTERM path)."""
-    loop = _loop_of(async_llm)
-    if loop is None or _running_loop() is loop:
-        return timeout
+def draining_serve(serve_http):
+    """serve_http: a SIGTERM drains for --shutdown-timeout seconds before the stop."""
+
+    async def serve_http_draining(app, *args, **kwargs):
+        serving = asyncio.ensure_future(serve_http(app, *args, **kwargs))
+        await asyncio.sleep(0)  # upstream's first step installs its signal handlers
+        if not serving.done():
+            timeout = getattr(server_args(app), "shutdown_timeout", 0.0) or 0.0
+            asyncio.get_running_loop().add_signal_handler(
+                signal.SIGTERM, _begin_drain, app, serving, timeout)
+        return await serving
+
+    return serve_http_draining
+
+
+def _begin_drain(app, serving: asyncio.Future, timeout: float) -> None:
+    engine = app.state.engine_client
+    again = draining(engine)
+    setattr(engine, DRAINING, True)
+    if again or timeout <= 0 or not _accepted:
+        serving.cancel()  # what upstream's handler does: stop the HTTP server now
+        return
+    logger.info("Shutting down: draining %d HTTP request(s) for up to %.0f s",
+                _accepted, timeout)
+    asyncio.get_running_loop().create_task(_stop_after_drain(serving, timeout))
+
+
+async def _stop_after_drain(serving: asyncio.Future, timeout: float) -> None:
     deadline = time.monotonic() + timeout
-    # One round trip through the loop: a request that saw no shutdown is counted by now.
-    _on_its_loop(async_llm, lambda _: None, wait=timeout)
-    if _accepted:
-        logger.info("Shutting down: draining %d HTTP request(s) for up to %.0f s",
-                    _accepted, timeout)
     while _accepted and time.monotonic() < deadline:
-        time.sleep(0.05)
-    return max(0.0, deadline - time.monotonic())
+        await asyncio.sleep(0.05)
+    if _accepted:
+        logger.warning("Shutting down: the drain timed out with %d request(s) open", _accepted)
+    serving.cancel()
 
 
-def _abort_open_requests(async_llm, why: str) -> None:
-    processor = getattr(async_llm, "output_processor", None)
-    open_ids = list(getattr(processor, "request_states", ()))
-    if open_ids:
-        logger.warning("Shutting down (%s): ending %d unfinished request(s) as aborted",
-                       why, len(open_ids))
-        processor.abort_requests(open_ids, internal=True)
+def aborting_shutdown(shutdown):
+    """AsyncLLM.shutdown: requests still open end as aborted before the engine stops."""
 
+    def shutdown_aborting_open(self, *args, **kwargs):
+        setattr(self, DRAINING, True)
+        processor = getattr(self, "output_processor", None)
+        open_ids = list(getattr(processor, "request_states", ()))
+        if open_ids:
+            logger.warning("Shutting down: ending %d unfinished request(s) as aborted",
+                           len(open_ids))
+            processor.abort_requests(open_ids, internal=True)
+        return shutdown(self, *args, **kwargs)
 
-def _loop_of(async_llm):
-    """The event loop the engine client's requests wait on, if it still runs."""
-    handler = getattr(async_llm, "output_handler", None)
-    loop = handler.get_loop() if handler is not None else None
-    return None if loop is None or loop.is_closed() else loop
-
-
-def _running_loop():
-    try:
-        return asyncio.get_running_loop()
-    except RuntimeError:
-        return None
-
-
-def _on_its_loop(async_llm, fn, wait: float = 0.0) -> None:
-    """Run ``fn(async_llm)`` on its event loop (shutdown may run in a worker thread),
-    waiting up to ``wait`` seconds for it; nothing to do if the loop is gone."""
-    loop = _loop_of(async_llm)
-    if loop is None:
-        return
-    if _running_loop() is loop:
-        fn(async_llm)
-        return
-    done = threading.Event()
-
-    def run() -> None:
-        try:
-            fn(async_llm)
-        finally:
-            done.set()
-
-    loop.call_soon_threadsafe(run)
-    done.wait(wait)
-
-
-def patch_app(module) -> None:
-    def with_drain(init):
-        def init_with_drain(args, app, *rest, **kwargs):
-            result = init(args, app, *rest, **kwargs)
-            app.add_middleware(RefuseWhileDraining)  # added last: runs first
-            return result
-
-        return init_with_drain
-
-    wrap_once(module, "init_entrypoints_middleware", with_drain)
-
-
-PATCHES = {ASYNC_LLM: patch_async_llm, APP: patch_app}
+    return shutdown_aborting_open

@@ -1,6 +1,6 @@
 """Accept the Neuron user guide's arguments on upstream's EngineArgs, LLM and CLI.
 
-Upstream 0.33 removed ``device`` and never had ``override_neuron_config``, so
+Upstream (0.16) has no ``device`` and never had ``override_neuron_config``, so
 ``LLM(..., device="neuron", override_neuron_config={...})`` raises TypeError and
 ``--device neuron --override-neuron-config '{...}'`` is an unknown flag. We add
 both (LLM passes its kwargs to EngineArgs, so patching EngineArgs covers it):
@@ -16,7 +16,6 @@ import argparse
 from typing import Any
 
 from vllm_neuronx import neuron_config as nc
-from vllm_neuronx.patches import wrap_once
 from vllm_neuronx.platform_config import OVERRIDES_KEY
 
 DEVICES = ("neuron", "auto", "cpu")
@@ -73,35 +72,41 @@ def add_neuron_cli_args(parser):
     return parser
 
 
-def apply() -> None:
-    from vllm.engine.arg_utils import AsyncEngineArgs, EngineArgs
+def init_args(original):
+    """EngineArgs.__init__ (and AsyncEngineArgs'): also takes device= and the overrides."""
 
-    def init_args(original):
-        def __init__(self, *args, device=None, override_neuron_config=None, **kwargs):
-            original(self, *args, **kwargs)
-            neuronize(self, device, override_neuron_config)
+    def __init__(self, *args, device=None, override_neuron_config=None, **kwargs):
+        original(self, *args, **kwargs)
+        neuronize(self, device, override_neuron_config)
 
-        return __init__
+    return __init__
 
-    def cli_args(add_cli_args):
-        def patched_add_cli_args(parser):
-            return add_neuron_cli_args(add_cli_args(parser))
 
-        return patched_add_cli_args
+def cli_args(add_cli_args):
+    """EngineArgs.add_cli_args: also the Neuron flags and the server's reliability flags."""
 
-    def from_cli(from_cli_args):
-        def patched_from_cli_args(cls, args: argparse.Namespace):
-            engine_args = from_cli_args(cls, args)
-            neuronize(
-                engine_args,
-                getattr(args, "device", None),
-                getattr(args, "override_neuron_config", None),
-            )
-            return engine_args
+    def patched_add_cli_args(parser):
+        from vllm_neuronx.patches import drain, queue_bound
 
-        return patched_from_cli_args
+        parser = add_neuron_cli_args(add_cli_args(parser))
+        group = parser.add_argument_group("Server reliability (vllm-neuronx)")
+        queue_bound.add_cli_arg(group)
+        drain.add_cli_arg(group)
+        return parser
 
-    for cls in (EngineArgs, AsyncEngineArgs):
-        wrap_once(cls, "__init__", init_args)
-    wrap_once(EngineArgs, "add_cli_args", cli_args)  # a staticmethod
-    wrap_once(EngineArgs, "from_cli_args", from_cli)  # a classmethod
+    return patched_add_cli_args
+
+
+def from_cli(from_cli_args):
+    """EngineArgs.from_cli_args: folds --device and --override-neuron-config in."""
+
+    def patched_from_cli_args(cls, args: argparse.Namespace):
+        engine_args = from_cli_args(cls, args)
+        neuronize(
+            engine_args,
+            getattr(args, "device", None),
+            getattr(args, "override_neuron_config", None),
+        )
+        return engine_args
+
+    return patched_from_cli_args

@@ -9,22 +9,21 @@ as OpenAI's own API does. A request without max_tokens still gets the room left.
 
 from __future__ import annotations
 
-from vllm_neuronx.patches import wrap_once
-
-# Modules that imported get_max_tokens by name, and the module that defines it.
-USERS = (
-    "vllm.entrypoints.serve.utils.api_utils",
+# The module that defines get_max_tokens, and those that imported it by name.
+MODULES = (
+    "vllm.entrypoints.utils",
+    "vllm.entrypoints.openai.engine.serving",
     "vllm.entrypoints.openai.completion.serving",
     "vllm.entrypoints.openai.chat_completion.serving",
+    "vllm.entrypoints.openai.responses.serving",
 )
 
 
 def strict(get_max_tokens):
     def checked(max_model_len, max_tokens, input_length, *args, **kwargs):
         allowed = get_max_tokens(max_model_len, max_tokens, input_length, *args, **kwargs)
-        truncating = kwargs.get("truncate_prompt_tokens") is not None
         room = max_model_len - input_length
-        if max_tokens is not None and not truncating and allowed < max_tokens and room < max_tokens:
+        if max_tokens is not None and allowed < max_tokens and room < max_tokens:
             from vllm.exceptions import VLLMValidationError
 
             raise VLLMValidationError(
@@ -36,7 +35,3 @@ def strict(get_max_tokens):
         return allowed
 
     return checked
-
-
-def patch_module(module) -> None:
-    wrap_once(module, "get_max_tokens", strict)

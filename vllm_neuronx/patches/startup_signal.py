@@ -22,11 +22,9 @@ import multiprocessing
 import signal
 
 from vllm_neuronx.log import get_logger
-from vllm_neuronx.patches import wrap_once
 
 logger = get_logger(__name__)
 
-WORKER = "vllm.entrypoints.launchers.api_server.entry"
 SIGNALS = (signal.SIGTERM, signal.SIGINT)
 
 
@@ -53,18 +51,17 @@ class _StartupStop:
             self.loop.call_soon_threadsafe(self.task.cancel)
 
 
-def patch_module(module) -> None:
-    def stoppable(run):
-        async def run_server_worker(*args, **kwargs):
-            stop = _StartupStop()
-            stop.install()
-            try:
-                return await run(*args, **kwargs)
-            except (Exception, KeyboardInterrupt, asyncio.CancelledError) as e:
-                if stop.signal_name is None:
-                    raise
-                logger.info("Start-up stopped by %s (%s)", stop.signal_name, type(e).__name__)
+def stoppable(run):
+    """run_server_worker: a SIGTERM or SIGINT during start-up stops it."""
 
-        return run_server_worker
+    async def run_server_worker(*args, **kwargs):
+        stop = _StartupStop()
+        stop.install()
+        try:
+            return await run(*args, **kwargs)
+        except (Exception, KeyboardInterrupt, asyncio.CancelledError) as e:
+            if stop.signal_name is None:
+                raise
+            logger.info("Start-up stopped by %s (%s)", stop.signal_name, type(e).__name__)
 
-    wrap_once(module, "run_server_worker", stoppable)
+    return run_server_worker

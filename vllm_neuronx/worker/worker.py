@@ -12,7 +12,7 @@ import os
 
 import torch
 from vllm.v1.kv_cache_interface import FullAttentionSpec, KVCacheSpec
-from vllm.v1.worker.worker_base import CompilationTimes, WorkerBase
+from vllm.v1.worker.worker_base import WorkerBase
 
 from vllm_neuronx.loader import load_backend
 from vllm_neuronx.log import get_logger
@@ -91,8 +91,8 @@ class NeuronWorker(WorkerBase):
         self.cache_config.num_gpu_blocks = num_gpu_blocks
         self.cache_config.num_cpu_blocks = num_cpu_blocks
 
-    def compile_or_warm_up_model(self) -> CompilationTimes:
-        return CompilationTimes(language_model=0.0, encoder=0.0)
+    def compile_or_warm_up_model(self) -> None:
+        """Nothing to do: the backend compiled (or loaded its artifacts) in load_model."""
 
     def get_supported_tasks(self):
         return ("generate",)

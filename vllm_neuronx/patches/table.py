@@ -1,0 +1,135 @@
+"""Every change vllm-neuronx makes to upstream vLLM objects, declared in one table.
+
+Each row: the upstream target, what upstream does there, why we change it, and when
+the patch can go. ``patches.apply_all`` applies the rows with a ``wrap`` as their
+modules are imported; the others are applied by the module named in ``why`` and
+only checked. tests/test_patch_table.py resolves every target against the installed
+vLLM; README.md lists them.
+"""
+
+from __future__ import annotations
+
+from vllm_neuronx.patches import (
+    Patch,
+    best_of,
+    drain,
+    engine_args,
+    engine_death,
+    max_tokens,
+    queue_bound,
+    startup_signal,
+)
+
+API_SERVER = "vllm.entrypoints.openai.api_server"
+CLI_SERVE = "vllm.entrypoints.cli.serve"  # imported run_server_worker by name
+COMPLETION_SERVING = "vllm.entrypoints.openai.completion.serving"
+CHAT_SERVING = "vllm.entrypoints.openai.chat_completion.serving"
+ASYNC_LLM = "vllm.v1.engine.async_llm"
+ENGINE_ARGS = "vllm.engine.arg_utils"
+NEURON_ARGS_UNTIL = "never: the Neuron user guide's arguments are ours, not upstream's"
+
+PATCHES: tuple[Patch, ...] = (
+    *(Patch("engine-args", ENGINE_ARGS, f"{cls}.__init__",
+            upstream="takes no device= (gone since V1) and no override_neuron_config",
+            why="the Neuron user guide's LLM(device='neuron', override_neuron_config={...}); "
+                "tensor_parallel_size becomes NxDI's tp_degree, vLLM's world stays 1",
+            until=NEURON_ARGS_UNTIL, wrap=engine_args.init_args,
+            params=("additional_config", "tensor_parallel_size", "max_num_seqs"),
+            absent=("device", "override_neuron_config"))
+      for cls in ("EngineArgs", "AsyncEngineArgs")),
+    Patch("engine-args", ENGINE_ARGS, "EngineArgs.add_cli_args",
+          upstream="builds the engine's CLI flags",
+          why="adds --device and --override-neuron-config (the user guide's serve command), "
+              "and the server's --max-num-queued-reqs and --shutdown-timeout",
+          until=NEURON_ARGS_UNTIL, wrap=engine_args.cli_args, params=("parser",)),
+    Patch("engine-args", ENGINE_ARGS, "EngineArgs.from_cli_args",
+          upstream="builds EngineArgs from the parsed flags, ignoring the ones it does not know",
+          why="folds --device and --override-neuron-config into additional_config",
+          until=NEURON_ARGS_UNTIL, wrap=engine_args.from_cli, params=("args",)),
+    *(Patch("max-tokens", module, "get_max_tokens",
+            upstream="quietly lowers an explicit max_tokens to the room the prompt leaves",
+            why="a request that cannot fit gets HTTP 400 naming the numbers, as OpenAI answers",
+            until="upstream refuses max_tokens past max_model_len itself",
+            wrap=max_tokens.strict, params=("max_model_len", "max_tokens", "input_length"))
+      for module in max_tokens.MODULES),
+    Patch("best-of", "vllm.entrypoints.openai.completion.protocol",
+          "CompletionRequest.to_sampling_params",
+          upstream="ignores best_of (V1 dropped it): one sample instead of the best of k",
+          why="best_of > n samples best_of candidates with their logprobs",
+          until="upstream implements best_of on V1", wrap=best_of.completion_sampling_params,
+          params=("max_tokens",)),
+    Patch("best-of", "vllm.entrypoints.openai.completion.protocol",
+          "CompletionRequest.to_beam_search_params",
+          upstream="ignores best_of", why="best_of > n with beam search is refused by name",
+          until="upstream implements best_of on V1",
+          wrap=best_of.completion_beam_search_params, params=("max_tokens",)),
+    Patch("best-of", COMPLETION_SERVING,
+          "OpenAIServingCompletion.request_output_to_completion_response",
+          upstream="returns every candidate",
+          why="keeps the n likeliest of best_of candidates, bills all",
+          until="upstream implements best_of on V1", wrap=best_of.completion_response,
+          params=("final_res_batch", "request", "request_id")),
+    Patch("best-of", "vllm.entrypoints.openai.chat_completion.protocol",
+          "ChatCompletionRequest.to_sampling_params",
+          upstream="ignores best_of", why="refuses best_of != n by name (OpenAI's chat has none)",
+          until="upstream refuses unknown sampling fields", wrap=best_of.chat_sampling_params,
+          params=("max_tokens",)),
+    Patch("queue-bound", COMPLETION_SERVING, "OpenAIServingCompletion.create_completion",
+          upstream="queues every request, however many wait (0.16 has no --max-num-queued-reqs)",
+          why="--max-num-queued-reqs: past the bound HTTP 503 naming it",
+          until="the pin reaches a vLLM with --max-num-queued-reqs (0.33 has it)",
+          wrap=queue_bound.admitting, params=("request", "raw_request")),
+    Patch("queue-bound", CHAT_SERVING, "OpenAIServingChat.create_chat_completion",
+          upstream="queues every request, however many wait",
+          why="--max-num-queued-reqs for chat completions",
+          until="the pin reaches a vLLM with --max-num-queued-reqs (0.33 has it)",
+          wrap=queue_bound.admitting, params=("request", "raw_request")),
+    Patch("drain", API_SERVER, "build_app",
+          upstream="builds the FastAPI app and its middleware",
+          why="a middleware refuses requests with 503 once a shutdown began and counts the "
+              "accepted ones; the app keeps the server's flags",
+          until="the pin reaches a vLLM with --shutdown-timeout (0.33 has it)",
+          wrap=drain.app_with_drain, params=("args",)),
+    Patch("drain", API_SERVER, "serve_http",
+          upstream="on SIGTERM cancels the HTTP server at once, cutting requests in flight",
+          why="--shutdown-timeout: SIGTERM lets accepted requests finish first",
+          until="the pin reaches a vLLM with --shutdown-timeout (0.33 has it)",
+          wrap=drain.draining_serve, params=("app",)),
+    Patch("drain", ASYNC_LLM, "AsyncLLM.shutdown",
+          upstream="stops the engine; requests still open never hear of it",
+          why="open requests end as aborted first, so no stream hangs",
+          until="upstream aborts open requests on shutdown",
+          wrap=drain.aborting_shutdown),
+    Patch("engine-death", "vllm.entrypoints.launcher", "terminate_if_errored",
+          upstream="stops the server when the engine died, and the process exits 0",
+          why="notes the death so the server exits 1 (a supervisor sees a crash)",
+          until="upstream exits non-zero after an engine death",
+          wrap=engine_death.noting_death, params=("server", "engine")),
+    *(Patch("engine-death", module, "run_server_worker",
+            upstream="returns normally after an engine death",
+            why="raises SystemExit(1) once the server stopped after an engine death",
+            until="upstream exits non-zero after an engine death",
+            wrap=engine_death.reporting_death, params=("listen_address", "sock", "args"))
+      for module in (API_SERVER, CLI_SERVE)),
+    *(Patch("startup-signal", module, "run_server_worker",
+            upstream="a SIGTERM while it waits for the engine core is lost in pyzmq's poll",
+            why="SIGTERM/SIGINT during start-up stops the engine core (and a compile) and "
+                "exits 0",
+            until="upstream's start-up handles SIGTERM during the engine core's start",
+            wrap=startup_signal.stoppable, params=("listen_address", "sock", "args"))
+      for module in (API_SERVER, CLI_SERVE)),
+    Patch("decode-slots", "vllm.v1.core.kv_cache_manager", "KVCacheManager.allocate_slots",
+          upstream="does the full block bookkeeping for every scheduled request",
+          why="applied per decode step by vllm_neuronx.scheduler: with one block of "
+              "max_model_len per sequence a decode never allocates (a third of the host's "
+              "time per step at batch 32)",
+          until="never: it is the contiguous KV layout's short cut",
+          params=("request", "num_new_tokens", "num_lookahead_tokens")),
+    Patch("native-top-k-top-p", "vllm.v1.sample.ops.topk_topp_sampler",
+          "TopKTopPSampler.forward_native",
+          upstream="picks a CUDA/FlashInfer or vllm._C top-k/top-p kernel by platform",
+          why="vllm_neuronx.worker.host_sampler binds its sampler's forward to this "
+              "pure-PyTorch one: the pure-Python vLLM has no vllm._C",
+          until="never: the pure-Python install has no kernels",
+          params=("logits", "generators", "k", "p")),
+)
