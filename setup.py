@@ -38,7 +38,7 @@ setup(
     description="vLLM on AWS Neuron through NxD Inference, and on the CPU through the same contract",
     long_description=(ROOT / "README.md").read_text() if (ROOT / "README.md").exists() else "",
     long_description_content_type="text/markdown",
-    python_requires=">=3.10",
+    python_requires=">=3.11,<3.14",
     packages=find_packages(include=["vllm_neuronx", "vllm_neuronx.*"]),
     # The CPU backend compiles its native kernels from source on the user's machine.
     package_data={"vllm_neuronx.backends.cpu": ["*.c"]},

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import subprocess
 import sys
 
 import psutil
@@ -48,3 +49,33 @@ def test_the_users_multiprocessing_method_wins(monkeypatch):
     monkeypatch.setenv("VLLM_WORKER_MULTIPROC_METHOD", "spawn")
     vllm_neuronx.prefer_fork()
     assert os.environ["VLLM_WORKER_MULTIPROC_METHOD"] == "spawn"
+
+
+FORK_AFTER_TORCH = """
+import os, signal, sys, time, torch
+import vllm_neuronx
+vllm_neuronx.prefer_fork()
+torch.set_num_threads(2)
+x = torch.randn(256, 256)
+for _ in range(3):
+    (x @ x).sum()  # the parent's OpenMP pool now exists
+pid = os.fork()
+if pid == 0:
+    (x @ x).sum()
+    os._exit(0)
+for _ in range(200):
+    if os.waitpid(pid, os.WNOHANG)[0]:
+        print("child finished")
+        break
+    time.sleep(0.05)
+else:
+    os.kill(pid, signal.SIGKILL)
+    print("child hung")
+"""
+
+
+def test_a_child_forked_after_parallel_torch_work_does_not_hang():
+    """GNU libgomp's pool does not survive fork; the plugin frees it before each fork."""
+    out = subprocess.run([sys.executable, "-c", FORK_AFTER_TORCH], capture_output=True,
+                         text=True, timeout=120)
+    assert out.stdout.strip() == "child finished", out.stdout + out.stderr

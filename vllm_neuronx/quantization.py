@@ -1,6 +1,6 @@
 """``--quantization neuron_quant``: the name the Neuron user guide uses, made known to vLLM.
 
-Upstream 0.33 has no such method, so vLLM would refuse it before any backend could
+Upstream (0.16) has no such method, so vLLM would refuse it before any backend could
 say something useful. Registered here, it reaches the backend's validation:
 transformers-neuronx quantizes with NEURON_QUANT_DTYPE, NxDI refuses it and points
 to the neuron config's quantization keys, the CPU backend refuses it. vLLM itself
