@@ -336,8 +336,16 @@ def test_compile_and_load_write_nothing_outside_the_cache_folder(model, tmp_path
 @pytest.mark.skipif(not os.path.isdir("/sys/fs"), reason="needs Linux sysfs")
 def test_llm_generates_when_the_cache_cannot_be_written(model, monkeypatch, capfd):
     """End to end, no injection: the engine core meets a real EACCES and still serves."""
+    import logging
+    import sys
+
     from vllm import LLM, SamplingParams
 
+    # vLLM's log handler holds the stdout of its first configuration (an earlier test's
+    # capture); the engine core forked here must write where capfd reads.
+    for handler in logging.getLogger("vllm").handlers:
+        if type(handler) is logging.StreamHandler:
+            monkeypatch.setattr(handler, "stream", sys.stdout)
     monkeypatch.setenv("NEURON_COMPILED_ARTIFACTS", "/sys/fs/vllm-neuronx-artifacts")
     llm = LLM(model=model, device="neuron", max_num_seqs=2, max_model_len=64,
               skip_tokenizer_init=True, dtype="float32")

@@ -37,7 +37,8 @@ ON_DEVICE_SAMPLING_KEYS = frozenset(ON_DEVICE_SAMPLING_DEFAULTS) | {
     "sampling_dp_degree",
 }
 
-# NeuronConfig fields (NxDI 0.3 .. HEAD) that users pass through the override.
+# NeuronConfig fields that users pass through the override, as NxDI 0.10 (SDK 2.31) takes them
+# (is_chunked_prefill is derived from chunked_prefill_config there, not a keyword).
 NEURON_CONFIG_KEYS = frozenset(
     """
     batch_size ctx_batch_size tkg_batch_size max_batch_size kv_cache_batch_size
@@ -48,7 +49,7 @@ NEURON_CONFIG_KEYS = frozenset(
     token_generation_buckets prefix_buckets token_generation_batches
     is_continuous_batching k_cache_transposed disable_kv_cache_tiling
     kv_cache_quant kv_quant_config flash_decoding_enabled apply_seq_ids_mask
-    is_block_kv_layout pa_num_blocks pa_block_size is_prefix_caching is_chunked_prefill
+    is_block_kv_layout pa_num_blocks pa_block_size is_prefix_caching
     chunked_prefill_config windowed_context_encoding_size on_device_sampling_config
     speculation_length spec_batch_size enable_fused_speculation enable_eagle_speculation
     is_eagle_draft enable_eagle_draft_input_norm token_tree_config is_medusa

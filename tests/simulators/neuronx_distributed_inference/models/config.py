@@ -26,7 +26,8 @@ _DTYPES = {
     "float8_e5m2": torch.float8_e5m2,
 }
 
-# Every NeuronConfig keyword NxDI accepts (NeuronConfig.__init__, NxDI 0.3 .. 0.9).
+# Every NeuronConfig keyword NxDI accepts (NeuronConfig.__init__ of the newest public source,
+# the 2.29-v2 sync; NxDI 0.10.18399 announces no change to it).
 NEURON_CONFIG_FIELDS = frozenset(
     """
     activation_quantization_type allow_input_truncation apply_seq_ids_mask async_mode
@@ -36,14 +37,14 @@ NEURON_CONFIG_FIELDS = frozenset(
     attn_block_tkg_nki_kernel_use_online_softmax attn_cls attn_kernel_enabled
     attn_tkg_builtin_kernel_enabled attn_tkg_nki_kernel_enabled batch_size
     bucket_n_active_tokens buckets cast_type cc_pipeline_tiling_factor chunked_prefill_config
-    context_encoding_buckets cp_degree cp_max_num_seqs cp_num_active_blocks ctx_batch_size
+    context_encoding_buckets cp_degree ctx_batch_size
     disable_argmax_kernel disable_kv_cache_tiling disable_numeric_cc_token dma_order_config
     draft_model_modules_to_not_convert eagle_rolling_buffer_kernel_enabled enable_bucketing
     enable_cte_modular_flow enable_eagle_draft_input_norm enable_eagle_speculation
     enable_fused_speculation enable_output_completion_notifications enable_spill_reload_dge
     enable_ve_data_parallel ep_degree ep_dispatch_cc_option expert_mlp_nki_kernel_enabled
     flash_decoding_enabled fused_qkv fused_rmsnorm_skip_gamma is_block_kv_layout
-    is_chunked_prefill is_continuous_batching is_eagle3 is_eagle_draft is_full_model_shuffled
+    is_continuous_batching is_eagle3 is_eagle_draft is_full_model_shuffled
     is_medusa is_mxfp4_compute is_prefix_caching k_cache_transposed kv_cache_batch_size
     kv_cache_padding_size kv_cache_quant kv_quant_config layer_boundary_markers lm_head_pad
     lm_head_pad_alignment_size local_ranks_size logical_nc_config logical_neuron_cores

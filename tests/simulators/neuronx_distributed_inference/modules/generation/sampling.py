@@ -1,7 +1,10 @@
 """Simulated ``neuronx_distributed_inference.modules.generation.sampling``.
 
 The per-row sampling tensor is [batch, 3] = (top_k, top_p, temperature). The
-checks are NxDI 0.3's, the strictest release: top_k is -1 or 1..global_topk.
+checks are NxDI 0.3's, the strictest release: top_k is -1 or 1..global_topk and
+temperature > 0. NxDI 0.10 (SDK 2.26 on) also accepts top_k 0 and temperature 0
+(rewritten to greedy rows); our rows never use either, and keeping the stricter rule
+checks that they stay valid on every release.
 """
 
 from __future__ import annotations
