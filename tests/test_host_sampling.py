@@ -236,7 +236,6 @@ PROMPT = {"prompt_token_ids": [5, 6, 7]}
 HOST_REQUESTS = [
     ("logprobs", dict(logprobs=2)),
     ("prompt_logprobs", dict(prompt_logprobs=1)),
-    ("logprob_token_ids", dict(logprob_token_ids=[3, 4])),
     ("presence_penalty", dict(presence_penalty=0.5)),
     ("frequency_penalty", dict(frequency_penalty=0.5)),
     ("repetition_penalty", dict(repetition_penalty=1.2)),
@@ -288,18 +287,6 @@ def test_plain_requests_and_greedy_seeds_need_no_logits(active):
 def test_top_k_above_global_topk_is_served_on_the_host(active):
     active(settings_with(SamplingCapabilities(logits=True)))
     validate_request(PROMPT, SamplingParams(top_k=300, logprobs=1))
-
-
-@pytest.mark.parametrize("field,value", [
-    ("thinking_token_budget", 10), ("trace_decode_token_ids", [5, 6]),
-    ("prompt_logprob_start", 1),
-])
-def test_what_no_backend_implements_is_refused(active, field, value):
-    active(settings_with(SamplingCapabilities(logits=True, prompt_logits=True)))
-    p = SamplingParams()
-    setattr(p, field, value)
-    with pytest.raises(NeuronRequestError, match=f"{field}=.* is not supported"):
-        validate_request(PROMPT, p)
 
 
 def test_capabilities_follow_the_compiled_config():

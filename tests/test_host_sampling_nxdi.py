@@ -48,7 +48,7 @@ def test_on_device_sampling_only_refuses_host_parameters_by_name(tiny_llama, tmp
 
         request = CompletionRequest(prompt="hi", best_of=3, temperature=1.0)
         with pytest.raises(VLLMValidationError, match=r"best_of=3 .*output_logits"):
-            request.to_sampling_params(8)
+            request.to_sampling_params(8, None)
         # Plain requests still run, on the device.
         out = llm.generate([{"prompt_token_ids": PROMPTS[0]}], params())
         assert [list(out[0].outputs[0].token_ids)] == hf_greedy(tiny_llama, PROMPTS[:1], [8])

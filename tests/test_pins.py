@@ -90,8 +90,8 @@ def test_the_neuron_install_adds_only_neuron_packages():
     assert {"vllm", "torch", "transformers"} <= set(common)
 
 
-def test_the_patch_set_targets_the_pinned_vllm():
-    assert NEURON["vllm"] == PINNED_VLLM
+def test_the_patch_set_reads_the_pin_from_the_installed_metadata():
+    assert PINNED_VLLM == NEURON["vllm"]
 
 
 def test_this_venv_runs_the_pinned_stack():

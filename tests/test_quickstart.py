@@ -24,3 +24,6 @@ def test_quickstart_prints_four_completions():
     logs = proc.stdout + proc.stderr
     assert logs.count("no Neuron device found") == 1
     assert "Neuron ready: framework=neuronx-distributed-inference backend=cpu" in logs
+    # The script ends with its LLM alive: the engine core is stopped, not found dead.
+    assert "died unexpectedly" not in logs
+    assert not [line for line in logs.splitlines() if " ERROR " in line], logs[-3000:]

@@ -27,7 +27,6 @@ GREEDY_ROW = (1, 1.0, 1.0)
 HOST_PARAMETERS: dict[str, Any] = {
     "logprobs": None,
     "prompt_logprobs": None,
-    "logprob_token_ids": None,
     "presence_penalty": 0.0,
     "frequency_penalty": 0.0,
     "repetition_penalty": 1.0,

@@ -21,21 +21,6 @@ from vllm_neuronx import neuron_config as nc
 from vllm_neuronx import sampling
 from vllm_neuronx.platform_config import active_settings
 
-# SamplingParams fields no Neuron backend honours -> (value meaning "off", why).
-_NEVER = {
-    "thinking_token_budget": (None, "thinking budgets are not implemented on Neuron"),
-    "prompt_logprob_token_ids": (
-        None,
-        "scoring chosen prompt tokens is not implemented on Neuron; use prompt_logprobs",
-    ),
-    "prompt_logprob_start": (
-        None,
-        "scoring chosen prompt tokens is not implemented on Neuron; use prompt_logprobs",
-    ),
-    "trace_decode_token_ids": (None, "trace replay is not implemented on Neuron"),
-}
-
-
 class NeuronRequestError(VLLMValidationError, ValueError):
     """A request Neuron cannot serve: HTTP 400 on the server, a ValueError offline."""
 
@@ -45,10 +30,6 @@ def _refuse(message: str, field: str, value: Any) -> None:
 
 
 def _check_sampling(params: Any, settings) -> None:
-    for field, (off, why) in _NEVER.items():
-        value = getattr(params, field, off)
-        if not sampling.is_off(value, off):
-            _refuse(f"{field}={value!r} is not supported: {why}", field, value)
     caps = settings.sampling
     host = sampling.host_parameters(params)
     if host and not caps.logits:

@@ -28,9 +28,32 @@ from vllm_neuronx.log import get_logger
 
 logger = get_logger(__name__)
 
-# The one place the supported vLLM release is written (requirements/common.txt pins it too;
-# tests/test_pins.py checks that both agree).
-PINNED_VLLM = "0.16.0"
+
+
+def _pinned(package: str) -> str:
+    """The version our own distribution requires of ``package`` (``==``).
+
+    The pin is written once, in requirements/common.txt; setup.py puts it into the
+    installed metadata, which this reads.
+    """
+    from importlib.metadata import PackageNotFoundError, requires
+
+    from packaging.requirements import Requirement
+
+    try:
+        lines = requires("vllm-neuronx") or []
+    except PackageNotFoundError:
+        lines = []
+    for line in lines:
+        req = Requirement(line)
+        pins = [s.version for s in req.specifier if s.operator == "=="]
+        if req.name == package and pins:
+            return pins[0]
+    raise RuntimeError(f"vllm-neuronx's {package} pin is not in its installed metadata; "
+                       "install the project (scripts/setup.sh, or pip install -e .)")
+
+
+PINNED_VLLM = _pinned("vllm")
 PATCHED = "__neuronx_patched__"
 _hooked: set[str] = set()  # modules whose import hook is installed
 
@@ -129,10 +152,10 @@ def wrap(owner, name: str, make_wrapper: Callable[[Callable], Callable], tag: st
     setattr(owner, name, wrapped if kind is None else kind(wrapped))
 
 
-def _apply_module(name: str) -> None:
+def _apply_module(name: str, module=None) -> None:
     from vllm_neuronx.patches.table import PATCHES
 
-    module = sys.modules[name]
+    module = module or sys.modules[name]
     for patch in PATCHES:
         if patch.module == name:
             owner, attr, _ = resolve(patch, module)
@@ -156,6 +179,22 @@ def apply_all() -> None:
         elif name not in _hooked:
             _hooked.add(name)
             after_import(name, functools.partial(_apply_module, name))
+
+
+def apply_to_main() -> None:
+    """Patch ``__main__`` when it is a target module run with ``python -m``.
+
+    The user guide's ``python -m vllm.entrypoints.openai.api_server`` runs that module as
+    ``__main__``: its functions call each other there, not in the imported module the
+    import hook patches. Our CLI flags are added (``engine_args.cli_args``) while its main
+    block builds the parser, after every function is defined: that is when this runs.
+    """
+    from vllm_neuronx.patches.table import PATCHES
+
+    main = sys.modules.get("__main__")
+    name = getattr(getattr(main, "__spec__", None), "name", None)
+    if name in {p.module for p in PATCHES if p.wrap is not None}:
+        _apply_module(name, main)
 
 
 class _RunAfterExec(importlib.abc.Loader):

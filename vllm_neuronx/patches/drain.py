@@ -14,8 +14,8 @@ server stops as upstream's does. Whatever is still open then, or at once without
 drain (the default, N = 0), ends as aborted (finish_reason "abort") before the
 engine stops, so no client is left waiting.
 
-Changes upstream: ``build_app`` gains a middleware that refuses and counts
-requests (and keeps the server's arguments on ``app.state``); ``serve_http`` gets
+Changes upstream: the app gets a middleware that refuses and counts requests,
+through upstream's own ``--middleware`` (our default for it); ``serve_http`` gets
 our SIGTERM handler in place of upstream's; ``AsyncLLM.shutdown`` aborts the
 requests still open first.
 """
@@ -32,7 +32,7 @@ from vllm_neuronx.log import get_logger
 logger = get_logger(__name__)
 
 DRAINING = "_neuronx_draining"
-ARGS = "neuronx_server_args"  # app.state attribute: the API server's argparse Namespace
+MIDDLEWARE = "vllm_neuronx.patches.drain.RefuseWhileDraining"
 OPEN_PATHS = frozenset({"/metrics"})
 MESSAGE = (
     "The server is shutting down: requests already running are finishing, new requests "
@@ -56,7 +56,8 @@ def draining(engine_client) -> bool:
 
 
 def server_args(app):
-    return getattr(getattr(app, "state", None), ARGS, None)
+    """The API server's parsed flags (upstream keeps them on ``app.state.args``)."""
+    return getattr(getattr(app, "state", None), "args", None)
 
 
 def error_body(message: str, status: HTTPStatus) -> dict:
@@ -97,18 +98,6 @@ class RefuseWhileDraining:
         response = JSONResponse(error_body(MESSAGE, status), status_code=status,
                                 headers={"Connection": "close"})
         await response(scope, receive, send)
-
-
-def app_with_drain(build_app):
-    """build_app: the app keeps the server's arguments and refuses requests while draining."""
-
-    def build_app_with_drain(args, *rest, **kwargs):
-        app = build_app(args, *rest, **kwargs)
-        setattr(app.state, ARGS, args)
-        app.add_middleware(RefuseWhileDraining)  # added last: runs first
-        return app
-
-    return build_app_with_drain
 
 
 def draining_serve(serve_http):

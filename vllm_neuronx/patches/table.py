@@ -12,10 +12,11 @@ from __future__ import annotations
 from vllm_neuronx.patches import (
     Patch,
     best_of,
+    clean_exit,
     drain,
     engine_args,
     engine_death,
-    max_tokens,
+    error_status,
     queue_bound,
     startup_signal,
 )
@@ -40,18 +41,14 @@ PATCHES: tuple[Patch, ...] = (
     Patch("engine-args", ENGINE_ARGS, "EngineArgs.add_cli_args",
           upstream="builds the engine's CLI flags",
           why="adds --device and --override-neuron-config (the user guide's serve command), "
-              "and the server's --max-num-queued-reqs and --shutdown-timeout",
+              "the server's --max-num-queued-reqs and --shutdown-timeout, and the drain's "
+              "middleware as --middleware's default; patches __main__ when it is the API "
+              "server run with python -m",
           until=NEURON_ARGS_UNTIL, wrap=engine_args.cli_args, params=("parser",)),
     Patch("engine-args", ENGINE_ARGS, "EngineArgs.from_cli_args",
           upstream="builds EngineArgs from the parsed flags, ignoring the ones it does not know",
           why="folds --device and --override-neuron-config into additional_config",
           until=NEURON_ARGS_UNTIL, wrap=engine_args.from_cli, params=("args",)),
-    *(Patch("max-tokens", module, "get_max_tokens",
-            upstream="quietly lowers an explicit max_tokens to the room the prompt leaves",
-            why="a request that cannot fit gets HTTP 400 naming the numbers, as OpenAI answers",
-            until="upstream refuses max_tokens past max_model_len itself",
-            wrap=max_tokens.strict, params=("max_model_len", "max_tokens", "input_length"))
-      for module in max_tokens.MODULES),
     Patch("best-of", "vllm.entrypoints.openai.completion.protocol",
           "CompletionRequest.to_sampling_params",
           upstream="ignores best_of (V1 dropped it): one sample instead of the best of k",
@@ -74,6 +71,14 @@ PATCHES: tuple[Patch, ...] = (
           upstream="ignores best_of", why="refuses best_of != n by name (OpenAI's chat has none)",
           until="upstream refuses unknown sampling fields", wrap=best_of.chat_sampling_params,
           params=("max_tokens",)),
+    *(Patch("error-status", module, attribute,
+            upstream="an exception from the handler reaches the client as HTTP 200 with an "
+                     "error body (the route returns an ErrorResponse object)",
+            why="a failed request is HTTP 500 (or its error's status), as the body says",
+            until="upstream's routes send the status of the errors they catch",
+            wrap=error_status.returning_errors, params=("request", "raw_request"))
+      for module, attribute in ((COMPLETION_SERVING, "OpenAIServingCompletion.create_completion"),
+                                (CHAT_SERVING, "OpenAIServingChat.create_chat_completion"))),
     Patch("queue-bound", COMPLETION_SERVING, "OpenAIServingCompletion.create_completion",
           upstream="queues every request, however many wait (0.16 has no --max-num-queued-reqs)",
           why="--max-num-queued-reqs: past the bound HTTP 503 naming it",
@@ -84,12 +89,6 @@ PATCHES: tuple[Patch, ...] = (
           why="--max-num-queued-reqs for chat completions",
           until="the pin reaches a vLLM with --max-num-queued-reqs (0.33 has it)",
           wrap=queue_bound.admitting, params=("request", "raw_request")),
-    Patch("drain", API_SERVER, "build_app",
-          upstream="builds the FastAPI app and its middleware",
-          why="a middleware refuses requests with 503 once a shutdown began and counts the "
-              "accepted ones; the app keeps the server's flags",
-          until="the pin reaches a vLLM with --shutdown-timeout (0.33 has it)",
-          wrap=drain.app_with_drain, params=("args",)),
     Patch("drain", API_SERVER, "serve_http",
           upstream="on SIGTERM cancels the HTTP server at once, cutting requests in flight",
           why="--shutdown-timeout: SIGTERM lets accepted requests finish first",
@@ -118,6 +117,12 @@ PATCHES: tuple[Patch, ...] = (
             until="upstream's start-up handles SIGTERM during the engine core's start",
             wrap=startup_signal.stoppable, params=("listen_address", "sock", "args"))
       for module in (API_SERVER, CLI_SERVE)),
+    Patch("clean-exit", "vllm.v1.engine.core_client", "MPClient.__init__",
+          upstream="stops the engine core from a finalizer that runs after multiprocessing "
+                   "has killed it at exit, so the last line of a script is an ERROR",
+          why="the client's shutdown runs at exit before multiprocessing's hook",
+          until="upstream shuts its engine clients down before multiprocessing's exit hook",
+          wrap=clean_exit.shutdown_at_exit, params=("vllm_config", "executor_class")),
     Patch("decode-slots", "vllm.v1.core.kv_cache_manager", "KVCacheManager.allocate_slots",
           upstream="does the full block bookkeeping for every scheduled request",
           why="applied per decode step by vllm_neuronx.scheduler: with one block of "
