@@ -203,6 +203,16 @@ def test_bad_input_is_a_4xx_with_upstream_shape(server, model, body, status, mes
     assert error["code"] == status and message in error["message"]
 
 
+@pytest.mark.parametrize("path", ["/v1/completions", "/v1/chat/completions", "/tokenize"])
+@pytest.mark.parametrize("body", ["null", "true", "3", "[1]"])
+def test_a_json_body_that_is_not_an_object_is_400(server, path, body):
+    r = requests.post(server.url + path, data=body, timeout=30,
+                      headers={"Authorization": f"Bearer {API_KEY}",
+                               "Content-Type": "application/json"})
+    assert r.status_code == 400, r.text
+    assert r.json()["error"]["message"] == f"The request body must be a JSON object, got '{body}'"
+
+
 def test_malformed_json_is_400(server):
     r = requests.post(server.url + "/v1/chat/completions", data="{not json",
                       headers={"Authorization": f"Bearer {API_KEY}",

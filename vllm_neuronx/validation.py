@@ -21,6 +21,7 @@ from vllm_neuronx import neuron_config as nc
 from vllm_neuronx import sampling
 from vllm_neuronx.platform_config import active_settings
 
+
 class NeuronRequestError(VLLMValidationError, ValueError):
     """A request Neuron cannot serve: HTTP 400 on the server, a ValueError offline."""
 

@@ -86,14 +86,14 @@ def cli_args(add_cli_args):
     """EngineArgs.add_cli_args: also the Neuron flags and the server's reliability flags."""
 
     def patched_add_cli_args(parser):
-        from vllm_neuronx.patches import apply_to_main, drain, queue_bound
+        from vllm_neuronx.patches import apply_to_main, drain, json_body, queue_bound
 
         parser = add_neuron_cli_args(add_cli_args(parser))
         group = parser.add_argument_group("Server reliability (vllm-neuronx)")
         queue_bound.add_cli_arg(group)
         drain.add_cli_arg(group)
-        # The drain's middleware, through upstream's own --middleware (a user's are added).
-        parser.set_defaults(middleware=[drain.MIDDLEWARE])
+        # Our middleware, through upstream's own --middleware (a user's are added to it).
+        parser.set_defaults(middleware=[json_body.MIDDLEWARE, drain.MIDDLEWARE])
         apply_to_main()
         return parser
 

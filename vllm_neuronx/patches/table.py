@@ -41,9 +41,9 @@ PATCHES: tuple[Patch, ...] = (
     Patch("engine-args", ENGINE_ARGS, "EngineArgs.add_cli_args",
           upstream="builds the engine's CLI flags",
           why="adds --device and --override-neuron-config (the user guide's serve command), "
-              "the server's --max-num-queued-reqs and --shutdown-timeout, and the drain's "
-              "middleware as --middleware's default; patches __main__ when it is the API "
-              "server run with python -m",
+              "the server's --max-num-queued-reqs and --shutdown-timeout, and our "
+              "middleware (json_body, drain) as --middleware's default; patches __main__ "
+              "when it is the API server run with python -m",
           until=NEURON_ARGS_UNTIL, wrap=engine_args.cli_args, params=("parser",)),
     Patch("engine-args", ENGINE_ARGS, "EngineArgs.from_cli_args",
           upstream="builds EngineArgs from the parsed flags, ignoring the ones it does not know",
