@@ -33,7 +33,8 @@ def test_greedy_matches_hf_with_continuous_batching(llm, tiny_llama):
 
 def test_prompt_filling_the_context_is_refused_with_a_clear_error(llm):
     params = SamplingParams(temperature=0, max_tokens=4, detokenize=False)
-    with pytest.raises((ValueError, VLLMValidationError), match="the model's context length is only 256 tokens"):
+    with pytest.raises((ValueError, VLLMValidationError),
+                       match="the model's context length is only 256 tokens"):
         llm.generate([{"prompt_token_ids": [5] * 300}], params)
     # The engine still serves the next request.
     out = llm.generate([{"prompt_token_ids": [5, 6, 7]}], params)

@@ -2,7 +2,8 @@
 
 vLLM dropped best_of with V0 (0.16 included): SamplingParams has no such field,
 and the completions and chat requests keep it as an unknown extra and ignore
-it, so a client asking for the best of 5 silently gets one sample. We change upstream in three places:
+it, so a client asking for the best of 5 silently gets one sample. We change
+upstream in three places:
 
 - ``CompletionRequest.to_sampling_params`` checks best_of (an integer >= n, not
   with ``stream``) and, when best_of > n, asks the engine for ``n=best_of``
