@@ -41,12 +41,12 @@ def test_a_missing_target_names_the_patch_and_the_version():
 
 
 def test_a_changed_signature_is_an_error():
-    [max_tokens] = [p for p in PATCHES if p.module == "vllm.entrypoints.utils"]
-    changed = types.ModuleType("vllm.entrypoints.utils")
-    changed.get_max_tokens = lambda max_model_len, tokens, prompt_len: 0
-    with pytest.raises(PatchError, match=r"'max-tokens'.*has no parameter max_tokens, "
-                       r"input_length: its signature changed"):
-        resolve(max_tokens, changed)
+    [death] = [p for p in PATCHES if p.attribute == "terminate_if_errored"]
+    changed = types.ModuleType(death.module)
+    changed.terminate_if_errored = lambda uvicorn_server, client: None
+    with pytest.raises(PatchError, match=r"'engine-death'.*has no parameter server, "
+                       r"engine: its signature changed"):
+        resolve(death, changed)
 
 
 def test_upstream_taking_over_an_added_parameter_is_an_error():

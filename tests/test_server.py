@@ -190,6 +190,7 @@ BAD_REQUESTS = [
     ({"prompt": "hi", "top_k": 300}, 400, "top_k=300 exceeds on-device sampling's global_topk"),
     ({"prompt": ""}, 400, "non-empty"),
     ({"prompt": [1, 2, 10**6]}, 400, "out of vocabulary"),
+    ({"prompt": [1, -5, 3]}, 400, "token id -5 is out of vocabulary"),
     ({"prompt": "hi", "model": "no-such-model"}, 404, "does not exist"),
 ]
 

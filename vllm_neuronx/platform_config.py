@@ -25,6 +25,8 @@ class NeuronSettings:
     neuron_config: dict[str, Any]
     # What the compiled model returns besides tokens (request validation reads it).
     sampling: SamplingCapabilities = SamplingCapabilities()
+    # The model's embedding rows: a prompt token id at or past it would crash a step.
+    vocab_size: int | None = None
 
     @classmethod
     def resolve(cls, vllm_config) -> tuple[NeuronSettings, list[str]]:
@@ -69,7 +71,8 @@ class NeuronSettings:
             cfg["quantized"] = True
         device = "neuron" if choice.backend in ("nxdi", "tnx") else "cpu"
         caps = backend.sampling_capabilities(cfg)
-        return cls(choice.framework, choice.backend, device, cfg, caps), warnings
+        vocab = vllm_config.model_config.get_vocab_size()
+        return cls(choice.framework, choice.backend, device, cfg, caps, vocab), warnings
 
     def store(self, vllm_config) -> None:
         global _ACTIVE

@@ -65,6 +65,23 @@ def _check_sampling(params: Any, settings) -> None:
     )
 
 
+def _check_token_ids(prompt, vocab_size: int | None) -> None:
+    """Every prompt token must index the model's embedding: upstream 0.16 checks only the
+    tokenizer's largest id, so a negative id (or one past a model vocabulary smaller than
+    its tokenizer's) would reach the model and kill the engine with every request in it."""
+    if not prompt:
+        return
+    low, high = min(prompt), max(prompt)
+    bad = low if low < 0 else high if vocab_size is not None and high >= vocab_size else None
+    if bad is not None:
+        raise NeuronRequestError(
+            f"token id {bad} is out of vocabulary: prompt token ids must be in "
+            f"[0, {vocab_size if vocab_size is not None else 'vocab_size'})",
+            parameter="prompt_token_ids",
+            value=bad,
+        )
+
+
 def validate_request(engine_input: Any, params: Any) -> None:
     settings = active_settings()
     if settings is None or not hasattr(params, "temperature"):
@@ -72,6 +89,7 @@ def validate_request(engine_input: Any, params: Any) -> None:
     _check_sampling(params, settings)
     prompt = engine_input.get("prompt_token_ids") if hasattr(engine_input, "get") else None
     if prompt is not None:
+        _check_token_ids(prompt, settings.vocab_size)
         max_len = settings.neuron_config["seq_len"]
         room = max_len - len(prompt)
         if params.max_tokens is not None and 0 < room < params.max_tokens:
