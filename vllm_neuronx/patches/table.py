@@ -4,7 +4,9 @@ Each row: the upstream target, what upstream does there, why we change it, and w
 the patch can go. ``patches.apply_all`` applies the rows with a ``wrap`` as their
 modules are imported; the others are applied by the module named in ``why`` and
 only checked. tests/test_patch_table.py resolves every target against the installed
-vLLM; README.md lists them.
+vLLM; README.md lists them. Our ASGI middleware (``json_body``, ``drain``'s) changes no
+upstream object: it comes through upstream's own ``--middleware``, which engine-args
+gives as the flag's default.
 """
 
 from __future__ import annotations
