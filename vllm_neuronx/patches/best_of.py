@@ -36,11 +36,17 @@ def _refuse(message: str, value) -> None:
     raise VLLMValidationError(message, parameter="best_of", value=value)
 
 
-def requested_best_of(request) -> int | None:
-    """The client's best_of, checked: None when absent, else an integer >= n."""
+def raw_best_of(request):
+    """The client's best_of as sent (a declared field, or an extra on 0.16's requests)."""
     value = getattr(request, "best_of", None)
     if value is None:
         value = (getattr(request, "model_extra", None) or {}).get("best_of")
+    return value
+
+
+def requested_best_of(request) -> int | None:
+    """The client's best_of, checked: None when absent, else an integer >= n."""
+    value = raw_best_of(request)
     if value is None:
         return None
     if isinstance(value, bool) or not isinstance(value, int):

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 from http import HTTPStatus
 
+from vllm_neuronx.patches.best_of import raw_best_of
 from vllm_neuronx.patches.drain import server_args
 
 _in_flight = 0  # sequences admitted and not yet answered (changed on the event loop only)
@@ -51,7 +52,7 @@ def message(bound: int, n: int) -> str:
 def places(request) -> int:
     """Sequences a request puts in flight: its n, or its best_of when larger."""
     n = getattr(request, "n", None) or 1
-    best_of = (getattr(request, "model_extra", None) or {}).get("best_of")
+    best_of = raw_best_of(request)
     if isinstance(best_of, int) and not isinstance(best_of, bool) and best_of > n:
         return best_of
     return n

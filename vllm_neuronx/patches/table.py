@@ -29,6 +29,9 @@ COMPLETION_SERVING = "vllm.entrypoints.openai.completion.serving"
 CHAT_SERVING = "vllm.entrypoints.openai.chat_completion.serving"
 ASYNC_LLM = "vllm.v1.engine.async_llm"
 ENGINE_ARGS = "vllm.engine.arg_utils"
+# The completion and chat request handlers: (module, attribute).
+HANDLERS = ((COMPLETION_SERVING, "OpenAIServingCompletion.create_completion"),
+            (CHAT_SERVING, "OpenAIServingChat.create_chat_completion"))
 NEURON_ARGS_UNTIL = "never: the Neuron user guide's arguments are ours, not upstream's"
 
 PATCHES: tuple[Patch, ...] = (
@@ -79,18 +82,14 @@ PATCHES: tuple[Patch, ...] = (
             why="a failed request is HTTP 500 (or its error's status), as the body says",
             until="upstream's routes send the status of the errors they catch",
             wrap=error_status.returning_errors, params=("request", "raw_request"))
-      for module, attribute in ((COMPLETION_SERVING, "OpenAIServingCompletion.create_completion"),
-                                (CHAT_SERVING, "OpenAIServingChat.create_chat_completion"))),
-    Patch("queue-bound", COMPLETION_SERVING, "OpenAIServingCompletion.create_completion",
-          upstream="queues every request, however many wait (0.16 has no --max-num-queued-reqs)",
-          why="--max-num-queued-reqs: past the bound HTTP 503 naming it",
-          until="the pin reaches a vLLM with --max-num-queued-reqs (0.33 has it)",
-          wrap=queue_bound.admitting, params=("request", "raw_request")),
-    Patch("queue-bound", CHAT_SERVING, "OpenAIServingChat.create_chat_completion",
-          upstream="queues every request, however many wait",
-          why="--max-num-queued-reqs for chat completions",
-          until="the pin reaches a vLLM with --max-num-queued-reqs (0.33 has it)",
-          wrap=queue_bound.admitting, params=("request", "raw_request")),
+      for module, attribute in HANDLERS),
+    *(Patch("queue-bound", module, attribute,
+            upstream="queues every request, however many wait (0.16 has no "
+                     "--max-num-queued-reqs)",
+            why="--max-num-queued-reqs: past the bound HTTP 503 naming it",
+            until="the pin reaches a vLLM with --max-num-queued-reqs (0.33 has it)",
+            wrap=queue_bound.admitting, params=("request", "raw_request"))
+      for module, attribute in HANDLERS),
     Patch("drain", API_SERVER, "serve_http",
           upstream="on SIGTERM cancels the HTTP server at once, cutting requests in flight",
           why="--shutdown-timeout: SIGTERM lets accepted requests finish first",
