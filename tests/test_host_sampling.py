@@ -18,6 +18,7 @@ from vllm import LLM, SamplingParams
 from vllm.sampling_params import StructuredOutputsParams
 
 from tests.conftest import hf_greedy
+from tests.server_utils import wait_until
 from vllm_neuronx import neuron_config as nc
 from vllm_neuronx import platform_config, sampling
 from vllm_neuronx.backends import NeuronBackend, SamplingCapabilities, backend_class
@@ -194,7 +195,8 @@ def test_n_children_each_get_a_kv_line_and_their_own_seed(llm):
     assert [len(o.outputs) for o in unseeded] == [n, 2]
     assert all(len(c.token_ids) == 10 for o in unseeded for c in o.outputs)
     assert all(len(c.logprobs) == 10 for c in unseeded[1].outputs)
-    assert llm.collective_rpc("kv_lines_in_use") == [0]
+    # Finished ids reach the runner with the engine's next step: poll, do not race it.
+    assert wait_until(lambda: llm.collective_rpc("kv_lines_in_use") == [0], timeout=30)
 
 
 # -- the other host parameters ----------------------------------------------------------------
@@ -227,7 +229,7 @@ def settings_with(caps: SamplingCapabilities, *, ods: bool = True) -> NeuronSett
 @pytest.fixture()
 def active(monkeypatch):
     def use(settings: NeuronSettings) -> None:
-        monkeypatch.setattr(platform_config, "_ACTIVE", settings)
+        monkeypatch.setattr(platform_config, "_CURRENT", settings)
 
     return use
 
@@ -307,16 +309,23 @@ def test_capabilities_follow_the_compiled_config():
 
 
 def test_capabilities_travel_with_the_settings_to_the_engine_process(monkeypatch):
-    monkeypatch.setattr(platform_config, "_ACTIVE", platform_config.active_settings())
+    monkeypatch.setattr(platform_config, "_CURRENT", platform_config.current())
     settings = settings_with(SamplingCapabilities(logits=True))
     config = SimpleNamespace(additional_config=None)
-    settings.store(config)
-    assert NeuronSettings.from_vllm_config(config) == settings
-    assert platform_config.active_settings() == settings
+    settings.publish(config)
+    assert platform_config.current() == settings
+    platform_config._CURRENT = None  # as in a fresh engine-core process
+    assert NeuronSettings.of(config) == settings
+    assert platform_config.current() == settings
+
+
+def test_a_config_without_settings_is_an_error_not_a_second_resolve():
+    with pytest.raises(RuntimeError, match="carries no Neuron settings"):
+        NeuronSettings.of(SimpleNamespace(additional_config={}))
 
 
 def test_the_engine_serves_what_validation_accepts(llm):
-    caps = NeuronSettings.from_vllm_config(llm.llm_engine.vllm_config).sampling
+    caps = NeuronSettings.of(llm.llm_engine.vllm_config).sampling
     assert caps == SamplingCapabilities(logits=True, prompt_logits=True)
 
 

@@ -97,7 +97,7 @@ class NeuronPlatform(Platform):
         if multiprocessing.parent_process() is None:  # the user's process, not the engine core
             for warning in warnings:
                 logger.warning(warning)
-        settings.store(vllm_config)
+        settings.publish(vllm_config)
         settings.align(vllm_config)
 
         max_len = model_config.max_model_len

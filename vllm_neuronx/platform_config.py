@@ -1,7 +1,13 @@
-"""vLLM's config -> the Neuron settings every process agrees on.
+"""vLLM's config -> the Neuron settings every process agrees on, and their one channel.
 
-The platform resolves them once (so a bad override fails at ``LLM(...)`` with its
-name) and stores them in ``additional_config``; the worker reads them back.
+The platform resolves them once, when vLLM's config is checked (so a bad override
+fails at ``LLM(...)`` with its name), and ``publish``es them into that config, as
+``additional_config["neuron_settings"]``. The config is the channel: it travels
+with the engine to the engine-core process, where the worker reads the settings
+back (``of``); a config without them is an error (our platform did not configure
+it), never a silent second resolve. Request validation and the patches see
+requests, not the config: they read ``current()``, the settings this process
+published or read last, which only ``publish`` and ``of`` set.
 """
 
 from __future__ import annotations
@@ -74,21 +80,30 @@ class NeuronSettings:
         vocab = vllm_config.model_config.get_vocab_size()
         return cls(choice.framework, choice.backend, device, cfg, caps, vocab), warnings
 
-    def store(self, vllm_config) -> None:
-        global _ACTIVE
-        _ACTIVE = self
+    def publish(self, vllm_config) -> None:
+        """Write the settings into ``vllm_config`` (and make them this process's)."""
+        global _CURRENT
         if not isinstance(vllm_config.additional_config, dict):
             vllm_config.additional_config = {}
         vllm_config.additional_config[SETTINGS_KEY] = asdict(self)
+        _CURRENT = self
 
     @classmethod
-    def from_vllm_config(cls, vllm_config) -> NeuronSettings:
+    def of(cls, vllm_config) -> NeuronSettings:
+        """The settings the platform published into ``vllm_config`` (and make them
+        this process's)."""
+        global _CURRENT
         stored = (vllm_config.additional_config or {}).get(SETTINGS_KEY)
-        if stored is not None:
-            stored = dict(stored)
-            stored["sampling"] = SamplingCapabilities(**stored.get("sampling", {}))
-            return cls(**stored)
-        return cls.resolve(vllm_config)[0]
+        if stored is None:
+            raise RuntimeError(
+                "vLLM's config carries no Neuron settings: the neuron platform did not "
+                "configure this engine (is the vllm_neuronx plugin loaded? check "
+                "VLLM_PLUGINS)"
+            )
+        stored = dict(stored)
+        stored["sampling"] = SamplingCapabilities(**stored.get("sampling", {}))
+        _CURRENT = cls(**stored)
+        return _CURRENT
 
     def align(self, vllm_config) -> None:
         """Make vLLM's scheduler match what was compiled (precompiled artifacts may differ)."""
@@ -96,9 +111,10 @@ class NeuronSettings:
         vllm_config.model_config.max_model_len = self.neuron_config["seq_len"]
 
 
-_ACTIVE: NeuronSettings | None = None
+_CURRENT: NeuronSettings | None = None
 
 
-def active_settings() -> NeuronSettings | None:
-    """The settings this process configured last (request validation reads them)."""
-    return _ACTIVE
+def current() -> NeuronSettings | None:
+    """The settings this process published or read last; None where no engine of ours
+    was configured (request validation then has nothing to check)."""
+    return _CURRENT

@@ -6,7 +6,7 @@ results. Here every sampling parameter is either honoured or refused: plain
 requests (temperature, top_k, top_p) are sampled on the device; the others
 (``sampling.HOST_PARAMETERS``) on the host from the logits, which is possible
 only where the compiled model returns logits (the backend's
-``SamplingCapabilities``, in the active NeuronSettings). Offline ``LLM`` and the
+``SamplingCapabilities``, in the current NeuronSettings). Offline ``LLM`` and the
 server both reach this through the platform's ``validate_request``, so they
 refuse the same things with the same words.
 """
@@ -18,8 +18,7 @@ from typing import Any
 from vllm.exceptions import VLLMValidationError
 
 from vllm_neuronx import neuron_config as nc
-from vllm_neuronx import sampling
-from vllm_neuronx.platform_config import active_settings
+from vllm_neuronx import platform_config, sampling
 
 
 class NeuronRequestError(VLLMValidationError, ValueError):
@@ -83,7 +82,7 @@ def _check_token_ids(prompt, vocab_size: int | None) -> None:
 
 
 def validate_request(engine_input: Any, params: Any) -> None:
-    settings = active_settings()
+    settings = platform_config.current()
     if settings is None or not hasattr(params, "temperature"):
         return  # not a generation request, or not configured by our platform
     _check_sampling(params, settings)

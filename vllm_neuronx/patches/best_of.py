@@ -66,9 +66,9 @@ def _ranked(request) -> int | None:
 
 def _check_logits_on_host(best_of: int) -> None:
     """Ranking needs logprobs, which only a model returning logits gives."""
-    from vllm_neuronx.platform_config import active_settings
+    from vllm_neuronx import platform_config
 
-    settings = active_settings()
+    settings = platform_config.current()
     if settings is not None and not settings.sampling.logits:
         _refuse(
             f"best_of={best_of} ranks candidates by their logprobs, which need the logits "

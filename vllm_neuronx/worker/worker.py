@@ -42,7 +42,7 @@ def resolve_model_folder(model: str, revision: str | None = None) -> str:
 class NeuronWorker(WorkerBase):
     def init_device(self) -> None:
         self.device = torch.device("cpu")
-        self.settings = NeuronSettings.from_vllm_config(self.vllm_config)
+        self.settings = NeuronSettings.of(self.vllm_config)
 
     def load_model(self, *, load_dummy_weights: bool = False) -> None:
         settings = self.settings
