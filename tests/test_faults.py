@@ -16,8 +16,6 @@ import pytest
 import requests
 import torch
 
-from tests.server_utils import Server, api_server_argv
-from tests.tiny_chat_model import tiny_chat_model
 from vllm_neuronx import faults
 from vllm_neuronx.loader import load_backend
 from vllm_neuronx.neuron_config import resolve_neuron_config
@@ -55,18 +53,14 @@ def test_the_chosen_call_of_its_kind_raises_and_no_other(tiny_llama, tmp_path, m
 
 
 @pytest.fixture(scope="module")
-def model(tmp_path_factory):
-    return tiny_chat_model(tmp_path_factory.mktemp("tiny-chat"))
+def model(tiny_chat):
+    return tiny_chat
 
 
 @pytest.fixture(scope="module")
-def server(model):
-    server = Server(
-        api_server_argv(model, "--max-num-seqs=2", "--max-model-len=256", "--dtype=float32"),
-        env={"VLLM_NEURONX_TEST_FAULT": "prefill:2"},
-    )
-    yield server
-    server.stop()
+def server(tiny_chat_server):
+    return tiny_chat_server("--max-num-seqs=2", "--max-model-len=256", "--dtype=float32",
+                            env={"VLLM_NEURONX_TEST_FAULT": "prefill:2"})
 
 
 def events(response) -> list[str]:

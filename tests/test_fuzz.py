@@ -21,9 +21,6 @@ import schemathesis
 from hypothesis import HealthCheck, Phase, given, settings
 from hypothesis import strategies as st
 
-from tests.server_utils import Server, api_server_argv
-from tests.tiny_chat_model import tiny_chat_model
-
 # Operation -> (examples, the body field it cannot do without).
 OPERATIONS = {
     "/v1/chat/completions": (90, "messages"),
@@ -35,18 +32,15 @@ MIN_EXAMPLES = 300
 
 
 @pytest.fixture(scope="module")
-def model(tmp_path_factory):
-    return tiny_chat_model(tmp_path_factory.mktemp("tiny-chat"))
+def model(tiny_chat):
+    return tiny_chat
 
 
 @pytest.fixture(scope="module")
-def server(model):
-    server = Server(
-        api_server_argv(model, "--max-num-seqs=4", "--max-model-len=48", "--dtype=float32"),
-        env={"VLLM_MAX_N_SEQUENCES": "4"},  # n and best_of stay small: every request is short
-    )
-    yield server
-    server.stop()
+def server(tiny_chat_server):
+    # n and best_of stay small: every request is short
+    return tiny_chat_server("--max-num-seqs=4", "--max-model-len=48", "--dtype=float32",
+                            env={"VLLM_MAX_N_SEQUENCES": "4"})
 
 
 def cases(operation, model: str, required: str):

@@ -11,6 +11,7 @@ compile's temp folder goes with it.
 
 from __future__ import annotations
 
+import functools
 import glob
 import json
 import os
@@ -23,8 +24,7 @@ import psutil
 import pytest
 import requests
 
-from tests.server_utils import Server, api_server_argv, free_port, kv_lines_in_use, wait_until
-from tests.tiny_chat_model import tiny_chat_model
+from tests.server_utils import api_server_argv, free_port, kv_lines_in_use, wait_until
 from vllm_neuronx.artifacts import read_manifest
 from vllm_neuronx.default_model import default_model_path
 
@@ -38,32 +38,18 @@ SHUTTING_DOWN = "The server is shutting down"
 
 
 @pytest.fixture(scope="module")
-def paths(tmp_path_factory) -> dict:
+def paths(tmp_path_factory, tiny_chat) -> dict:
     base = tmp_path_factory.mktemp("overload")
-    return {"model": tiny_chat_model(base / "model"),
-            "artifacts": str(base / "artifacts" / "tiny")}
+    return {"model": tiny_chat, "artifacts": str(base / "artifacts" / "tiny")}
 
 
 @pytest.fixture(scope="module")
-def bounded(paths):
+def bounded(paths, tiny_chat_server):
     """A running bounded server; a fresh one after the drain test stopped the last."""
-    servers: list[Server] = []
-
-    def get() -> Server:
-        if not servers or servers[-1].proc.poll() is not None:
-            server = Server(
-                api_server_argv(paths["model"], f"--max-num-seqs={MAX_NUM_SEQS}",
-                                f"--max-num-queued-reqs={BOUND}", "--shutdown-timeout=120",
-                                "--max-model-len=128", "--dtype=float32"),
-                env={"NEURON_COMPILED_ARTIFACTS": paths["artifacts"], "VLLM_SERVER_DEV_MODE": "1"},
-            )
-            server.model = paths["model"]
-            servers.append(server)
-        return servers[-1]
-
-    yield get
-    for server in servers:
-        server.stop()
+    return functools.partial(
+        tiny_chat_server, f"--max-num-seqs={MAX_NUM_SEQS}", f"--max-num-queued-reqs={BOUND}",
+        "--shutdown-timeout=120", "--max-model-len=128", "--dtype=float32",
+        env={"NEURON_COMPILED_ARTIFACTS": paths["artifacts"], "VLLM_SERVER_DEV_MODE": "1"})
 
 
 def request_body(server, max_tokens: int, **extra) -> dict:

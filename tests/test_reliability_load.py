@@ -11,6 +11,7 @@ fast; the burst takes well under a minute on two cores.
 
 from __future__ import annotations
 
+import functools
 import json
 import random
 import signal
@@ -21,8 +22,7 @@ from concurrent.futures import ThreadPoolExecutor
 import pytest
 import requests
 
-from tests.server_utils import Server, api_server_argv, kv_lines_in_use, wait_until
-from tests.tiny_chat_model import tiny_chat_model
+from tests.server_utils import kv_lines_in_use, wait_until
 
 MAX_NUM_SEQS = 8
 BURST = 200
@@ -31,26 +31,12 @@ MAX_TOKENS = 12
 
 
 @pytest.fixture(scope="module")
-def servers(tmp_path_factory):
+def servers(tiny_chat_server):
     """A running server (upstream's default: no drain on SIGTERM); a fresh one if the
     last was stopped."""
-    model = tiny_chat_model(tmp_path_factory.mktemp("tiny-chat"))
-    started: list[Server] = []
-
-    def get() -> Server:
-        if not started or started[-1].proc.poll() is not None:
-            server = Server(
-                api_server_argv(model, f"--max-num-seqs={MAX_NUM_SEQS}", "--max-model-len=64",
-                                "--dtype=float32"),
-                env={"VLLM_SERVER_DEV_MODE": "1"},
-            )
-            server.model = model
-            started.append(server)
-        return started[-1]
-
-    yield get
-    for server in started:
-        server.stop()
+    return functools.partial(tiny_chat_server, f"--max-num-seqs={MAX_NUM_SEQS}",
+                             "--max-model-len=64", "--dtype=float32",
+                             env={"VLLM_SERVER_DEV_MODE": "1"})
 
 
 def body(server, prompt: str, **extra) -> dict:

@@ -16,24 +16,19 @@ import pytest
 import requests
 from starlette.datastructures import Headers
 
-from tests.server_utils import Server, api_server_argv
-from tests.tiny_chat_model import tiny_chat_model
-
 API_KEY = "sk-test-0123456789"
 HOST = "127.0.0.1"  # what Server passes as --host
 
 
 @pytest.fixture(scope="module")
-def model(tmp_path_factory):
-    return tiny_chat_model(tmp_path_factory.mktemp("tiny-chat"))
+def model(tiny_chat):
+    return tiny_chat
 
 
 @pytest.fixture(scope="module")
-def server(model):
-    server = Server(api_server_argv(model, "--max-num-seqs=2", "--max-model-len=64",
-                                    "--dtype=float32", "--api-key", API_KEY))
-    yield server
-    server.stop()
+def server(tiny_chat_server):
+    return tiny_chat_server("--max-num-seqs=2", "--max-model-len=64", "--dtype=float32",
+                            "--api-key", API_KEY)
 
 
 def v1_routes(server) -> list[tuple[str, str]]:
