@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 import torch
 
@@ -108,7 +110,7 @@ def test_logits_when_on_device_sampling_is_off(tiny_llama, tmp_path):
 
 
 def test_bf16_is_computed_in_fp32_only_without_bf16_units(monkeypatch):
-    import vllm_neuronx.backends.cpu as cpu
+    import vllm_neuronx.backends.cpu.backend as cpu
 
     monkeypatch.setattr(cpu, "native_bf16", lambda: False)
     assert cpu.compute_dtype(torch.bfloat16) is torch.float32
@@ -149,10 +151,12 @@ def test_bf16_on_fp32_units_matches_hf_on_the_same_weights(tiny_llama, tmp_path,
     run natively whole (decode_step.c)."""
     b = bf16_backend_without_bf16_units(tiny_llama, tmp_path, monkeypatch, kernel)
     assert b.model.dtype is torch.float32
-    assert (b.model.matmul is not None) == kernel
-    assert (b.model.decode_step is not None) == kernel
+    assert (b.matmul is not None) == kernel
+    assert (b.native is not None) == kernel
     if kernel:  # no fp32 copies of the matmul weights
-        assert "layers.0.qkv" in b.model.packed and "layers.0.qkv" not in b.model.w
+        from vllm_neuronx.backends.cpu.kernels import PackedWeight
+
+        assert isinstance(b.model.w["layers.0.qkv"], PackedWeight)
     else:
         assert b.model.w["layers.0.qkv"].dtype is torch.float32
     prompts = [[5, 6, 7, 8, 9], [10, 11], [12, 13, 14], [3] * 20, [40, 41], [7, 8, 9, 10]]
@@ -180,7 +184,7 @@ def backend_greedy(b, prompts, steps, lines=None):
 
 
 def bf16_backend_without_bf16_units(model, folder, monkeypatch, kernel, max_num_seqs=8):
-    import vllm_neuronx.backends.cpu as cpu
+    import vllm_neuronx.backends.cpu.backend as cpu
     from vllm_neuronx.backends.cpu import kernels
 
     monkeypatch.setattr(cpu, "native_bf16", lambda: False)
@@ -210,19 +214,18 @@ def test_native_decode_step_matches_the_torch_decode(tmp_path, monkeypatch, head
                             num_key_value_heads=2)
     b = bf16_backend_without_bf16_units(model, tmp_path / "artifacts", monkeypatch, True)
     m = b.model
-    assert m.decode_step is not None
+    assert b.native is not None
+    step = b.native.step
     prompts = [[5, 6, 7, 8, 9], [10, 11], [12, 13, 14] * 30]
     lines = [1, 4, 7]
     b.forward(*prefill_args(prompts, lines), greedy(3))
     ids, positions = torch.tensor([20, 21, 22]), torch.tensor([5, 2, 90])
     cache = m.k_cache.clone(), m.v_cache.clone()
-    native = m.token_generate(ids, positions, torch.tensor(lines), 128)
+    native = b.native.decode(ids, positions, torch.tensor(lines))
     native_cache = m.k_cache.clone(), m.v_cache.clone()
     m.k_cache.copy_(cache[0])
     m.v_cache.copy_(cache[1])
-    step, m.decode_step = m.decode_step, None
     reference = m.token_generate(ids, positions, torch.tensor(lines), 128)
-    m.decode_step = step
     torch.testing.assert_close(native, reference, rtol=1e-4, atol=1e-4)
     torch.testing.assert_close(native_cache[0], m.k_cache, rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(native_cache[1], m.v_cache, rtol=1e-5, atol=1e-5)
@@ -254,13 +257,12 @@ def test_native_prefill_matches_the_torch_prefill(tmp_path, monkeypatch):
     for row, p in enumerate(prompts):
         ids[row, :len(p)] = torch.tensor(p)
     lines = torch.tensor([1, 4, 7])
-    native, _ = m.context_encode(ids, lengths, lines)
+    native = b.native.prefill(ids, lengths, lines)
     native_cache = m.k_cache.clone(), m.v_cache.clone()
     m.k_cache.zero_()
     m.v_cache.zero_()
-    step, m.decode_step = m.decode_step, None
     reference, _ = m.context_encode(ids, lengths, lines)
-    m.decode_step = step
+    step = b.native.step
     torch.testing.assert_close(native, reference, rtol=1e-4, atol=1e-4)
     for line, n in zip(lines.tolist(), lengths.tolist(), strict=True):  # the real positions
         for cache, ref in zip(native_cache, (m.k_cache, m.v_cache), strict=True):
@@ -279,7 +281,7 @@ def test_sliding_window_matches_hf(tmp_path, monkeypatch, kernel):
     model = make_tiny_llama(tmp_path / "model", mistral=True, sliding_window=6)
     b = bf16_backend_without_bf16_units(model, tmp_path / "artifacts", monkeypatch, kernel)
     assert b.spec.sliding_window == 6
-    assert (b.model.decode_step is not None) == kernel
+    assert (b.native is not None) == kernel
     prompts = [[5, 6, 7, 8, 9, 10, 11, 12, 13], [10, 11], [12, 13, 14] * 4]
     steps = 8
     expected = hf_greedy(model, prompts, [steps] * 3, weights_in=torch.bfloat16)
@@ -292,7 +294,7 @@ def test_a_kernel_that_cannot_load_falls_back_to_widened_weights(tiny_llama, tmp
     to) cannot map the kernel: the backend widens the weights and serves."""
     import ctypes
 
-    import vllm_neuronx.backends.cpu as cpu
+    import vllm_neuronx.backends.cpu.backend as cpu
     from vllm_neuronx.backends.cpu import kernels
 
     if not kernels.runs_here():
@@ -309,7 +311,7 @@ def test_a_kernel_that_cannot_load_falls_back_to_widened_weights(tiny_llama, tmp
 
     monkeypatch.setattr(ctypes, "CDLL", refuse)
     b.load(str(tmp_path))
-    assert b.model.matmul is None and b.model.w["layers.0.qkv"].dtype is torch.float32
+    assert b.matmul is None and b.model.w["layers.0.qkv"].dtype is torch.float32
     assert "cannot load the bf16 kernel" in caplog.text
     out = b.forward(*prefill_args([[5, 6, 7]], [0]), greedy(1))
     assert out.tokens.shape == (1,)
@@ -334,7 +336,33 @@ def test_a_model_with_biases_decodes_through_torch_and_matches_hf(tmp_path, monk
 
     model = make_tiny_llama(tmp_path / "model", attention_bias=True)
     b = bf16_backend_without_bf16_units(model, tmp_path / "artifacts", monkeypatch, True)
-    assert b.model.matmul is not None and b.model.decode_step is None
+    assert b.matmul is not None and b.native is None
     prompts = [[5, 6, 7, 8, 9], [10, 11]]
     assert backend_greedy(b, prompts, 5) == hf_greedy(model, prompts, [5, 5],
                                                      weights_in=torch.bfloat16)
+
+
+def test_the_structs_python_passes_to_native_code_have_the_header_layout(tmp_path):
+    """kernels.h declares Layer and Model once; the layout the C compiler gives them
+    (layout.c, built here without the AVX-512 flags so it runs on any CPU) is what
+    Python's ctypes view must match, and a view that differs is refused by name."""
+    import ctypes
+    import shutil
+    import subprocess
+
+    from vllm_neuronx.backends.cpu import kernels
+
+    cc = shutil.which("cc") or shutil.which("gcc")
+    if cc is None:
+        pytest.skip("no C compiler")
+    lib = tmp_path / "layout.so"
+    subprocess.run([cc, "-shared", "-fPIC", "-O1", str(Path(kernels.HERE) / "layout.c"),
+                    "-o", str(lib)], check=True)
+    native = ctypes.CDLL(str(lib))
+    kernels.check_layout(native)
+
+    class Layer(ctypes.Structure):  # a field missing: every offset after it moves
+        _fields_ = [(name, ctypes.c_void_p) for name in ("ln1", "qkv", "o")]
+
+    with pytest.raises(kernels.LayoutMismatch, match="kernels.h's Layer"):
+        kernels.check_layout(native, (Layer,))

@@ -3,9 +3,9 @@
 Reliability tests need the model to fail in the middle of serving, inside a real
 engine behind a real server, without mocking either. ``KIND:N`` makes the N-th
 call of that kind (counted from 1) raise ``InjectedFault``; other calls run
-normally. KIND is ``forward`` (any call), ``prefill`` or ``decode`` (a call is a
-prefill when its positions start at 0, NxDI's own rule), so a test can fail the
-prefill of a second request while a first one is streaming. The backend object
+normally. KIND is ``forward`` (any call), ``prefill`` or ``decode`` (the protocol's
+``is_prefill``, NxDI's own rule), so a test can fail the prefill of a second request
+while a first one is streaming. The backend object
 stays what it is (same class, same attributes): the runner cannot tell.
 Never set in production.
 """
@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import functools
 
-from vllm_neuronx.backends.protocol import NeuronBackend
+from vllm_neuronx.backends.protocol import NeuronBackend, is_prefill
 
 KINDS = ("forward", "prefill", "decode")
 
@@ -43,8 +43,7 @@ def inject(backend: NeuronBackend, spec: str) -> NeuronBackend:
     @functools.wraps(forward)
     def failing_forward(input_ids, position_ids, *args, **kwargs):
         nonlocal calls
-        prefill = bool((position_ids[:, 0] == 0).all())
-        if kind == "forward" or (kind == "prefill") == prefill:
+        if kind == "forward" or (kind == "prefill") == is_prefill(position_ids):
             calls += 1
             if calls == at:
                 raise InjectedFault(f"injected fault: {kind} call {at} (VLLM_NEURONX_TEST_FAULT)")

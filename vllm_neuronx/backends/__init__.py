@@ -8,7 +8,7 @@ from vllm_neuronx.backends.protocol import ForwardOutput, NeuronBackend, Samplin
 
 # backend name -> "module:class"
 _BACKENDS = {
-    "cpu": "vllm_neuronx.backends.cpu:CpuBackend",
+    "cpu": "vllm_neuronx.backends.cpu.backend:CpuBackend",
     "nxdi": "vllm_neuronx.backends.nxdi:NxdiBackend",
     "tnx": "vllm_neuronx.backends.tnx:TnxBackend",
 }

@@ -29,7 +29,7 @@ from typing import Any
 import torch
 
 from vllm_neuronx import neuron_config as nc
-from vllm_neuronx.backends.protocol import ForwardOutput, NeuronBackend
+from vllm_neuronx.backends.protocol import Batch, ForwardOutput, NeuronBackend
 from vllm_neuronx.log import get_logger
 
 logger = get_logger(__name__)
@@ -291,7 +291,7 @@ class NxdiBackend(NeuronBackend):
         model.compile(folder)
         self.model = model
 
-    def load(self, folder: str) -> None:
+    def _load(self, folder: str) -> None:
         stored = self.stored_config(folder)
         if stored is not None:
             differ = {k: (stored.get(k), self.neuron_config.get(k)) for k in _COMPILED_SHAPE_KEYS
@@ -306,29 +306,31 @@ class NxdiBackend(NeuronBackend):
         self.model.load(folder)
 
     # -- run ------------------------------------------------------------------------------------
-    def forward(self, input_ids, position_ids, seq_ids, sampling_params,
-                adapter_ids=None) -> ForwardOutput:
+    def prefill(self, batch: Batch) -> ForwardOutput:
+        return self._call(batch)  # NxDI picks its context-encoding graph itself
+
+    def decode(self, batch: Batch) -> ForwardOutput:
+        return self._call(batch)
+
+    def _call(self, batch: Batch) -> ForwardOutput:
         """One NxDI call; rows go in sorted by seq_id (NxDI pairs row i with KV line
         seq_ids[i] only in that order) and come back in the caller's order."""
-        if self.model is None:
-            raise RuntimeError("load() must run before forward()")
-        n = input_ids.shape[0]
-        if seq_ids.shape != (n,) or position_ids.shape != input_ids.shape:
-            raise ValueError("input_ids, position_ids and seq_ids disagree on the batch")
-        order = torch.argsort(seq_ids, stable=True)
+        n = batch.size
+        order = torch.argsort(batch.seq_ids, stable=True)
         kwargs: dict[str, Any] = {
             "attention_mask": None,
-            "position_ids": position_ids.index_select(0, order),
-            "seq_ids": seq_ids.index_select(0, order),
-            "sampling_params": sampling_params.index_select(0, order),
+            "position_ids": batch.position_ids.index_select(0, order),
+            "seq_ids": batch.seq_ids.index_select(0, order),
+            "sampling_params": batch.sampling_params.index_select(0, order),
         }
-        ids = input_ids.index_select(0, order)
+        ids = batch.input_ids.index_select(0, order)
         if self.lora_enabled:
+            adapter_ids = batch.adapter_ids
             if adapter_ids is None:
                 adapter_ids = torch.zeros(n, dtype=torch.int32)
             kwargs["adapter_ids"] = adapter_ids.to(torch.int32).index_select(0, order)
         if self.architecture == MLLAMA:
-            ids = self._mllama_inputs(ids, kwargs)
+            ids = self._mllama_inputs(ids, kwargs, batch.is_prefill)
         output = self.model(ids, **kwargs)
         restore = torch.argsort(order)
         tokens = logits = None
@@ -354,7 +356,8 @@ class NxdiBackend(NeuronBackend):
             logits = logits.index_select(0, restore)
         return ForwardOutput(tokens=tokens, logits=logits)
 
-    def _mllama_inputs(self, ids: torch.Tensor, kwargs: dict[str, Any]) -> torch.Tensor:
+    def _mllama_inputs(self, ids: torch.Tensor, kwargs: dict[str, Any],
+                       prefill: bool) -> torch.Tensor:
         """Text-only Mllama: NxDI's empty image tensors, and prompts at least two wide
         (NxDI's Mllama picks context encoding by input width, not by position)."""
         from neuronx_distributed_inference.models.mllama.utils import (
@@ -362,7 +365,6 @@ class NxdiBackend(NeuronBackend):
             get_image_tensors,
         )
 
-        prefill = int(kwargs["position_ids"].min()) == 0
         if prefill and ids.shape[1] == 1:
             ids = torch.nn.functional.pad(ids, (0, 1))
             kwargs["position_ids"] = torch.nn.functional.pad(kwargs["position_ids"], (0, 1))

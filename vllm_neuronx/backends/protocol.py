@@ -3,10 +3,14 @@
 construct(model path, neuron config) -> compile(folder) -> load(folder) -> forward.
 forward takes NxDI's inputs (input_ids, position_ids, seq_ids, sampling_params)
 and returns device-sampled tokens, logits, or both (NxDI's ``output_logits``).
-A call is a prefill when its positions start at 0 (NxDI's own dispatch rule);
-prefill and decode rows never mix. What comes back is declared up front by
-``sampling_capabilities`` (from the neuron config alone, so request validation
-can read it before any model exists). The runner knows nothing else.
+A call is a prefill when every row's positions start at 0 (NxDI's own dispatch
+rule, ``is_prefill``); prefill and decode rows never mix. What comes back is declared
+up front by ``sampling_capabilities`` (from the neuron config alone, so request
+validation can read it before any model exists). The runner knows nothing else.
+
+The contract is checked here, once per call, for every backend (``check_call``):
+loaded state, batch shapes, KV lines, phase, the sampling tensor. A backend then
+implements only its ``prefill`` and ``decode`` of a checked ``Batch``.
 """
 
 from __future__ import annotations
@@ -18,6 +22,7 @@ from typing import Any, ClassVar
 import torch
 
 from vllm_neuronx import neuron_config as nc
+from vllm_neuronx import sampling
 
 
 @dataclass(slots=True)
@@ -31,6 +36,28 @@ class ForwardOutput:
     prompt_logits: list[torch.Tensor | None] | None = None
 
 
+@dataclass(slots=True)
+class Batch:
+    """One forward call's inputs, checked against the contract (``check_call``)."""
+
+    input_ids: torch.Tensor  # [n, width] int64: prefill right-padded, decode width 1
+    position_ids: torch.Tensor  # [n, width]: prefill 0..len-1 then 0; decode the position
+    seq_ids: torch.Tensor  # [n] the KV line of each row, unique
+    sampling_params: torch.Tensor  # [n, 3] top_k, top_p, temperature
+    is_prefill: bool
+    prompt_logits: torch.Tensor | None = None  # [n] bool: rows that want every prompt logit
+    adapter_ids: torch.Tensor | None = None  # [n] LoRA adapter per row (NxDI multi-LoRA)
+
+    @property
+    def size(self) -> int:
+        return self.input_ids.shape[0]
+
+
+def is_prefill(position_ids: torch.Tensor) -> bool:
+    """NxDI's phase rule: a call whose every row starts at position 0 encodes context."""
+    return bool((position_ids[:, 0] == 0).all())
+
+
 ENABLE_LOGITS_HINT = (
     'compile the model with logits output: override_neuron_config {"output_logits": true}, '
     "or turn on-device sampling off with NEURON_ON_DEVICE_SAMPLING_DISABLED=1"
@@ -41,7 +68,7 @@ ENABLE_LOGITS_HINT = (
 class SamplingCapabilities:
     """What a compiled model gives back beyond its device-sampled tokens.
 
-    Request validation reads this (through the active NeuronSettings) to refuse,
+    Request validation reads this (through ``platform_config.current()``) to refuse,
     up front, what the host sampler cannot serve; the runner reads it to know
     whether forward's output carries logits.
     """
@@ -68,6 +95,7 @@ class NeuronBackend(abc.ABC):
         self.model_path = model_path
         self.neuron_config = neuron_config
         self.seed = seed
+        self.loaded = False
 
     # -- checks before anything is built ------------------------------------------
     @classmethod
@@ -87,9 +115,15 @@ class NeuronBackend(abc.ABC):
     def compile(self, folder: str) -> None:
         """Write everything ``load`` needs into ``folder`` (which exists and is empty)."""
 
-    @abc.abstractmethod
     def load(self, folder: str) -> None:
         """Make the model ready to run from a folder ``compile`` wrote."""
+        self.loaded = False
+        self._load(folder)
+        self.loaded = True
+
+    @abc.abstractmethod
+    def _load(self, folder: str) -> None:
+        """The backend's own loading (``load`` marks it done for the contract check)."""
 
     @classmethod
     def version(cls) -> str:
@@ -111,22 +145,78 @@ class NeuronBackend(abc.ABC):
         )
 
     # -- run ------------------------------------------------------------------
-    @abc.abstractmethod
     def forward(
         self,
         input_ids: torch.Tensor,
         position_ids: torch.Tensor,
         seq_ids: torch.Tensor,
         sampling_params: torch.Tensor,
+        *,
+        prompt_logits: torch.Tensor | None = None,
+        adapter_ids: torch.Tensor | None = None,
     ) -> ForwardOutput:
         """Prefill ([n, L] right-padded, positions 0..len-1 then 0) or decode ([m, 1]).
 
         Returns ``tokens`` with on-device sampling, and ``logits`` whenever
         ``sampling_capabilities(...).logits`` says so. A backend whose capabilities
         include ``prompt_logits`` also takes ``prompt_logits=`` ([n] bool) on a
-        prefill and fills ``ForwardOutput.prompt_logits`` for those rows; the
-        runner passes that keyword to no other backend.
+        prefill and fills ``ForwardOutput.prompt_logits`` for those rows.
         """
+        batch = self.check_call(
+            input_ids, position_ids, seq_ids, sampling_params, prompt_logits, adapter_ids
+        )
+        return self.prefill(batch) if batch.is_prefill else self.decode(batch)
+
+    @abc.abstractmethod
+    def prefill(self, batch: Batch) -> ForwardOutput:
+        """Context encoding of a checked batch: each prompt into its KV line."""
+
+    @abc.abstractmethod
+    def decode(self, batch: Batch) -> ForwardOutput:
+        """Token generation of a checked batch: one token per row."""
+
+    def check_call(self, input_ids, position_ids, seq_ids, sampling_params,
+                   prompt_logits=None, adapter_ids=None) -> Batch:
+        """The contract's preconditions, as a device would enforce them; a ValueError
+        (RuntimeError before load) naming what is wrong, never a corrupted KV line."""
+        if not self.loaded:
+            raise RuntimeError("load() must run before forward()")
+        if input_ids.dim() != 2 or input_ids.shape[0] == 0:
+            raise ValueError(f"input_ids must be [batch, width] with batch >= 1, got "
+                             f"{list(input_ids.shape)}")
+        n = input_ids.shape[0]
+        if seq_ids.shape != (n,) or position_ids.shape != input_ids.shape:
+            raise ValueError("input_ids, position_ids and seq_ids disagree on the batch")
+        if int(seq_ids.min()) < 0 or int(seq_ids.max()) >= self.num_lines:
+            raise ValueError(f"seq_ids must be KV lines in [0, {self.num_lines})")
+        if torch.unique(seq_ids).numel() != n:
+            raise ValueError("seq_ids must be unique: one row per KV line")
+        starts = position_ids[:, 0] == 0
+        prefill = bool(starts.all())
+        if not prefill and bool(starts.any()):
+            raise ValueError("prefill rows (positions from 0) and decode rows must not be "
+                             "mixed in one call")
+        if not prefill:
+            if input_ids.shape[1] != 1:
+                raise ValueError("decode rows take one token each; prefill rows (positions "
+                                 "from 0) and decode rows must not be mixed in one call")
+            last = int(position_ids.max())
+            if int(position_ids.min()) < 0 or last >= self.max_length:
+                raise ValueError(f"decode positions must be in [0, {self.max_length})")
+        topk = self.global_topk
+        if topk is not None:
+            sampling.validate_sampling_tensor(sampling_params, topk, n)
+        if prompt_logits is not None:
+            if not self.capabilities.prompt_logits:
+                raise ValueError(f"{type(self).__name__} returns no prompt logits")
+            if prompt_logits.shape != (n,):
+                raise ValueError(f"prompt_logits must be [{n}] bool")
+            if not prefill and bool(prompt_logits.any()):
+                raise ValueError("prompt logits exist on a prefill only")
+        if adapter_ids is not None and adapter_ids.shape != (n,):
+            raise ValueError(f"adapter_ids must be [{n}], one adapter per row")
+        return Batch(input_ids, position_ids, seq_ids, sampling_params, prefill,
+                     prompt_logits, adapter_ids)
 
     # -- facts the runner reads back ----------------------------------------------
     @property
@@ -157,3 +247,8 @@ class NeuronBackend(abc.ABC):
     @property
     def num_lines(self) -> int:
         return int(self.neuron_config["batch_size"])
+
+    @property
+    def max_length(self) -> int:
+        """Positions per KV line (max_model_len)."""
+        return int(self.neuron_config["seq_len"])

@@ -43,9 +43,14 @@ from typing import Any
 
 import torch
 
-from vllm_neuronx import envs, sampling
+from vllm_neuronx import envs
 from vllm_neuronx import neuron_config as nc
-from vllm_neuronx.backends.protocol import ForwardOutput, NeuronBackend, SamplingCapabilities
+from vllm_neuronx.backends.protocol import (
+    Batch,
+    ForwardOutput,
+    NeuronBackend,
+    SamplingCapabilities,
+)
 from vllm_neuronx.log import get_logger
 
 logger = get_logger(__name__)
@@ -330,7 +335,7 @@ class TnxBackend(NeuronBackend):
             folder,
         )
 
-    def load(self, folder: str) -> None:
+    def _load(self, folder: str) -> None:
         if self._ready:  # compile() just built and compiled this very model
             return
         try:
@@ -355,19 +360,18 @@ class TnxBackend(NeuronBackend):
             self._line_sampling = current
             self.generation_updates += 1
 
-    def forward(self, input_ids, position_ids, seq_ids, sampling_params) -> ForwardOutput:
-        if not self._ready or self.model is None:
-            raise RuntimeError("load() must run before forward()")
-        n = input_ids.shape[0]
-        if n == 0 or seq_ids.shape != (n,) or position_ids.shape != input_ids.shape:
-            raise ValueError("input_ids, position_ids and seq_ids disagree on the batch")
-        topk = self.global_topk
-        if topk is not None:
-            sampling.validate_sampling_tensor(sampling_params, topk, n)
-        order = torch.argsort(seq_ids, stable=True)
+    def prefill(self, batch: Batch) -> ForwardOutput:
+        return self._call(batch)
+
+    def decode(self, batch: Batch) -> ForwardOutput:
+        return self._call(batch)
+
+    def _call(self, batch: Batch) -> ForwardOutput:
+        n, topk = batch.size, self.global_topk
+        order = torch.argsort(batch.seq_ids, stable=True)
         restore = torch.argsort(order)
-        ids, pos, lines = input_ids[order], position_ids[order], seq_ids[order]
-        if bool(torch.all(pos[:, 0] == 0)):  # a prefill: every row starts at position 0
+        ids, pos, lines = batch.input_ids[order], batch.position_ids[order], batch.seq_ids[order]
+        if batch.is_prefill:
             width = ids.shape[1]
             if width > self._context_buckets[-1]:
                 raise ValueError(
@@ -379,11 +383,6 @@ class TnxBackend(NeuronBackend):
                 ids = torch.cat([ids, torch.zeros_like(ids)], dim=1)
                 pos = torch.cat([pos, torch.zeros_like(pos)], dim=1)
         else:
-            if ids.shape[1] != 1:
-                raise ValueError(
-                    "decode rows take one token each; prefill rows (positions from 0) "
-                    "and decode rows must not be mixed in one call"
-                )
             last = int(pos.max())
             if last >= self._token_buckets[-1]:
                 raise ValueError(
@@ -391,7 +390,7 @@ class TnxBackend(NeuronBackend):
                     f"({self._token_buckets[-1]}, {TOKEN_ENV})"
                 )
         if topk is not None:
-            self._push_sampling(lines.tolist(), sampling_params[order])
+            self._push_sampling(lines.tolist(), batch.sampling_params[order])
         out = self.model(ids, cache_ids=pos, start_ids=lines)
         if topk is not None:
             tokens = out.reshape(-1)

@@ -17,7 +17,7 @@ from transformers_neuronx import bucket
 from transformers_neuronx._sim_state import SimulatorError, count
 from transformers_neuronx.config import AMP_DTYPES, GenerationConfig, NeuronConfig
 from vllm_neuronx import sampling
-from vllm_neuronx.backends.cpu import read_hf_checkpoint
+from vllm_neuronx.backends.cpu.backend import read_hf_checkpoint
 from vllm_neuronx.backends.cpu.llama import LlamaModel, LlamaSpec
 
 _TORCH_DTYPES = {"f32": torch.float32, "bf16": torch.bfloat16, "f16": torch.float16}

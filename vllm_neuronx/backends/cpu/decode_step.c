@@ -19,21 +19,6 @@
 
 #include "kernels.h"
 
-typedef struct {
-    const float *ln1, *ln2;                     /* [hidden] */
-    const uint16_t *qkv, *o, *gate_up, *down;   /* packed by kernels.pack */
-    float *k_cache, *v_cache;                   /* [lines, kv_heads, max_len, head_dim] */
-} Layer;
-
-typedef struct {
-    int hidden, intermediate, heads, kv_heads, head_dim, layers, max_len, window, vocab;
-    float eps, scale;
-    const float *cos, *sin;                     /* [max_len, head_dim] */
-    const float *norm;                          /* [hidden] */
-    const uint16_t *lm_head;                    /* packed */
-    const Layer *layer;                         /* [layers] */
-} Model;
-
 static int qkv_width(const Model *md) { return (md->heads + 2 * md->kv_heads) * md->head_dim; }
 
 /* Floats of scratch a step of ``m`` rows needs (kernels.py allocates it once). */

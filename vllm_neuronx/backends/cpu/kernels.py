@@ -1,11 +1,13 @@
-"""Native kernels of the CPU backend, compiled into the artifacts like a device's.
+"""The CPU backend's native library, compiled into the artifacts like a device's.
 
-For CPUs without bf16 units: the bf16-weight matmul (``matmul_bf16.c``) and a whole
-decode step built on it (``decode_step.c``); see why in each. ``build`` runs the
-system C compiler at compile time and stores the shared library beside the
-weights; ``load`` maps it back when this CPU can run it. Without a compiler or
-AVX-512 the backend widens the weights to fp32 and uses torch's matmuls: more
-memory and slower, the same tokens.
+For CPUs without bf16 units: the bf16-weight matmul (``matmul_bf16.c``, wrapped
+here as ``Bf16Matmul``) and a whole decode step built on it (``decode_step.c``,
+driven by native.py); see why in each. ``build`` runs the system C compiler at
+compile time and stores the shared library beside the weights; ``load`` maps it
+back when this CPU can run it, after checking that the structs it shares with
+Python (declared once, in kernels.h) have the layout Python's ctypes view gives
+them. Without a compiler or AVX-512 the backend widens the weights to fp32 and uses
+torch's matmuls: more memory and slower, the same tokens.
 """
 
 from __future__ import annotations
@@ -19,6 +21,7 @@ import subprocess
 from dataclasses import dataclass
 
 import torch
+import torch.nn.functional as F
 
 from vllm_neuronx.backends.cpu import memory
 from vllm_neuronx.log import get_logger
@@ -26,7 +29,8 @@ from vllm_neuronx.log import get_logger
 logger = get_logger(__name__)
 
 HERE = os.path.dirname(__file__)
-SOURCES = tuple(os.path.join(HERE, name) for name in ("matmul_bf16.c", "decode_step.c"))
+SOURCES = tuple(os.path.join(HERE, name)
+                for name in ("matmul_bf16.c", "decode_step.c", "layout.c"))
 HEADER = os.path.join(HERE, "kernels.h")
 LIBRARY = "cpu_kernels.so"
 NEEDS = ("avx512f", "avx512bw")
@@ -162,13 +166,27 @@ class Bf16Matmul:
         self._fn(x.data_ptr(), weight.data.data_ptr(), y.data_ptr(), m, weight.n, k)
         return y
 
+    def linear(self, x: torch.Tensor, weight, bias: torch.Tensor | None = None) -> torch.Tensor:
+        """``F.linear`` for the model's torch path, by the kernel where the weight is
+        packed for it."""
+        if not isinstance(weight, PackedWeight):
+            return F.linear(x, weight, bias)
+        out = self(x.reshape(-1, x.shape[-1]), weight)
+        if bias is not None:
+            out += bias
+        return out.view(*x.shape[:-1], weight.n)
 
-class _Layer(ctypes.Structure):
+
+class Layer(ctypes.Structure):
+    """kernels.h's ``Layer``, as ctypes sees it (checked at load: ``check_layout``)."""
+
     _fields_ = [(name, ctypes.c_void_p) for name in
                 ("ln1", "ln2", "qkv", "o", "gate_up", "down", "k_cache", "v_cache")]
 
 
-class _Model(ctypes.Structure):
+class Model(ctypes.Structure):
+    """kernels.h's ``Model``, as ctypes sees it (checked at load: ``check_layout``)."""
+
     _fields_ = [
         *[(name, ctypes.c_int) for name in ("hidden", "intermediate", "heads", "kv_heads",
                                             "head_dim", "layers", "max_len", "window",
@@ -176,78 +194,41 @@ class _Model(ctypes.Structure):
         ("eps", ctypes.c_float),
         ("scale", ctypes.c_float),
         *[(name, ctypes.c_void_p) for name in ("cos", "sin", "norm", "lm_head")],
-        ("layer", ctypes.POINTER(_Layer)),
+        ("layer", ctypes.POINTER(Layer)),
     ]
 
 
-class DecodeStep:
-    """``decode_step.c``: every layer of a decode step (or a small prefill) of up to
-    ``max_rows`` rows in one native call. Holds pointers into the model's tensors, which
-    must outlive it."""
+class _FieldLayout(ctypes.Structure):
+    _fields_ = [("name", ctypes.c_char_p), ("offset", ctypes.c_long), ("size", ctypes.c_long)]
 
-    __slots__ = ("_fn", "_model", "_layers", "_scratch", "max_rows", "hidden", "vocab",
-                 "max_len", "num_lines")
 
-    def __init__(self, matmul: Bf16Matmul, *, dims: dict[str, int], eps: float, scale: float,
-                 tensors: dict[str, torch.Tensor | PackedWeight],
-                 layers: list[dict[str, torch.Tensor | PackedWeight]], max_rows: int) -> None:
-        def ptr(t: torch.Tensor | PackedWeight) -> int:
-            packed = isinstance(t, PackedWeight)
-            t = t.data if packed else t
-            want = torch.bfloat16 if packed else torch.float32
-            if not t.is_contiguous() or t.dtype is not want:
-                raise ValueError("decode_step needs packed weights and contiguous fp32 tensors")
-            return t.data_ptr()
+class LayoutMismatch(RuntimeError):
+    """Python's view of a shared struct is not the compiler's: passing it would corrupt
+    memory, so the library is refused."""
 
-        self._layers = (_Layer * len(layers))(
-            *[_Layer(*[ptr(layer[name]) for name, _ in _Layer._fields_]) for layer in layers]
-        )
-        self._model = _Model(**dims, eps=eps, scale=scale,
-                             **{name: ptr(tensors[name]) for name in ("cos", "sin", "norm",
-                                                                      "lm_head")},
-                             layer=self._layers)
-        lib = matmul.lib
-        lib.decode_scratch_floats.argtypes = [ctypes.POINTER(_Model), ctypes.c_int]
-        lib.decode_scratch_floats.restype = ctypes.c_long
-        self._fn = lib.decode_step
-        self._fn.argtypes = [ctypes.POINTER(_Model), ctypes.c_void_p, ctypes.c_int,
-                             ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int,
-                             ctypes.c_void_p, ctypes.c_void_p]
-        self._fn.restype = None
-        self.max_rows, self.hidden, self.vocab = max_rows, dims["hidden"], dims["vocab"]
-        self.max_len, self.num_lines = dims["max_len"], layers[0]["k_cache"].shape[0]
-        floats = lib.decode_scratch_floats(ctypes.byref(self._model), max_rows)
-        self._scratch = torch.empty(floats, dtype=torch.float32)
 
-    def __call__(self, x: torch.Tensor, positions: torch.Tensor, lines: torch.Tensor,
-                 out_rows: torch.Tensor | None = None) -> torch.Tensor:
-        """x [m, hidden] fp32 (overwritten), positions and lines [m] int64 -> logits of every
-        row [m, vocab], or of ``out_rows`` only. Rows of one line at positions 0..n-1 are
-        that line's prefill (decode_step.c)."""
-        m = x.shape[0]
-        if not 0 < m <= self.max_rows or x.shape != (m, self.hidden) or \
-                x.dtype is not torch.float32 or not x.is_contiguous():
-            raise ValueError(f"decode_step takes [1..{self.max_rows}, {self.hidden}] fp32 rows")
-        positions = positions.to(torch.int64).contiguous()
-        lines = lines.to(torch.int64).contiguous()
-        # Native code writes the KV cache at these: out of range would corrupt memory.
-        if positions.shape != (m,) or lines.shape != (m,) or \
-                int(positions.min()) < 0 or int(positions.max()) >= self.max_len or \
-                int(lines.min()) < 0 or int(lines.max()) >= self.num_lines:
-            raise ValueError(f"decode_step takes positions in [0, {self.max_len}) and lines "
-                             f"in [0, {self.num_lines}), one of each per row")
-        rows_ptr, n_out = None, m
-        if out_rows is not None:
-            out_rows = out_rows.to(torch.int64).contiguous()
-            n_out = out_rows.shape[0]
-            if out_rows.dim() != 1 or not 0 < n_out <= m or int(out_rows.min()) < 0 or \
-                    int(out_rows.max()) >= m:
-                raise ValueError(f"out_rows must be 1 to {m} rows of the {m} given")
-            rows_ptr = out_rows.data_ptr()
-        logits = torch.empty((n_out, self.vocab), dtype=torch.float32)
-        self._fn(ctypes.byref(self._model), x.data_ptr(), m, positions.data_ptr(),
-                 lines.data_ptr(), rows_ptr, n_out, self._scratch.data_ptr(), logits.data_ptr())
-        return logits
+def check_layout(lib: ctypes.CDLL, structs=(Layer, Model)) -> None:
+    """Compare each struct's fields (name, offset, size) and size with what the C
+    compiler laid out (``struct_layout`` in layout.c)."""
+    fn = lib.struct_layout
+    fn.argtypes = [ctypes.c_char_p, ctypes.POINTER(ctypes.c_long)]
+    fn.restype = ctypes.POINTER(_FieldLayout)
+    for struct in structs:
+        size = ctypes.c_long()
+        table = fn(struct.__name__.encode(), ctypes.byref(size))
+        native = []
+        for i in range(len(struct._fields_) + 1):
+            if not table or table[i].name is None:
+                break
+            native.append((table[i].name.decode(), table[i].offset, table[i].size))
+        ours = [(name, getattr(struct, name).offset, getattr(struct, name).size)
+                for name, _ in struct._fields_]
+        if native != ours or size.value != ctypes.sizeof(struct):
+            raise LayoutMismatch(
+                f"kernels.h's {struct.__name__} is {native} ({size.value} bytes) but "
+                f"Python's ctypes view is {ours} ({ctypes.sizeof(struct)} bytes); update "
+                "kernels.py to match kernels.h"
+            )
 
 
 def load(folder: str) -> Bf16Matmul | None:
@@ -256,7 +237,7 @@ def load(folder: str) -> Bf16Matmul | None:
     if not os.path.exists(path) or not runs_here():
         return None
     try:
-        return Bf16Matmul(path)
+        matmul = Bf16Matmul(path)
     except OSError as e:  # e.g. a folder on a noexec mount (Docker's /dev/shm)
         logger.warning(
             "CPU backend: cannot load the bf16 kernel from %s (%s); bf16 weights are "
@@ -265,3 +246,5 @@ def load(folder: str) -> Bf16Matmul | None:
             e,
         )
         return None
+    check_layout(matmul.lib)
+    return matmul

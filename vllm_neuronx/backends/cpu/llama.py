@@ -6,6 +6,10 @@ the first ``bucket`` positions), on a contiguous KV cache
 ``[lines, kv_heads, max_len, head_dim]`` per layer. The numerics follow Hugging
 Face transformers (fp32 RMSNorm and rotary tables, softmax in fp32) so greedy
 tokens match it.
+
+Nothing here is native: the backend may hand in how a linear layer multiplies
+(``linear``, e.g. a kernel over packed bf16 weights) and how the KV cache is
+allocated (``zeros``); native.py runs whole steps natively beside this file.
 """
 
 from __future__ import annotations
@@ -13,27 +17,22 @@ from __future__ import annotations
 import json
 import math
 import os
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
 import torch
 import torch.nn.functional as F
 
-from vllm_neuronx.backends.cpu.kernels import (
-    WIDEN_ROWS,
-    Bf16Matmul,
-    DecodeStep,
-    PackedWeight,
-    round_up,
-)
-from vllm_neuronx.backends.cpu.memory import huge_page_zeros
-
 SUPPORTED_ARCHITECTURES = ("LlamaForCausalLM", "MistralForCausalLM")
 # The weights every token multiplies (the rest are norms and the embedding table).
 MATMULS = ("qkv", "o", "gate_up", "down", "lm_head")
 # Decode attention reads K/V up to the longest row, in steps of this many positions.
 ATTEND_STEP = 16
+
+
+def round_up(x: int, multiple: int) -> int:
+    return -(-x // multiple) * multiple
 
 
 @dataclass(frozen=True, slots=True)
@@ -149,25 +148,23 @@ class LlamaModel:
     def __init__(
         self,
         spec: LlamaSpec,
-        weights: dict[str, torch.Tensor],
+        weights: dict[str, Any],
         *,
         num_lines: int,
         max_len: int,
         dtype: torch.dtype,
-        matmul: Bf16Matmul | None = None,
-        packed: dict[str, PackedWeight] | None = None,
+        linear: Callable[..., torch.Tensor] = F.linear,
+        zeros: Callable[..., torch.Tensor] = torch.zeros,
     ) -> None:
         self.spec = spec
         self.dtype = dtype
         self.max_len = max_len
+        # Our layout (convert_hf_weights); a matmul weight is whatever ``linear`` takes.
         self.w = weights
-        # Matmul weights kept in bf16 for the native kernel (kernels.py), instead of
-        # fp32 copies in ``weights``.
-        self.matmul = matmul
-        self.packed = packed or {}
+        self.linear = linear
         shape = (spec.num_layers, num_lines, spec.num_kv_heads, max_len, spec.head_dim)
-        self.k_cache = huge_page_zeros(shape, dtype)
-        self.v_cache = huge_page_zeros(shape, dtype)
+        self.k_cache = zeros(shape, dtype=dtype)
+        self.v_cache = zeros(shape, dtype=dtype)
         freqs = torch.outer(torch.arange(max_len, dtype=torch.float32), rope_inv_freq(spec))
         emb = torch.cat((freqs, freqs), dim=-1)
         self.cos = emb.cos().to(dtype)
@@ -178,31 +175,6 @@ class LlamaModel:
         # The sliding window where it masks anything inside a KV line, else None.
         window = spec.sliding_window
         self.window = window if window and window < max_len else None
-        self.decode_step = self._native_decode_step()
-
-    def _native_decode_step(self) -> DecodeStep | None:
-        """The whole decode step in one native call (decode_step.c), where every matmul
-        weight is packed for the kernel, the model has no biases and heads of at most
-        256 (the attention keeps a head's output in registers)."""
-        s = self.spec
-        if self.matmul is None or s.head_dim > 256 or \
-                any(name + "_bias" in self.w for name in self.packed):
-            return None
-        layers = []
-        for i in range(s.num_layers):
-            p = f"layers.{i}."
-            layers.append({"ln1": self.w[p + "ln1"], "ln2": self.w[p + "ln2"],
-                           "k_cache": self.k_cache[i], "v_cache": self.v_cache[i],
-                           **{name: self.packed[p + name]
-                              for name in ("qkv", "o", "gate_up", "down")}})
-        dims = {"hidden": s.hidden_size, "intermediate": s.intermediate_size,
-                "heads": s.num_heads, "kv_heads": s.num_kv_heads, "head_dim": s.head_dim,
-                "layers": s.num_layers, "max_len": self.max_len, "window": self.window or 0,
-                "vocab": s.vocab_size}
-        tensors = {"cos": self.cos, "sin": self.sin, "norm": self.w["norm"],
-                   "lm_head": self.packed["lm_head"]}
-        return DecodeStep(self.matmul, dims=dims, eps=s.rms_norm_eps, scale=self.scale,
-                          tensors=tensors, layers=layers, max_rows=WIDEN_ROWS - 1)
 
     # -- weights ------------------------------------------------------------
     @staticmethod
@@ -255,18 +227,11 @@ class LlamaModel:
 
     # -- the decoder ----------------------------------------------------------
     def _linear(self, x: torch.Tensor, name: str) -> torch.Tensor:
-        """x @ weight^T + bias, by the bf16 kernel where the weight is packed for it."""
-        packed = self.packed.get(name)
-        if packed is None:
-            return F.linear(x, self.w[name], self.w.get(name + "_bias"))
-        out = self.matmul(x.reshape(-1, x.shape[-1]), packed)
-        bias = self.w.get(name + "_bias")
-        if bias is not None:
-            out += bias
-        return out.view(*x.shape[:-1], packed.n)
+        """x @ weight^T + bias."""
+        return self.linear(x, self.w[name], self.w.get(name + "_bias"))
 
-    def _embed(self, input_ids: torch.Tensor) -> torch.Tensor:
-        # The table may stay in bf16 beside the kernel: rows widen exactly.
+    def embed(self, input_ids: torch.Tensor) -> torch.Tensor:
+        # The table may stay in bf16 when compute is fp32: rows widen exactly.
         return F.embedding(input_ids, self.w["embed"]).to(self.dtype)
 
     def _layer(
@@ -312,16 +277,7 @@ class LlamaModel:
         each row in ``prompt_rows`` the fp32 logits of all its positions, [len, vocab].
         """
         n, t = input_ids.shape
-        if self.decode_step is not None and not prompt_rows and \
-                int(lengths.sum()) <= self.decode_step.max_rows:
-            # A small prefill runs as one native step over the prompts' real tokens
-            # (decode_step.c: rows of one line at positions 0..n-1 are its prefill).
-            real = torch.arange(t)[None, :] < lengths[:, None]
-            positions = torch.arange(t).expand(n, t)[real]
-            lines = seq_ids[:, None].expand(n, t)[real]
-            last = lengths.cumsum(0) - 1
-            return self.decode_step(self._embed(input_ids[real]), positions, lines, last), {}
-        x = self._embed(input_ids)
+        x = self.embed(input_ids)
         cos, sin = self.cos[:t][None, None], self.sin[:t][None, None]
         positions = torch.arange(t)
         mask = self._window_mask(positions[None, :] <= positions[:, None], positions, t)
@@ -355,10 +311,8 @@ class LlamaModel:
         """
         s = self.spec
         m = input_ids.shape[0]
-        if self.decode_step is not None and m <= self.decode_step.max_rows:
-            return self.decode_step(self._embed(input_ids), positions, seq_ids)
         span = min(bucket, round_up(int(positions.max()) + 1, ATTEND_STEP))
-        x = self._embed(input_ids[:, None])
+        x = self.embed(input_ids[:, None])
         cos, sin = self.cos[positions][:, None, None], self.sin[positions][:, None, None]
         visible = torch.arange(span)[None, :] <= positions[:, None]
         visible = self._window_mask(visible, positions, span)

@@ -128,7 +128,7 @@ class NeuronApplicationBase(torch.nn.Module):
         nc = config.neuron_config
         if (nc.quantization_type, nc.quantization_dtype) != ("per_tensor_symmetric", "int8"):
             raise NotImplementedError("the simulator quantizes per_tensor_symmetric int8 only")
-        from vllm_neuronx.backends.cpu import read_hf_checkpoint
+        from vllm_neuronx.backends.cpu.backend import read_hf_checkpoint
 
         out: dict[str, torch.Tensor] = {}
         for name, tensor in read_hf_checkpoint(model_path).items():

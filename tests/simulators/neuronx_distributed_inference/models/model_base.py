@@ -97,7 +97,7 @@ class NeuronBaseForCausalLM(NeuronApplicationBase):
         return LlamaSpec.from_hf_config(hf)
 
     def _sim_state_dict(self) -> dict[str, torch.Tensor]:
-        from vllm_neuronx.backends.cpu import read_hf_checkpoint
+        from vllm_neuronx.backends.cpu.backend import read_hf_checkpoint
 
         nc = self.neuron_config
         if nc.quantized:

@@ -1,0 +1,242 @@
+"""Our CPU backend: the NxDI contract honoured by plain PyTorch.
+
+"compile" does the work a warm start can skip: it converts the HF checkpoint to
+the requested dtype and our fused layout, builds the native kernel for this CPU
+(kernels.py), and stores both with the resolved config. "load" maps them back (on
+a CPU without bf16 units, packing bf16 matmul weights for the kernel, or widening
+them to fp32 without it) and allocates the KV lines. A step runs natively
+(native.py) where it can, else on the model's torch path (llama.py); both follow
+the contract: static buckets, KV lines indexed by seq_id, sampling on the
+"device". Like NxDI
+with ``output_logits`` it returns the logits with the tokens (it computes them
+anyway), and, beyond NxDI's contract, the logits of every prompt position on
+request (prompt_logprobs).
+"""
+
+from __future__ import annotations
+
+import functools
+import glob
+import os
+import time
+
+import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+from tqdm import tqdm
+
+from vllm_neuronx import envs, sampling
+from vllm_neuronx import neuron_config as nc
+from vllm_neuronx.backends.cpu import kernels, memory
+from vllm_neuronx.backends.cpu.llama import (
+    ATTEND_STEP,
+    SUPPORTED_ARCHITECTURES,
+    LlamaModel,
+    LlamaSpec,
+    round_up,
+    to_dtype,
+)
+from vllm_neuronx.backends.cpu.native import NativeStep
+from vllm_neuronx.backends.protocol import (
+    Batch,
+    ForwardOutput,
+    NeuronBackend,
+    SamplingCapabilities,
+)
+from vllm_neuronx.log import get_logger
+
+logger = get_logger(__name__)
+
+WEIGHTS_FILE = "weights.safetensors"
+_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+@functools.cache
+def native_bf16() -> bool:
+    """Whether this CPU multiplies bf16 in hardware (AMX or AVX512-BF16). Without it,
+    oneDNN/MKL convert every bf16 matmul and run it several times slower than fp32."""
+    flags = kernels.cpu_flags()
+    if not flags:
+        return True  # not Linux: trust the requested dtype
+    return "amx_bf16" in flags or "avx512_bf16" in flags
+
+
+def compute_dtype(requested: torch.dtype) -> torch.dtype:
+    """bf16 is computed in fp32 on CPUs without bf16 units (faster, and more precise)."""
+    if requested is torch.bfloat16 and not native_bf16():
+        return torch.float32
+    return requested
+
+
+def read_safetensors(paths: list[str], desc: str) -> dict[str, torch.Tensor]:
+    """Every tensor of these safetensors files, with a progress bar on a terminal."""
+    tensors: dict[str, torch.Tensor] = {}
+    for path in paths:
+        with safe_open(path, framework="pt") as f:
+            for name in tqdm(list(f.keys()), desc=desc, unit="tensor", disable=None):
+                tensors[name] = f.get_tensor(name)
+    return tensors
+
+
+def read_hf_checkpoint(model_path: str) -> dict[str, torch.Tensor]:
+    """Every tensor of an HF safetensors checkpoint (one file or shards)."""
+    files = sorted(glob.glob(os.path.join(model_path, "*.safetensors")))
+    if not files:
+        raise FileNotFoundError(f"no *.safetensors files in {model_path}")
+    return read_safetensors(files, "Compiling: reading the checkpoint")
+
+
+def cpu_threads() -> int:
+    """The cores this process may run on, unless the user says otherwise.
+
+    An OpenMP team waits at every op for its slowest thread: on cores shared with
+    another busy process, a SmolLM2 decode step took 1.68 s with 2 threads against
+    60 ms with 1. On a machine of its own (the API server and the benchmark client
+    beside it), all cores won: 28.1 against 16.7 tok/s at concurrency 1, 213 against
+    121 at 32. So all cores by default; VLLM_NEURONX_CPU_THREADS for shared machines.
+    """
+    if envs.VLLM_NEURONX_CPU_THREADS:
+        return max(1, int(envs.VLLM_NEURONX_CPU_THREADS))
+    try:
+        return max(1, len(os.sched_getaffinity(0)))
+    except AttributeError:  # not Linux
+        return max(1, os.cpu_count() or 1)
+
+
+class CpuBackend(NeuronBackend):
+    framework = "cpu"
+    architectures = SUPPORTED_ARCHITECTURES
+
+    def __init__(self, model_path: str, neuron_config: dict, *, seed: int = 0) -> None:
+        super().__init__(model_path, neuron_config, seed=seed)
+        self.spec = LlamaSpec.from_folder(model_path)
+        self.validate(neuron_config)
+        requested = self.stored_dtype = _DTYPES[neuron_config["torch_dtype"]]
+        self.dtype = compute_dtype(requested)
+        if self.dtype is not requested:
+            logger.info(
+                "CPU backend: %s requested, computing in %s (this CPU has no bf16 units)",
+                requested,
+                self.dtype,
+            )
+        self.model: LlamaModel | None = None
+        # The bf16 kernel (kernels.py) and the native step (native.py), where they run.
+        self.matmul: kernels.Bf16Matmul | None = None
+        self.native: NativeStep | None = None
+        self.generator = torch.Generator().manual_seed(seed)
+
+    @classmethod
+    def version(cls) -> str:
+        # 2: weights stored in the requested dtype, with the native kernels.
+        return f"cpu-2-{kernels.source_digest()}"
+
+    @classmethod
+    def validate(cls, neuron_config: dict, *, quantization: str | None = None) -> None:
+        if quantization is not None:
+            raise nc.NeuronConfigError(
+                f"quantization={quantization!r}: the CPU backend runs float32 or bfloat16 "
+                "weights; drop --quantization"
+            )
+        if neuron_config["torch_dtype"] == "float16":
+            raise nc.NeuronConfigError(
+                "torch_dtype float16 is not supported by the CPU backend; use bfloat16 or float32"
+            )
+
+    @classmethod
+    def sampling_capabilities(cls, neuron_config: dict) -> SamplingCapabilities:
+        return SamplingCapabilities(logits=True, prompt_logits=True)
+
+    @property
+    def vocab_size(self) -> int:
+        return self.spec.vocab_size
+
+    def compile(self, folder: str) -> None:
+        start = time.perf_counter()
+        hf = read_hf_checkpoint(self.model_path)
+        weights = LlamaModel.convert_hf_weights(self.spec, hf, self.stored_dtype)
+        # Tied embeddings share storage; safetensors stores each tensor once.
+        if weights["lm_head"].data_ptr() == weights["embed"].data_ptr():
+            del weights["lm_head"]
+        save_file(weights, os.path.join(folder, WEIGHTS_FILE))
+        if self.uses_kernel():
+            kernels.build(folder)
+        logger.info(
+            "CPU backend: converted weights to %s in %.1f s",
+            self.stored_dtype,
+            time.perf_counter() - start,
+        )
+
+    def uses_kernel(self) -> bool:
+        """bf16 weights computed in fp32: the native kernel multiplies them (kernels.py)."""
+        return self.stored_dtype is torch.bfloat16 and self.dtype is torch.float32
+
+    def _load(self, folder: str) -> None:
+        torch.set_num_threads(cpu_threads())
+        weights = read_safetensors([os.path.join(folder, WEIGHTS_FILE)], "Loading artifacts")
+        weights.setdefault("lm_head", weights["embed"])
+        matmul = kernels.load(folder) if self.uses_kernel() else None
+        if matmul is not None:
+            packed = matmul.pack_all(
+                {n: w for n, w in weights.items() if LlamaModel.is_matmul(n)})
+            embed = weights["embed"]  # looked up a row at a time: it can stay bf16
+            weights = to_dtype(
+                {n: w for n, w in weights.items() if n not in packed and n != "embed"},
+                self.dtype,
+            )
+            weights.update(packed, embed=embed)
+        elif self.dtype is not self.stored_dtype:
+            weights = to_dtype(weights, self.dtype)
+        cfg = self.neuron_config
+        self.model = LlamaModel(
+            self.spec,
+            weights,
+            num_lines=cfg["batch_size"],
+            max_len=cfg["seq_len"],
+            dtype=self.dtype,
+            linear=matmul.linear if matmul is not None else torch.nn.functional.linear,
+            zeros=memory.huge_page_zeros,
+        )
+        self.matmul = matmul
+        self.native = NativeStep.for_model(self.model, matmul) if matmul is not None else None
+
+    def prefill(self, batch: Batch) -> ForwardOutput:
+        """Prompts are checked against the context buckets as on a device, but
+        computed only as wide as the longest one (right padding under a causal
+        mask cannot change the real positions), not as wide as its bucket."""
+        wanted = batch.prompt_logits
+        rows = [] if wanted is None else wanted.nonzero().flatten().tolist()
+        lengths = batch.position_ids.max(dim=1).values + 1
+        longest = int(lengths.max())
+        bucket = nc.pick_bucket(self.context_buckets, longest)
+        width = min(bucket, round_up(longest, ATTEND_STEP))
+        padded = torch.zeros((batch.size, width), dtype=torch.long)
+        given = min(batch.input_ids.shape[1], width)
+        padded[:, :given] = batch.input_ids[:, :given]
+        logits, every = None, {}
+        if self.native is not None and not rows:
+            logits = self.native.prefill(padded, lengths, batch.seq_ids)
+        if logits is None:
+            logits, every = self.model.context_encode(padded, lengths, batch.seq_ids, rows)
+        prompt = None if wanted is None else [every.get(row) for row in range(batch.size)]
+        return self._sampled(logits, batch, prompt)
+
+    def decode(self, batch: Batch) -> ForwardOutput:
+        seq_ids = batch.seq_ids
+        if not bool(torch.all(seq_ids[1:] > seq_ids[:-1])):
+            raise ValueError("decode seq_ids must be sorted ascending and unique")
+        ids, positions = batch.input_ids[:, 0], batch.position_ids[:, 0]
+        bucket = nc.pick_bucket(self.token_buckets, int(positions.max()))
+        logits = None
+        if self.native is not None:
+            logits = self.native.decode(ids, positions, seq_ids)
+        if logits is None:
+            logits = self.model.token_generate(ids, positions, seq_ids, bucket)
+        return self._sampled(logits, batch)
+
+    def _sampled(self, logits, batch: Batch, prompt=None) -> ForwardOutput:
+        """The step's logits, and the tokens sampled from them "on the device"."""
+        topk = self.global_topk
+        tokens = None
+        if topk is not None:
+            tokens = sampling.sample(logits, batch.sampling_params, topk, self.generator)
+        return ForwardOutput(tokens=tokens, logits=logits, prompt_logits=prompt)
