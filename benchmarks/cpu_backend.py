@@ -6,6 +6,11 @@ middle of a 128-in / 128-out request); prefill runs 32 prompts of 128 tokens the
 way the scheduler hands them over (as many as free lines allow).
 
     .venv/bin/python benchmarks/cpu_backend.py [--dtype bfloat16] [--steps 20]
+        [--kernel avx512,avx2,torch]
+
+``--kernel`` measures each kernel variant in turn (VLLM_NEURONX_CPU_KERNEL) in one run;
+by default, the one the backend chooses on this CPU. The header names the CPU model,
+its vector ISA flags and the variant of every figure.
 """
 
 from __future__ import annotations
@@ -22,6 +27,7 @@ import torch
 
 from vllm_neuronx import neuron_config as nc
 from vllm_neuronx import sampling
+from vllm_neuronx.backends.cpu import kernels
 from vllm_neuronx.backends.cpu.backend import CpuBackend, compute_dtype
 from vllm_neuronx.default_model import default_model_path
 
@@ -66,25 +72,27 @@ def time_decode(backend: CpuBackend, batch: int, steps: int, vocab: int) -> floa
     return statistics.median(times[2:])
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--model", default=None)
-    parser.add_argument("--dtype", default="bfloat16")
-    parser.add_argument("--steps", type=int, default=20)
-    parser.add_argument("--prefill-batch", type=int, nargs="*", default=[1, 8])
-    args = parser.parse_args()
-    model = args.model or default_model_path()
+def cpu_model() -> str:
+    with open("/proc/cpuinfo") as f:
+        for line in f:
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    return platform.processor() or platform.machine()
+
+
+VECTOR_FLAGS = ("avx2", "fma", "avx512f", "avx512bw", "avx512_bf16", "amx_bf16")
+
+
+def measure(model: str, dtype: str, kernel: str | None, args) -> dict:
+    """Prefill and decode figures of one kernel variant (None: the backend's choice)."""
+    if kernel is not None:
+        os.environ["VLLM_NEURONX_CPU_KERNEL"] = kernel
     with tempfile.TemporaryDirectory() as folder:
-        backend = make_backend(model, args.dtype, folder)
+        backend = make_backend(model, dtype, folder)
         vocab = backend.vocab_size
-        result = {
-            "model": os.path.basename(model),
-            "dtype": args.dtype,
-            "compute_dtype": str(compute_dtype(getattr(torch, args.dtype))),
-            "threads": torch.get_num_threads(),
-            "machine": platform.processor() or platform.machine(),
-            "prefill_s": {}, "decode_ms": {}, "decode_tok_s": {},
-        }
+        result = {"kernel": backend.kernel, "prefill_s": {}, "decode_ms": {},
+                  "decode_tok_s": {}}
+        print(f"-- kernel {backend.kernel}", flush=True)
         for batch in args.prefill_batch:
             result["prefill_s"][batch] = round(time_prefill(backend, batch, vocab), 2)
             print(f"prefill {LINES}x{PROMPT}, {batch} per call: {result['prefill_s'][batch]} s",
@@ -95,6 +103,34 @@ def main() -> None:
             result["decode_tok_s"][batch] = round(batch / step, 1)
             print(f"decode b={batch} @ctx {CONTEXT}: {step * 1e3:.1f} ms/step, "
                   f"{batch / step:.0f} tok/s", flush=True)
+    return result
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--model", default=None)
+    parser.add_argument("--dtype", default="bfloat16")
+    parser.add_argument("--steps", type=int, default=20)
+    parser.add_argument("--prefill-batch", type=int, nargs="*", default=[1, 8])
+    parser.add_argument("--kernel", default=None,
+                        help=f"comma-separated variants to compare: {','.join(kernels.CHOICES)}")
+    args = parser.parse_args()
+    model = args.model or default_model_path()
+    flags = sorted(kernels.cpu_flags() & set(VECTOR_FLAGS))
+    result = {
+        "model": os.path.basename(model),
+        "dtype": args.dtype,
+        "compute_dtype": str(compute_dtype(getattr(torch, args.dtype))),
+        "threads": torch.get_num_threads(),
+        "cpu": cpu_model(),
+        "isa": flags,
+        "runs": [],
+    }
+    print(f"{result['cpu']}, {os.cpu_count()} cores, ISA {' '.join(flags)}; "
+          f"{args.dtype} computed in {result['compute_dtype']}", flush=True)
+    variants = args.kernel.split(",") if args.kernel else [None]
+    for kernel in variants:
+        result["runs"].append(measure(model, args.dtype, kernel, args))
     os.makedirs(os.path.join(os.path.dirname(__file__), "results"), exist_ok=True)
     out = os.path.join(os.path.dirname(__file__), "results", "cpu_backend.json")
     with open(out, "w") as f:

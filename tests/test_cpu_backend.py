@@ -10,7 +10,7 @@ import torch
 from tests.conftest import hf_greedy
 from tests.engine_checks import prefill_args
 from vllm_neuronx import neuron_config as nc
-from vllm_neuronx.backends.cpu import CpuBackend
+from vllm_neuronx.backends.cpu import CpuBackend, kernels
 
 
 @pytest.fixture()
@@ -119,16 +119,27 @@ def test_bf16_is_computed_in_fp32_only_without_bf16_units(monkeypatch):
     assert cpu.compute_dtype(torch.bfloat16) is torch.bfloat16
 
 
-def test_bf16_kernel_computes_fp32_matmul_of_bf16_weights():
-    from vllm_neuronx.backends.cpu import kernels
+def use_kernel(monkeypatch, name: str):
+    """Force a kernel variant (VLLM_NEURONX_CPU_KERNEL); skip where this CPU cannot run it."""
+    variant = {v.name: v for v in kernels.VARIANTS}.get(name)
+    if variant is not None and not kernels.runs_here(variant):
+        pytest.skip(f"this CPU cannot run the {name} kernel (needs {', '.join(variant.needs)})")
+    monkeypatch.setenv("VLLM_NEURONX_CPU_KERNEL", name)
+    return variant
 
-    if not kernels.runs_here():
-        pytest.skip("the bf16 kernel needs AVX-512")
+
+NATIVE = [v.name for v in kernels.VARIANTS]
+EVERY_PATH = [*NATIVE, kernels.TORCH]
+
+
+@pytest.mark.parametrize("name", NATIVE)
+def test_bf16_kernel_computes_fp32_matmul_of_bf16_weights(monkeypatch, name):
+    variant = use_kernel(monkeypatch, name)
     import tempfile
 
     with tempfile.TemporaryDirectory() as folder:
-        assert kernels.build(folder)
-        matmul = kernels.load(folder)
+        assert kernels.build(folder, variant)
+        matmul = kernels.load(folder, variant)
     torch.manual_seed(0)
     # columns not a multiple of the panel, rows across blocks of 8, odd k
     for m, n, k in [(1, 37, 48), (3, 960, 576), (4, 5, 16), (9, 7, 33), (17, 100, 64),
@@ -141,7 +152,7 @@ def test_bf16_kernel_computes_fp32_matmul_of_bf16_weights():
         matmul(torch.randn(2, 8), matmul.pack(torch.randn(4, 16).bfloat16()))
 
 
-@pytest.mark.parametrize("kernel", [True, False], ids=["kernel", "widened"])
+@pytest.mark.parametrize("kernel", EVERY_PATH)
 def test_bf16_on_fp32_units_matches_hf_on_the_same_weights(tiny_llama, tmp_path, monkeypatch,
                                                            kernel):
     """bf16 requested on a CPU without bf16 units: weights stored in bf16 and multiplied
@@ -151,9 +162,9 @@ def test_bf16_on_fp32_units_matches_hf_on_the_same_weights(tiny_llama, tmp_path,
     run natively whole (decode_step.c)."""
     b = bf16_backend_without_bf16_units(tiny_llama, tmp_path, monkeypatch, kernel)
     assert b.model.dtype is torch.float32
-    assert (b.matmul is not None) == kernel
-    assert (b.native is not None) == kernel
-    if kernel:  # no fp32 copies of the matmul weights
+    assert b.kernel == kernel
+    assert (b.matmul is not None) == (b.native is not None) == (kernel != kernels.TORCH)
+    if b.matmul is not None:  # no fp32 copies of the matmul weights
         from vllm_neuronx.backends.cpu.kernels import PackedWeight
 
         assert isinstance(b.model.w["layers.0.qkv"], PackedWeight)
@@ -183,15 +194,11 @@ def backend_greedy(b, prompts, steps, lines=None):
     return [s[len(p):] for s, p in zip(seqs, prompts, strict=True)]
 
 
-def bf16_backend_without_bf16_units(model, folder, monkeypatch, kernel, max_num_seqs=8):
+def bf16_backend_without_bf16_units(model, folder, monkeypatch, kernel: str, max_num_seqs=8):
     import vllm_neuronx.backends.cpu.backend as cpu
-    from vllm_neuronx.backends.cpu import kernels
 
     monkeypatch.setattr(cpu, "native_bf16", lambda: False)
-    if not kernel:
-        monkeypatch.setattr(kernels, "runs_here", lambda: False)
-    elif not kernels.runs_here():
-        pytest.skip("the bf16 kernel needs AVX-512")
+    use_kernel(monkeypatch, kernel)
     cfg = nc.resolve_neuron_config(tp_degree=1, max_num_seqs=max_num_seqs, max_model_len=128,
                                    dtype="bfloat16")
     b = CpuBackend(model, cfg)
@@ -201,8 +208,9 @@ def bf16_backend_without_bf16_units(model, folder, monkeypatch, kernel, max_num_
     return b
 
 
+@pytest.mark.parametrize("kernel", NATIVE)
 @pytest.mark.parametrize("head_dim", [24, 64])
-def test_native_decode_step_matches_the_torch_decode(tmp_path, monkeypatch, head_dim):
+def test_native_decode_step_matches_the_torch_decode(tmp_path, monkeypatch, head_dim, kernel):
     """decode_step.c against llama.py's torch decode on the same weights and cache:
     scattered KV lines, rows at different positions (one past a chunk of 64 scores), a
     head size that is not a multiple of the vector width (24) and one the attention
@@ -212,7 +220,7 @@ def test_native_decode_step_matches_the_torch_decode(tmp_path, monkeypatch, head
     hidden = 4 * head_dim
     model = make_tiny_llama(tmp_path / "model", hidden_size=hidden, num_attention_heads=4,
                             num_key_value_heads=2)
-    b = bf16_backend_without_bf16_units(model, tmp_path / "artifacts", monkeypatch, True)
+    b = bf16_backend_without_bf16_units(model, tmp_path / "artifacts", monkeypatch, kernel)
     m = b.model
     assert b.native is not None
     step = b.native.step
@@ -242,14 +250,15 @@ def test_native_decode_step_matches_the_torch_decode(tmp_path, monkeypatch, head
                       greedy(1))
 
 
-def test_native_prefill_matches_the_torch_prefill(tmp_path, monkeypatch):
-    """A prefill of fewer than 256 tokens runs as one native step over the prompts' real
+@pytest.mark.parametrize("kernel", NATIVE)
+def test_native_prefill_matches_the_torch_prefill(tmp_path, monkeypatch, kernel):
+    """A small prefill runs as one native step over the prompts' real
     tokens: the same last-token logits and KV lines as llama.py's padded torch prefill."""
     from tests.conftest import make_tiny_llama
 
     model = make_tiny_llama(tmp_path / "model", hidden_size=256, num_attention_heads=4,
                             num_key_value_heads=2)
-    b = bf16_backend_without_bf16_units(model, tmp_path / "artifacts", monkeypatch, True)
+    b = bf16_backend_without_bf16_units(model, tmp_path / "artifacts", monkeypatch, kernel)
     m = b.model
     prompts = [[5, 6, 7, 8, 9], [10, 11], [12, 13, 14] * 30]
     lengths = torch.tensor([len(p) for p in prompts])
@@ -257,6 +266,7 @@ def test_native_prefill_matches_the_torch_prefill(tmp_path, monkeypatch):
     for row, p in enumerate(prompts):
         ids[row, :len(p)] = torch.tensor(p)
     lines = torch.tensor([1, 4, 7])
+    b.native.prefill_rows = b.native.step.max_rows + 1  # native whatever the variant
     native = b.native.prefill(ids, lengths, lines)
     native_cache = m.k_cache.clone(), m.v_cache.clone()
     m.k_cache.zero_()
@@ -272,7 +282,7 @@ def test_native_prefill_matches_the_torch_prefill(tmp_path, monkeypatch):
         step(torch.zeros(2, 256), torch.tensor([0, 1]), torch.tensor([0, 0]), torch.tensor([2]))
 
 
-@pytest.mark.parametrize("kernel", [True, False], ids=["kernel", "widened"])
+@pytest.mark.parametrize("kernel", EVERY_PATH)
 def test_sliding_window_matches_hf(tmp_path, monkeypatch, kernel):
     """A Mistral whose sliding window (6) is shorter than its prompts and generations:
     prefill and decode both attend only inside the window, as HF transformers does."""
@@ -281,7 +291,7 @@ def test_sliding_window_matches_hf(tmp_path, monkeypatch, kernel):
     model = make_tiny_llama(tmp_path / "model", mistral=True, sliding_window=6)
     b = bf16_backend_without_bf16_units(model, tmp_path / "artifacts", monkeypatch, kernel)
     assert b.spec.sliding_window == 6
-    assert (b.native is not None) == kernel
+    assert (b.native is not None) == (kernel != kernels.TORCH)
     prompts = [[5, 6, 7, 8, 9, 10, 11, 12, 13], [10, 11], [12, 13, 14] * 4]
     steps = 8
     expected = hf_greedy(model, prompts, [steps] * 3, weights_in=torch.bfloat16)
@@ -295,16 +305,15 @@ def test_a_kernel_that_cannot_load_falls_back_to_widened_weights(tiny_llama, tmp
     import ctypes
 
     import vllm_neuronx.backends.cpu.backend as cpu
-    from vllm_neuronx.backends.cpu import kernels
 
-    if not kernels.runs_here():
-        pytest.skip("the bf16 kernel needs AVX-512")
+    if kernels.chosen() is None:
+        pytest.skip("no kernel variant runs on this CPU")
     monkeypatch.setattr(cpu, "native_bf16", lambda: False)
     cfg = nc.resolve_neuron_config(tp_degree=1, max_num_seqs=2, max_model_len=128,
                                    dtype="bfloat16")
     b = CpuBackend(tiny_llama, cfg)
     b.compile(str(tmp_path))
-    assert (tmp_path / kernels.LIBRARY).exists()
+    assert (tmp_path / b.variant.library).exists()
 
     def refuse(path, *args, **kwargs):
         raise OSError(f"{path}: failed to map segment from shared object")
@@ -319,23 +328,23 @@ def test_a_kernel_that_cannot_load_falls_back_to_widened_weights(tiny_llama, tmp
 
 @pytest.mark.parametrize("cc", ["/bin/false", "/nonexistent/cc"])
 def test_a_compiler_that_fails_leaves_no_kernel(tmp_path, monkeypatch, cc):
-    from vllm_neuronx.backends.cpu import kernels
-
-    if not kernels.runs_here():
-        pytest.skip("the bf16 kernel needs AVX-512")
+    variant = kernels.chosen()
+    if variant is None:
+        pytest.skip("no kernel variant runs on this CPU")
     monkeypatch.setenv("CC", cc)
     monkeypatch.setattr(kernels.shutil, "which", lambda name: cc if name == cc else None)
-    assert kernels.build(str(tmp_path)) is False
-    assert kernels.load(str(tmp_path)) is None
+    assert kernels.build(str(tmp_path), variant) is False
+    assert kernels.load(str(tmp_path), variant) is None
 
 
-def test_a_model_with_biases_decodes_through_torch_and_matches_hf(tmp_path, monkeypatch):
+@pytest.mark.parametrize("kernel", NATIVE)
+def test_a_model_with_biases_decodes_through_torch_and_matches_hf(tmp_path, monkeypatch, kernel):
     """The native step has no biases: a Llama with attention biases keeps the kernel for
     its matmuls and decodes through llama.py's torch path, with HF's tokens."""
     from tests.conftest import make_tiny_llama
 
     model = make_tiny_llama(tmp_path / "model", attention_bias=True)
-    b = bf16_backend_without_bf16_units(model, tmp_path / "artifacts", monkeypatch, True)
+    b = bf16_backend_without_bf16_units(model, tmp_path / "artifacts", monkeypatch, kernel)
     assert b.matmul is not None and b.native is None
     prompts = [[5, 6, 7, 8, 9], [10, 11]]
     assert backend_greedy(b, prompts, 5) == hf_greedy(model, prompts, [5, 5],
@@ -349,8 +358,6 @@ def test_the_structs_python_passes_to_native_code_have_the_header_layout(tmp_pat
     import ctypes
     import shutil
     import subprocess
-
-    from vllm_neuronx.backends.cpu import kernels
 
     cc = shutil.which("cc") or shutil.which("gcc")
     if cc is None:
@@ -366,3 +373,34 @@ def test_the_structs_python_passes_to_native_code_have_the_header_layout(tmp_pat
 
     with pytest.raises(kernels.LayoutMismatch, match="kernels.h's Layer"):
         kernels.check_layout(native, (Layer,))
+
+
+def test_the_kernel_variant_follows_the_cpu_flags_and_the_variable(monkeypatch):
+    """auto takes the best variant the CPU's flags allow; VLLM_NEURONX_CPU_KERNEL forces
+    one, and a name that is no variant, or one this CPU cannot run, is refused by name
+    (at config time, through the backend's validate)."""
+    monkeypatch.delenv("VLLM_NEURONX_CPU_KERNEL", raising=False)
+
+    def cpu(*flags):
+        monkeypatch.setattr(kernels, "cpu_flags", lambda: frozenset(flags))
+
+    cpu("sse4_2", "avx2", "fma", "avx512f", "avx512bw")
+    assert kernels.chosen().name == "avx512"
+    cpu("sse4_2", "avx2", "fma")
+    assert kernels.chosen().name == "avx2"
+    cpu("sse4_2", "avx2")  # AVX2 without FMA
+    assert kernels.chosen() is None
+    cpu("avx2", "fma")
+    monkeypatch.setenv("VLLM_NEURONX_CPU_KERNEL", "torch")
+    assert kernels.chosen() is None
+    monkeypatch.setenv("VLLM_NEURONX_CPU_KERNEL", "AVX2")
+    assert kernels.chosen().name == "avx2"
+    monkeypatch.setenv("VLLM_NEURONX_CPU_KERNEL", "avx512")
+    lacks = "lacks avx512bw, avx512f; it runs avx2, torch"
+    with pytest.raises(kernels.KernelChoiceError, match=lacks):
+        kernels.chosen()
+    monkeypatch.setenv("VLLM_NEURONX_CPU_KERNEL", "neon")
+    cfg = nc.resolve_neuron_config(tp_degree=1, max_num_seqs=2, max_model_len=128,
+                                   dtype="bfloat16")
+    with pytest.raises(nc.NeuronConfigError, match="choose one of avx512, avx2, torch"):
+        CpuBackend.validate(cfg)

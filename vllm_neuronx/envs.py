@@ -37,6 +37,9 @@ _VARS: dict[str, Callable[[], Any]] = {
     "VLLM_NEURONX_TEST_FAULT": _str("VLLM_NEURONX_TEST_FAULT"),
     # Threads for the CPU backend's matmuls (default: all cores this process may use).
     "VLLM_NEURONX_CPU_THREADS": _str("VLLM_NEURONX_CPU_THREADS"),
+    # The CPU backend's native kernel: avx512, avx2, torch (none), or auto (default:
+    # the best this CPU runs). For tests and benchmarks; part of the artifacts' key.
+    "VLLM_NEURONX_CPU_KERNEL": _str("VLLM_NEURONX_CPU_KERNEL"),
 }
 
 

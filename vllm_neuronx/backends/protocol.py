@@ -245,6 +245,12 @@ class NeuronBackend(abc.ABC):
         """Width of the logits (and the top_k limit when sampling on the host)."""
 
     @property
+    def kernel(self) -> str:
+        """What runs the model's steps, for the start-up log: the device's compiled graphs
+        here, the CPU backend's kernel variant there."""
+        return "device"
+
+    @property
     def num_lines(self) -> int:
         return int(self.neuron_config["batch_size"])
 

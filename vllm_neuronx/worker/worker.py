@@ -51,7 +51,7 @@ class NeuronWorker(WorkerBase):
         self.model_runner = NeuronModelRunner(backend, self.vllm_config)
         logger.info(
             "Neuron ready: framework=%s backend=%s device=%s context buckets=%s "
-            "token buckets=%s KV lines=%d x %d tokens dtype=%s artifacts=%s (%s)",
+            "token buckets=%s KV lines=%d x %d tokens dtype=%s kernel=%s artifacts=%s (%s)",
             settings.framework,
             settings.backend,
             settings.device,
@@ -60,6 +60,7 @@ class NeuronWorker(WorkerBase):
             backend.num_lines,
             settings.neuron_config["seq_len"],
             settings.neuron_config["torch_dtype"],
+            backend.kernel,
             result.folder,
             "compiled" if result.compiled else "loaded",
         )

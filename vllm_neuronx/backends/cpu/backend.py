@@ -119,6 +119,7 @@ class CpuBackend(NeuronBackend):
                 requested,
                 self.dtype,
             )
+        self.variant = kernels.chosen()
         self.model: LlamaModel | None = None
         # The bf16 kernel (kernels.py) and the native step (native.py), where they run.
         self.matmul: kernels.Bf16Matmul | None = None
@@ -127,11 +128,17 @@ class CpuBackend(NeuronBackend):
 
     @classmethod
     def version(cls) -> str:
-        # 2: weights stored in the requested dtype, with the native kernels.
-        return f"cpu-2-{kernels.source_digest()}"
+        # 2: weights stored in the requested dtype, with the native kernels; 3: the
+        # kernel variant in the key.
+        variant = kernels.chosen()
+        return f"cpu-3-{variant.name if variant else kernels.TORCH}-{kernels.source_digest()}"
 
     @classmethod
     def validate(cls, neuron_config: dict, *, quantization: str | None = None) -> None:
+        try:
+            kernels.chosen()
+        except kernels.KernelChoiceError as e:
+            raise nc.NeuronConfigError(str(e)) from None
         if quantization is not None:
             raise nc.NeuronConfigError(
                 f"quantization={quantization!r}: the CPU backend runs float32 or bfloat16 "
@@ -159,7 +166,7 @@ class CpuBackend(NeuronBackend):
             del weights["lm_head"]
         save_file(weights, os.path.join(folder, WEIGHTS_FILE))
         if self.uses_kernel():
-            kernels.build(folder)
+            kernels.build(folder, self.variant)
         logger.info(
             "CPU backend: converted weights to %s in %.1f s",
             self.stored_dtype,
@@ -168,13 +175,18 @@ class CpuBackend(NeuronBackend):
 
     def uses_kernel(self) -> bool:
         """bf16 weights computed in fp32: the native kernel multiplies them (kernels.py)."""
-        return self.stored_dtype is torch.bfloat16 and self.dtype is torch.float32
+        return (self.variant is not None and self.stored_dtype is torch.bfloat16
+                and self.dtype is torch.float32)
+
+    @property
+    def kernel(self) -> str:
+        return self.variant.name if self.matmul is not None else kernels.TORCH
 
     def _load(self, folder: str) -> None:
         torch.set_num_threads(cpu_threads())
         weights = read_safetensors([os.path.join(folder, WEIGHTS_FILE)], "Loading artifacts")
         weights.setdefault("lm_head", weights["embed"])
-        matmul = kernels.load(folder) if self.uses_kernel() else None
+        matmul = kernels.load(folder, self.variant) if self.uses_kernel() else None
         if matmul is not None:
             packed = matmul.pack_all(
                 {n: w for n, w in weights.items() if LlamaModel.is_matmul(n)})

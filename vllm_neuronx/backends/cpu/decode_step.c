@@ -18,6 +18,7 @@
 #include <string.h>
 
 #include "kernels.h"
+#include "simd.h"
 
 static int qkv_width(const Model *md) { return (md->heads + 2 * md->kv_heads) * md->head_dim; }
 
@@ -26,18 +27,11 @@ long decode_scratch_floats(const Model *md, int m) {
     return (2L * md->hidden + qkv_width(md) + md->heads * md->head_dim + 3L * md->intermediate) * m;
 }
 
-static inline __mmask16 tail(int left) {
-    return left >= 16 ? (__mmask16)0xffff : (__mmask16)((1u << left) - 1);
-}
-
 static float dot(const float *a, const float *b, int d) {
-    __m512 acc = _mm512_setzero_ps();
-    for (int j = 0; j < d; j += 16) {
-        __mmask16 mk = tail(d - j);
-        acc = _mm512_fmadd_ps(_mm512_maskz_loadu_ps(mk, a + j), _mm512_maskz_loadu_ps(mk, b + j),
-                              acc);
-    }
-    return _mm512_reduce_add_ps(acc);
+    vec acc = vzero();
+    for (int j = 0; j < d; j += VW)
+        acc = vfma(vload_n(a + j, d - j), vload_n(b + j, d - j), acc);
+    return vsum(acc);
 }
 
 static void rms_norm_rows(const float *x, const float *w, float *out, int m, int n, float eps) {
@@ -83,10 +77,10 @@ static void rotate_and_store(const Model *md, const Layer *ly, float *qkv, int m
 static inline __attribute__((always_inline)) void
 attend_head(const float *q, const float *keys, const float *values, float *out, long first,
             long last, float scale, const int d) {
-    __m512 acc[16];  /* d <= 256 */
-    int vectors = (d + 15) / 16;
+    vec acc[256 / VW];  /* d <= 256 */
+    int vectors = (d + VW - 1) / VW;
     for (int v = 0; v < vectors; v++)
-        acc[v] = _mm512_setzero_ps();
+        acc[v] = vzero();
     float s[CHUNK], top = -INFINITY, total = 0.0f;
     for (long c0 = first; c0 <= last; c0 += CHUNK) {
         int len = last - c0 + 1 < CHUNK ? (int)(last - c0 + 1) : CHUNK;
@@ -98,7 +92,7 @@ attend_head(const float *q, const float *keys, const float *values, float *out, 
         if (chunk_top > top) {
             float shrink = expf(top - chunk_top);  /* 0 on the first chunk */
             for (int v = 0; v < vectors; v++)
-                acc[v] = _mm512_mul_ps(acc[v], _mm512_set1_ps(shrink));
+                acc[v] = vmul(acc[v], vset1(shrink));
             total *= shrink;
             top = chunk_top;
         }
@@ -106,15 +100,14 @@ attend_head(const float *q, const float *keys, const float *values, float *out, 
             float p = expf(s[j] - top);
             total += p;
             const float *vt = values + (c0 + j) * d;
-            __m512 pb = _mm512_set1_ps(p);
+            vec pb = vset1(p);
             for (int v = 0; v < vectors; v++)
-                acc[v] = _mm512_fmadd_ps(pb, _mm512_maskz_loadu_ps(tail(d - 16 * v), vt + 16 * v),
-                                         acc[v]);
+                acc[v] = vfma(pb, vload_n(vt + VW * v, d - VW * v), acc[v]);
         }
     }
-    __m512 inv = _mm512_set1_ps(1.0f / total);
+    vec inv = vset1(1.0f / total);
     for (int v = 0; v < vectors; v++)
-        _mm512_mask_storeu_ps(out + 16 * v, tail(d - 16 * v), _mm512_mul_ps(acc[v], inv));
+        vstore_n(out + VW * v, vmul(acc[v], inv), d - VW * v);
 }
 
 /* Each (row, query head) over the row's own positions (and its sliding window). */

@@ -6,7 +6,6 @@
 #ifndef VLLM_NEURONX_KERNELS_H
 #define VLLM_NEURONX_KERNELS_H
 
-#include <immintrin.h>
 #include <stddef.h>
 #include <stdint.h>
 

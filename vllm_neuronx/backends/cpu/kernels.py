@@ -6,7 +6,10 @@ driven by native.py); see why in each. ``build`` runs the system C compiler at
 compile time and stores the shared library beside the weights; ``load`` maps it
 back when this CPU can run it, after checking that the structs it shares with
 Python (declared once, in kernels.h) have the layout Python's ctypes view gives
-them. Without a compiler or AVX-512 the backend widens the weights to fp32 and uses
+them. One source builds per instruction set (``VARIANTS``: AVX-512, AVX2 + FMA;
+simd.h); ``chosen`` picks the best this CPU runs, or the one
+``VLLM_NEURONX_CPU_KERNEL`` names. Without a compiler or a variant (or with
+``VLLM_NEURONX_CPU_KERNEL=torch``) the backend widens the weights to fp32 and uses
 torch's matmuls: more memory and slower, the same tokens.
 """
 
@@ -23,6 +26,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
+from vllm_neuronx import envs
 from vllm_neuronx.backends.cpu import memory
 from vllm_neuronx.log import get_logger
 
@@ -31,12 +35,39 @@ logger = get_logger(__name__)
 HERE = os.path.dirname(__file__)
 SOURCES = tuple(os.path.join(HERE, name)
                 for name in ("matmul_bf16.c", "decode_step.c", "layout.c"))
-HEADER = os.path.join(HERE, "kernels.h")
-LIBRARY = "cpu_kernels.so"
-NEEDS = ("avx512f", "avx512bw")
+HEADERS = tuple(os.path.join(HERE, name) for name in ("kernels.h", "simd.h"))
 # -fopenmp links libgomp.so.1, which resolves to the copy torch has already loaded,
 # so the kernel's threads are torch's (torch.set_num_threads applies to both).
-FLAGS = ("-O3", "-mavx512f", "-mavx512bw", "-fopenmp", "-shared", "-fPIC")
+FLAGS = ("-O3", "-fopenmp", "-shared", "-fPIC")
+TORCH = "torch"  # no variant: bf16 weights widened to fp32 for torch's matmuls
+
+
+@dataclass(frozen=True, slots=True)
+class Variant:
+    """One build of the same sources (simd.h maps their vector operations)."""
+
+    name: str
+    needs: tuple[str, ...]  # /proc/cpuinfo flags
+    flags: tuple[str, ...]  # the compiler's ISA flags
+    # From this many rows (a prefill) torch's fp32 sgemm, over the weight widened for
+    # the call, beats the kernel; smaller prefills run natively (native.py).
+    widen_rows: int
+
+    @property
+    def library(self) -> str:
+        return f"cpu_kernels-{self.name}.so"
+
+
+# Best first: without VLLM_NEURONX_CPU_KERNEL, the first one this CPU runs.
+VARIANTS = (
+    # SmolLM2, 32 prompts of 128 prefilled 8 at a time: 5.4 s in the kernel, 5.0 s
+    # widened through MKL (Xeon, 2 cores, interleaved, best of 4).
+    Variant("avx512", ("avx512f", "avx512bw"), ("-mavx512f", "-mavx512bw"), widen_rows=256),
+    # SmolLM2, 32 prompts of 128 one per call: 12.0 s as native steps, 10.3 s widened
+    # (AVX2-only EPYC, 2 cores; benchmarks/README.md, issue 15).
+    Variant("avx2", ("avx2", "fma"), ("-mavx2", "-mfma"), widen_rows=64),
+)
+CHOICES = (*(v.name for v in VARIANTS), TORCH)
 
 
 @functools.cache
@@ -52,33 +83,55 @@ def cpu_flags() -> frozenset[str]:
     return frozenset()
 
 
+def runs_here(variant: Variant) -> bool:
+    return all(flag in cpu_flags() for flag in variant.needs)
+
+
+class KernelChoiceError(ValueError):
+    """VLLM_NEURONX_CPU_KERNEL names no variant, or one this CPU cannot run."""
+
+
+def chosen() -> Variant | None:
+    """The variant VLLM_NEURONX_CPU_KERNEL names, else the best this CPU runs; None
+    means the torch path (no native code)."""
+    want = (envs.VLLM_NEURONX_CPU_KERNEL or "auto").strip().lower()
+    if want == "auto":
+        return next((v for v in VARIANTS if runs_here(v)), None)
+    if want == TORCH:
+        return None
+    by_name = {v.name: v for v in VARIANTS}
+    if want not in by_name:
+        raise KernelChoiceError(
+            f"VLLM_NEURONX_CPU_KERNEL={want!r}: choose one of {', '.join(CHOICES)} (or auto)")
+    variant = by_name[want]
+    if not runs_here(variant):
+        missing = sorted(set(variant.needs) - cpu_flags())
+        raise KernelChoiceError(
+            f"VLLM_NEURONX_CPU_KERNEL={want}: this CPU lacks {', '.join(missing)}; it runs "
+            f"{', '.join([v.name for v in VARIANTS if runs_here(v)] + [TORCH])}")
+    return variant
+
+
 @functools.cache
 def source_digest() -> str:
     """Part of the artifacts' key: a changed kernel is a new compile."""
     digest = hashlib.sha256(" ".join(FLAGS).encode())
-    for path in (*SOURCES, HEADER):
+    for path in (*SOURCES, *HEADERS):
         with open(path, "rb") as f:
             digest.update(f.read())
     return digest.hexdigest()[:12]
 
 
-def runs_here() -> bool:
-    return all(flag in cpu_flags() for flag in NEEDS)
-
-
-def build(folder: str) -> bool:
-    """Compile the kernel into ``folder``; False (logged) where it cannot run or build."""
-    if not runs_here():
-        logger.info("CPU backend: no AVX-512 here; bf16 weights are widened to fp32")
-        return False
+def build(folder: str, variant: Variant) -> bool:
+    """Compile ``variant`` into ``folder``; False (logged) where it cannot build."""
     compiler = shutil.which(os.environ.get("CC", "cc")) or shutil.which("gcc")
     if compiler is None:
         logger.warning("CPU backend: no C compiler; bf16 weights are widened to fp32")
         return False
-    out = os.path.join(folder, LIBRARY)
+    out = os.path.join(folder, variant.library)
     try:
         result = subprocess.run(
-            [compiler, *FLAGS, *SOURCES, "-o", out, "-lm"],
+            [compiler, *FLAGS, *variant.flags, *SOURCES, "-o", out, "-lm"],
             capture_output=True, text=True, check=False, timeout=300,
         )
     except (OSError, subprocess.TimeoutExpired) as e:
@@ -87,18 +140,17 @@ def build(folder: str) -> bool:
         return False
     if result.returncode != 0:
         logger.warning(
-            "CPU backend: building the bf16 kernel failed; bf16 weights are widened to "
+            "CPU backend: building the %s kernel failed; bf16 weights are widened to "
             "fp32:\n%s",
+            variant.name,
             result.stderr.strip(),
         )
         return False
     return True
 
 
-# From this many rows (a prefill) torch's fp32 sgemm beats the kernel by more than it
-# costs to widen the weight for the call: SmolLM2, 32 prompts of 128 prefilled 8 at a
-# time, took 5.4 s in the kernel and 5.0 s widened through MKL (interleaved, best of 4).
-WIDEN_ROWS = 256
+# Rows one native decode step takes at most (its scratch is sized for them).
+NATIVE_ROWS = 255
 
 
 def round_up(x: int, multiple: int) -> int:
@@ -116,9 +168,10 @@ class PackedWeight:
 class Bf16Matmul:
     """``x [m, k] fp32 @ w[n, k]^T`` over bf16 weights packed by ``pack``."""
 
-    __slots__ = ("_fn", "lib", "panel")
+    __slots__ = ("_fn", "lib", "panel", "widen_rows")
 
-    def __init__(self, path: str) -> None:
+    def __init__(self, path: str, widen_rows: int) -> None:
+        self.widen_rows = widen_rows
         lib = self.lib = ctypes.CDLL(path)
         self._fn = lib.matmul_bf16
         self._fn.argtypes = [ctypes.c_void_p] * 3 + [ctypes.c_int] * 3
@@ -157,7 +210,7 @@ class Bf16Matmul:
         m, k = x.shape
         if weight.data.shape[1] != k:
             raise ValueError(f"x has {k} columns, the weight {weight.data.shape[1]}")
-        if m >= WIDEN_ROWS:  # MKL's sgemm, over the weight widened to [k, n] fp32
+        if m >= self.widen_rows:  # MKL's sgemm, over the weight widened to [k, n] fp32
             panels = weight.data.shape[0]
             wide = torch.empty((k, panels, self.panel), dtype=torch.float32)
             wide.copy_(weight.data.permute(1, 0, 2))  # one pass: unpack and widen
@@ -231,13 +284,13 @@ def check_layout(lib: ctypes.CDLL, structs=(Layer, Model)) -> None:
             )
 
 
-def load(folder: str) -> Bf16Matmul | None:
+def load(folder: str, variant: Variant) -> Bf16Matmul | None:
     """The kernel built into ``folder``, or None (the caller widens the weights)."""
-    path = os.path.join(folder, LIBRARY)
-    if not os.path.exists(path) or not runs_here():
+    path = os.path.join(folder, variant.library)
+    if not os.path.exists(path) or not runs_here(variant):
         return None
     try:
-        matmul = Bf16Matmul(path)
+        matmul = Bf16Matmul(path, variant.widen_rows)
     except OSError as e:  # e.g. a folder on a noexec mount (Docker's /dev/shm)
         logger.warning(
             "CPU backend: cannot load the bf16 kernel from %s (%s); bf16 weights are "

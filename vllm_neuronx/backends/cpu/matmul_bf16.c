@@ -13,15 +13,20 @@
  * contiguous, zero-padded past n. A panel streams from memory once: the first block
  * of 8 input rows prefetches it, later blocks find it in L2. Each step of k widens
  * PANEL weights into 3 vectors and multiplies them by one broadcast x value per row:
- * 8 rows x 3 vectors = 24 accumulators in registers, no horizontal sums.
+ * ROWS x 3 accumulators in registers, no horizontal sums. The figures above are
+ * AVX-512's (16 lanes, 8 rows); the AVX2 build (simd.h: 8 lanes, 4 rows) does the same
+ * arithmetic at half the width.
  * Threads (torch's own OpenMP runtime: the same library, the same team) split panels.
  * ``matmul_team`` shares out its panels to the team it is called from, so the fused
  * decode step (decode_step.c) runs its matmuls inside one parallel region.
  */
 #include "kernels.h"
+#include "simd.h"
 
-#define PANEL 48
-#define ROWS 8
+/* Three vectors of output columns; rows of x per block: 8 x 3 accumulators fill
+ * AVX-512's 32 registers, 4 x 3 AVX2's 16 (with the 3 weights and the broadcast). */
+#define PANEL (3 * VW)
+#define ROWS (VW == 16 ? 8 : 4)
 #define SLAB_ROWS 128
 /* Into L2, far ahead: an L1 prefetch holds one of a core's few fill buffers until
  * DRAM answers, which capped a thread at about 10 GB/s; 8 KB ahead into L2 reached
@@ -30,46 +35,42 @@
 
 int matmul_bf16_panel(void) { return PANEL; }
 
-static inline __m512 widen(const uint16_t *p) {
-    __m512i words = _mm512_cvtepu16_epi32(_mm256_loadu_si256((const __m256i *)p));
-    return _mm512_castsi512_ps(_mm512_slli_epi32(words, 16));
-}
-
 /* ``rows`` (at most ROWS) input rows against one panel; inlined with a constant
  * ``rows`` so the accumulators stay in registers. */
 static inline __attribute__((always_inline)) void
 block(const float *restrict x, const uint16_t *restrict panel, float *restrict y, int rows,
       int cols, int n, int k, int prefetch, int add) {
-    __m512 acc[ROWS][3];
+    vec acc[ROWS][3];
     for (int r = 0; r < rows; r++)
         for (int s = 0; s < 3; s++)
-            acc[r][s] = _mm512_setzero_ps();
+            acc[r][s] = vzero();
     for (int i = 0; i < k; i++) {
         const uint16_t *wi = panel + (long)i * PANEL;
-        if (prefetch && (i & 1) == 0) {  /* every line of the next two steps' 192 bytes */
+        /* Every line of the next bytes, once per 192 (two steps of AVX-512's panel,
+         * four of AVX2's). */
+        if (prefetch && (i & (192 / (PANEL * 2) - 1)) == 0) {
             _mm_prefetch((const char *)wi + PREFETCH_BYTES, _MM_HINT_T1);
             _mm_prefetch((const char *)wi + PREFETCH_BYTES + 64, _MM_HINT_T1);
             _mm_prefetch((const char *)wi + PREFETCH_BYTES + 128, _MM_HINT_T1);
         }
-        __m512 w0 = widen(wi), w1 = widen(wi + 16), w2 = widen(wi + 32);
+        vec w0 = vwiden(wi), w1 = vwiden(wi + VW), w2 = vwiden(wi + 2 * VW);
         for (int r = 0; r < rows; r++) {
-            __m512 xb = _mm512_set1_ps(x[(long)r * k + i]);
-            acc[r][0] = _mm512_fmadd_ps(xb, w0, acc[r][0]);
-            acc[r][1] = _mm512_fmadd_ps(xb, w1, acc[r][1]);
-            acc[r][2] = _mm512_fmadd_ps(xb, w2, acc[r][2]);
+            vec xb = vset1(x[(long)r * k + i]);
+            acc[r][0] = vfma(xb, w0, acc[r][0]);
+            acc[r][1] = vfma(xb, w1, acc[r][1]);
+            acc[r][2] = vfma(xb, w2, acc[r][2]);
         }
     }
     for (int r = 0; r < rows; r++) {
         float *yr = y + (long)r * n;
         for (int s = 0; s < 3; s++) {
-            int left = cols - 16 * s;
+            int left = cols - VW * s;
             if (left <= 0)
                 break;
-            __mmask16 mask = left >= 16 ? 0xffff : (__mmask16)((1u << left) - 1);
-            __m512 out = acc[r][s];
+            vec out = acc[r][s];
             if (add)
-                out = _mm512_add_ps(out, _mm512_maskz_loadu_ps(mask, yr + 16 * s));
-            _mm512_mask_storeu_ps(yr + 16 * s, mask, out);
+                out = vadd(out, vload_n(yr + VW * s, left));
+            vstore_n(yr + VW * s, out, left);
         }
     }
 }
@@ -92,10 +93,12 @@ void matmul_team(const float *restrict x, const uint16_t *restrict w, float *res
                 float *ys = y + (long)r0 * n + p * PANEL;
                 int first = r0 == slab;
                 switch (slab_end - r0 < ROWS ? slab_end - r0 : ROWS) {
+#if VW == 16
                 case 8: block(xs, panel, ys, 8, cols, n, k, first, add); break;
                 case 7: block(xs, panel, ys, 7, cols, n, k, first, add); break;
                 case 6: block(xs, panel, ys, 6, cols, n, k, first, add); break;
                 case 5: block(xs, panel, ys, 5, cols, n, k, first, add); break;
+#endif
                 case 4: block(xs, panel, ys, 4, cols, n, k, first, add); break;
                 case 3: block(xs, panel, ys, 3, cols, n, k, first, add); break;
                 case 2: block(xs, panel, ys, 2, cols, n, k, first, add); break;

@@ -2,8 +2,9 @@
 
 It takes a model (llama.py, with its matmul weights packed for the bf16 kernel) and
 a batch, and decides whether it can run it: a decode of up to ``max_rows`` rows, or
-a prefill whose prompts hold that many tokens in all (rows of one line at
-positions 0..n-1 are that line's prefill). What it declines (bigger batches, prompt
+a prefill whose prompts hold fewer tokens in all than the kernel variant's
+``widen_rows`` (rows of one line at positions 0..n-1 are that line's prefill; past
+it, sgemm over widened weights is faster). What it declines (bigger batches, prompt
 logits) runs on the model's torch path with the same numerics. Models with biases
 or heads wider than 256 have no native path (``NativeStep.for_model`` is None).
 """
@@ -14,7 +15,13 @@ import ctypes
 
 import torch
 
-from vllm_neuronx.backends.cpu.kernels import WIDEN_ROWS, Bf16Matmul, Layer, Model, PackedWeight
+from vllm_neuronx.backends.cpu.kernels import (
+    NATIVE_ROWS,
+    Bf16Matmul,
+    Layer,
+    Model,
+    PackedWeight,
+)
 from vllm_neuronx.backends.cpu.llama import LlamaModel
 
 # decode_step.c keeps a head's attention output in registers.
@@ -94,11 +101,13 @@ class DecodeStep:
 class NativeStep:
     """The model's steps through ``DecodeStep``, where it can run them."""
 
-    __slots__ = ("model", "step")
+    __slots__ = ("model", "step", "prefill_rows")
 
-    def __init__(self, model: LlamaModel, step: DecodeStep) -> None:
+    def __init__(self, model: LlamaModel, step: DecodeStep, prefill_rows: int) -> None:
         self.model = model
         self.step = step
+        # A prefill of this many tokens or more is faster widened through sgemm.
+        self.prefill_rows = min(prefill_rows, step.max_rows + 1)
 
     @classmethod
     def for_model(cls, model: LlamaModel, matmul: Bf16Matmul) -> NativeStep | None:
@@ -122,14 +131,14 @@ class NativeStep:
         tensors = {"cos": model.cos, "sin": model.sin, "norm": w["norm"],
                    "lm_head": w["lm_head"]}
         step = DecodeStep(matmul, dims=dims, eps=s.rms_norm_eps, scale=model.scale,
-                          tensors=tensors, layers=layers, max_rows=WIDEN_ROWS - 1)
-        return cls(model, step)
+                          tensors=tensors, layers=layers, max_rows=NATIVE_ROWS)
+        return cls(model, step, matmul.widen_rows)
 
     def prefill(self, input_ids: torch.Tensor, lengths: torch.Tensor,
                 seq_ids: torch.Tensor) -> torch.Tensor | None:
         """Last-token logits [n, vocab] of right-padded prompts [n, width], or None when
-        their real tokens are more rows than one native call takes."""
-        if int(lengths.sum()) > self.step.max_rows:
+        their real tokens are more rows than the native step is faster at."""
+        if int(lengths.sum()) >= self.prefill_rows:
             return None
         n, t = input_ids.shape
         real = torch.arange(t)[None, :] < lengths[:, None]

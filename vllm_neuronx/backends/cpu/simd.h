@@ -1,0 +1,79 @@
+/* The few vector operations the kernels use, for each instruction set they build for.
+ *
+ * kernels.py compiles the same sources once per variant: with -mavx512f -mavx512bw
+ * (16 fp32 lanes, masked loads and stores) or with -mavx2 -mfma (8 lanes, masks from
+ * a table). The kernels are written against these names only, so both variants do
+ * the same arithmetic in the same order per lane; only the vector width differs. */
+#ifndef VLLM_NEURONX_SIMD_H
+#define VLLM_NEURONX_SIMD_H
+
+#include <immintrin.h>
+#include <stdint.h>
+
+#if defined(__AVX512F__)
+
+#define VW 16
+typedef __m512 vec;
+
+static inline vec vzero(void) { return _mm512_setzero_ps(); }
+static inline vec vset1(float x) { return _mm512_set1_ps(x); }
+static inline vec vfma(vec a, vec b, vec c) { return _mm512_fmadd_ps(a, b, c); }
+static inline vec vmul(vec a, vec b) { return _mm512_mul_ps(a, b); }
+static inline vec vadd(vec a, vec b) { return _mm512_add_ps(a, b); }
+static inline float vsum(vec a) { return _mm512_reduce_add_ps(a); }
+
+static inline __mmask16 lanes(int n) {
+    return n >= 16 ? (__mmask16)0xffff : (__mmask16)((1u << n) - 1);
+}
+/* The first ``n`` lanes (n may exceed VW: then all of them); the rest read as 0. */
+static inline vec vload_n(const float *p, int n) { return _mm512_maskz_loadu_ps(lanes(n), p); }
+static inline void vstore_n(float *p, vec v, int n) { _mm512_mask_storeu_ps(p, lanes(n), v); }
+
+/* VW bf16 values widened exactly to fp32 (a bf16 is the top half of an fp32). */
+static inline vec vwiden(const uint16_t *p) {
+    __m512i words = _mm512_cvtepu16_epi32(_mm256_loadu_si256((const __m256i *)p));
+    return _mm512_castsi512_ps(_mm512_slli_epi32(words, 16));
+}
+
+#elif defined(__AVX2__) && defined(__FMA__)
+
+#define VW 8
+typedef __m256 vec;
+
+static inline vec vzero(void) { return _mm256_setzero_ps(); }
+static inline vec vset1(float x) { return _mm256_set1_ps(x); }
+static inline vec vfma(vec a, vec b, vec c) { return _mm256_fmadd_ps(a, b, c); }
+static inline vec vmul(vec a, vec b) { return _mm256_mul_ps(a, b); }
+static inline vec vadd(vec a, vec b) { return _mm256_add_ps(a, b); }
+static inline float vsum(vec a) {
+    __m128 s = _mm_add_ps(_mm256_castps256_ps128(a), _mm256_extractf128_ps(a, 1));
+    s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+    s = _mm_add_ss(s, _mm_movehdup_ps(s));
+    return _mm_cvtss_f32(s);
+}
+
+/* 8 lanes on, then 8 off: the mask of the first n lanes starts at 8 - n. */
+static const int32_t LANE_MASKS[16] = {-1, -1, -1, -1, -1, -1, -1, -1, 0, 0, 0, 0, 0, 0, 0, 0};
+static inline __m256i lanes(int n) {
+    return _mm256_loadu_si256((const __m256i *)(LANE_MASKS + 8 - (n >= 8 ? 8 : n)));
+}
+static inline vec vload_n(const float *p, int n) {
+    return n >= 8 ? _mm256_loadu_ps(p) : _mm256_maskload_ps(p, lanes(n));
+}
+static inline void vstore_n(float *p, vec v, int n) {
+    if (n >= 8)
+        _mm256_storeu_ps(p, v);
+    else
+        _mm256_maskstore_ps(p, lanes(n), v);
+}
+
+static inline vec vwiden(const uint16_t *p) {
+    __m256i words = _mm256_cvtepu16_epi32(_mm_loadu_si128((const __m128i *)p));
+    return _mm256_castsi256_ps(_mm256_slli_epi32(words, 16));
+}
+
+#else
+#error "the CPU kernels build with -mavx512f -mavx512bw or with -mavx2 -mfma"
+#endif
+
+#endif
