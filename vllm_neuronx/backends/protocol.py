@@ -191,17 +191,15 @@ class NeuronBackend(abc.ABC):
             raise ValueError(f"seq_ids must be KV lines in [0, {self.num_lines})")
         if torch.unique(seq_ids).numel() != n:
             raise ValueError("seq_ids must be unique: one row per KV line")
-        starts = position_ids[:, 0] == 0
-        prefill = bool(starts.all())
-        if not prefill and bool(starts.any()):
-            raise ValueError("prefill rows (positions from 0) and decode rows must not be "
-                             "mixed in one call")
+        prefill = is_prefill(position_ids)
         if not prefill:
+            if bool((position_ids[:, 0] == 0).any()):
+                raise ValueError("prefill rows (positions from 0) and decode rows must not be "
+                                 "mixed in one call")
             if input_ids.shape[1] != 1:
                 raise ValueError("decode rows take one token each; prefill rows (positions "
                                  "from 0) and decode rows must not be mixed in one call")
-            last = int(position_ids.max())
-            if int(position_ids.min()) < 0 or last >= self.max_length:
+            if int(position_ids.min()) < 0 or int(position_ids.max()) >= self.max_length:
                 raise ValueError(f"decode positions must be in [0, {self.max_length})")
         topk = self.global_topk
         if topk is not None:
