@@ -6,11 +6,17 @@ middle of a 128-in / 128-out request); prefill runs 32 prompts of 128 tokens the
 way the scheduler hands them over (as many as free lines allow).
 
     .venv/bin/python benchmarks/cpu_backend.py [--dtype bfloat16] [--steps 20]
-        [--kernel avx512,avx2,torch]
+        [--kernel avx512,avx2,torch] [--engine]
 
 ``--kernel`` measures each kernel variant in turn (VLLM_NEURONX_CPU_KERNEL) in one run;
 by default, the one the backend chooses on this CPU. The header names the CPU model,
 its vector ISA flags and the variant of every figure.
+
+``--engine`` then runs the same backend inside vLLM's engine, its core in a child
+process as under the server, and serves one request and then 32 at a time (128 prompt
+tokens, 128 generated). It prints the backend's decode step as the engine saw it
+beside the step measured alone, and the engine's own time between steps: where the
+two differ, the machine or the engine takes the difference, not the backend.
 """
 
 from __future__ import annotations
@@ -97,6 +103,32 @@ def measure(model: str, dtype: str, kernel: str | None, args) -> dict:
     return result
 
 
+def engine_steps(model: str, dtype: str) -> list[dict]:
+    """Step times inside vLLM's engine (worker/step_times.py) at concurrency 1, then 32."""
+    from vllm import LLM, SamplingParams
+    from vllm.inputs import TokensPrompt
+
+    llm = LLM(model=model, max_num_seqs=LINES, max_model_len=SEQ_LEN, dtype=dtype, seed=0)
+    params = SamplingParams(max_tokens=PROMPT, temperature=0.0, ignore_eos=True)
+    vocab = llm.llm_engine.model_config.get_vocab_size()
+    for concurrency in (1, LINES):
+        prompts = [TokensPrompt(prompt_token_ids=torch.randint(0, vocab, (PROMPT,)).tolist())
+                   for _ in range(concurrency)]
+        start = time.perf_counter()
+        llm.generate(prompts, params, use_tqdm=False)
+        seconds = time.perf_counter() - start
+        print(f"engine, {concurrency} at a time: {concurrency * PROMPT / seconds:.1f} output "
+              "tok/s", flush=True)
+    (steps,) = llm.collective_rpc("step_times")
+    for entry in steps:
+        if entry["phase"] == "decode" and entry["rows"] in (1, LINES) or \
+                entry["phase"] == "prefill":
+            print(f"engine {entry['phase']} of {entry['rows']} rows: {entry['steps']} steps, "
+                  f"{entry['backend_ms']} ms in the backend, {entry['gap_ms']} ms between "
+                  "steps", flush=True)
+    return steps
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--model", default=None)
@@ -105,6 +137,8 @@ def main() -> None:
     parser.add_argument("--prefill-batch", type=int, nargs="*", default=[1, 8])
     parser.add_argument("--kernel", default=None,
                         help=f"comma-separated variants to compare: {','.join(kernels.CHOICES)}")
+    parser.add_argument("--engine", action="store_true",
+                        help="also time the steps inside vLLM's engine (worker/step_times.py)")
     args = parser.parse_args()
     model = args.model or default_model_path()
     flags = sorted(kernels.cpu_flags() & set(VECTOR_FLAGS))
@@ -122,6 +156,8 @@ def main() -> None:
     variants = args.kernel.split(",") if args.kernel else [None]
     for kernel in variants:
         result["runs"].append(measure(model, args.dtype, kernel, args))
+        if args.engine:
+            result["runs"][-1]["engine_steps"] = engine_steps(model, args.dtype)
     os.makedirs(os.path.join(os.path.dirname(__file__), "results"), exist_ok=True)
     out = os.path.join(os.path.dirname(__file__), "results", "cpu_backend.json")
     with open(out, "w") as f:

@@ -1,19 +1,24 @@
-"""Roofline of this machine for the default model: what decode could reach at best.
+"""Roofline of this machine for the default model: what serving it could reach at best.
 
-Decode is either memory bound (every step reads all weights, plus the KV cache) or
-compute bound (every step multiplies a batch by all weights). This measures the two
-rates that set those bounds on this machine, with the threads a server gets, and
-derives the best decode tok/s at batch 1 and at batch 32 with 192 tokens of context:
+A decode step is either memory bound (it reads all weights, plus the KV cache) or
+compute bound (it multiplies a batch by all weights). The two ceilings are the
+hardware's, measured here with the threads a server gets:
 
 - memory read bandwidth: a sum over a tensor far larger than the caches (on huge pages);
-- matmul GFLOP/s for every linear shape of the model at the batch (bf16 and fp32),
-  plus the attention product at that context, and at a batched prefill's 512 rows.
+- peak multiply rate: the fastest GFLOP/s any kernel on this machine reaches at a
+  large shape (``PREFILL_ROWS`` rows, every linear shape of the model): torch in
+  bf16 and fp32, and the CPU backend's own kernel (kernels.py) where it runs here.
+
+Every shape is bounded by those two, not by the rate torch happens to reach at that
+shape: at a few rows torch's GEMV is overhead, not the hardware, and a bound set by
+it would be beaten by a better kernel. The rates per shape and kernel are measured
+and reported too (batch 1, 32 and ``PREFILL_ROWS``), so a kernel's share of the peak
+shows where it stands.
 
 Then the bound of a whole serving run (``serving_bound``): every request's prompt is
 prefilled and its tokens decoded at the run's concurrency, so output tok/s is capped
-by both. The "bf16 weights" bounds read weights and KV in bf16 and multiply at the
-faster of this CPU's bf16 and fp32 rates (without bf16 units, bf16 widened to fp32):
-the best any engine serving a bf16 model can do here.
+by both. It reads weights and KV in bf16: the best any engine serving a bf16 model
+can do here.
 
     .venv/bin/python benchmarks/roofline.py [--threads 2] [--json out.json]
 
@@ -105,25 +110,21 @@ def decode_bound(
     context: int,
     dtype: str,
     bandwidth_gbs: float,
-    matmul_gflops: dict[str, float],
+    peak_gflops: float,
 ) -> dict[str, float]:
-    """Best decode tok/s: the slower of the memory time and the compute time of one step.
-
-    ``matmul_gflops`` maps every name of ``linear_shapes`` and "attention" to its rate
-    at this batch and dtype.
-    """
+    """Best decode tok/s: the slower of the memory time and the compute time of one
+    step, at the machine's read bandwidth and peak multiply rate."""
     read = weight_bytes(m, dtype) + kv_bytes(m, batch, context, dtype)
     memory_s = read / (bandwidth_gbs * 1e9)
-    flops = linear_flops(m, batch)
-    compute_s = sum(f / (matmul_gflops[name] * 1e9) for name, f in flops.items())
-    compute_s += attention_flops(m, batch, context) / (matmul_gflops["attention"] * 1e9)
+    flops = sum(linear_flops(m, batch).values()) + attention_flops(m, batch, context)
+    compute_s = flops / (peak_gflops * 1e9)
     step_s = max(memory_s, compute_s)
     return {
         "batch": batch,
         "context": context,
         "dtype": dtype,
         "bytes_per_step": read,
-        "flops_per_step": sum(flops.values()) + attention_flops(m, batch, context),
+        "flops_per_step": flops,
         "memory_ms": memory_s * 1e3,
         "compute_ms": compute_s * 1e3,
         "bound": "memory" if memory_s >= compute_s else "compute",
@@ -131,37 +132,28 @@ def decode_bound(
     }
 
 
-def best_multiplies(rates: dict[str, dict[str, float]], batch: int) -> dict[str, float]:
-    """Per shape, the faster of the bf16 and fp32 rates at ``batch`` rows."""
-    bf16, fp32 = rates[f"bf16_batch{batch}"], rates[f"fp32_batch{batch}"]
-    return {name: max(bf16[name], fp32[name]) for name in fp32}
-
-
-def prefill_seconds_per_token(m: LlamaShape, prompt: int, rates: dict[str, float]) -> float:
-    """Compute time of one prompt token at prefill rates: every linear but the LM head
+def prefill_seconds_per_token(m: LlamaShape, prompt: int, peak_gflops: float) -> float:
+    """Compute time of one prompt token at the peak rate: every linear but the LM head
     (one row per prompt), and causal attention over half the prompt on average."""
     flops = linear_flops(m, 1)
-    seconds = sum(f / (rates[name] * 1e9) for name, f in flops.items() if name != "lm head")
-    seconds += flops["lm head"] / prompt / (rates["lm head"] * 1e9)
-    return seconds + attention_flops(m, 1, prompt // 2) / (rates["attention"] * 1e9)
+    total = sum(f for name, f in flops.items() if name != "lm head")
+    total += flops["lm head"] / prompt + attention_flops(m, 1, prompt // 2)
+    return total / (peak_gflops * 1e9)
 
 
 def serving_bound(m: LlamaShape, concurrency: int, input_len: int, output_len: int,
-                  bandwidth_gbs: float, rates: dict[str, dict[str, float]]) -> dict:
+                  bandwidth_gbs: float, peak_gflops: float) -> dict:
     """Best output tok/s of ``concurrency`` requests at a time, each of ``input_len``
     prompt and ``output_len`` generated tokens, with bf16 weights and KV.
 
     A wave of requests costs its prefills plus ``output_len`` decode steps at batch
-    ``concurrency`` (memory or compute bound, as ``decode_bound``); the multiply rates
-    are measured at batch 1 and 32 and at ``PREFILL_ROWS`` for prefill.
+    ``concurrency`` (memory or compute bound, as ``decode_bound``), prefills at the
+    peak rate.
     """
-    batch = 1 if concurrency == 1 else 32
     context = input_len + output_len // 2 if concurrency > 1 else 0
-    step = decode_bound(m, concurrency, context, "bf16", bandwidth_gbs,
-                        best_multiplies(rates, batch))
+    step = decode_bound(m, concurrency, context, "bf16", bandwidth_gbs, peak_gflops)
     step_s = concurrency / step["tok_s"]
-    prefill_s = concurrency * input_len * prefill_seconds_per_token(
-        m, input_len, best_multiplies(rates, PREFILL_ROWS))
+    prefill_s = concurrency * input_len * prefill_seconds_per_token(m, input_len, peak_gflops)
     wave_s = prefill_s + output_len * step_s
     return {
         "concurrency": concurrency,
@@ -211,8 +203,25 @@ def best_seconds(kernels: dict[str, Callable[[], object]], rounds: int = 12,
     return best
 
 
+def _our_kernel():
+    """The CPU backend's bf16 matmul (kernels.py) built for this CPU, with its variant's
+    name, or (None, None) where no variant runs here or it cannot build."""
+    import tempfile
+
+    from vllm_neuronx.backends.cpu import kernels
+
+    variant = kernels.chosen()
+    if variant is None:
+        return None, None
+    folder = tempfile.mkdtemp(prefix="roofline-")
+    if not kernels.build(folder, variant):
+        return None, None
+    return kernels.load(folder, variant), variant.name
+
+
 def _kernels(m: LlamaShape, context: int, megabytes: int = 1024) -> dict[str, tuple]:
-    """name -> (callable, bytes or FLOPs per call): the read, every matmul, per dtype and batch."""
+    """name -> (callable, bytes or FLOPs per call): the read, and every matmul per kernel
+    ("bf16", "fp32": torch; "ours-<variant>": kernels.py over packed bf16) and batch."""
     import torch
 
     from vllm_neuronx.backends.cpu.memory import huge_page_bytes
@@ -222,6 +231,7 @@ def _kernels(m: LlamaShape, context: int, megabytes: int = 1024) -> dict[str, tu
     x = huge_page_bytes(megabytes * (1 << 20)).view(torch.float32).fill_(1.0)
     kernels = {"bandwidth": (x.sum, x.numel() * 4)}
     group = m.heads // m.kv_heads
+    ours, variant = _our_kernel()
     for dtype, torch_dtype in (("bf16", torch.bfloat16), ("fp32", torch.float32)):
         for batch in (*BATCHES, PREFILL_ROWS):
             key = f"{dtype}_batch{batch}"
@@ -230,6 +240,10 @@ def _kernels(m: LlamaShape, context: int, megabytes: int = 1024) -> dict[str, tu
                 w = torch.randn(n, k, dtype=torch_dtype)
                 kernels[f"{key}/{name}"] = (
                     lambda a=a, w=w: torch.nn.functional.linear(a, w), 2 * batch * k * n)
+                if ours is not None and dtype == "fp32":  # fp32 rows, bf16 weights
+                    packed = ours.pack(w.to(torch.bfloat16))
+                    kernels[f"ours-{variant}_batch{batch}/{name}"] = (
+                        lambda a=a, packed=packed: ours(a, packed), 2 * batch * k * n)
             q = torch.randn(batch * m.kv_heads, group, m.head_dim, dtype=torch_dtype)
             keys = torch.randn(batch * m.kv_heads, m.head_dim, context, dtype=torch_dtype)
             kernels[f"{key}/attention"] = (
@@ -238,8 +252,17 @@ def _kernels(m: LlamaShape, context: int, megabytes: int = 1024) -> dict[str, tu
     return kernels
 
 
+def peak(rates: dict[str, dict[str, float]]) -> tuple[float, str]:
+    """The fastest multiply rate measured at ``PREFILL_ROWS`` rows, and which kernel
+    and shape reached it."""
+    best = max((rate, f"{key}/{shape}") for key, shapes in rates.items()
+               if key.endswith(f"_batch{PREFILL_ROWS}")
+               for shape, rate in shapes.items() if shape != "attention")
+    return best
+
+
 def measure(config: dict, threads: int, serving: dict = SERVING) -> dict:
-    """Measured rates and the decode bounds they give, as one JSON-ready dict."""
+    """Measured rates and the bounds they give, as one JSON-ready dict."""
     import torch
 
     torch.set_num_threads(threads)
@@ -252,20 +275,23 @@ def measure(config: dict, threads: int, serving: dict = SERVING) -> dict:
         if name != "bandwidth":
             key, shape = name.split("/", 1)
             rates.setdefault(key, {})[shape] = flops / seconds[name] / 1e9
+    peak_gflops, peak_by = peak(rates)
     bounds = [
-        decode_bound(m, batch, CONTEXT if batch > 1 else 0, dtype, bandwidth,
-                     rates[f"{dtype}_batch{batch}"])
+        decode_bound(m, batch, CONTEXT if batch > 1 else 0, dtype, bandwidth, peak_gflops)
         for dtype in DTYPE_BYTES
         for batch in BATCHES
     ]
     return {
         "threads": threads,
         "bandwidth_gbs": bandwidth,
+        "peak_gflops": peak_gflops,
+        "peak_by": peak_by,
         "matmul_gflops": rates,
         "weight_mb": {dtype: weight_bytes(m, dtype) / 1e6 for dtype in DTYPE_BYTES},
         "decode_bounds": bounds,
         "serving_bounds": [
-            serving_bound(m, c, serving["input_len"], serving["output_len"], bandwidth, rates)
+            serving_bound(m, c, serving["input_len"], serving["output_len"], bandwidth,
+                          peak_gflops)
             for c in serving["concurrency"]
         ],
     }
@@ -274,7 +300,8 @@ def measure(config: dict, threads: int, serving: dict = SERVING) -> dict:
 def format_roofline(result: dict) -> str:
     """Human-readable lines for the measured rates and bounds."""
     lines = [f"memory read bandwidth: {result['bandwidth_gbs']:.1f} GB/s "
-             f"({result['threads']} threads)"]
+             f"({result['threads']} threads)",
+             f"peak multiply rate: {result['peak_gflops']:.0f} GFLOP/s ({result['peak_by']})"]
     for key, rates in result["matmul_gflops"].items():
         shown = ", ".join(f"{name} {rate:.0f}" for name, rate in rates.items())
         lines.append(f"matmul GFLOP/s {key}: {shown}")

@@ -29,6 +29,11 @@ def test_greedy_matches_hf_with_continuous_batching(llm, tiny_llama):
     prompts = [[rng.randrange(3, 512) for _ in range(rng.randint(1, 150))] for _ in range(8)]
     max_tokens = [rng.randint(1, 40) for _ in prompts]
     check_greedy_matches_hf(llm, tiny_llama, prompts, max_tokens)
+    # The runner timed every step it ran, by phase and batch size (step_times.py).
+    (steps,) = llm.collective_rpc("step_times")
+    decoded = sum(e["steps"] * e["rows"] for e in steps if e["phase"] == "decode")
+    assert decoded == sum(max_tokens) - len(prompts)  # each prefill samples the first token
+    assert all(e["backend_ms"] > 0 and e["rows"] <= MAX_NUM_SEQS for e in steps)
 
 
 def test_prompt_filling_the_context_is_refused_with_a_clear_error(llm):

@@ -21,6 +21,7 @@ from vllm_neuronx.log import get_logger
 from vllm_neuronx.worker.host_sampler import HostSampler, merge_logprobs
 from vllm_neuronx.worker.inputs import SequenceRow, StepInputs, decode_inputs, prefill_inputs
 from vllm_neuronx.worker.kv_lines import KVLinePool
+from vllm_neuronx.worker.step_times import StepTimes
 
 logger = get_logger(__name__)
 
@@ -32,6 +33,7 @@ class NeuronModelRunner:
         self.lines = KVLinePool(backend.num_lines)
         self.requests: dict[str, SequenceRow] = {}
         self._pending: StepInputs | None = None
+        self.step_times = StepTimes()
         # Plain requests with on-device sampling off are sampled by the device's rules.
         self._host_generator = torch.Generator().manual_seed(backend.seed)
         self.host = HostSampler(
@@ -137,7 +139,8 @@ class NeuronModelRunner:
                     "validation should have refused it"
                 )
             extra["prompt_logits"] = torch.tensor(wants_prompt)
-        out = self.backend.forward(
+        out = self.step_times.timed(
+            "prefill" if step.is_prefill else "decode", len(step.req_ids), self.backend.forward,
             step.input_ids, step.position_ids, step.seq_ids, step.sampling_params, **extra
         )
         if host_rows and out.logits is None:

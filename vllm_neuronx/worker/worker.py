@@ -108,6 +108,11 @@ class NeuronWorker(WorkerBase):
         """KV lines held by running requests (0 once everything finished or aborted)."""
         return self.model_runner.lines_in_use
 
+    def step_times(self) -> list[dict]:
+        """Backend ms and the engine's ms between steps, per phase and batch size
+        (worker/step_times.py)."""
+        return self.model_runner.step_times.summary()
+
     def get_model(self) -> torch.nn.Module:
         return _BackendView(self.model_runner.backend)
 
@@ -115,7 +120,9 @@ class NeuronWorker(WorkerBase):
         return
 
     def shutdown(self) -> None:
-        return
+        runner = getattr(self, "model_runner", None)
+        if runner is not None and runner.step_times.tallies:
+            logger.info("Neuron steps: %s", runner.step_times.describe())
 
 
 class _BackendView(torch.nn.Module):
