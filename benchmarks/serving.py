@@ -62,6 +62,17 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return args
 
 
+def engine_steps(server_log: Path) -> str | None:
+    """The runner's step times, as our server logs them at shutdown (step_times.py)."""
+    try:
+        lines = server_log.read_text(errors="replace").splitlines()
+    except OSError:
+        return None
+    found = [line.split("Neuron steps:", 1)[1].strip() for line in lines
+             if "Neuron steps:" in line]
+    return found[-1] if found else None
+
+
 def main() -> None:
     args = parse_args()
     # SIGTERM unwinds like an exception, so every server and client we started is stopped.
@@ -98,6 +109,9 @@ def main() -> None:
     for name, peer in peers.items():
         if peer["status"] != "ok":
             print(f"\n{name}: not measured: {peer['reason']}")
+    steps = engine_steps(out_dir / "ours-server.log") if "ours" in args.peers else None
+    if steps:
+        print(f"\nours, its steps inside the server (all rows): {steps}")
     if roofline:
         from roofline import format_roofline
 
@@ -109,7 +123,7 @@ def main() -> None:
     elapsed = time.monotonic() - began
     result = {"machine": machine, "workload": vars(workload) | {"runs": workload.runs},
               "model": model, "rows": rows, "ratios": ratio_rows, "peers": peers,
-              "roofline": roofline, "notes": NOTES, "table": table, "elapsed_s": elapsed}
+              "roofline": roofline, "ours_steps": steps, "notes": NOTES, "table": table, "elapsed_s": elapsed}
     with open(args.out, "w") as f:
         json.dump(result, f, indent=1)
     log(f"wrote {args.out}; total {elapsed / MINUTE:.1f} min")
