@@ -15,7 +15,7 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass
 from typing import Any
 
-from vllm_neuronx import envs, framework
+from vllm_neuronx import envs, framework, unserved
 from vllm_neuronx import neuron_config as nc
 from vllm_neuronx.backends.protocol import SamplingCapabilities
 
@@ -73,6 +73,8 @@ class NeuronSettings:
             )
         quantization = vllm_config.model_config.quantization
         backend.validate(cfg, quantization=quantization)
+        unserved.check_neuron_config(cfg, choice.backend)
+        unserved.check_vllm_features(vllm_config, choice.backend)
         if quantization == "neuron_quant":  # the framework quantizes (and the cache key says so)
             cfg["quantized"] = True
         device = "neuron" if choice.backend in ("nxdi", "tnx") else "cpu"

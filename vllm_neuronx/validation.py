@@ -18,7 +18,7 @@ from typing import Any
 from vllm.exceptions import VLLMValidationError
 
 from vllm_neuronx import neuron_config as nc
-from vllm_neuronx import platform_config, sampling
+from vllm_neuronx import platform_config, sampling, unserved
 
 
 class NeuronRequestError(VLLMValidationError, ValueError):
@@ -86,6 +86,14 @@ def validate_request(engine_input: Any, params: Any) -> None:
     if settings is None or not hasattr(params, "temperature"):
         return  # not a generation request, or not configured by our platform
     _check_sampling(params, settings)
+    parts = unserved.multimodal_parts(engine_input)
+    if parts:
+        raise NeuronRequestError(
+            f"{unserved.MULTIMODAL.reason(settings.backend)}: the request carries "
+            f"{', '.join(parts)}; send text only",
+            parameter="multi_modal_data",
+            value=parts,
+        )
     prompt = engine_input.get("prompt_token_ids") if hasattr(engine_input, "get") else None
     if prompt is not None:
         _check_token_ids(prompt, settings.vocab_size)

@@ -1,0 +1,105 @@
+"""What users can ask for that no backend serves yet: refused by name, never ignored.
+
+Earlier Neuron code bases accepted such input and then crashed mid-run or quietly
+did something else (a LoRA request served by the first adapter, images dropped,
+speculation keys compiled into a graph the runner never drives). Each entry here
+names what is refused, on which backends, and the issue that will serve it; the
+entry goes when that issue lands. Config keys and vLLM features are refused when
+vLLM's config is resolved (``LLM(...)`` or server start-up); request inputs at the
+request (HTTP 400 on the server).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any
+
+from vllm_neuronx import neuron_config as nc
+
+ALL_BACKENDS = frozenset({"nxdi", "tnx", "cpu"})
+
+
+@dataclass(frozen=True, slots=True)
+class Unserved:
+    """Something refused, where, and what will serve it."""
+
+    what: str  # the feature, as users know it
+    backends: frozenset[str]  # the backends that refuse it
+    issue: int | None  # the issue that implements it (None: none planned yet)
+
+    def reason(self, backend: str) -> str:
+        later = f" (planned: issue {self.issue})" if self.issue else ""
+        return f"{self.what} is not served by the {backend} backend yet{later}"
+
+
+_SPECULATION = Unserved("speculative decoding", ALL_BACKENDS, 20)
+_BLOCK_KV = Unserved("prefix caching, block KV layout and chunked prefill", ALL_BACKENDS, 21)
+_ASYNC = Unserved("async mode", ALL_BACKENDS, 23)
+_LORA = Unserved("LoRA adapters", ALL_BACKENDS, 19)
+# NxDI quantizes from its own config; the CPU backend computes float weights only.
+_QUANTIZATION = Unserved("quantization through the neuron config", frozenset({"cpu"}), 18)
+
+# override_neuron_config keys -> what they ask for.
+UNSERVED_KEYS: dict[str, Unserved] = {
+    **dict.fromkeys(
+        ("speculation_length", "spec_batch_size", "enable_fused_speculation",
+         "enable_eagle_speculation", "is_eagle_draft", "is_eagle3",
+         "enable_eagle_draft_input_norm", "token_tree_config", "is_medusa",
+         "medusa_speculation_length", "num_medusa_heads", "medusa_tree"),
+        _SPECULATION),
+    **dict.fromkeys(
+        ("is_prefix_caching", "is_block_kv_layout", "pa_num_blocks", "pa_block_size",
+         "chunked_prefill_config", "prefix_buckets"),
+        _BLOCK_KV),
+    "async_mode": _ASYNC,
+    **dict.fromkeys(("lora_modules", "target_modules", "lora_config"), _LORA),
+    **dict.fromkeys(
+        ("quantized", "quantized_checkpoints_path", "quantization_type", "quantization_dtype",
+         "modules_to_not_convert", "draft_model_modules_to_not_convert",
+         "quantized_mlp_kernel_enabled", "activation_quantization_type", "kv_cache_quant",
+         "kv_quant_config", "quantization_block_size", "quantization_block_axis",
+         "quantization_scale_dtype", "quantize_clamp_bound"),
+        _QUANTIZATION),
+}
+
+# vLLM engine features -> (the setting's name, what it asks for).
+_FEATURES = {
+    "speculative_config": ("speculative_config", _SPECULATION),
+    "lora_config": ("enable_lora", _LORA),
+}
+MULTIMODAL = Unserved("multimodal input (images)", ALL_BACKENDS, None)
+
+
+def _asks_for(value: Any) -> bool:
+    """Whether a key's value turns its feature on: False, None, 0 and empty do not."""
+    return value not in (None, False, 0, "", [], {})
+
+
+def check_neuron_config(cfg: Mapping[str, Any], backend: str) -> None:
+    """Refuse every override key ``backend`` does not serve yet, naming it."""
+    refused = [(key, entry) for key, entry in UNSERVED_KEYS.items()
+               if backend in entry.backends and _asks_for(cfg.get(key))]
+    if refused:
+        key, entry = refused[0]
+        others = [k for k, _ in refused[1:]]
+        also = f" (also refused: {', '.join(others)})" if others else ""
+        raise nc.NeuronConfigError(
+            f"override_neuron_config key {key!r}: {entry.reason(backend)}; remove it{also}")
+
+
+def check_vllm_features(vllm_config, backend: str) -> None:
+    """Refuse vLLM features (speculative_config, enable_lora) ``backend`` does not serve."""
+    for attr, (setting, entry) in _FEATURES.items():
+        if getattr(vllm_config, attr, None) is not None and backend in entry.backends:
+            raise nc.NeuronConfigError(f"{setting}: {entry.reason(backend)}; remove it")
+
+
+def multimodal_parts(engine_input: Any) -> list[str]:
+    """The multimodal parts (image, video...) a processed request carries."""
+    if not hasattr(engine_input, "get"):
+        return []
+    kwargs = engine_input.get("mm_kwargs") or engine_input.get("multi_modal_data") or {}
+    if not hasattr(kwargs, "keys"):
+        return []
+    return sorted(k for k in kwargs.keys() if kwargs[k])
