@@ -358,3 +358,245 @@ def test_llm_generates_when_the_cache_cannot_be_written(model, monkeypatch, capf
     lines = [ln for ln in (log.out + log.err).splitlines()
              if "Could not store compiled artifacts in /sys/fs/vllm-neuronx-artifacts" in ln]
     assert len(lines) == 1, lines
+
+
+# -- at scale: the warm check by stat, the full verify, versions in the key ---------------------
+
+@pytest.fixture()
+def stored(tmp_path) -> Path:
+    """A small artifacts folder with its manifest, as a compile leaves it (requested
+    before ``hashes``, so the store's own hashing is not counted)."""
+    folder = tmp_path / "stored"
+    (folder / "weights").mkdir(parents=True)
+    (folder / "weights" / "tp0_sharded_checkpoint.safetensors").write_bytes(bytes(range(256)) * 64)
+    (folder / "model.pt").write_bytes(b"graphs" * 1000)
+    artifacts._write_manifest(str(folder), "k", {"batch_size": 2}, "nxdi")
+    return folder
+
+
+def rewrite_keeping_mtime(path: Path, data: bytes) -> None:
+    st = path.stat()
+    path.write_bytes(data)
+    os.utime(path, ns=(st.st_atime_ns, st.st_mtime_ns))
+
+
+@pytest.fixture()
+def hashes(monkeypatch):
+    """The files the cache hashes, in order: shows which checks read contents."""
+    hashed: list[str] = []
+    sha256 = artifacts._sha256
+
+    def counting(path):
+        hashed.append(os.path.basename(path))
+        return sha256(path)
+
+    monkeypatch.setattr(artifacts, "_sha256", counting)
+    return hashed
+
+
+def test_manifest_records_size_mtime_and_sha256(stored):
+    folder = stored
+    entry = json.loads((folder / artifacts.MANIFEST).read_text())["files"]["model.pt"]
+    st = (folder / "model.pt").stat()
+    assert entry["size"] == st.st_size == 6000 and entry["mtime_ns"] == st.st_mtime_ns
+    assert entry["sha256"] == artifacts._sha256(str(folder / "model.pt"))
+
+
+def test_warm_check_reads_no_contents_so_only_verify_sees_bytes_changed_in_place(
+        stored, hashes, capsys):
+    """The contract: size and mtime, not contents. A same-size rewrite with its mtime put
+    back passes the warm check; ``verify`` is the check that hashes."""
+    folder = stored
+    model_pt = folder / "model.pt"
+    rewrite_keeping_mtime(model_pt, b"GRAPHS" * 1000)
+    assert artifacts.read_manifest(str(folder)) is not None
+    assert hashes == []  # not one byte of an artifact was read
+    assert artifacts.main(["verify", str(folder)]) == 1
+    out = capsys.readouterr().out.splitlines()
+    assert out[0] == f"{model_pt}: SHA-256 differs from the manifest"
+    assert "1 problem(s)" in out[-1] and len(out) == 2
+
+
+def test_a_size_change_is_refused_even_with_its_mtime_put_back(stored, hashes):
+    folder = stored
+    rewrite_keeping_mtime(folder / "model.pt", b"graphs" * 999)
+    assert artifacts.read_manifest(str(folder)) is None
+    assert hashes == []
+
+
+def test_new_mtimes_are_hashed_once_then_recorded(stored, hashes):
+    folder = stored
+    manifest = folder / artifacts.MANIFEST
+    os.chmod(manifest, 0o644)
+    later = time.time_ns() + 10**9
+    os.utime(folder / "model.pt", ns=(later, later))  # same bytes, new mtime (touch, cp -r)
+    assert artifacts.read_manifest(str(folder)) is not None
+    assert hashes == ["model.pt"]  # only the file whose mtime changed
+    assert json.loads(manifest.read_text())["files"]["model.pt"]["mtime_ns"] == later
+    assert os.stat(manifest).st_mode & 0o777 == 0o644  # the rewrite kept its mode
+    assert sorted(p.name for p in folder.iterdir()) == sorted(
+        ["weights", "model.pt", artifacts.MANIFEST])  # no temporary file left
+    assert artifacts.read_manifest(str(folder)) is not None
+    assert hashes == ["model.pt"]  # the next check is by stat again
+
+
+def test_new_mtime_and_other_bytes_are_refused(stored, hashes):
+    folder = stored
+    (folder / "model.pt").write_bytes(b"GRAPHS" * 1000)  # same size
+    later = time.time_ns() + 10**9  # as any rewrite after the store (the clock ticks coarsely)
+    os.utime(folder / "model.pt", ns=(later, later))
+    before = (folder / artifacts.MANIFEST).read_bytes()
+    assert artifacts.read_manifest(str(folder)) is None
+    assert hashes == ["model.pt"]
+    assert (folder / artifacts.MANIFEST).read_bytes() == before  # nothing recorded
+
+
+def test_an_older_manifest_without_mtimes_is_upgraded_once(stored, hashes):
+    folder = stored
+    path = folder / artifacts.MANIFEST
+    manifest = json.loads(path.read_text())
+    for meta in manifest["files"].values():
+        del meta["mtime_ns"]
+    path.write_text(json.dumps(manifest))
+    assert artifacts.read_manifest(str(folder)) is not None
+    assert sorted(hashes) == ["model.pt", "tp0_sharded_checkpoint.safetensors"]
+    assert artifacts.read_manifest(str(folder)) is not None and len(hashes) == 2
+
+
+def test_a_manifest_that_cannot_be_rewritten_still_loads_and_hashes_again(
+        stored, hashes, monkeypatch):
+    folder = stored
+
+    def read_only(folder, manifest):
+        raise OSError(errno.EROFS, os.strerror(errno.EROFS), folder)
+
+    monkeypatch.setattr(artifacts, "_replace_manifest", read_only)
+    later = time.time_ns() + 10**9
+    os.utime(folder / "model.pt", ns=(later, later))
+    assert artifacts.read_manifest(str(folder)) is not None
+    assert artifacts.read_manifest(str(folder)) is not None
+    assert hashes == ["model.pt", "model.pt"]
+
+
+def test_a_stale_manifest_temp_is_neither_an_artifact_nor_a_user_file(stored):
+    folder = stored
+    (folder / (artifacts.MANIFEST + ".tmp-abc")).write_text("{")  # a killed rewrite
+    assert artifacts.read_manifest(str(folder)) is not None
+    (folder / "model.pt").write_bytes(b"x")
+    artifacts._check_replaceable(str(folder))  # still ours to rebuild: no error
+
+
+def test_folder_copied_with_cp_r_loads_hashing_once_and_a_corrupt_copy_is_rebuilt(
+        model, tmp_path, monkeypatch, hashes, records):
+    original = tmp_path / "original"
+    monkeypatch.setenv("NEURON_COMPILED_ARTIFACTS", str(original))
+    load_backend(model, settings())
+    for name, corrupt in (("copy", False), ("corrupt", True)):
+        copy = tmp_path / name
+        subprocess.run(["cp", "-r", str(original), str(copy)], check=True)  # no -p: new mtimes
+        weights = copy / "weights.safetensors"
+        assert weights.stat().st_mtime_ns != (original / "weights.safetensors").stat().st_mtime_ns
+        if corrupt:
+            data = bytearray(weights.read_bytes())
+            data[-10:] = b"\x01" * 10
+            weights.write_bytes(bytes(data))
+        monkeypatch.setenv("NEURON_COMPILED_ARTIFACTS", str(copy))
+        hashes.clear()
+        _, result = load_backend(model, settings())
+        assert result.compiled == corrupt
+        if corrupt:
+            assert any(r.getMessage() == f"{weights}: SHA-256 differs from the manifest"
+                       for r in records)
+        else:
+            assert hashes == ["weights.safetensors"]
+            hashes.clear()
+            assert not load_backend(model, settings())[1].compiled
+            assert hashes == []  # fast again
+
+
+def run_verify(folder) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "vllm_neuronx.artifacts", "verify", str(folder)],
+                          capture_output=True, text=True, cwd=ROOT, timeout=120)
+
+
+def test_verify_command_exit_codes_and_messages(stored):
+    folder = stored
+    ok = run_verify(folder)
+    assert ok.returncode == 0, ok.stderr
+    [line] = ok.stdout.splitlines()
+    assert line.startswith(f"{folder}: 2 files, 22,384 bytes, every SHA-256 matches the manifest")
+    shard = folder / "weights" / "tp0_sharded_checkpoint.safetensors"
+    rewrite_keeping_mtime(shard, b"\0" * shard.stat().st_size)
+    (folder / "model.pt").write_bytes(b"short")
+    (folder / "notes.txt").write_text("extra")
+    bad = run_verify(folder)
+    assert bad.returncode == 1
+    assert bad.stdout.splitlines() == [
+        f"{folder}/notes.txt: not in the manifest",
+        f"{folder}/model.pt: 5 bytes, the manifest says 6000",
+        f"{shard}: SHA-256 differs from the manifest",
+        f"{folder}: 3 problem(s); remove the folder and the next start compiles it again",
+    ]
+
+
+def test_verify_names_a_missing_file_and_a_missing_manifest(stored, capsys):
+    folder = stored
+    (folder / "model.pt").unlink()
+    assert artifacts.main(["verify", str(folder)]) == 1
+    assert capsys.readouterr().out.splitlines()[0] == f"{folder}/model.pt: missing"
+    (folder / artifacts.MANIFEST).unlink()
+    assert artifacts.main(["verify", str(folder)]) == 1
+    out = capsys.readouterr().out
+    assert out.startswith(f"{folder}/{artifacts.MANIFEST}: no readable manifest (")
+
+
+def test_package_versions_reads_installed_metadata():
+    import importlib.metadata
+
+    versions = artifacts.package_versions(["torch", "vllm-neuronx-no-such-package"])
+    assert versions == (f"torch={importlib.metadata.version('torch')},"
+                        "vllm-neuronx-no-such-package=absent")
+
+
+@pytest.mark.parametrize("backend", ["cpu", "nxdi", "tnx"])
+def test_a_package_upgrade_changes_every_backends_key(backend, model, monkeypatch):
+    from vllm_neuronx.backends import backend_class
+
+    cls = backend_class(backend)
+    seen = []
+
+    def versions(release):
+        def fake(names):
+            seen.append(tuple(names))
+            return ",".join(f"{name}={release}" for name in names)
+        return fake
+
+    keys = []
+    for release in ("1.0", "1.1"):
+        monkeypatch.setattr(artifacts, "package_versions", versions(release))
+        keys.append(artifacts.artifact_key({"batch_size": 2}, backend, cls.version(), model))
+    assert keys[0] != keys[1]
+    assert "torch" in seen[0]
+    neuron = {"cpu": set(), "tnx": {"neuronx-cc", "torch-neuronx", "transformers-neuronx"},
+              "nxdi": {"neuronx-cc", "torch-neuronx", "neuronx-distributed",
+                       "neuronx-distributed-inference"}}[backend]
+    assert neuron <= set(seen[0])
+
+
+def test_tnx_key_names_the_installed_packages():
+    from vllm_neuronx.backends.tnx import TnxBackend
+
+    version = TnxBackend.version()
+    assert version != "tnx-1"
+    assert version.startswith("tnx-2 torch=") and "neuronx-cc=" in version
+    assert "transformers-neuronx=" in version
+
+
+def test_a_torch_upgrade_compiles_into_a_new_default_folder(model, monkeypatch):
+    monkeypatch.delenv("NEURON_COMPILED_ARTIFACTS", raising=False)
+    _, first = load_backend(model, settings())
+    real = artifacts.package_versions
+    monkeypatch.setattr(artifacts, "package_versions",
+                        lambda names: real(names).replace("torch=", "torch=9.9-"))
+    _, upgraded = load_backend(model, settings())
+    assert upgraded.compiled and upgraded.folder != first.folder

@@ -6,26 +6,47 @@
 - Variable unset: ``<model dir>/neuron-compiled-artifacts/<key>`` (or the user cache
   when the model folder is read-only), reused by the next start. The earlier code
   bases deleted this folder before every start; we keep it.
-The key covers all that changes the compiled result. Writes go to a temporary
-folder, then a rename; a file lock makes concurrent starts compile once; a folder
-whose manifest or checksums do not match (partial, truncated, corrupt) is rebuilt,
-never loaded.
+The key covers all that changes the compiled result, including the versions of the
+packages that produce it (each backend's ``version()``, through ``package_versions``).
+Writes go to a temporary folder, then a rename; a file lock makes concurrent starts
+compile once; a folder that does not match its manifest (partial, truncated,
+replaced) is rebuilt, never loaded.
+
+Integrity at scale: the manifest records each file's size, mtime (ns) and SHA-256
+when the folder is stored. A warm start checks presence, size and mtime only: a
+stat per file, well under a second for a 140 GB sharded 70B checkpoint, which it
+would take minutes to hash. Whatever rewrites, truncates or replaces a file changes
+its size or mtime, so such a file is never loaded; a change that keeps both (bit
+rot, a deliberate ``os.utime``, a same-size rewrite within the filesystem's
+timestamp granularity of the store) is beyond this check, and
+``python -m vllm_neuronx.artifacts verify <folder>`` hashes every file (exit 0 when
+all match, 1 naming each bad file).
+A folder copied without its mtimes (``cp -r``, an archive extracted elsewhere) has
+new mtimes but the same sizes: the start hashes those files once, and rebuilds the
+folder if any differs; when all match it records their new mtimes in the manifest
+(a temporary file, then a rename), so later starts are fast again. Where the
+manifest cannot be rewritten (a read-only cache) every start hashes those files.
 """
 
 from __future__ import annotations
 
+import argparse
 import contextlib
 import hashlib
+import importlib
+import importlib.metadata
+import importlib.util
 import json
 import os
 import shutil
+import stat
+import sys
 import tempfile
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from typing import Any
 
-import torch
 from filelock import FileLock
 
 from vllm_neuronx import envs
@@ -35,6 +56,7 @@ from vllm_neuronx.log import get_logger
 logger = get_logger(__name__)
 
 MANIFEST = "vllm-neuronx-manifest.json"
+_MANIFEST_TMP = MANIFEST + ".tmp-"
 DEFAULT_SUBDIR = "neuron-compiled-artifacts"
 _TMP_PREFIX = ".compiling-"
 COMPILE_ENV = ("NEURON_CONTEXT_LENGTH_BUCKETS", "NEURON_TOKEN_GEN_BUCKETS", "NEURON_QUANT_DTYPE")
@@ -51,13 +73,31 @@ def model_identity(model_path: str) -> list[tuple[str, int, int]]:
     return rows
 
 
+def package_versions(names: Iterable[str]) -> str:
+    """``name=version,...`` of installed distributions ("absent" when not installed),
+    for the backends' keys: a new compiler, runtime or converter must not load the old
+    one's artifacts. A package importable without metadata (a source checkout, a
+    test simulator) gives its ``__version__``."""
+    versions = []
+    for name in names:
+        try:
+            version = importlib.metadata.version(name)
+        except importlib.metadata.PackageNotFoundError:
+            module = name.replace("-", "_")
+            if importlib.util.find_spec(module) is None:
+                version = "absent"
+            else:
+                version = str(getattr(importlib.import_module(module), "__version__", "unknown"))
+        versions.append(f"{name}={version}")
+    return ",".join(versions)
+
+
 def artifact_key(neuron_config: dict, backend: str, backend_version: str, model_path: str) -> str:
     payload = json.dumps(
         {
             "neuron_config": neuron_config,
             "backend": backend,
-            "backend_version": backend_version,
-            "torch": torch.__version__,
+            "backend_version": backend_version,  # with its packages' versions
             "model": model_identity(model_path),
             # transformers-neuronx reads these at compile time
             "env": {name: os.environ.get(name) for name in COMPILE_ENV},
@@ -95,41 +135,131 @@ def _sha256(path: str) -> str:
     return h.hexdigest()
 
 
+def _is_manifest(name: str) -> bool:
+    """The manifest, or a temporary file of its rewrite (never an artifact)."""
+    return name == MANIFEST or name.startswith(_MANIFEST_TMP)
+
+
 def _files(folder: str) -> list[str]:
     out = []
     for root, _, names in os.walk(folder):
         for name in names:
             rel = os.path.relpath(os.path.join(root, name), folder)
-            if rel != MANIFEST:
+            if not _is_manifest(rel):
                 out.append(rel)
     return sorted(out)
 
 
+def _file_entry(path: str) -> dict[str, Any]:
+    """What the manifest records of a file; the stat comes first, so a write during
+    the hash leaves a newer mtime than recorded, and the next check hashes again."""
+    st = os.stat(path)
+    return {"size": st.st_size, "mtime_ns": st.st_mtime_ns, "sha256": _sha256(path)}
+
+
 def read_manifest(folder: str, *, verify: bool = True) -> dict[str, Any] | None:
-    """The manifest of a complete, intact folder, or None (missing, partial, corrupt)."""
+    """The manifest of a complete, intact folder, or None (missing, partial, corrupt).
+
+    ``verify=False``: presence and sizes only (enough to read the stored config).
+    Otherwise the warm-start check of the module docstring: presence, size and mtime,
+    and a SHA-256 of only those files whose mtime changed.
+    """
     try:
         with open(os.path.join(folder, MANIFEST)) as f:
             manifest = json.load(f)
         files = manifest["files"]
         if sorted(files) != _files(folder):
             return None
+        moved = {}
         for name, meta in files.items():
-            path = os.path.join(folder, name)
-            if os.path.getsize(path) != meta["size"]:
+            st = os.stat(os.path.join(folder, name))
+            if st.st_size != meta["size"]:
                 return None
-            if verify and _sha256(path) != meta["sha256"]:
-                return None
+            if verify and st.st_mtime_ns != meta.get("mtime_ns"):
+                moved[name] = st.st_mtime_ns
+        if moved and not _rehash(folder, manifest, moved):
+            return None
         return manifest
     except (OSError, ValueError, KeyError, TypeError):
         return None
 
 
+def _rehash(folder: str, manifest: dict[str, Any], moved: dict[str, int]) -> bool:
+    """Hash the files whose mtime changed (a copied folder); when all match, record the
+    new mtimes (stat'ed before hashing) so the next start checks by stat again."""
+    files = manifest["files"]
+    size = sum(files[name]["size"] for name in moved)
+    logger.info(
+        "%d of %d files in %s have other mtimes than when stored (a copied folder?); "
+        "checking their SHA-256 (%.1f GB) once",
+        len(moved), len(files), folder, size / 1e9,
+    )
+    start = time.perf_counter()
+    for name in sorted(moved):
+        if _sha256(os.path.join(folder, name)) != files[name]["sha256"]:
+            logger.warning("%s: SHA-256 differs from the manifest", os.path.join(folder, name))
+            return False
+    for name, mtime in moved.items():
+        files[name]["mtime_ns"] = mtime
+    try:
+        _replace_manifest(folder, manifest)
+        logger.info("Intact (%.1f s); recorded the new mtimes in the manifest",
+                    time.perf_counter() - start)
+    except OSError as e:
+        logger.info("Intact (%.1f s); could not record the new mtimes (%s), so the next "
+                    "start hashes them again", time.perf_counter() - start, e)
+    return True
+
+
+def _replace_manifest(folder: str, manifest: dict[str, Any]) -> None:
+    """Rewrite the manifest atomically: readers see the old one or the new one, whole."""
+    path = os.path.join(folder, MANIFEST)
+    mode = stat.S_IMODE(os.stat(path).st_mode)
+    fd, tmp = tempfile.mkstemp(prefix=_MANIFEST_TMP, dir=folder)
+    try:
+        with os.fdopen(fd, "w") as f:
+            json.dump(manifest, f, indent=1, sort_keys=True)
+            f.flush()
+            os.fsync(f.fileno())
+        os.chmod(tmp, mode)  # mkstemp's 0600 would hide it from a shared cache's users
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
+        raise
+
+
+def verify_folder(folder: str) -> tuple[list[str], int, int]:
+    """The full check: every file's SHA-256 against the manifest, whatever its mtime.
+    Returns (problems, one per bad file, each naming it; files checked; bytes hashed)."""
+    try:
+        with open(os.path.join(folder, MANIFEST)) as f:
+            files = json.load(f)["files"]
+        expected = {name: (meta["size"], meta["sha256"]) for name, meta in files.items()}
+    except (OSError, ValueError, KeyError, TypeError, AttributeError) as e:
+        return [f"{os.path.join(folder, MANIFEST)}: no readable manifest ({e})"], 0, 0
+    problems = []
+    present = set(_files(folder))
+    hashed = 0
+    for name in sorted(present - set(expected)):
+        problems.append(f"{os.path.join(folder, name)}: not in the manifest")
+    for name, (size, digest) in sorted(expected.items()):
+        path = os.path.join(folder, name)
+        if name not in present:
+            problems.append(f"{path}: missing")
+            continue
+        actual = os.path.getsize(path)
+        if actual != size:
+            problems.append(f"{path}: {actual} bytes, the manifest says {size}")
+            continue
+        if _sha256(path) != digest:
+            problems.append(f"{path}: SHA-256 differs from the manifest")
+        hashed += actual
+    return problems, len(expected), hashed
+
+
 def _write_manifest(folder: str, key: str, neuron_config: dict, backend: str) -> None:
-    files = {
-        name: {"size": os.path.getsize(p), "sha256": _sha256(p)}
-        for name in _files(folder)
-        for p in [os.path.join(folder, name)]
-    }
+    files = {name: _file_entry(os.path.join(folder, name)) for name in _files(folder)}
     manifest = {
         "key": key,
         "backend": backend,
@@ -275,7 +405,8 @@ def _check_replaceable(folder: str) -> None:
     entries = set(os.listdir(folder))
     ours = os.path.basename(os.path.dirname(folder)) == DEFAULT_SUBDIR
     graphs = {e for e in entries if e.endswith((".neff", ".pt"))}  # compiled graphs
-    if ours or entries - graphs <= ARTIFACT_NAMES:
+    manifests = {e for e in entries if _is_manifest(e)}
+    if ours or entries - graphs - manifests <= ARTIFACT_NAMES:
         return
     raise RuntimeError(
         f"{folder} holds files that are not compiled artifacts; refusing to replace it. "
@@ -298,3 +429,30 @@ def _umask() -> int:
     mask = os.umask(0)
     os.umask(mask)
     return mask
+
+
+def main(argv: list[str] | None = None) -> int:
+    """``python -m vllm_neuronx.artifacts verify <folder>``: the full SHA-256 check."""
+    parser = argparse.ArgumentParser(prog="python -m vllm_neuronx.artifacts",
+                                     description="Check a compiled-artifacts folder.")
+    commands = parser.add_subparsers(dest="command", required=True)
+    check = commands.add_parser("verify", help="hash every file and compare with the manifest")
+    check.add_argument("folder")
+    args = parser.parse_args(argv)
+    folder = os.path.abspath(args.folder)
+    start = time.perf_counter()
+    problems, count, size = verify_folder(folder)
+    seconds = time.perf_counter() - start
+    for problem in problems:
+        print(problem)
+    if problems:
+        print(f"{folder}: {len(problems)} problem(s); remove the folder and the next start "
+              "compiles it again")
+        return 1
+    print(f"{folder}: {count} files, {size:,} bytes, every SHA-256 matches the manifest "
+          f"({seconds:.1f} s)")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

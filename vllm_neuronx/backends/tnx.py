@@ -178,7 +178,12 @@ class TnxBackend(NeuronBackend):
 
     @classmethod
     def version(cls) -> str:
-        return "tnx-1"
+        """Artifacts of another compiler, runtime or TNx release are recompiled."""
+        from vllm_neuronx.artifacts import package_versions
+
+        return "tnx-2 " + package_versions(
+            ("torch", "transformers", "neuronx-cc", "torch-neuronx", "transformers-neuronx")
+        )
 
     @classmethod
     def sampling_capabilities(cls, neuron_config: dict[str, Any]) -> SamplingCapabilities:
