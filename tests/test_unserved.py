@@ -34,6 +34,9 @@ def test_keys_off_or_served_elsewhere_pass():
         unserved.check_neuron_config(defaults, backend)
     # NxDI quantizes from its own config keys.
     unserved.check_neuron_config({"quantized": True, "quantization_dtype": "int8"}, "nxdi")
+    # What NxDI saves in every compiled config sizes features, it does not ask for them.
+    unserved.check_neuron_config({"spec_batch_size": 4, "pa_num_blocks": 4, "pa_block_size": 512,
+                                  "speculation_length": 0, "is_prefix_caching": False}, "nxdi")
 
 
 def engine_config(model: str, **kwargs):
@@ -45,8 +48,9 @@ def test_quantization_keys_on_the_cpu_backend_fail_at_start_up_not_silently(tiny
     overrides = {"quantized": True, "quantization_dtype": "int8",
                  "quantization_type": "per_channel_symmetric"}
     with pytest.raises(ValueError, match="'quantized'.*issue 18.*also refused: "
-                                         "quantization_type, quantization_dtype"):
-        engine_config(tiny_llama, device="neuron", override_neuron_config=overrides)
+                                         "kv_cache_quant"):
+        engine_config(tiny_llama, device="neuron",
+                      override_neuron_config={**overrides, "kv_cache_quant": True})
 
 
 @pytest.mark.parametrize(("kwargs", "setting", "issue"), [

@@ -3,7 +3,7 @@
 The neuron config is a plain dict with NxDI's field names (``NeuronConfig(**d)``
 takes it as is). Every backend reads the same dict, so the CPU backend honours
 exactly what a Neuron device would be compiled for. NxDI silently drops keys it
-does not know; we refuse them and name the key.
+does not know; we refuse them and name the key and the nearest known ones.
 """
 
 from __future__ import annotations
@@ -16,6 +16,8 @@ from collections.abc import Mapping, Sequence
 from typing import Any
 
 import torch
+
+from vllm_neuronx import nxdi_keys
 
 DEFAULT_GLOBAL_TOPK = 256
 MIN_BUCKET = 128
@@ -31,54 +33,34 @@ ON_DEVICE_SAMPLING_DEFAULTS: dict[str, Any] = {
     "deterministic": False,
     "global_topk": DEFAULT_GLOBAL_TOPK,
 }
-ON_DEVICE_SAMPLING_KEYS = frozenset(ON_DEVICE_SAMPLING_DEFAULTS) | {
-    "on_device_sampling_config",
-    "top_k_kernel_enabled",
-    "sampling_dp_degree",
-}
 
-# NeuronConfig fields that users pass through the override, as NxDI 0.10 (SDK 2.31) takes them
-# (is_chunked_prefill is derived from chunked_prefill_config there, not a keyword).
-NEURON_CONFIG_KEYS = frozenset(
-    """
-    batch_size ctx_batch_size tkg_batch_size max_batch_size kv_cache_batch_size
-    kv_cache_padding_size seq_len max_context_length max_new_tokens max_length
-    n_active_tokens n_positions padding_side allow_input_truncation torch_dtype
-    rpl_reduce_dtype cast_type attention_dtype output_logits on_cpu vocab_parallel
-    enable_bucketing buckets bucket_n_active_tokens context_encoding_buckets
-    token_generation_buckets prefix_buckets token_generation_batches
-    is_continuous_batching k_cache_transposed disable_kv_cache_tiling
-    kv_cache_quant kv_quant_config flash_decoding_enabled apply_seq_ids_mask
-    is_block_kv_layout pa_num_blocks pa_block_size is_prefix_caching
-    chunked_prefill_config windowed_context_encoding_size on_device_sampling_config
-    speculation_length spec_batch_size enable_fused_speculation enable_eagle_speculation
-    is_eagle_draft enable_eagle_draft_input_norm token_tree_config is_medusa
-    medusa_speculation_length num_medusa_heads medusa_tree
-    quantized quantized_checkpoints_path quantization_type quantization_dtype
-    modules_to_not_convert draft_model_modules_to_not_convert quantized_mlp_kernel_enabled
-    activation_quantization_type rmsnorm_quantize_kernel_enabled quantize_clamp_bound
-    quantization_block_size quantization_block_axis quantization_scale_dtype
-    is_mxfp4_compute tp_degree pp_degree ep_degree world_size start_rank_id
-    local_ranks_size logical_nc_config logical_neuron_cores sequence_parallel_enabled
-    weight_gather_seq_len_threshold save_sharded_checkpoint skip_sharding cp_degree
-    attention_dp_degree mlp_cp_degree moe_tp_degree moe_ep_degree fused_qkv
-    attn_kernel_enabled qkv_kernel_enabled qkv_kernel_nbsd_layout mlp_kernel_enabled
-    fused_rmsnorm_skip_gamma mlp_kernel_fuse_residual_add qkv_kernel_fuse_residual_add
-    attn_tkg_nki_kernel_enabled attn_tkg_builtin_kernel_enabled
-    attn_block_tkg_nki_kernel_enabled attn_block_tkg_nki_kernel_cache_update
-    layer_boundary_markers qk_layernorm async_mode cc_pipeline_tiling_factor target
-    skip_warmup lora_config weights_to_skip_layout_optimization scratchpad_page_size
-    lm_head_pad disable_argmax_kernel tensor_capture_config switch_cc
-    capacity_factor glu_mlp glu_type router_config blockwise_matmul_config
-    disable_normalize_top_k_affinities fused_shared_experts hybrid_sharding_config
-    """.split()
-)
+# The override keys are NxDI's own, read from its source (nxdi_keys.py): the installed
+# release's on a Neuron host, else the committed table of the releases we support.
+# NEURON_CONFIG_KEYS, KNOWN_KEYS and ON_DEVICE_SAMPLING_KEYS are computed on use (the
+# module's __getattr__ below), so they follow the installed NxDI.
+
 # Keys the vLLM side consumes (LoRA adapters, transformers-neuronx extras).
 VLLM_SIDE_KEYS = frozenset(
     "lora_modules target_modules cast_logits_dtype continuous_batching quant "
     "on_device_generation sparse_attn".split()
 )
-KNOWN_KEYS = NEURON_CONFIG_KEYS | VLLM_SIDE_KEYS
+
+
+def neuron_config_keys() -> nxdi_keys.KeySet:
+    """The NxDI keys the check accepts now (installed release, else supported releases)."""
+    return nxdi_keys.current()
+
+
+def __getattr__(name: str) -> frozenset[str]:
+    """The key sets as constants, computed on use: the installed NxDI decides them."""
+    if name == "NEURON_CONFIG_KEYS":
+        return neuron_config_keys().top
+    if name == "KNOWN_KEYS":
+        return neuron_config_keys().top | VLLM_SIDE_KEYS
+    if name == "ON_DEVICE_SAMPLING_KEYS":
+        return neuron_config_keys().nested.get("on_device_sampling_config", frozenset())
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
 
 _DTYPE_NAMES = {
     torch.float32: "float32",
@@ -151,20 +133,29 @@ def parse_overrides(raw: Any) -> dict[str, Any]:
     return dict(raw)
 
 
+def _unknown(what: str, key: str, known: frozenset[str], origin: str) -> NeuronConfigError:
+    """The error for a key NxDI would drop: the key, the nearest known ones, and where
+    the known keys come from (and which releases take it, if other ones do)."""
+    close = difflib.get_close_matches(key, sorted(known), n=3, cutoff=0.6)
+    hint = f"; did you mean {' or '.join(repr(c) for c in close)}?" if close else ""
+    elsewhere = nxdi_keys.releases_taking(key) if what == "override_neuron_config" else []
+    also = f"; it is a key of NxDI {', '.join(elsewhere)}" if elsewhere else ""
+    return NeuronConfigError(
+        f"unknown {what} key {key!r}{hint} (checked against the keys of {origin}){also}")
+
+
 def check_known_keys(overrides: Mapping[str, Any]) -> None:
-    """Refuse keys that no backend knows (NxDI would drop them with a warning)."""
+    """Refuse keys NxDI would drop with only a warning, naming the nearest valid keys."""
+    keys = neuron_config_keys()
+    known = keys.top | VLLM_SIDE_KEYS
     for key, value in overrides.items():
-        if key not in KNOWN_KEYS:
-            close = difflib.get_close_matches(key, sorted(KNOWN_KEYS), n=1)
-            hint = f"; did you mean {close[0]!r}?" if close else ""
-            raise NeuronConfigError(f"unknown override_neuron_config key {key!r}{hint}")
-        if key == "on_device_sampling_config" and isinstance(value, Mapping):
+        if key not in known:
+            raise _unknown("override_neuron_config", key, known, keys.origin)
+        sub_keys = keys.nested.get(key)
+        if sub_keys is not None and isinstance(value, Mapping):
             for sub in value:
-                if sub not in ON_DEVICE_SAMPLING_KEYS:
-                    raise NeuronConfigError(
-                        f"unknown on_device_sampling_config key {sub!r}; known: "
-                        f"{sorted(ON_DEVICE_SAMPLING_KEYS)}"
-                    )
+                if sub not in sub_keys:
+                    raise _unknown(key, sub, sub_keys, keys.origin)
 
 
 def merge_overrides(defaults: Mapping[str, Any], overrides: Mapping[str, Any]) -> dict:

@@ -40,26 +40,22 @@ _LORA = Unserved("LoRA adapters", ALL_BACKENDS, 19)
 # NxDI quantizes from its own config; the CPU backend computes float weights only.
 _QUANTIZATION = Unserved("quantization through the neuron config", frozenset({"cpu"}), 18)
 
-# override_neuron_config keys -> what they ask for.
+# override_neuron_config keys that ask for a feature -> the feature. Keys that only size
+# or tune one (spec_batch_size, pa_num_blocks, pa_block_size, quantization_dtype...) ask
+# for nothing by themselves: NxDI saves them with values in every config it compiles.
 UNSERVED_KEYS: dict[str, Unserved] = {
     **dict.fromkeys(
-        ("speculation_length", "spec_batch_size", "enable_fused_speculation",
-         "enable_eagle_speculation", "is_eagle_draft", "is_eagle3",
-         "enable_eagle_draft_input_norm", "token_tree_config", "is_medusa",
-         "medusa_speculation_length", "num_medusa_heads", "medusa_tree"),
+        ("speculation_length", "enable_fused_speculation", "enable_eagle_speculation",
+         "is_eagle_draft", "is_eagle3", "token_tree_config", "is_medusa",
+         "medusa_speculation_length", "medusa_tree"),
         _SPECULATION),
     **dict.fromkeys(
-        ("is_prefix_caching", "is_block_kv_layout", "pa_num_blocks", "pa_block_size",
-         "chunked_prefill_config", "prefix_buckets"),
-        _BLOCK_KV),
+        ("is_prefix_caching", "is_block_kv_layout", "chunked_prefill_config"), _BLOCK_KV),
     "async_mode": _ASYNC,
-    **dict.fromkeys(("lora_modules", "target_modules", "lora_config"), _LORA),
+    **dict.fromkeys(("lora_modules", "lora_config"), _LORA),
     **dict.fromkeys(
-        ("quantized", "quantized_checkpoints_path", "quantization_type", "quantization_dtype",
-         "modules_to_not_convert", "draft_model_modules_to_not_convert",
-         "quantized_mlp_kernel_enabled", "activation_quantization_type", "kv_cache_quant",
-         "kv_quant_config", "quantization_block_size", "quantization_block_axis",
-         "quantization_scale_dtype", "quantize_clamp_bound"),
+        ("quantized", "quantized_mlp_kernel_enabled", "activation_quantization_type",
+         "kv_cache_quant"),
         _QUANTIZATION),
 }
 

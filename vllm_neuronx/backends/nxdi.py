@@ -20,7 +20,6 @@ from __future__ import annotations
 import copy
 import glob
 import importlib
-import importlib.metadata
 import json
 import os
 from collections.abc import Mapping
@@ -29,6 +28,7 @@ from typing import Any
 import torch
 
 from vllm_neuronx import neuron_config as nc
+from vllm_neuronx import nxdi_keys
 from vllm_neuronx.backends.protocol import Batch, ForwardOutput, NeuronBackend
 from vllm_neuronx.log import get_logger
 
@@ -202,8 +202,9 @@ class NxdiBackend(NeuronBackend):
     @classmethod
     def stored_config(cls, folder: str) -> dict[str, Any] | None:
         """The neuron config NxDI's compile saved in ``folder`` (neuron_config.json), or
-        None. Only the fields our neuron config knows are kept: NxDI also saves internal
-        attributes that are no NeuronConfig keyword (NxDI would warn on each)."""
+        None. Every keyword NxDI takes is kept (an attribute saved under another name goes
+        back under its keyword); the attributes NxDI derives again are not (it would warn
+        on each)."""
         try:
             with open(os.path.join(folder, NXDI_CONFIG_FILE)) as f:
                 saved = json.load(f)
@@ -212,20 +213,17 @@ class NxdiBackend(NeuronBackend):
         stored = saved.get("neuron_config") if isinstance(saved, dict) else None
         if not isinstance(stored, dict):
             return None
-        return {k: v for k, v in stored.items() if k in nc.NEURON_CONFIG_KEYS}
+        return nxdi_keys.stored_keywords(stored, nc.neuron_config_keys())[0]
 
     @classmethod
     def version(cls) -> str:
-        """Artifacts of another NxDI release are recompiled, not loaded."""
-        try:
-            release = importlib.metadata.version("neuronx-distributed-inference")
-        except importlib.metadata.PackageNotFoundError:
-            try:
-                module = importlib.import_module(NXDI_PACKAGE)
-                release = getattr(module, "__version__", "unknown")
-            except ImportError:
-                release = "absent"
-        return f"nxdi-1-{release}"
+        """Artifacts of another compiler, runtime or NxDI release are recompiled, not loaded."""
+        from vllm_neuronx.artifacts import package_versions
+
+        return "nxdi-2 " + package_versions(
+            ("torch", "transformers", "neuronx-cc", "torch-neuronx", "neuronx-distributed",
+             "neuronx-distributed-inference")
+        )
 
     # -- NxDI configuration -------------------------------------------------------------------
     def _inference_config(self):

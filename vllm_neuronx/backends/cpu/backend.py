@@ -25,7 +25,7 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 from tqdm import tqdm
 
-from vllm_neuronx import envs, sampling
+from vllm_neuronx import envs, nxdi_keys, sampling
 from vllm_neuronx import neuron_config as nc
 from vllm_neuronx.backends.cpu import kernels, memory
 from vllm_neuronx.backends.cpu.llama import (
@@ -103,6 +103,14 @@ def cpu_threads() -> int:
         return max(1, os.cpu_count() or 1)
 
 
+@functools.cache
+def _note_device_only(keys: tuple[str, ...]) -> None:
+    """One line per process for a set of keys: validate runs several times a start."""
+    logger.info(
+        "CPU backend: override_neuron_config keys %s only change how a Neuron device "
+        "compiles or runs the model; they have no effect on the CPU", ", ".join(keys))
+
+
 class CpuBackend(NeuronBackend):
     framework = "cpu"
     architectures = SUPPORTED_ARCHITECTURES
@@ -129,9 +137,13 @@ class CpuBackend(NeuronBackend):
     @classmethod
     def version(cls) -> str:
         # 2: weights stored in the requested dtype, with the native kernels; 3: the
-        # kernel variant in the key.
+        # kernel variant in the key; 4: torch's version (it converts the weights; the
+        # checkpoint is read without transformers).
+        from vllm_neuronx.artifacts import package_versions
+
         variant = kernels.chosen()
-        return f"cpu-3-{variant.name if variant else kernels.TORCH}-{kernels.source_digest()}"
+        return (f"cpu-4-{variant.name if variant else kernels.TORCH}-{kernels.source_digest()} "
+                + package_versions(("torch",)))
 
     @classmethod
     def validate(cls, neuron_config: dict, *, quantization: str | None = None) -> None:
@@ -148,6 +160,9 @@ class CpuBackend(NeuronBackend):
             raise nc.NeuronConfigError(
                 "torch_dtype float16 is not supported by the CPU backend; use bfloat16 or float32"
             )
+        device_only = nxdi_keys.device_only(neuron_config)
+        if device_only:
+            _note_device_only(tuple(device_only))
 
     @classmethod
     def sampling_capabilities(cls, neuron_config: dict) -> SamplingCapabilities:

@@ -1,9 +1,12 @@
 """Simulated ``neuronx_distributed_inference.models.config``.
 
-NeuronConfig knows the field names NxDI's NeuronConfig pops from its kwargs
-(releases 0.3 to 0.9). NxDI only logs a warning for any other key and drops it;
-here it is a TypeError naming the key, so a misspelled or renamed key (upstream
-vLLM's ``lora_serving_config``) fails the test instead of vanishing.
+The config classes take their keys the way NxDI's do: each one popped from
+``**kwargs`` by name, with NxDI's default (NxDI's main branch, the 2.29-v2 sync).
+NxDI only logs a warning for a key left over and drops it; here it is a TypeError
+naming the key, so a misspelled or renamed key (upstream vLLM's
+``lora_serving_config``) fails the test instead of vanishing.
+tests/test_neuron_config.py checks that vllm_neuronx's reader of NxDI's source finds
+here the keys of the committed table's main release, no more and no fewer.
 """
 
 from __future__ import annotations
@@ -26,82 +29,13 @@ _DTYPES = {
     "float8_e5m2": torch.float8_e5m2,
 }
 
-# Every NeuronConfig keyword NxDI accepts (NeuronConfig.__init__ of the newest public source,
-# the 2.29-v2 sync; NxDI 0.10.18399 announces no change to it).
-NEURON_CONFIG_FIELDS = frozenset(
-    """
-    activation_quantization_type allow_input_truncation apply_seq_ids_mask async_mode
-    attention_dp_degree attention_dtype attn_block_cte_nki_kernel_enabled
-    attn_block_tkg_nki_kernel_cache_update attn_block_tkg_nki_kernel_cascaded_attention
-    attn_block_tkg_nki_kernel_disable_gpsimd_sb2sb attn_block_tkg_nki_kernel_enabled
-    attn_block_tkg_nki_kernel_use_online_softmax attn_cls attn_kernel_enabled
-    attn_tkg_builtin_kernel_enabled attn_tkg_nki_kernel_enabled batch_size
-    bucket_n_active_tokens buckets cast_type cc_pipeline_tiling_factor chunked_prefill_config
-    context_encoding_buckets cp_degree ctx_batch_size
-    disable_argmax_kernel disable_kv_cache_tiling disable_numeric_cc_token dma_order_config
-    draft_model_modules_to_not_convert eagle_rolling_buffer_kernel_enabled enable_bucketing
-    enable_cte_modular_flow enable_eagle_draft_input_norm enable_eagle_speculation
-    enable_fused_speculation enable_output_completion_notifications enable_spill_reload_dge
-    enable_ve_data_parallel ep_degree ep_dispatch_cc_option expert_mlp_nki_kernel_enabled
-    flash_decoding_enabled fused_qkv fused_rmsnorm_skip_gamma is_block_kv_layout
-    is_continuous_batching is_eagle3 is_eagle_draft is_full_model_shuffled
-    is_medusa is_mxfp4_compute is_prefix_caching k_cache_transposed kv_cache_batch_size
-    kv_cache_padding_size kv_cache_quant kv_quant_config layer_boundary_markers lm_head_pad
-    lm_head_pad_alignment_size local_ranks_size logical_nc_config logical_neuron_cores
-    lora_config max_batch_size max_context_length max_length max_new_tokens
-    medusa_speculation_length medusa_tree mlp_cp_degree mlp_kernel_enabled
-    mlp_kernel_fuse_residual_add mlp_tkg_nki_kernel_enabled modules_to_not_convert
-    moe_fused_nki_kernel_enabled n_active_tokens n_positions num_medusa_heads on_cpu
-    on_device_sampling_config out_proj_kernel_enabled output_logits overrides_torch_dtype
-    pa_block_size pa_num_blocks padded_hidden_size padded_intermediate_size padding_side
-    pp_degree pre_rope_rmsnorm prefix_buckets qk_layernorm qkv_cte_nki_kernel_fuse_rope
-    qkv_kernel_enabled qkv_kernel_fuse_residual_add qkv_kernel_nbsd_layout
-    qkv_nki_kernel_enabled quantization_block_axis quantization_block_size quantization_dtype
-    quantization_scale_dtype quantization_type quantize_clamp_bound quantized
-    quantized_checkpoints_path quantized_mlp_kernel_enabled rmsnorm_quantize_kernel_enabled
-    router_topk_nki_kernel_enabled rpl_reduce_dtype save_sharded_checkpoint
-    scratchpad_page_size seq_len seq_len_threshold_for_cc_tiling sequence_parallel_enabled
-    shared_mlp_nki_kernel_enabled skip_sharding skip_warmup spec_batch_size speculation_length
-    start_rank_id strided_context_parallel_kernel_enabled switch_cc target tensor_capture_config
-    tensor_replacement_config tkg_batch_size token_generation_batches token_generation_buckets
-    token_tree_config torch_dtype tp_degree vocab_parallel weight_gather_seq_len_threshold
-    weights_to_skip_layout_optimization windowed_context_encoding_size world_size
-    """.split()
-)
 
-# MoENeuronConfig's own keywords (it passes the rest to NeuronConfig).
-MOE_FIELDS = frozenset(
-    """
-    capacity_factor glu_mlp glu_type hidden_act_scaling_factor hidden_act_bias
-    gate_clamp_upper_limit gate_clamp_lower_limit up_clamp_upper_limit up_clamp_lower_limit
-    use_index_calc_kernel moe_mask_padded_tokens early_expert_affinity_modulation
-    disable_normalize_top_k_affinities fused_shared_experts
-    shared_experts_sequence_parallel_enabled return_expert_index return_router_logits
-    hybrid_sharding_config moe_tp_degree moe_ep_degree transpose_shared_experts_weights
-    blockwise_matmul_config router_config
-    """.split()
-)
-
-ON_DEVICE_SAMPLING_FIELDS = {
-    "do_sample": False,
-    "top_k": 1,
-    "top_p": 1.0,
-    "temperature": 1.0,
-    "dynamic": False,
-    "deterministic": False,
-    "global_topk": 256,
-    "on_device_sampling_config": True,
-    "top_k_kernel_enabled": False,
-    "sampling_dp_degree": 1,
-}
-
-
-def _refuse_unknown(cls_name: str, kwargs: dict, known: frozenset | set) -> None:
-    unknown = sorted(set(kwargs) - set(known))
-    if unknown:
+def _refuse_unknown(cls_name: str, kwargs: dict) -> None:
+    """What is left after every known key was popped: NxDI logs it and drops it."""
+    if kwargs:
         raise TypeError(
-            f"{cls_name} got unexpected keyword arguments {unknown} (real NxDI would only "
-            "log a warning and ignore them)"
+            f"{cls_name} got unexpected keyword arguments {sorted(kwargs)} (real NxDI would "
+            "only log a warning and ignore them)"
         )
 
 
@@ -116,51 +50,82 @@ def to_torch_dtype(value: Any) -> torch.dtype:
 
 class OnDeviceSamplingConfig:
     def __init__(self, **kwargs) -> None:
-        _refuse_unknown("OnDeviceSamplingConfig", kwargs, set(ON_DEVICE_SAMPLING_FIELDS))
-        for name, default in ON_DEVICE_SAMPLING_FIELDS.items():
-            setattr(self, name, kwargs.get(name, default))
+        self.do_sample = kwargs.pop("do_sample", False)
+        self.top_k = kwargs.pop("top_k", 1)
+        self.top_p = kwargs.pop("top_p", 1.0)
+        self.temperature = kwargs.pop("temperature", 1.0)
+        self.dynamic = kwargs.pop("dynamic", False)
+        self.deterministic = kwargs.pop("deterministic", False)
+        self.global_topk = kwargs.pop("global_topk", 256)
+        self.on_device_sampling_config = kwargs.pop("on_device_sampling_config", True)
+        self.top_k_kernel_enabled = kwargs.pop("top_k_kernel_enabled", False)
+        self.sampling_dp_degree = kwargs.pop("sampling_dp_degree", 1)
+        _refuse_unknown("OnDeviceSamplingConfig", kwargs)
         if not isinstance(self.global_topk, int) or self.global_topk < 1:
             raise ValueError(f"global_topk must be a positive integer, got {self.global_topk!r}")
 
 
 class NeuronConfig:
-    """The compile-time settings of one model (shapes, parallelism, features)."""
+    """The compile-time settings of one model (shapes, parallelism, features).
+
+    Every key is popped by name, in NxDI's order and with NxDI's default (the newest
+    public source, the 2.29-v2 sync; NxDI 0.10.18399 announces no change to it), so
+    the saved config holds every field as NxDI's does, and vllm_neuronx's reader of
+    NxDI's source (nxdi_keys.py) finds here exactly the keys it finds in NxDI. Only
+    the settings the simulator models are checked.
+    """
 
     def __init__(self, **kwargs) -> None:
-        _refuse_unknown(type(self).__name__, kwargs, NEURON_CONFIG_FIELDS)
-        get = kwargs.pop
-        self.batch_size = get("batch_size", 1)
-        self.padding_side = get("padding_side", "right")
-        self.allow_input_truncation = get("allow_input_truncation", False)
-        self.seq_len = get("seq_len", 128)
-        self.n_active_tokens = get("n_active_tokens", self.seq_len)
-        self.n_positions = get("n_positions", self.seq_len)
-        self.output_logits = get("output_logits", False)
+        self.batch_size = kwargs.pop("batch_size", 1)
+        self.padding_side = kwargs.pop("padding_side", "right")
+        self.allow_input_truncation = kwargs.pop("allow_input_truncation", False)
+        self.seq_len = kwargs.pop("seq_len", 128)
+        self.n_active_tokens = kwargs.pop("n_active_tokens", self.seq_len)
+        self.n_positions = kwargs.pop("n_positions", self.seq_len)
+        self.on_cpu = kwargs.pop("on_cpu", False)
+        self.output_logits = kwargs.pop("output_logits", False)
         if "torch_dtype" in kwargs:
-            self.torch_dtype = to_torch_dtype(get("torch_dtype"))
-            self.overrides_torch_dtype = get("overrides_torch_dtype", True)
+            self.torch_dtype = to_torch_dtype(kwargs.pop("torch_dtype"))
+            self.overrides_torch_dtype = kwargs.pop("overrides_torch_dtype", True)
         else:
             self.torch_dtype = torch.bfloat16
-            self.overrides_torch_dtype = get("overrides_torch_dtype", False)
-        self.max_context_length = get("max_context_length", self.seq_len)
-        self.max_length = get("max_length", self.seq_len)
+            self.overrides_torch_dtype = False
+        self.cast_type = kwargs.pop("cast_type", "config")
+        self.rpl_reduce_dtype = kwargs.pop("rpl_reduce_dtype", None)
+        self.attention_dtype = kwargs.pop("attention_dtype", None)
+        self.max_context_length = kwargs.pop("max_context_length", self.seq_len)
+        self.max_new_tokens = kwargs.pop("max_new_tokens", self.seq_len - self.max_context_length)
+        self.max_length = kwargs.pop("max_length", self.seq_len)
         if self.max_context_length > self.max_length:
             raise ValueError("max_context_length cannot be more than max_length")
-        self.ctx_batch_size = get("ctx_batch_size", self.batch_size)
-        self.tkg_batch_size = get("tkg_batch_size", self.batch_size)
-        self.max_batch_size = get("max_batch_size", self.batch_size)
-        self.kv_cache_batch_size = get("kv_cache_batch_size", self.batch_size)
-        self.is_continuous_batching = get("is_continuous_batching", False)
+        self.vocab_parallel = kwargs.pop("vocab_parallel", False)
+        self.enable_cte_modular_flow = kwargs.pop("enable_cte_modular_flow", False)
+        self.layer_boundary_markers = kwargs.pop("layer_boundary_markers", False)
+        self.fused_qkv = kwargs.pop("fused_qkv", False)
+        self.sequence_parallel_enabled = kwargs.pop("sequence_parallel_enabled", False)
+        self.weight_gather_seq_len_threshold = kwargs.pop("weight_gather_seq_len_threshold", 32768)
+        self.attn_cls = kwargs.pop("attn_cls", "NeuronLlamaAttention")
+        self.ctx_batch_size = kwargs.pop("ctx_batch_size", self.batch_size)
+        self.tkg_batch_size = kwargs.pop("tkg_batch_size", self.batch_size)
+        self.max_batch_size = kwargs.pop("max_batch_size", self.batch_size)
+        self.is_continuous_batching = kwargs.pop("is_continuous_batching", False)
+        self.kv_cache_batch_size = kwargs.pop("kv_cache_batch_size", self.batch_size)
+        self.kv_cache_padding_size = kwargs.pop("kv_cache_padding_size", 0)
 
-        ods = get("on_device_sampling_config", None)
-        if isinstance(ods, dict):
-            ods = OnDeviceSamplingConfig(**ods)
-        self.on_device_sampling_config = ods
+        self.on_device_sampling_config = kwargs.pop("on_device_sampling_config", None)
+        if isinstance(self.on_device_sampling_config, dict):
+            self.on_device_sampling_config = OnDeviceSamplingConfig(
+                **self.on_device_sampling_config
+            )
+        self.disable_argmax_kernel = kwargs.pop("disable_argmax_kernel", False)
+        self.async_mode = kwargs.pop("async_mode", False)
 
-        self.enable_bucketing = get("enable_bucketing", False)
-        self.buckets = get("buckets", [self.seq_len])
-        self.context_encoding_buckets = get("context_encoding_buckets", None)
-        self.token_generation_buckets = get("token_generation_buckets", None)
+        self.enable_bucketing = kwargs.pop("enable_bucketing", False)
+        self.buckets = kwargs.pop("buckets", [self.seq_len])
+        self.bucket_n_active_tokens = kwargs.pop("bucket_n_active_tokens", False)
+        self.context_encoding_buckets = kwargs.pop("context_encoding_buckets", None)
+        self.prefix_buckets = kwargs.pop("prefix_buckets", None)
+        self.token_generation_buckets = kwargs.pop("token_generation_buckets", None)
         if self.context_encoding_buckets is not None:
             self.context_encoding_buckets = sorted(self.context_encoding_buckets)
             if self.context_encoding_buckets[-1] > self.max_context_length:
@@ -175,39 +140,161 @@ class NeuronConfig:
                     f"Token generation bucket {self.token_generation_buckets[-1]} should be "
                     f"<= {self.max_length}"
                 )
+        self.token_generation_batches = kwargs.pop("token_generation_batches", None)
 
-        self.quantized = get("quantized", False)
-        self.quantized_checkpoints_path = get("quantized_checkpoints_path", None)
+        self.quantized = kwargs.pop("quantized", False)
+        self.quantized_checkpoints_path = kwargs.pop("quantized_checkpoints_path", None)
         if self.quantized and self.quantized_checkpoints_path is None:
             raise ValueError("quantized_checkpoints_path is required")
-        self.quantization_type = get("quantization_type", "per_tensor_symmetric")
-        self.quantization_dtype = get("quantization_dtype", "int8")
-        self.modules_to_not_convert = get("modules_to_not_convert", None)
+        self.quantization_type = kwargs.pop("quantization_type", "per_tensor_symmetric")
+        self.quantization_dtype = kwargs.pop("quantization_dtype", "int8")
+        self.quantization_block_size = kwargs.pop("quantization_block_size", None)
+        self.quantization_block_axis = kwargs.pop("quantization_block_axis", None)
+        self.quantization_scale_dtype = kwargs.pop("quantization_scale_dtype", "f32")
+        self.is_mxfp4_compute = kwargs.pop("is_mxfp4_compute", False)
+        self.is_full_model_shuffled = kwargs.pop("is_full_model_shuffled", False)
+        self.modules_to_not_convert = kwargs.pop("modules_to_not_convert", None)
+        self.draft_model_modules_to_not_convert = kwargs.pop(
+            "draft_model_modules_to_not_convert", None
+        )
+        self.kv_cache_quant = kwargs.pop("kv_cache_quant", False)
 
-        lora = get("lora_config", None)
-        if isinstance(lora, dict):
+        self.speculation_length = kwargs.pop("speculation_length", 0)
+        self.spec_batch_size = kwargs.pop("spec_batch_size", self.batch_size)
+        self.enable_fused_speculation = kwargs.pop("enable_fused_speculation", False)
+        self.enable_eagle_speculation = kwargs.pop("enable_eagle_speculation", False)
+        self.eagle_rolling_buffer_kernel_enabled = kwargs.pop(
+            "eagle_rolling_buffer_kernel_enabled", False
+        )
+        self.is_eagle3 = kwargs.pop("is_eagle3", False)
+        self.is_eagle_draft = kwargs.pop("is_eagle_draft", False)
+        self.enable_eagle_draft_input_norm = kwargs.pop("enable_eagle_draft_input_norm", False)
+        self.token_tree_config = kwargs.pop("token_tree_config", None)
+        self.enable_token_tree = self.token_tree_config is not None  # derived, saved too
+        self.is_medusa = kwargs.pop("is_medusa", False)
+        self.medusa_speculation_length = kwargs.pop("medusa_speculation_length", 0)
+        self.num_medusa_heads = kwargs.pop("num_medusa_heads", 0)
+        self.medusa_tree = kwargs.pop("medusa_tree", None)
+
+        self.is_block_kv_layout = kwargs.pop("is_block_kv_layout", False)
+        self.pa_num_blocks = kwargs.pop("pa_num_blocks", self.batch_size)
+        self.pa_block_size = kwargs.pop("pa_block_size", self.seq_len)
+        self.is_prefix_caching = kwargs.pop("is_prefix_caching", False)
+        self.windowed_context_encoding_size = kwargs.pop("windowed_context_encoding_size", None)
+        self.chunked_prefill_config = kwargs.pop("chunked_prefill_config", None)
+        self.kv_quant_config = kwargs.pop("kv_quant_config", None)
+        self.is_chunked_prefill = self.chunked_prefill_config is not None  # derived
+        self.tensor_replacement_config = kwargs.pop("tensor_replacement_config", None)
+        self.tensor_capture_config = kwargs.pop("tensor_capture_config", None)
+
+        self.lora_config = kwargs.pop("lora_config", None)
+        if isinstance(self.lora_config, dict):
             from neuronx_distributed_inference.modules.lora_serving import LoraServingConfig
 
-            lora = LoraServingConfig(**lora)
-        self.lora_config = lora
+            self.lora_config = LoraServingConfig(**self.lora_config)
 
-        self.tp_degree = get("tp_degree", 1)
-        self.pp_degree = get("pp_degree", 1)
-        self.ep_degree = get("ep_degree", 1)
-        world = self.tp_degree * self.pp_degree * self.ep_degree
-        self.world_size = get("world_size", None) or world
-        self.speculation_length = get("speculation_length", 0)
-        self.enable_fused_speculation = get("enable_fused_speculation", False)
-        self.is_prefix_caching = get("is_prefix_caching", False)
-        self.is_block_kv_layout = get("is_block_kv_layout", False)
-        self.apply_seq_ids_mask = get("apply_seq_ids_mask", False)
-        self.sequence_parallel_enabled = get("sequence_parallel_enabled", False)
-        self.save_sharded_checkpoint = get("save_sharded_checkpoint", False)
-        self.skip_warmup = get("skip_warmup", False)
-        self.async_mode = get("async_mode", False)
-        # Known fields this simulator does not model are kept as given.
-        for name, value in kwargs.items():
-            setattr(self, name, value)
+        self.tp_degree = kwargs.pop("tp_degree", 1)
+        self.cp_degree = kwargs.pop("cp_degree", 1)
+        self.mlp_cp_degree = kwargs.pop("mlp_cp_degree", 1)
+        self.attention_dp_degree = kwargs.pop("attention_dp_degree", 1)
+        self.pp_degree = kwargs.pop("pp_degree", 1)
+        self.ep_degree = kwargs.pop("ep_degree", 1)
+        self.save_sharded_checkpoint = kwargs.pop("save_sharded_checkpoint", False)
+        self.skip_sharding = kwargs.pop("skip_sharding", False)
+        self.enable_ve_data_parallel = kwargs.pop("enable_ve_data_parallel", False)
+        self.qk_layernorm = kwargs.pop("qk_layernorm", False)
+        self.pre_rope_rmsnorm = kwargs.pop("pre_rope_rmsnorm", False)
+        self.world_size = kwargs.pop("world_size", None)
+        if self.world_size is None:
+            self.world_size = self.tp_degree * self.pp_degree * self.ep_degree
+        self.start_rank_id = kwargs.pop("start_rank_id", 0)
+        self.local_ranks_size = kwargs.pop("local_ranks_size", None)
+        if self.local_ranks_size is None:
+            self.local_ranks_size = self.world_size
+        self.flash_decoding_enabled = kwargs.pop("flash_decoding_enabled", False)
+        self.disable_kv_cache_tiling = kwargs.pop("disable_kv_cache_tiling", False)
+        self.kv_cache_tiling = False  # derived, saved too
+        self.k_cache_transposed = kwargs.pop("k_cache_transposed", False)
+
+        # Kernels: a Neuron device's choice, nothing to simulate.
+        self.attn_kernel_enabled = kwargs.pop("attn_kernel_enabled", None)
+        self.strided_context_parallel_kernel_enabled = kwargs.pop(
+            "strided_context_parallel_kernel_enabled", False
+        )
+        self.qkv_kernel_enabled = kwargs.pop("qkv_kernel_enabled", False)
+        self.qkv_nki_kernel_enabled = kwargs.pop("qkv_nki_kernel_enabled", False)
+        self.qkv_cte_nki_kernel_fuse_rope = kwargs.pop("qkv_cte_nki_kernel_fuse_rope", False)
+        self.qkv_kernel_nbsd_layout = kwargs.pop("qkv_kernel_nbsd_layout", False)
+        self.mlp_kernel_enabled = kwargs.pop("mlp_kernel_enabled", False)
+        self.mlp_tkg_nki_kernel_enabled = kwargs.pop("mlp_tkg_nki_kernel_enabled", False)
+        self.fused_rmsnorm_skip_gamma = kwargs.pop("fused_rmsnorm_skip_gamma", False)
+        self.mlp_kernel_fuse_residual_add = kwargs.pop("mlp_kernel_fuse_residual_add", False)
+        self.qkv_kernel_fuse_residual_add = kwargs.pop("qkv_kernel_fuse_residual_add", False)
+        self.quantized_mlp_kernel_enabled = kwargs.pop("quantized_mlp_kernel_enabled", False)
+        self.out_proj_kernel_enabled = kwargs.pop("out_proj_kernel_enabled", False)
+        self.activation_quantization_type = kwargs.pop("activation_quantization_type", None)
+        self.attn_tkg_nki_kernel_enabled = kwargs.pop("attn_tkg_nki_kernel_enabled", False)
+        self.attn_tkg_builtin_kernel_enabled = kwargs.pop("attn_tkg_builtin_kernel_enabled", False)
+        self.attn_block_tkg_nki_kernel_enabled = kwargs.pop(
+            "attn_block_tkg_nki_kernel_enabled", False
+        )
+        self.attn_block_tkg_nki_kernel_cache_update = kwargs.pop(
+            "attn_block_tkg_nki_kernel_cache_update", False
+        )
+        self.attn_block_tkg_nki_kernel_cascaded_attention = kwargs.pop(
+            "attn_block_tkg_nki_kernel_cascaded_attention", False
+        )
+        self.attn_block_tkg_nki_kernel_use_online_softmax = kwargs.pop(
+            "attn_block_tkg_nki_kernel_use_online_softmax", True
+        )
+        self.attn_block_tkg_nki_kernel_disable_gpsimd_sb2sb = kwargs.pop(
+            "attn_block_tkg_nki_kernel_disable_gpsimd_sb2sb", False
+        )
+        self.attn_block_cte_nki_kernel_enabled = kwargs.pop(
+            "attn_block_cte_nki_kernel_enabled", False
+        )
+        self.rmsnorm_quantize_kernel_enabled = kwargs.pop("rmsnorm_quantize_kernel_enabled", False)
+        self.quantize_clamp_bound = kwargs.pop("quantize_clamp_bound", float("inf"))
+        self.moe_fused_nki_kernel_enabled = kwargs.pop("moe_fused_nki_kernel_enabled", None)
+        self.router_topk_nki_kernel_enabled = kwargs.pop("router_topk_nki_kernel_enabled", None)
+        self.expert_mlp_nki_kernel_enabled = kwargs.pop("expert_mlp_nki_kernel_enabled", None)
+        self.shared_mlp_nki_kernel_enabled = kwargs.pop("shared_mlp_nki_kernel_enabled", None)
+
+        self.logical_nc_config = self._get_lnc(kwargs)
+        self.lm_head_pad = kwargs.pop("lm_head_pad", self.logical_nc_config > 1)
+        self.lm_head_pad_alignment_size = kwargs.pop("lm_head_pad_alignment_size", 1)
+        self.cc_pipeline_tiling_factor = kwargs.pop("cc_pipeline_tiling_factor", 2)
+        self.seq_len_threshold_for_cc_tiling = kwargs.pop("seq_len_threshold_for_cc_tiling", 16384)
+        self.target = kwargs.pop("target", None)
+        self.enable_spill_reload_dge = kwargs.pop("enable_spill_reload_dge", False)
+        self.weights_to_skip_layout_optimization = kwargs.pop(
+            "weights_to_skip_layout_optimization", []
+        )
+        self.dma_order_config = kwargs.pop("dma_order_config", None)
+        self.apply_seq_ids_mask = kwargs.pop("apply_seq_ids_mask", False)
+        self.skip_warmup = kwargs.pop("skip_warmup", False)
+        self.scratchpad_page_size = kwargs.pop(
+            "scratchpad_page_size", 1024 if self.max_context_length >= 32 * 1024 else None
+        )
+        self.enable_output_completion_notifications = kwargs.pop(
+            "enable_output_completion_notifications", False
+        )
+        self.padded_hidden_size = kwargs.pop("padded_hidden_size", None)
+        self.padded_intermediate_size = kwargs.pop("padded_intermediate_size", None)
+        self.disable_numeric_cc_token = kwargs.pop("disable_numeric_cc_token", False)
+        self.switch_cc = kwargs.pop("switch_cc", False)
+        self.ep_dispatch_cc_option = kwargs.pop("ep_dispatch_cc_option", "AR_AG")
+        _refuse_unknown(type(self).__name__, kwargs)
+
+    def _get_lnc(self, kwargs: dict) -> int:
+        """The logical core grouping: the deprecated name, then the current one, else 1
+        (the simulator's "platform" is a trn1)."""
+        lnc = 1
+        if "logical_neuron_cores" in kwargs:
+            lnc = int(kwargs.pop("logical_neuron_cores"))
+        if "logical_nc_config" in kwargs:
+            lnc = int(kwargs.pop("logical_nc_config"))
+        return lnc
 
 
 class MultimodalVisionNeuronConfig(NeuronConfig):
@@ -217,16 +304,50 @@ class MultimodalVisionNeuronConfig(NeuronConfig):
 
 
 class MoENeuronConfig(NeuronConfig):
-    """NeuronConfig plus the mixture-of-experts settings (Mixtral, DBRX, Qwen3-MoE)."""
+    """NeuronConfig plus the mixture-of-experts settings (Mixtral, DBRX, Qwen3-MoE).
+
+    NxDI hands its kwargs to NxD core's ``RouterConfig.from_kwargs``, which reads
+    router_act_fn and router_dtype; the simulator pops them here.
+    """
 
     def __init__(self, capacity_factor: float | None = None, glu_mlp: bool = True, **kwargs):
         self.capacity_factor = None if capacity_factor is None else float(capacity_factor)
         self.glu_mlp = glu_mlp
-        for name in sorted(MOE_FIELDS - {"capacity_factor", "glu_mlp"}):
-            if name in kwargs:
-                setattr(self, name, kwargs.pop(name))
-        self.moe_tp_degree = getattr(self, "moe_tp_degree", 1)
-        self.moe_ep_degree = getattr(self, "moe_ep_degree", 1)
+        self.glu_type = kwargs.pop("glu_type", "glu")
+        self.hidden_act_scaling_factor = kwargs.pop("hidden_act_scaling_factor", 1.0)
+        self.hidden_act_bias = kwargs.pop("hidden_act_bias", 0.0)
+        self.gate_clamp_upper_limit = kwargs.pop("gate_clamp_upper_limit", None)
+        self.gate_clamp_lower_limit = kwargs.pop("gate_clamp_lower_limit", None)
+        self.up_clamp_upper_limit = kwargs.pop("up_clamp_upper_limit", None)
+        self.up_clamp_lower_limit = kwargs.pop("up_clamp_lower_limit", None)
+        self.use_index_calc_kernel = kwargs.pop("use_index_calc_kernel", False)
+        self.moe_mask_padded_tokens = kwargs.pop("moe_mask_padded_tokens", False)
+        self.early_expert_affinity_modulation = kwargs.pop(
+            "early_expert_affinity_modulation", False
+        )
+        # Saved under the positive name, as NxDI does.
+        self.normalize_top_k_affinities = not kwargs.pop(
+            "disable_normalize_top_k_affinities", False
+        )
+        self.fused_shared_experts = kwargs.pop("fused_shared_experts", False)
+        self.shared_experts_sequence_parallel_enabled = kwargs.pop(
+            "shared_experts_sequence_parallel_enabled", False
+        )
+        self.return_expert_index = kwargs.pop("return_expert_index", False)
+        self.return_router_logits = kwargs.pop("return_router_logits", False)
+        self.hybrid_sharding_config = kwargs.pop("hybrid_sharding_config", None)
+        self.moe_tp_degree = kwargs.pop("moe_tp_degree", 1)
+        self.moe_ep_degree = kwargs.pop("moe_ep_degree", 1)
+        self.transpose_shared_experts_weights = kwargs.pop(
+            "transpose_shared_experts_weights", False
+        )
+        self.blockwise_matmul_config = kwargs.pop("blockwise_matmul_config", {})
+        self.router_config = kwargs.pop("router_config", None)
+        if self.router_config is None:
+            self.router_config = {
+                "act_fn": kwargs.pop("router_act_fn", "softmax"),
+                "dtype": kwargs.pop("router_dtype", "float32"),
+            }
         super().__init__(**kwargs)
 
 
