@@ -10,8 +10,13 @@ import os
 __version__ = "0.1.0"
 
 
-def register() -> str:
-    """vllm.platform_plugins entry point: the Neuron platform, always active when installed."""
+def register() -> str | None:
+    """vllm.platform_plugins entry point: the Neuron platform where it is wanted, else None
+    so that vLLM keeps its own (a GPU host stays on its GPU): ``activation.py`` decides."""
+    from vllm_neuronx import activation
+
+    if not activation.here().active:
+        return None
     from vllm_neuronx.patches import PatchError, apply_all
 
     try:
@@ -73,7 +78,17 @@ def _pause_openmp() -> None:
 
 
 def register_patches() -> None:
-    """vllm.general_plugins entry point (every process, before args are parsed)."""
+    """vllm.general_plugins entry point (every process, before args are parsed).
+
+    Patches nothing where the platform stays out: the patches serve our platform and
+    change upstream for everyone (``tensor_parallel_size`` folded into NxDI's
+    ``tp_degree``, ``max_num_seqs`` 32, our middleware, exit statuses), so a GPU host
+    must keep upstream's vLLM untouched. Both entry points read the same decision.
+    """
+    from vllm_neuronx import activation
+
+    if not activation.here().active:
+        return
     from vllm_neuronx import quantization
     from vllm_neuronx.patches import apply_all
 

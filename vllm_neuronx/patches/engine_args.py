@@ -60,7 +60,8 @@ def add_neuron_cli_args(parser):
         "--device",
         choices=DEVICES,
         default=None,
-        help="Accepted for the Neuron user guide's commands; the platform is always Neuron.",
+        help="neuron (the Neuron user guide's flag): on a host with a GPU it also activates the "
+             "Neuron platform (vllm_neuronx/activation.py).",
     )
     group.add_argument(
         "--override-neuron-config",
