@@ -84,12 +84,13 @@ def test_unsupported_architecture_is_refused_when_the_config_is_built(tmp_path):
     import json
     import shutil
 
-    folder = tmp_path / "qwen"
+    folder = tmp_path / "qwen3-moe"
     shutil.copytree(MODEL, folder, ignore=shutil.ignore_patterns("neuron-compiled-artifacts"))
     cfg = json.loads((folder / "config.json").read_text())
-    cfg["architectures"] = ["Qwen2ForCausalLM"]
+    cfg["architectures"] = ["Qwen3MoeForCausalLM"]
     (folder / "config.json").write_text(json.dumps(cfg))
-    with pytest.raises(Exception, match=r"does not serve architectures \['Qwen2ForCausalLM'\]; "
-                                        r"supported: \['LlamaForCausalLM', 'MistralForCausalLM'\]"):
+    with pytest.raises(Exception, match=r"does not serve architectures \['Qwen3MoeForCausalLM'\]; "
+                                        r"supported: \['LlamaForCausalLM', 'MistralForCausalLM', "
+                                        r"'Qwen2ForCausalLM', 'Qwen3ForCausalLM'\]"):
         EngineArgs(model=str(folder), skip_tokenizer_init=True,
                    max_model_len=64).create_engine_config()

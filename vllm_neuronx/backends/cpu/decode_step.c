@@ -11,8 +11,9 @@
  * The arithmetic is that of llama.py (and Hugging Face): fp32 activations and KV,
  * RMSNorm, rotary as x*cos + rotate_half(x)*sin, softmax attention over each row's
  * own positions (and its sliding window), SiLU(gate)*up; the matmuls are
- * matmul_bf16.c's over bf16 weights. Biases are not handled: models with them take
- * the torch path.
+ * matmul_bf16.c's over bf16 weights. Of the families' variations it handles biases on
+ * q, k and v (Qwen2) and the per-head RMSNorm of queries and keys (Qwen3); models with
+ * other biases take the torch path.
  */
 #include <math.h>
 #include <string.h>
@@ -44,15 +45,36 @@ static void rms_norm_rows(const float *x, const float *w, float *out, int m, int
     }
 }
 
-/* Rotary on each query and key head in place; the key and value heads into the KV
- * cache at (line, head, position). */
+static void add_to(float *v, const float *bias, int n) {
+    for (int j = 0; j < n; j++)
+        v[j] += bias[j];
+}
+
+/* RMSNorm of one head in place (HF's arithmetic: fp32, weight * (x * rsqrt(mean + eps))). */
+static void norm_head(float *v, const float *w, int d, float eps) {
+    float inv = 1.0f / sqrtf(dot(v, v, d) / d + eps);
+    for (int j = 0; j < d; j++)
+        v[j] = w[j] * (v[j] * inv);
+}
+
+/* Each query and key head in place: its bias, its norm and the rotary; the key and
+ * value heads into the KV cache at (line, head, position). */
 static void rotate_and_store(const Model *md, const Layer *ly, float *qkv, int m,
                              const long *pos, const long *line) {
     int d = md->head_dim, half = d / 2, heads = md->heads + md->kv_heads, w = qkv_width(md);
+    long v_offset = (long)md->kv_heads * d;  /* from a key head to its value head */
 #pragma omp for schedule(static)
     for (int item = 0; item < m * heads; item++) {
         int r = item / heads, h = item % heads;
         float *v = qkv + (long)r * w + (long)h * d;
+        if (ly->qkv_bias != NULL) {
+            add_to(v, ly->qkv_bias + (long)h * d, d);
+            if (h >= md->heads)
+                add_to(v + v_offset, ly->qkv_bias + (long)h * d + v_offset, d);
+        }
+        const float *norm = h < md->heads ? ly->q_norm : ly->k_norm;
+        if (norm != NULL)
+            norm_head(v, norm, d, md->eps);
         const float *c = md->cos + pos[r] * d, *s = md->sin + pos[r] * d;
         for (int j = 0; j < half; j++) {
             float a = v[j], b = v[j + half];
@@ -63,7 +85,7 @@ static void rotate_and_store(const Model *md, const Layer *ly, float *qkv, int m
             int kvh = h - md->heads;
             long at = ((line[r] * md->kv_heads + kvh) * md->max_len + pos[r]) * d;
             memcpy(ly->k_cache + at, v, d * sizeof(float));
-            memcpy(ly->v_cache + at, v + (long)md->kv_heads * d, d * sizeof(float));
+            memcpy(ly->v_cache + at, v + v_offset, d * sizeof(float));
         }
     }
 }

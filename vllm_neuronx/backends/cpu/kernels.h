@@ -21,7 +21,10 @@ void matmul_team(const float *restrict x, const uint16_t *restrict w, float *res
     X(const uint16_t *, gate_up)                                                          \
     X(const uint16_t *, down)                                                             \
     X(float *, k_cache)            /* [lines, kv_heads, max_len, head_dim] */             \
-    X(float *, v_cache)
+    X(float *, v_cache)                                                                   \
+    X(const float *, qkv_bias)     /* [q + k + v widths], or NULL (Qwen2) */              \
+    X(const float *, q_norm)       /* [head_dim] per-head RMSNorm weights, or NULL */     \
+    X(const float *, k_norm)       /* (Qwen3) */
 
 /* The model: its shape, then its tensors. */
 #define MODEL_FIELDS(X)                                                                   \

@@ -245,7 +245,8 @@ class Layer(ctypes.Structure):
     """kernels.h's ``Layer``, as ctypes sees it (checked at load: ``check_layout``)."""
 
     _fields_ = [(name, ctypes.c_void_p) for name in
-                ("ln1", "ln2", "qkv", "o", "gate_up", "down", "k_cache", "v_cache")]
+                ("ln1", "ln2", "qkv", "o", "gate_up", "down", "k_cache", "v_cache",
+                 "qkv_bias", "q_norm", "k_norm")]
 
 
 class Model(ctypes.Structure):

@@ -1,4 +1,5 @@
-"""The Llama family (Llama 2/3.x, SmolLM2, TinyLlama, Mistral) in plain PyTorch.
+"""The Llama family (Llama 2/3.x, SmolLM2, TinyLlama, Mistral, Qwen2/2.5, Qwen3) in plain
+PyTorch.
 
 One readable file, no framework: a decoder that runs NxDI's two graphs, context
 encoding (prefill into a KV line) and token generation (one token per line over
@@ -24,7 +25,13 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-SUPPORTED_ARCHITECTURES = ("LlamaForCausalLM", "MistralForCausalLM")
+SUPPORTED_ARCHITECTURES = ("LlamaForCausalLM", "MistralForCausalLM", "Qwen2ForCausalLM",
+                           "Qwen3ForCausalLM")
+# Families that differ from Llama only in the attention's details (HF's modeling files):
+# Qwen2 has biases on q, k and v (its config does not say so); Qwen3 RMS-normalises each
+# query and key head before the rotary (q_norm, k_norm).
+QKV_BIAS_ALWAYS = ("Qwen2ForCausalLM",)
+QK_NORM = ("Qwen3ForCausalLM",)
 # The weights every token multiplies (the rest are norms and the embedding table).
 MATMULS = ("qkv", "o", "gate_up", "down", "lm_head")
 # Decode attention reads K/V up to the longest row, in steps of this many positions.
@@ -53,6 +60,7 @@ class LlamaSpec:
     attention_bias: bool
     mlp_bias: bool
     sliding_window: int | None
+    qk_norm: bool = False
 
     @classmethod
     def from_hf_config(cls, cfg: dict[str, Any]) -> LlamaSpec:
@@ -87,15 +95,35 @@ class LlamaSpec:
             rope_theta=float(cfg.get("rope_theta") or rope.get("rope_theta") or 10000.0),
             rope_scaling=scaling,
             tie_word_embeddings=bool(cfg.get("tie_word_embeddings", False)),
-            attention_bias=bool(cfg.get("attention_bias", False)),
+            attention_bias=bool(cfg.get("attention_bias", False))
+            or any(a in QKV_BIAS_ALWAYS for a in archs),
             mlp_bias=bool(cfg.get("mlp_bias", False)),
-            sliding_window=cfg.get("sliding_window"),
+            sliding_window=sliding_window(cfg),
+            qk_norm=any(a in QK_NORM for a in archs),
         )
 
     @classmethod
     def from_folder(cls, model_path: str) -> LlamaSpec:
         with open(os.path.join(model_path, "config.json")) as f:
             return cls.from_hf_config(json.load(f))
+
+
+def sliding_window(cfg: dict[str, Any]) -> int | None:
+    """The window every layer attends within, or None. Qwen configs carry a window that
+    applies only with ``use_sliding_window`` (and then to layers from
+    ``max_window_layers`` on, as their ``layer_types`` list); one window for some layers
+    and not others is refused rather than applied to all."""
+    window = cfg.get("sliding_window")
+    if "use_sliding_window" in cfg and not cfg["use_sliding_window"]:
+        return None
+    kinds = set(cfg.get("layer_types") or ())
+    if kinds == {"full_attention"}:
+        return None
+    if len(kinds) > 1:
+        raise ValueError(
+            f"layer_types {sorted(kinds)}: a sliding window on some layers only is not "
+            "supported by the CPU backend")
+    return window
 
 
 def rope_inv_freq(spec: LlamaSpec) -> torch.Tensor:
@@ -208,6 +236,9 @@ class LlamaModel:
             out[p + "down"] = get(p + "mlp.down_proj.weight")
             out[p + "ln1"] = get(p + "input_layernorm.weight")
             out[p + "ln2"] = get(p + "post_attention_layernorm.weight")
+            if spec.qk_norm:
+                out[p + "q_norm"] = get(p + "self_attn.q_norm.weight")
+                out[p + "k_norm"] = get(p + "self_attn.k_norm.weight")
             if spec.attention_bias:
                 out[p + "qkv_bias"] = torch.cat(
                     [get(p + f"self_attn.{n}_proj.bias") for n in "qkv"]
@@ -242,9 +273,13 @@ class LlamaModel:
         h = rms_norm(x, w[p + "ln1"], s.rms_norm_eps)
         qkv = self._linear(h, p + "qkv")
         qk, v = qkv.split([self.q_size + self.kv_size, self.kv_size], dim=-1)
+        qk = qk.view(b, t, s.num_heads + s.num_kv_heads, s.head_dim)
+        if s.qk_norm:
+            q, k = qk.split([s.num_heads, s.num_kv_heads], dim=2)
+            qk = torch.cat([rms_norm(q, w[p + "q_norm"], s.rms_norm_eps),
+                            rms_norm(k, w[p + "k_norm"], s.rms_norm_eps)], dim=2)
         # Rotary on query and key heads together: half the small ops per layer.
-        qk = apply_rope(qk.view(b, t, s.num_heads + s.num_kv_heads, s.head_dim).transpose(1, 2),
-                        cos, sin)
+        qk = apply_rope(qk.transpose(1, 2), cos, sin)
         q, k = qk.split([s.num_heads, s.num_kv_heads], dim=1)
         v = v.view(b, t, s.num_kv_heads, s.head_dim).transpose(1, 2)
         attn = attend(i, q, k, v)  # [b, heads, t, d]

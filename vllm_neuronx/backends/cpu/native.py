@@ -6,7 +6,8 @@ a prefill whose prompts hold fewer tokens in all than the kernel variant's
 ``widen_rows`` (rows of one line at positions 0..n-1 are that line's prefill; past
 it, sgemm over widened weights is faster). What it declines (bigger batches, prompt
 logits) runs on the model's torch path with the same numerics. Models with biases
-or heads wider than 256 have no native path (``NativeStep.for_model`` is None).
+other than q/k/v's, or heads wider than 256, have no native path
+(``NativeStep.for_model`` is None).
 """
 
 from __future__ import annotations
@@ -39,7 +40,9 @@ class DecodeStep:
     def __init__(self, matmul: Bf16Matmul, *, dims: dict[str, int], eps: float, scale: float,
                  tensors: dict[str, torch.Tensor | PackedWeight],
                  layers: list[dict[str, torch.Tensor | PackedWeight]], max_rows: int) -> None:
-        def ptr(t: torch.Tensor | PackedWeight) -> int:
+        def ptr(t: torch.Tensor | PackedWeight | None) -> int | None:
+            if t is None:  # an optional tensor the model does not have: NULL
+                return None
             packed = isinstance(t, PackedWeight)
             t = t.data if packed else t
             want = torch.bfloat16 if packed else torch.float32
@@ -112,10 +115,12 @@ class NativeStep:
     @classmethod
     def for_model(cls, model: LlamaModel, matmul: Bf16Matmul) -> NativeStep | None:
         """The native path of ``model``, or None where decode_step.c cannot run it: a
-        weight not packed for the kernel, a bias, or heads wider than it handles."""
+        weight not packed for the kernel, a bias other than q/k/v's, or heads wider than
+        it handles."""
         s, w = model.spec, model.w
         packed = [name for name in w if LlamaModel.is_matmul(name)]
-        if s.head_dim > MAX_HEAD_DIM or any(name + "_bias" in w for name in packed) or \
+        other_bias = any(name + "_bias" in w for name in packed if not name.endswith("qkv"))
+        if s.head_dim > MAX_HEAD_DIM or other_bias or \
                 not all(isinstance(w[name], PackedWeight) for name in packed):
             return None
         layers = []
@@ -123,7 +128,9 @@ class NativeStep:
             p = f"layers.{i}."
             layers.append({"ln1": w[p + "ln1"], "ln2": w[p + "ln2"],
                            "k_cache": model.k_cache[i], "v_cache": model.v_cache[i],
-                           **{name: w[p + name] for name in ("qkv", "o", "gate_up", "down")}})
+                           **{name: w[p + name] for name in ("qkv", "o", "gate_up", "down")},
+                           **{name: w.get(p + name) for name in ("qkv_bias", "q_norm",
+                                                                 "k_norm")}})
         dims = {"hidden": s.hidden_size, "intermediate": s.intermediate_size,
                 "heads": s.num_heads, "kv_heads": s.num_kv_heads, "head_dim": s.head_dim,
                 "layers": s.num_layers, "max_len": model.max_len, "window": model.window or 0,

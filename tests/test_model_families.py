@@ -1,0 +1,84 @@
+"""Each model family the CPU backend serves, against HF transformers in the same test:
+Qwen2 (q/k/v biases) and Qwen3 (per-head q/k RMSNorm), tied and untied heads, on every
+kernel path this CPU runs (the native decode step included) and through LLM.generate
+with requests joining and leaving mid-flight."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from tests.conftest import hf_greedy
+from tests.engine_checks import check_greedy_matches_hf
+from tests.test_cpu_backend import EVERY_PATH, backend_greedy, bf16_backend_without_bf16_units
+from tests.tiny_families import make_tiny
+from vllm_neuronx.backends.cpu import kernels
+from vllm_neuronx.backends.cpu.llama import LlamaSpec
+
+NEW_FAMILIES = ["qwen2", "qwen3"]
+
+
+@pytest.mark.parametrize("kernel", EVERY_PATH)
+@pytest.mark.parametrize(("family", "tie"), [("qwen2", False), ("qwen3", True)])
+def test_family_in_bf16_matches_hf_on_every_path(tmp_path, monkeypatch, family, tie, kernel):
+    model = make_tiny(tmp_path / "model", family, tie=tie)
+    spec = LlamaSpec.from_folder(model)
+    assert spec.attention_bias == (family == "qwen2") and spec.qk_norm == (family == "qwen3")
+    b = bf16_backend_without_bf16_units(model, tmp_path / "artifacts", monkeypatch, kernel)
+    # The native step covers the family: no fallback to the torch path for decode.
+    assert (b.native is not None) == (kernel != kernels.TORCH)
+    prompts = [[5, 6, 7, 8, 9], [10, 11], [12, 13, 14] * 7, [40]]
+    steps = 6
+    expected = hf_greedy(model, prompts, [steps] * len(prompts), weights_in=torch.bfloat16)
+    assert backend_greedy(b, prompts, steps) == expected
+
+
+@pytest.mark.parametrize("family", NEW_FAMILIES)
+def test_native_decode_step_matches_the_torch_decode_logits(tmp_path, monkeypatch, family):
+    """decode_step.c's bias and q/k norm against llama.py's, logits and KV lines."""
+    kernel = next((v.name for v in kernels.VARIANTS if kernels.runs_here(v)), None)
+    if kernel is None:
+        pytest.skip("no native kernel variant runs on this CPU")
+    model = make_tiny(tmp_path / "model", family)
+    b = bf16_backend_without_bf16_units(model, tmp_path / "artifacts", monkeypatch, kernel)
+    m = b.model
+    prompts = [[5, 6, 7, 8, 9], [10, 11], [12, 13, 14] * 30]
+    lines = [1, 4, 7]
+    from tests.test_cpu_backend import greedy, prefill_args
+
+    b.forward(*prefill_args(prompts, lines), greedy(3))
+    ids, positions = torch.tensor([20, 21, 22]), torch.tensor([5, 2, 90])
+    cache = m.k_cache.clone(), m.v_cache.clone()
+    native = b.native.decode(ids, positions, torch.tensor(lines))
+    native_cache = m.k_cache.clone(), m.v_cache.clone()
+    m.k_cache.copy_(cache[0])
+    m.v_cache.copy_(cache[1])
+    reference = m.token_generate(ids, positions, torch.tensor(lines), 128)
+    torch.testing.assert_close(native, reference, rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(native_cache[0], m.k_cache, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(native_cache[1], m.v_cache, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("family", NEW_FAMILIES)
+def test_family_through_llm_generate_matches_hf(tmp_path, family):
+    from vllm import LLM
+
+    model = make_tiny(tmp_path / "model", family)
+    llm = LLM(model=model, device="neuron", max_num_seqs=2, max_model_len=128,
+              skip_tokenizer_init=True, dtype="float32")
+    try:
+        prompts = [[5, 6, 7, 8, 9], [10, 11], [12, 13, 14] * 7, [40], [41, 42, 43]]
+        check_greedy_matches_hf(llm, model, prompts, [8, 3, 6, 5, 7])
+    finally:
+        del llm
+
+
+def test_a_window_on_some_layers_only_is_refused():
+    from vllm_neuronx.backends.cpu.llama import sliding_window
+
+    assert sliding_window({"sliding_window": 4096, "use_sliding_window": False}) is None
+    assert sliding_window({"sliding_window": 6, "layer_types": ["sliding_attention"] * 2}) == 6
+    assert sliding_window({"sliding_window": 6, "layer_types": ["full_attention"] * 2}) is None
+    with pytest.raises(ValueError, match="sliding window on some layers only"):
+        sliding_window({"sliding_window": 6, "use_sliding_window": True,
+                        "layer_types": ["full_attention", "sliding_attention"]})
