@@ -71,6 +71,7 @@ class NeuronSettings:
                 f"{choice.framework} ({choice.backend} backend) does not serve architectures "
                 f"{archs}; supported: {sorted(backend.architectures)}"
             )
+        backend.check_architectures(archs)
         quantization = vllm_config.model_config.quantization
         backend.validate(cfg, quantization=quantization)
         unserved.check_neuron_config(cfg, choice.backend)

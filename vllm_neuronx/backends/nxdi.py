@@ -39,8 +39,7 @@ NXDI_CONFIG_FILE = "neuron_config.json"  # what NxDI's compile writes next to mo
 
 # HF architecture -> (module under neuronx_distributed_inference.models, class).
 # Mistral runs on NxDI's Llama implementation, as upstream vLLM did: a separate
-# models.mistral exists only in the newest NxDI releases. Qwen2 needs NxDI >= 0.4,
-# Qwen3 and Qwen3-MoE >= 0.5.
+# models.mistral exists only in the newest NxDI releases.
 MODEL_CLASSES: dict[str, tuple[str, str]] = {
     "LlamaForCausalLM": ("llama.modeling_llama", "NeuronLlamaForCausalLM"),
     "MistralForCausalLM": ("llama.modeling_llama", "NeuronLlamaForCausalLM"),
@@ -52,6 +51,13 @@ MODEL_CLASSES: dict[str, tuple[str, str]] = {
     "MllamaForConditionalGeneration": ("mllama.modeling_mllama", "NeuronMllamaForCausalLM"),
 }
 MLLAMA = "MllamaForConditionalGeneration"
+# The first NxDI release with each family's module, where it is not 0.1 (NxDI's git tags:
+# models/qwen2 from v0.4.7422, qwen3 and qwen3_moe from v0.5.9230).
+FIRST_RELEASE: dict[str, tuple[int, int]] = {
+    "Qwen2ForCausalLM": (0, 4),
+    "Qwen3ForCausalLM": (0, 5),
+    "Qwen3MoeForCausalLM": (0, 5),
+}
 
 # The NxDI docs list trn2 (LNC=2) 1,2,4,8,16,32,64; inf2 1,2,4,8,24; trn1 1,2,8,16,32.
 SUPPORTED_TP_DEGREES = (1, 2, 4, 8, 16, 24, 32, 64)
@@ -66,6 +72,20 @@ _COMPILED_SHAPE_KEYS = ("batch_size", "seq_len", "max_context_length", "tp_degre
 def read_hf_config(model_path: str) -> dict[str, Any]:
     with open(os.path.join(model_path, "config.json")) as f:
         return json.load(f)
+
+
+def installed_release() -> tuple[str, tuple[int, int]] | None:
+    """The installed NxDI's version and (major, minor), from its package metadata; None
+    where it has none (not installed, or a source checkout)."""
+    try:
+        version = importlib.metadata.version("neuronx-distributed-inference")
+    except importlib.metadata.PackageNotFoundError:
+        return None
+    parts = version.split(".")
+    try:
+        return version, (int(parts[0]), int(parts[1]))
+    except (IndexError, ValueError):
+        return None
 
 
 def model_class_path(hf_config: Mapping[str, Any]) -> tuple[str, str, str]:
@@ -164,6 +184,19 @@ class NxdiBackend(NeuronBackend):
         self.model = None  # the NxDI application, once compiled or loaded
 
     # -- checks before anything is built ------------------------------------------------
+    @classmethod
+    def check_architectures(cls, architectures: list[str]) -> None:
+        """At start-up, not when the worker imports the model: a family newer than the
+        installed NxDI is named with the release it needs."""
+        found = installed_release()
+        arch = next((a for a in architectures if a in MODEL_CLASSES), None)
+        need = FIRST_RELEASE.get(arch)
+        if found is None or need is None or found[1] >= need:
+            return
+        raise nc.NeuronConfigError(
+            f"{arch} needs neuronx-distributed-inference >= {need[0]}.{need[1]} (the first "
+            f"release with its model); this host has {found[0]}: install a newer Neuron SDK")
+
     @classmethod
     def validate(cls, neuron_config: dict, *, quantization: str | None = None) -> None:
         """Refuse what NxDI cannot compile, naming the key to change."""

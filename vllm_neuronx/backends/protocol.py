@@ -105,6 +105,12 @@ class NeuronBackend(abc.ABC):
         return None
 
     @classmethod
+    def check_architectures(cls, architectures: list[str]) -> None:
+        """Refuse, at start-up, a model this backend lists but cannot build here (e.g. a
+        family newer than the installed framework)."""
+        return None
+
+    @classmethod
     def stored_config(cls, folder: str) -> dict[str, Any] | None:
         """The neuron config of compiled artifacts in ``folder`` written by a tool
         other than ours (e.g. NxDI's own neuron_config.json), or None."""
