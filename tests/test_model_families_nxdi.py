@@ -1,4 +1,4 @@
-"""Qwen2 and Qwen3 through the NxDI backend against the NxDI simulator (its model
+"""Qwen2, Qwen3, Mixtral and Qwen3-MoE through the NxDI backend against the NxDI simulator (its model
 classes compute with our CPU models): LLM.generate's greedy tokens equal HF's with
 requests joining and leaving mid-flight, and a family newer than the installed NxDI
 is refused at start-up, naming the release it needs."""
@@ -20,7 +20,7 @@ def sim():
         yield simulator
 
 
-@pytest.mark.parametrize("family", ["qwen2", "qwen3"])
+@pytest.mark.parametrize("family", ["qwen2", "qwen3", "mixtral", "qwen3_moe"])
 def test_family_through_nxdi_matches_hf(sim, tmp_path, monkeypatch, family):
     model = make_tiny(tmp_path / "model", family)
     monkeypatch.setenv("NEURON_COMPILED_ARTIFACTS", str(tmp_path / "compiled"))
@@ -40,6 +40,7 @@ def test_family_through_nxdi_matches_hf(sim, tmp_path, monkeypatch, family):
 @pytest.mark.parametrize(("family", "arch", "needs"), [
     ("qwen2", "Qwen2ForCausalLM", "0.4"),
     ("qwen3", "Qwen3ForCausalLM", "0.5"),
+    ("qwen3_moe", "Qwen3MoeForCausalLM", "0.5"),
 ])
 def test_a_family_newer_than_the_installed_nxdi_is_refused_at_start_up(tmp_path, monkeypatch,
                                                                        family, arch, needs):

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import re
+
 import pytest
 from vllm.engine.arg_utils import AsyncEngineArgs, EngineArgs
 from vllm.entrypoints.openai.cli_args import make_arg_parser
@@ -84,13 +86,15 @@ def test_unsupported_architecture_is_refused_when_the_config_is_built(tmp_path):
     import json
     import shutil
 
-    folder = tmp_path / "qwen3-moe"
+    from vllm_neuronx.backends.cpu.llama import SUPPORTED_ARCHITECTURES
+
+    folder = tmp_path / "dbrx"
     shutil.copytree(MODEL, folder, ignore=shutil.ignore_patterns("neuron-compiled-artifacts"))
     cfg = json.loads((folder / "config.json").read_text())
-    cfg["architectures"] = ["Qwen3MoeForCausalLM"]
+    cfg["architectures"] = ["DbrxForCausalLM"]
     (folder / "config.json").write_text(json.dumps(cfg))
-    with pytest.raises(Exception, match=r"does not serve architectures \['Qwen3MoeForCausalLM'\]; "
-                                        r"supported: \['LlamaForCausalLM', 'MistralForCausalLM', "
-                                        r"'Qwen2ForCausalLM', 'Qwen3ForCausalLM'\]"):
+    supported = re.escape(str(sorted(SUPPORTED_ARCHITECTURES)))
+    with pytest.raises(Exception, match=r"does not serve architectures \['DbrxForCausalLM'\]; "
+                                        rf"supported: {supported}"):
         EngineArgs(model=str(folder), skip_tokenizer_init=True,
                    max_model_len=64).create_engine_config()

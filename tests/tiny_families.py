@@ -10,6 +10,12 @@ FAMILIES = {
     "llama": ("Llama", {}),
     "qwen2": ("Qwen2", {}),  # q, k, v biases: always on in Qwen2
     "qwen3": ("Qwen3", {"head_dim": 24}),  # q/k norms always on; head_dim its own
+    # 4 experts, 2 per token, renormalised over the chosen two.
+    "mixtral": ("Mixtral", {"num_local_experts": 4, "num_experts_per_tok": 2}),
+    # Layer 0 dense, layer 1 of 4 experts (2 per token, not renormalised), q/k norms.
+    "qwen3_moe": ("Qwen3Moe", {"num_experts": 4, "num_experts_per_tok": 2, "head_dim": 24,
+                               "moe_intermediate_size": 48, "norm_topk_prob": False,
+                               "mlp_only_layers": [0]}),
 }
 
 

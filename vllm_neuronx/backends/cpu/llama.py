@@ -1,5 +1,5 @@
-"""The Llama family (Llama 2/3.x, SmolLM2, TinyLlama, Mistral, Qwen2/2.5, Qwen3) in plain
-PyTorch.
+"""The Llama family (Llama 2/3.x, SmolLM2, TinyLlama, Mistral, Qwen2/2.5, Qwen3) and its
+mixture-of-experts kin (Mixtral, Qwen3-MoE) in plain PyTorch.
 
 One readable file, no framework: a decoder that runs NxDI's two graphs, context
 encoding (prefill into a KV line) and token generation (one token per line over
@@ -26,12 +26,22 @@ import torch
 import torch.nn.functional as F
 
 SUPPORTED_ARCHITECTURES = ("LlamaForCausalLM", "MistralForCausalLM", "Qwen2ForCausalLM",
-                           "Qwen3ForCausalLM")
+                           "Qwen3ForCausalLM", "MixtralForCausalLM", "Qwen3MoeForCausalLM")
 # Families that differ from Llama only in the attention's details (HF's modeling files):
 # Qwen2 has biases on q, k and v (its config does not say so); Qwen3 RMS-normalises each
 # query and key head before the rotary (q_norm, k_norm).
 QKV_BIAS_ALWAYS = ("Qwen2ForCausalLM",)
-QK_NORM = ("Qwen3ForCausalLM",)
+QK_NORM = ("Qwen3ForCausalLM", "Qwen3MoeForCausalLM")
+# Mixture of experts: per token, a router picks ``experts_per_token`` of ``num_experts``
+# MLPs (softmax over all, top-k, renormalised over the chosen unless Qwen3-MoE's
+# norm_topk_prob says not) and sums their outputs weighted by those probabilities.
+# HF checkpoint names of the router and of each expert's gate, up and down projections:
+MOE_NAMES = {
+    "MixtralForCausalLM": ("block_sparse_moe.gate", "block_sparse_moe.experts.{e}.",
+                           ("w1", "w3", "w2")),
+    "Qwen3MoeForCausalLM": ("mlp.gate", "mlp.experts.{e}.", ("gate_proj", "up_proj",
+                                                             "down_proj")),
+}
 # The weights every token multiplies (the rest are norms and the embedding table).
 MATMULS = ("qkv", "o", "gate_up", "down", "lm_head")
 # Decode attention reads K/V up to the longest row, in steps of this many positions.
@@ -61,6 +71,16 @@ class LlamaSpec:
     mlp_bias: bool
     sliding_window: int | None
     qk_norm: bool = False
+    # Mixture of experts (0 experts: every layer has the dense MLP).
+    num_experts: int = 0
+    experts_per_token: int = 0
+    expert_size: int = 0  # each expert's intermediate size
+    norm_topk_prob: bool = True
+    moe_layers: tuple[int, ...] = ()  # the layers whose MLP is the experts
+    moe_names: tuple = ()  # MOE_NAMES' entry of the architecture
+
+    def is_moe(self, layer: int) -> bool:
+        return layer in self.moe_layers
 
     @classmethod
     def from_hf_config(cls, cfg: dict[str, Any]) -> LlamaSpec:
@@ -83,6 +103,10 @@ class LlamaSpec:
             elif kind not in ("llama3", "linear"):
                 raise ValueError(f"rope scaling {kind!r} is not supported (llama3, linear)")
         heads = cfg["num_attention_heads"]
+        moe = next((a for a in archs if a in MOE_NAMES), None)
+        experts = (cfg.get("num_local_experts") or cfg.get("num_experts") or 0) if moe else 0
+        layers = cfg["num_hidden_layers"]
+        step, dense = cfg.get("decoder_sparse_step") or 1, set(cfg.get("mlp_only_layers") or ())
         return cls(
             vocab_size=cfg["vocab_size"],
             hidden_size=cfg["hidden_size"],
@@ -100,6 +124,14 @@ class LlamaSpec:
             mlp_bias=bool(cfg.get("mlp_bias", False)),
             sliding_window=sliding_window(cfg),
             qk_norm=any(a in QK_NORM for a in archs),
+            num_experts=experts,
+            experts_per_token=cfg.get("num_experts_per_tok", 0) if experts else 0,
+            expert_size=(cfg.get("moe_intermediate_size") or cfg["intermediate_size"])
+            if experts else 0,
+            norm_topk_prob=bool(cfg.get("norm_topk_prob", True)),
+            moe_layers=tuple(i for i in range(layers) if experts and i not in dense
+                             and (i + 1) % step == 0),
+            moe_names=MOE_NAMES[moe] if experts else (),
         )
 
     @classmethod
@@ -230,10 +262,19 @@ class LlamaModel:
             p = f"layers.{i}."
             out[p + "qkv"] = torch.cat([get(p + f"self_attn.{n}_proj.weight") for n in "qkv"])
             out[p + "o"] = get(p + "self_attn.o_proj.weight")
-            out[p + "gate_up"] = torch.cat(
-                [get(p + "mlp.gate_proj.weight"), get(p + "mlp.up_proj.weight")]
-            )
-            out[p + "down"] = get(p + "mlp.down_proj.weight")
+            if spec.is_moe(i):
+                router, expert, (gate, up, down) = spec.moe_names
+                out[p + "router"] = get(p + router + ".weight")
+                for e in range(spec.num_experts):
+                    x = p + expert.format(e=e)
+                    out[p + f"experts.{e}.gate_up"] = torch.cat(
+                        [get(x + gate + ".weight"), get(x + up + ".weight")])
+                    out[p + f"experts.{e}.down"] = get(x + down + ".weight")
+            else:
+                out[p + "gate_up"] = torch.cat(
+                    [get(p + "mlp.gate_proj.weight"), get(p + "mlp.up_proj.weight")]
+                )
+                out[p + "down"] = get(p + "mlp.down_proj.weight")
             out[p + "ln1"] = get(p + "input_layernorm.weight")
             out[p + "ln2"] = get(p + "post_attention_layernorm.weight")
             if spec.qk_norm:
@@ -285,8 +326,30 @@ class LlamaModel:
         attn = attend(i, q, k, v)  # [b, heads, t, d]
         x = x + self._linear(attn.transpose(1, 2).reshape(b, t, self.q_size), p + "o")
         h = rms_norm(x, w[p + "ln2"], s.rms_norm_eps)
-        gate, up = self._linear(h, p + "gate_up").chunk(2, dim=-1)
-        return x + self._linear(F.silu(gate) * up, p + "down")
+        if s.is_moe(i):
+            return x + self._experts(p, h)
+        return x + self._mlp(p, h)
+
+    def _mlp(self, prefix: str, h: torch.Tensor) -> torch.Tensor:
+        gate, up = self._linear(h, prefix + "gate_up").chunk(2, dim=-1)
+        return self._linear(F.silu(gate) * up, prefix + "down")
+
+    def _experts(self, p: str, h: torch.Tensor) -> torch.Tensor:
+        """Each token through its chosen experts, summed by the router's weights, the
+        experts taken in index order as HF does."""
+        s = self.spec
+        flat = h.reshape(-1, h.shape[-1])
+        probs = F.softmax(self._linear(flat, p + "router"), dim=1, dtype=torch.float)
+        weights, chosen = torch.topk(probs, s.experts_per_token, dim=-1)
+        if s.norm_topk_prob:
+            weights /= weights.sum(dim=-1, keepdim=True)
+        weights = weights.to(flat.dtype)
+        out = torch.zeros_like(flat)
+        for e in chosen.unique().tolist():
+            rows, slot = (chosen == e).nonzero(as_tuple=True)
+            y = self._mlp(p + f"experts.{e}.", flat[rows]) * weights[rows, slot, None]
+            out.index_add_(0, rows, y)
+        return out.view(h.shape)
 
     def _logits(self, h: torch.Tensor) -> torch.Tensor:
         h = rms_norm(h, self.w["norm"], self.spec.rms_norm_eps)

@@ -115,12 +115,13 @@ class NativeStep:
     @classmethod
     def for_model(cls, model: LlamaModel, matmul: Bf16Matmul) -> NativeStep | None:
         """The native path of ``model``, or None where decode_step.c cannot run it: a
-        weight not packed for the kernel, a bias other than q/k/v's, or heads wider than
-        it handles."""
+        weight not packed for the kernel, a bias other than q/k/v's, experts (their
+        matmuls still run on the kernel, the step on the torch path), or heads wider
+        than it handles."""
         s, w = model.spec, model.w
         packed = [name for name in w if LlamaModel.is_matmul(name)]
         other_bias = any(name + "_bias" in w for name in packed if not name.endswith("qkv"))
-        if s.head_dim > MAX_HEAD_DIM or other_bias or \
+        if s.head_dim > MAX_HEAD_DIM or other_bias or s.num_experts or \
                 not all(isinstance(w[name], PackedWeight) for name in packed):
             return None
         layers = []

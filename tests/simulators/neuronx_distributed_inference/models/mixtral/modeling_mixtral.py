@@ -1,7 +1,7 @@
 """Simulated ``neuronx_distributed_inference.models.mixtral.modeling_mixtral``.
 
-Configuration only (MoENeuronConfig through the class methods); the simulator
-computes Llama-family models, so compiling a Mixtral is refused.
+MoENeuronConfig through the class methods; computed, like every simulated model, by
+vllm_neuronx's CPU model of the family (its top-2 experts).
 """
 
 from __future__ import annotations
@@ -27,6 +27,3 @@ class NeuronMixtralForCausalLM(NeuronBaseForCausalLM):
     @classmethod
     def get_config_cls(cls):
         return MixtralInferenceConfig
-
-    def _sim_check_compilable(self) -> None:
-        raise NotImplementedError("the simulator computes Llama-family models only")
