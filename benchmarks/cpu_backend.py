@@ -6,11 +6,15 @@ middle of a 128-in / 128-out request); prefill runs 32 prompts of 128 tokens the
 way the scheduler hands them over (as many as free lines allow).
 
     .venv/bin/python benchmarks/cpu_backend.py [--dtype bfloat16] [--steps 20]
-        [--kernel avx512,avx2,torch] [--engine]
+        [--kernel avx512,avx2,torch] [--engine] [--model DIR | --family qwen2|mixtral]
 
 ``--kernel`` measures each kernel variant in turn (VLLM_NEURONX_CPU_KERNEL) in one run;
 by default, the one the backend chooses on this CPU. The header names the CPU model,
 its vector ISA flags and the variant of every figure.
+
+``--model`` takes any HF folder the backend serves; ``--family`` makes a random-weight
+model of that family in SmolLM2's shape (Mixtral: 8 experts of a quarter of its MLP,
+2 per token, so about as many weights), to compare families at one size.
 
 ``--engine`` then runs the same backend inside vLLM's engine, its core in a child
 process as under the server, and serves one request and then 32 at a time (128 prompt
@@ -129,6 +133,34 @@ def engine_steps(model: str, dtype: str) -> list[dict]:
     return steps
 
 
+# transformers' config class prefix, and what the family changes in SmolLM2's shape.
+FAMILY_SHAPES = {
+    "llama": ("Llama", {}),
+    "qwen2": ("Qwen2", {}),
+    "qwen3": ("Qwen3", {"head_dim": 64}),
+    "mixtral": ("Mixtral", {"num_local_experts": 8, "num_experts_per_tok": 2,
+                            "intermediate_size": 384}),
+}
+
+
+def random_model(family: str, folder: str) -> str:
+    """A random bf16 model of ``family`` in the default model's shape, saved in ``folder``."""
+    import transformers
+
+    with open(os.path.join(default_model_path(), "config.json")) as f:
+        base = json.load(f)
+    prefix, changes = FAMILY_SHAPES[family]
+    keep = ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers",
+            "num_attention_heads", "num_key_value_heads", "rms_norm_eps", "rope_theta",
+            "tie_word_embeddings", "max_position_embeddings")
+    cfg = getattr(transformers, f"{prefix}Config")(**{**{k: base[k] for k in keep if k in base},
+                                                       **changes})
+    torch.manual_seed(0)
+    model = getattr(transformers, f"{prefix}ForCausalLM")(cfg).to(torch.bfloat16)
+    model.save_pretrained(folder)
+    return folder
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--model", default=None)
@@ -137,13 +169,19 @@ def main() -> None:
     parser.add_argument("--prefill-batch", type=int, nargs="*", default=[1, 8])
     parser.add_argument("--kernel", default=None,
                         help=f"comma-separated variants to compare: {','.join(kernels.CHOICES)}")
+    parser.add_argument("--family", choices=sorted(FAMILY_SHAPES), default=None,
+                        help="a random model of this family in SmolLM2's shape")
     parser.add_argument("--engine", action="store_true",
                         help="also time the steps inside vLLM's engine (worker/step_times.py)")
     args = parser.parse_args()
     model = args.model or default_model_path()
+    scratch = None
+    if args.family:
+        scratch = tempfile.TemporaryDirectory()
+        model = random_model(args.family, scratch.name)
     flags = sorted(kernels.cpu_flags() & set(VECTOR_FLAGS))
     result = {
-        "model": os.path.basename(model),
+        "model": f"random {args.family}" if args.family else os.path.basename(model),
         "dtype": args.dtype,
         "compute_dtype": str(compute_dtype(getattr(torch, args.dtype))),
         "threads": torch.get_num_threads(),
@@ -151,7 +189,7 @@ def main() -> None:
         "isa": flags,
         "runs": [],
     }
-    print(f"{result['cpu']}, {os.cpu_count()} cores, ISA {' '.join(flags)}; "
+    print(f"{result['model']} on {result['cpu']}, {os.cpu_count()} cores, ISA {' '.join(flags)}; "
           f"{args.dtype} computed in {result['compute_dtype']}", flush=True)
     variants = args.kernel.split(",") if args.kernel else [None]
     for kernel in variants:

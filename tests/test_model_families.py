@@ -88,3 +88,29 @@ def test_a_window_on_some_layers_only_is_refused():
     with pytest.raises(ValueError, match="sliding window on some layers only"):
         sliding_window({"sliding_window": 6, "use_sliding_window": True,
                         "layer_types": ["full_attention", "sliding_attention"]})
+
+
+@pytest.mark.parametrize("family", NEW_FAMILIES)
+def test_prompt_logprobs_match_hf_log_softmax(tmp_path, family):
+    """Every prompt position's log-probabilities (prompt_logprobs) against HF's
+    log_softmax of the same fp32 model, two prompts in one prefill."""
+    from transformers import AutoModelForCausalLM
+
+    from tests.test_cpu_backend import greedy, prefill_args
+    from vllm_neuronx import neuron_config as nc
+    from vllm_neuronx.backends.cpu.backend import CpuBackend
+
+    model = make_tiny(tmp_path / "model", family)
+    cfg = nc.resolve_neuron_config(tp_degree=1, max_num_seqs=2, max_model_len=128,
+                                   dtype="float32")
+    b = CpuBackend(model, cfg)
+    (tmp_path / "artifacts").mkdir()
+    b.compile(str(tmp_path / "artifacts"))
+    b.load(str(tmp_path / "artifacts"))
+    prompts = [[5, 6, 7, 8, 9, 10, 11], [12, 13, 14]]
+    out = b.forward(*prefill_args(prompts), greedy(2), prompt_logits=torch.tensor([True, True]))
+    hf = AutoModelForCausalLM.from_pretrained(model, dtype=torch.float32).eval()
+    for prompt, logits in zip(prompts, out.prompt_logits, strict=True):
+        with torch.no_grad():
+            expected = hf(torch.tensor([prompt])).logits[0].log_softmax(-1)
+        torch.testing.assert_close(logits.log_softmax(-1), expected, rtol=1e-4, atol=1e-4)
