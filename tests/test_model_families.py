@@ -114,3 +114,17 @@ def test_prompt_logprobs_match_hf_log_softmax(tmp_path, family):
         with torch.no_grad():
             expected = hf(torch.tensor([prompt])).logits[0].log_softmax(-1)
         torch.testing.assert_close(logits.log_softmax(-1), expected, rtol=1e-4, atol=1e-4)
+
+
+def test_moe_keys_on_the_cpu_backend():
+    """Expert parallelism only lays a device out (accepted, no effect); a capacity factor
+    would drop tokens on the device that the CPU computes, so it is refused."""
+    from vllm_neuronx import neuron_config as nc
+    from vllm_neuronx.backends.cpu.backend import CpuBackend
+
+    cfg = nc.resolve_neuron_config(tp_degree=1, max_num_seqs=2, max_model_len=64,
+                                   dtype="float32",
+                                   overrides={"moe_tp_degree": 1, "moe_ep_degree": 1})
+    CpuBackend.validate(cfg)
+    with pytest.raises(nc.NeuronConfigError, match="capacity_factor=2.0: NxDI then drops"):
+        CpuBackend.validate({**cfg, "capacity_factor": 2.0})

@@ -160,6 +160,11 @@ class CpuBackend(NeuronBackend):
             raise nc.NeuronConfigError(
                 "torch_dtype float16 is not supported by the CPU backend; use bfloat16 or float32"
             )
+        if neuron_config.get("capacity_factor") is not None:
+            raise nc.NeuronConfigError(
+                f"capacity_factor={neuron_config['capacity_factor']!r}: NxDI then drops the "
+                "tokens past each expert's capacity, while the CPU backend computes every "
+                "token (full capacity), so the two would give different tokens; remove it")
         device_only = nxdi_keys.device_only(neuron_config)
         if device_only:
             _note_device_only(tuple(device_only))
