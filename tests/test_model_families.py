@@ -17,7 +17,6 @@ from vllm_neuronx.backends.cpu import kernels
 from vllm_neuronx.backends.cpu.llama import LlamaSpec
 
 NEW_FAMILIES = ["qwen2", "qwen3", "mixtral", "qwen3_moe"]
-MOE = ("mixtral", "qwen3_moe")
 
 
 @pytest.mark.parametrize("kernel", EVERY_PATH)
@@ -30,18 +29,18 @@ def test_family_in_bf16_matches_hf_on_every_path(tmp_path, monkeypatch, family, 
     assert spec.qk_norm == (family in ("qwen3", "qwen3_moe"))
     assert spec.moe_layers == {"mixtral": (0, 1), "qwen3_moe": (1,)}.get(family, ())
     b = bf16_backend_without_bf16_units(model, tmp_path / "artifacts", monkeypatch, kernel)
-    # The native step covers the dense families; experts decode on the torch path, their
-    # matmuls on the kernel.
-    assert (b.native is not None) == (kernel != kernels.TORCH and family not in MOE)
+    # The native step covers every family, experts included.
+    assert (b.native is not None) == (kernel != kernels.TORCH)
     prompts = [[5, 6, 7, 8, 9], [10, 11], [12, 13, 14] * 7, [40]]
     steps = 6
     expected = hf_greedy(model, prompts, [steps] * len(prompts), weights_in=torch.bfloat16)
     assert backend_greedy(b, prompts, steps) == expected
 
 
-@pytest.mark.parametrize("family", ["qwen2", "qwen3"])
+@pytest.mark.parametrize("family", NEW_FAMILIES)
 def test_native_decode_step_matches_the_torch_decode_logits(tmp_path, monkeypatch, family):
-    """decode_step.c's bias and q/k norm against llama.py's, logits and KV lines."""
+    """decode_step.c's bias, q/k norm and experts against llama.py's: logits and KV
+    lines, with rows that share experts and rows that do not."""
     kernel = next((v.name for v in kernels.VARIANTS if kernels.runs_here(v)), None)
     if kernel is None:
         pytest.skip("no native kernel variant runs on this CPU")

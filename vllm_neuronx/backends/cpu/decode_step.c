@@ -12,7 +12,8 @@
  * RMSNorm, rotary as x*cos + rotate_half(x)*sin, softmax attention over each row's
  * own positions (and its sliding window), SiLU(gate)*up; the matmuls are
  * matmul_bf16.c's over bf16 weights. Of the families' variations it handles biases on
- * q, k and v (Qwen2) and the per-head RMSNorm of queries and keys (Qwen3); models with
+ * q, k and v (Qwen2), the per-head RMSNorm of queries and keys (Qwen3) and experts
+ * (Mixtral, Qwen3-MoE: llama.py's routing, experts added in index order); models with
  * other biases take the torch path.
  */
 #include <math.h>
@@ -23,9 +24,16 @@
 
 static int qkv_width(const Model *md) { return (md->heads + 2 * md->kv_heads) * md->head_dim; }
 
-/* Floats of scratch a step of ``m`` rows needs (kernels.py allocates it once). */
+static int widest_mlp(const Model *md) {
+    return md->expert_size > md->intermediate ? md->expert_size : md->intermediate;
+}
+
+/* Floats of scratch a step of ``m`` rows needs (kernels.py allocates it once): the
+ * activations, and for experts the gathered rows, their sum and each row's routing. */
 long decode_scratch_floats(const Model *md, int m) {
-    return (2L * md->hidden + qkv_width(md) + md->heads * md->head_dim + 3L * md->intermediate) * m;
+    long dense = 2L * md->hidden + qkv_width(md) + md->heads * md->head_dim + 3L * widest_mlp(md);
+    long moe = md->experts ? 2L * md->hidden + 4L * md->experts_per_token + md->experts : 0;
+    return (dense + moe) * m + (md->experts ? md->experts + 1 : 0);
 }
 
 static float dot(const float *a, const float *b, int d) {
@@ -162,6 +170,90 @@ static void silu_times_up(const float *gate_up, float *out, int m, int n) {
     }
 }
 
+/* Softmax over each row's router logits, its top ``k`` experts (the larger index loses a
+ * tie, the lower index) and their weights, renormalised with norm_topk. */
+static void route(const Model *md, const float *logits, int m, float *ids, float *weights) {
+    int E = md->experts, k = md->experts_per_token;
+#pragma omp for schedule(static)
+    for (int r = 0; r < m; r++) {
+        const float *l = logits + (long)r * E;
+        float top = -INFINITY, total = 0.0f, chosen = 0.0f;
+        for (int e = 0; e < E; e++)
+            top = l[e] > top ? l[e] : top;
+        for (int e = 0; e < E; e++)
+            total += expf(l[e] - top);
+        for (int j = 0; j < k; j++) {
+            int best = -1;
+            for (int e = 0; e < E; e++) {
+                int taken = 0;
+                for (int i = 0; i < j; i++)
+                    taken |= (int)ids[(long)r * k + i] == e;
+                if (!taken && (best < 0 || l[e] > l[best]))
+                    best = e;
+            }
+            ids[(long)r * k + j] = (float)best;
+            weights[(long)r * k + j] = expf(l[best] - top) / total;
+            chosen += weights[(long)r * k + j];
+        }
+        if (md->norm_topk)
+            for (int j = 0; j < k; j++)
+                weights[(long)r * k + j] /= chosen;
+    }
+}
+
+/* The experts' MLP of rows h [m, hidden], added to x: each expert in index order over
+ * the rows that chose it (gathered, multiplied, added back by their weights). The rows
+ * are sorted by expert once, so the team reads each expert's count from its own slot. */
+static void experts(const Model *md, const Layer *ly, const float *h, float *x, int m,
+                    float *moe, float *gu, float *act, float *out) {
+    int H = md->hidden, I = md->expert_size, E = md->experts, k = md->experts_per_token;
+    float *sum = moe, *gathered = sum + (long)m * H, *ids = gathered + (long)m * H;
+    float *weights = ids + (long)m * k, *rows = weights + (long)m * k;
+    float *row_w = rows + (long)m * k, *logits = row_w + (long)m * k;
+    int *first = (int *)(logits + (long)m * E);  /* [E + 1]: each expert's rows */
+    matmul_team(h, ly->router, logits, m, E, H, 0);
+    route(md, logits, m, ids, weights);
+#pragma omp for schedule(static)
+    for (long i = 0; i < (long)m * H; i++)
+        sum[i] = 0.0f;
+#pragma omp single
+    {
+        int n = 0;
+        for (int e = 0; e < E; e++) {
+            first[e] = n;
+            for (int r = 0; r < m; r++)
+                for (int j = 0; j < k; j++)
+                    if ((int)ids[(long)r * k + j] == e) {
+                        rows[n] = (float)r;
+                        row_w[n++] = weights[(long)r * k + j];
+                    }
+        }
+        first[E] = n;
+    }
+    for (int e = 0; e < E; e++) {
+        int n = first[e + 1] - first[e];
+        const float *er = rows + first[e], *ew = row_w + first[e];
+        if (n == 0)
+            continue;
+#pragma omp for schedule(static)
+        for (int i = 0; i < n; i++)
+            memcpy(gathered + (long)i * H, h + (long)er[i] * H, H * sizeof(float));
+        matmul_team(gathered, ly->expert_gate_up[e], gu, n, 2 * I, H, 0);
+        silu_times_up(gu, act, n, I);
+        matmul_team(act, ly->expert_down[e], out, n, H, I, 0);
+#pragma omp for schedule(static)
+        for (int i = 0; i < n; i++) {
+            float *dst = sum + (long)er[i] * H;
+            const float *src = out + (long)i * H;
+            for (int j = 0; j < H; j++)
+                dst[j] += src[j] * ew[i];
+        }
+    }
+#pragma omp for schedule(static)
+    for (long i = 0; i < (long)m * H; i++)
+        x[i] += sum[i];
+}
+
 /* x [m, hidden]: the embedded tokens in, the last hidden state out. pos and line: each
  * row's position and KV line. Rows may share a line: every row's K/V is stored before
  * any row attends, so the rows of one prompt at positions 0..n-1 are its prefill.
@@ -171,7 +263,8 @@ void decode_step(const Model *md, float *x, int m, const long *pos, const long *
     int hidden = md->hidden, inter = md->intermediate, q_size = md->heads * md->head_dim;
     float *h = scratch, *picked = h + (long)m * hidden, *qkv = picked + (long)m * hidden;
     float *att = qkv + (long)m * qkv_width(md);
-    float *gu = att + (long)m * q_size, *act = gu + 2L * m * inter;
+    float *gu = att + (long)m * q_size, *act = gu + 2L * m * widest_mlp(md);
+    float *moe = act + (long)m * widest_mlp(md);
 #pragma omp parallel
     {
         for (int i = 0; i < md->layers; i++) {
@@ -182,6 +275,10 @@ void decode_step(const Model *md, float *x, int m, const long *pos, const long *
             attend(md, ly, qkv, att, m, pos, line);
             matmul_team(att, ly->o, x, m, hidden, q_size, 1);
             rms_norm_rows(x, ly->ln2, h, m, hidden, md->eps);
+            if (ly->router != NULL) {
+                experts(md, ly, h, x, m, moe, gu, act, picked);
+                continue;
+            }
             matmul_team(h, ly->gate_up, gu, m, 2 * inter, hidden, 0);
             silu_times_up(gu, act, m, inter);
             matmul_team(act, ly->down, x, m, hidden, inter, 1);

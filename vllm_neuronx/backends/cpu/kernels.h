@@ -24,12 +24,16 @@ void matmul_team(const float *restrict x, const uint16_t *restrict w, float *res
     X(float *, v_cache)                                                                   \
     X(const float *, qkv_bias)     /* [q + k + v widths], or NULL (Qwen2) */              \
     X(const float *, q_norm)       /* [head_dim] per-head RMSNorm weights, or NULL */     \
-    X(const float *, k_norm)       /* (Qwen3) */
+    X(const float *, k_norm)       /* (Qwen3) */                                          \
+    X(const uint16_t *, router)    /* packed, [experts] columns; NULL in a dense layer */ \
+    X(const uint16_t *const *, expert_gate_up) /* [experts] packed weights, or NULL */    \
+    X(const uint16_t *const *, expert_down)
 
 /* The model: its shape, then its tensors. */
 #define MODEL_FIELDS(X)                                                                   \
     X(int, hidden) X(int, intermediate) X(int, heads) X(int, kv_heads) X(int, head_dim)   \
     X(int, layers) X(int, max_len) X(int, window) X(int, vocab)                           \
+    X(int, experts) X(int, experts_per_token) X(int, norm_topk) X(int, expert_size)       \
     X(float, eps) X(float, scale)                                                         \
     X(const float *, cos)          /* [max_len, head_dim] */                              \
     X(const float *, sin)                                                                 \

@@ -246,7 +246,7 @@ class Layer(ctypes.Structure):
 
     _fields_ = [(name, ctypes.c_void_p) for name in
                 ("ln1", "ln2", "qkv", "o", "gate_up", "down", "k_cache", "v_cache",
-                 "qkv_bias", "q_norm", "k_norm")]
+                 "qkv_bias", "q_norm", "k_norm", "router", "expert_gate_up", "expert_down")]
 
 
 class Model(ctypes.Structure):
@@ -255,7 +255,8 @@ class Model(ctypes.Structure):
     _fields_ = [
         *[(name, ctypes.c_int) for name in ("hidden", "intermediate", "heads", "kv_heads",
                                             "head_dim", "layers", "max_len", "window",
-                                            "vocab")],
+                                            "vocab", "experts", "experts_per_token",
+                                            "norm_topk", "expert_size")],
         ("eps", ctypes.c_float),
         ("scale", ctypes.c_float),
         *[(name, ctypes.c_void_p) for name in ("cos", "sin", "norm", "lm_head")],

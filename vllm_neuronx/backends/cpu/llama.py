@@ -43,7 +43,7 @@ MOE_NAMES = {
                                                              "down_proj")),
 }
 # The weights every token multiplies (the rest are norms and the embedding table).
-MATMULS = ("qkv", "o", "gate_up", "down", "lm_head")
+MATMULS = ("qkv", "o", "gate_up", "down", "lm_head", "router")
 # Decode attention reads K/V up to the longest row, in steps of this many positions.
 ATTEND_STEP = 16
 

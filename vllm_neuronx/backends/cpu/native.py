@@ -34,15 +34,21 @@ class DecodeStep:
     ``max_rows`` rows in one native call. Holds pointers into the model's tensors, which
     must outlive it."""
 
-    __slots__ = ("_fn", "_model", "_layers", "_scratch", "max_rows", "hidden", "vocab",
-                 "max_len", "num_lines")
+    __slots__ = ("_fn", "_model", "_layers", "_scratch", "_experts", "max_rows", "hidden",
+                 "vocab", "max_len", "num_lines")
 
     def __init__(self, matmul: Bf16Matmul, *, dims: dict[str, int], eps: float, scale: float,
                  tensors: dict[str, torch.Tensor | PackedWeight],
                  layers: list[dict[str, torch.Tensor | PackedWeight]], max_rows: int) -> None:
-        def ptr(t: torch.Tensor | PackedWeight | None) -> int | None:
+        self._experts = []  # the arrays of expert pointers, alive as long as the step
+
+        def ptr(t: torch.Tensor | PackedWeight | list | None) -> int | None:
             if t is None:  # an optional tensor the model does not have: NULL
                 return None
+            if isinstance(t, list):  # one packed weight per expert
+                array = (ctypes.c_void_p * len(t))(*[ptr(e) for e in t])
+                self._experts.append(array)
+                return ctypes.addressof(array)
             packed = isinstance(t, PackedWeight)
             t = t.data if packed else t
             want = torch.bfloat16 if packed else torch.float32
@@ -115,27 +121,32 @@ class NativeStep:
     @classmethod
     def for_model(cls, model: LlamaModel, matmul: Bf16Matmul) -> NativeStep | None:
         """The native path of ``model``, or None where decode_step.c cannot run it: a
-        weight not packed for the kernel, a bias other than q/k/v's, experts (their
-        matmuls still run on the kernel, the step on the torch path), or heads wider
-        than it handles."""
+        weight not packed for the kernel, a bias other than q/k/v's, or heads wider than
+        it handles."""
         s, w = model.spec, model.w
         packed = [name for name in w if LlamaModel.is_matmul(name)]
         other_bias = any(name + "_bias" in w for name in packed if not name.endswith("qkv"))
-        if s.head_dim > MAX_HEAD_DIM or other_bias or s.num_experts or \
+        if s.head_dim > MAX_HEAD_DIM or other_bias or \
                 not all(isinstance(w[name], PackedWeight) for name in packed):
             return None
         layers = []
         for i in range(s.num_layers):
             p = f"layers.{i}."
+            experts = range(s.num_experts) if s.is_moe(i) else ()
             layers.append({"ln1": w[p + "ln1"], "ln2": w[p + "ln2"],
                            "k_cache": model.k_cache[i], "v_cache": model.v_cache[i],
-                           **{name: w[p + name] for name in ("qkv", "o", "gate_up", "down")},
-                           **{name: w.get(p + name) for name in ("qkv_bias", "q_norm",
-                                                                 "k_norm")}})
+                           **{name: w.get(p + name) for name in ("qkv", "o", "gate_up", "down",
+                                                                 "qkv_bias", "q_norm", "k_norm",
+                                                                 "router")},
+                           "expert_gate_up": [w[p + f"experts.{e}.gate_up"] for e in experts]
+                           or None,
+                           "expert_down": [w[p + f"experts.{e}.down"] for e in experts] or None})
         dims = {"hidden": s.hidden_size, "intermediate": s.intermediate_size,
                 "heads": s.num_heads, "kv_heads": s.num_kv_heads, "head_dim": s.head_dim,
                 "layers": s.num_layers, "max_len": model.max_len, "window": model.window or 0,
-                "vocab": s.vocab_size}
+                "vocab": s.vocab_size, "experts": s.num_experts,
+                "experts_per_token": s.experts_per_token, "norm_topk": int(s.norm_topk_prob),
+                "expert_size": s.expert_size}
         tensors = {"cos": model.cos, "sin": model.sin, "norm": w["norm"],
                    "lm_head": w["lm_head"]}
         step = DecodeStep(matmul, dims=dims, eps=s.rms_norm_eps, scale=model.scale,
