@@ -208,22 +208,12 @@ def bf16_backend_without_bf16_units(model, folder, monkeypatch, kernel: str, max
     return b
 
 
-@pytest.mark.parametrize("kernel", NATIVE)
-@pytest.mark.parametrize("head_dim", [24, 64])
-def test_native_decode_step_matches_the_torch_decode(tmp_path, monkeypatch, head_dim, kernel):
-    """decode_step.c against llama.py's torch decode on the same weights and cache:
-    scattered KV lines, rows at different positions (one past a chunk of 64 scores), a
-    head size that is not a multiple of the vector width (24) and one the attention
-    specialises (64)."""
-    from tests.conftest import make_tiny_llama
-
-    hidden = 4 * head_dim
-    model = make_tiny_llama(tmp_path / "model", hidden_size=hidden, num_attention_heads=4,
-                            num_key_value_heads=2)
-    b = bf16_backend_without_bf16_units(model, tmp_path / "artifacts", monkeypatch, kernel)
+def check_native_decode_matches_torch(b) -> None:
+    """One native decode step against llama.py's torch decode from the same KV lines
+    (scattered lines, rows at different positions, one past a chunk of 64 scores):
+    the same logits and the same K/V written."""
     m = b.model
     assert b.native is not None
-    step = b.native.step
     prompts = [[5, 6, 7, 8, 9], [10, 11], [12, 13, 14] * 30]
     lines = [1, 4, 7]
     b.forward(*prefill_args(prompts, lines), greedy(3))
@@ -237,6 +227,23 @@ def test_native_decode_step_matches_the_torch_decode(tmp_path, monkeypatch, head
     torch.testing.assert_close(native, reference, rtol=1e-4, atol=1e-4)
     torch.testing.assert_close(native_cache[0], m.k_cache, rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(native_cache[1], m.v_cache, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("kernel", NATIVE)
+@pytest.mark.parametrize("head_dim", [24, 64])
+def test_native_decode_step_matches_the_torch_decode(tmp_path, monkeypatch, head_dim, kernel):
+    """decode_step.c against llama.py's torch decode on the same weights and cache:
+    scattered KV lines, rows at different positions (one past a chunk of 64 scores), a
+    head size that is not a multiple of the vector width (24) and one the attention
+    specialises (64)."""
+    from tests.conftest import make_tiny_llama
+
+    hidden = 4 * head_dim
+    model = make_tiny_llama(tmp_path / "model", hidden_size=hidden, num_attention_heads=4,
+                            num_key_value_heads=2)
+    b = bf16_backend_without_bf16_units(model, tmp_path / "artifacts", monkeypatch, kernel)
+    check_native_decode_matches_torch(b)
+    step = b.native.step
     for rows, width in [(step.max_rows + 1, hidden), (2, hidden - 1)]:
         with pytest.raises(ValueError, match="rows"):
             step(torch.zeros(rows, width), torch.zeros(rows, dtype=torch.long),

@@ -11,7 +11,12 @@ import torch
 
 from tests.conftest import hf_greedy
 from tests.engine_checks import check_greedy_matches_hf
-from tests.test_cpu_backend import EVERY_PATH, backend_greedy, bf16_backend_without_bf16_units
+from tests.test_cpu_backend import (
+    EVERY_PATH,
+    backend_greedy,
+    bf16_backend_without_bf16_units,
+    check_native_decode_matches_torch,
+)
 from tests.tiny_families import make_tiny
 from vllm_neuronx.backends.cpu import kernels
 from vllm_neuronx.backends.cpu.llama import LlamaSpec
@@ -46,22 +51,7 @@ def test_native_decode_step_matches_the_torch_decode_logits(tmp_path, monkeypatc
         pytest.skip("no native kernel variant runs on this CPU")
     model = make_tiny(tmp_path / "model", family)
     b = bf16_backend_without_bf16_units(model, tmp_path / "artifacts", monkeypatch, kernel)
-    m = b.model
-    prompts = [[5, 6, 7, 8, 9], [10, 11], [12, 13, 14] * 30]
-    lines = [1, 4, 7]
-    from tests.test_cpu_backend import greedy, prefill_args
-
-    b.forward(*prefill_args(prompts, lines), greedy(3))
-    ids, positions = torch.tensor([20, 21, 22]), torch.tensor([5, 2, 90])
-    cache = m.k_cache.clone(), m.v_cache.clone()
-    native = b.native.decode(ids, positions, torch.tensor(lines))
-    native_cache = m.k_cache.clone(), m.v_cache.clone()
-    m.k_cache.copy_(cache[0])
-    m.v_cache.copy_(cache[1])
-    reference = m.token_generate(ids, positions, torch.tensor(lines), 128)
-    torch.testing.assert_close(native, reference, rtol=1e-4, atol=1e-4)
-    torch.testing.assert_close(native_cache[0], m.k_cache, rtol=1e-5, atol=1e-5)
-    torch.testing.assert_close(native_cache[1], m.v_cache, rtol=1e-5, atol=1e-5)
+    check_native_decode_matches_torch(b)
 
 
 @pytest.mark.parametrize("family", NEW_FAMILIES)

@@ -1,29 +1,22 @@
 """Simulated ``neuronx_distributed_inference.models.qwen2.modeling_qwen2`` (NxDI >= 0.4).
 
-Computed like every simulated model, by vllm_neuronx's CPU model of the family
-(its q/k/v biases), under the same preconditions as Llama.
+NxDI's Qwen2 class configures like its Llama; the simulator computes it, like every
+simulated model, with vllm_neuronx's CPU model of the family (its q/k/v biases).
 """
 
 from __future__ import annotations
 
-from neuronx_distributed_inference.models.config import (
-    DECODER_ATTRIBUTES,
-    InferenceConfig,
-    NeuronConfig,
+from neuronx_distributed_inference.models.llama.modeling_llama import (
+    LlamaInferenceConfig,
+    NeuronLlamaForCausalLM,
 )
-from neuronx_distributed_inference.models.model_base import NeuronBaseForCausalLM
 
 
-class Qwen2InferenceConfig(InferenceConfig):
-    def get_required_attributes(self) -> list[str]:
-        return [*DECODER_ATTRIBUTES, "hidden_act"]
+class Qwen2InferenceConfig(LlamaInferenceConfig):
+    pass
 
+
+class NeuronQwen2ForCausalLM(NeuronLlamaForCausalLM):
     @classmethod
-    def get_neuron_config_cls(cls) -> type[NeuronConfig]:
-        return NeuronConfig
-
-
-class NeuronQwen2ForCausalLM(NeuronBaseForCausalLM):
-    @classmethod
-    def get_config_cls(cls) -> type[InferenceConfig]:
+    def get_config_cls(cls):
         return Qwen2InferenceConfig

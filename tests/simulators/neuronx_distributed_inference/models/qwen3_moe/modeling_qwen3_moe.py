@@ -1,30 +1,25 @@
 """Simulated ``neuronx_distributed_inference.models.qwen3_moe.modeling_qwen3_moe``
 (NxDI >= 0.5).
 
-MoENeuronConfig through the class methods; computed, like every simulated model, by
-vllm_neuronx's CPU model of the family (q/k norms, dense and expert layers).
+Configured like the Mixtral class (MoENeuronConfig) with Qwen3-MoE's expert count;
+computed, like every simulated model, by vllm_neuronx's CPU model of the family.
 """
 
 from __future__ import annotations
 
-from neuronx_distributed_inference.models.config import (
-    DECODER_ATTRIBUTES,
-    InferenceConfig,
-    MoENeuronConfig,
+from neuronx_distributed_inference.models.config import DECODER_ATTRIBUTES
+from neuronx_distributed_inference.models.mixtral.modeling_mixtral import (
+    MixtralInferenceConfig,
+    NeuronMixtralForCausalLM,
 )
-from neuronx_distributed_inference.models.model_base import NeuronBaseForCausalLM
 
 
-class Qwen3MoeInferenceConfig(InferenceConfig):
+class Qwen3MoeInferenceConfig(MixtralInferenceConfig):
     def get_required_attributes(self) -> list[str]:
         return [*DECODER_ATTRIBUTES, "num_experts", "num_experts_per_tok"]
 
-    @classmethod
-    def get_neuron_config_cls(cls):
-        return MoENeuronConfig
 
-
-class NeuronQwen3MoeForCausalLM(NeuronBaseForCausalLM):
+class NeuronQwen3MoeForCausalLM(NeuronMixtralForCausalLM):
     @classmethod
     def get_config_cls(cls):
         return Qwen3MoeInferenceConfig
