@@ -117,3 +117,18 @@ def test_moe_keys_on_the_cpu_backend():
     CpuBackend.validate(cfg)
     with pytest.raises(nc.NeuronConfigError, match="capacity_factor=2.0: NxDI then drops"):
         CpuBackend.validate({**cfg, "capacity_factor": 2.0})
+
+
+@pytest.mark.parametrize("family", ["qwen2", "mixtral"])
+def test_llama3_rope_scaling_on_a_family_matches_hf(tmp_path, monkeypatch, family):
+    """Llama 3.x rope scaling (rope_type llama3) is the family's too: prompts past the
+    original context, decoded natively, give HF's tokens."""
+    scaling = {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0,
+               "high_freq_factor": 4.0, "original_max_position_embeddings": 32}
+    model = make_tiny(tmp_path / "model", family, rope_scaling=scaling)
+    assert LlamaSpec.from_folder(model).rope_scaling["rope_type"] == "llama3"
+    kernel = next((v.name for v in kernels.VARIANTS if kernels.runs_here(v)), kernels.TORCH)
+    b = bf16_backend_without_bf16_units(model, tmp_path / "artifacts", monkeypatch, kernel)
+    prompts = [[5 + i % 50 for i in range(40)], [12, 13, 14] * 15]
+    expected = hf_greedy(model, prompts, [6, 6], weights_in=torch.bfloat16)
+    assert backend_greedy(b, prompts, 6) == expected
