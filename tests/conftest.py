@@ -117,3 +117,68 @@ def tiny_chat_server(tiny_chat):
     yield get
     for server in started:
         server.stop()
+
+
+# -- references for host sampling: HF's logits and vLLM's definitions, written out --------
+def hf_causal_lm(model_path: str, dtype=torch.float32):
+    """The model in HF transformers, for references computed in a test."""
+    from transformers import AutoModelForCausalLM
+
+    return AutoModelForCausalLM.from_pretrained(model_path, dtype=dtype).eval()
+
+
+def hf_log_softmax(model, token_ids: list[int]) -> torch.Tensor:
+    """[len, vocab] log-softmax of HF's fp32 logits at every position of ``token_ids``."""
+    with torch.no_grad():
+        logits = model(torch.tensor([token_ids])).logits[0].float()
+    return logits.log_softmax(dim=-1)
+
+
+def hf_decode_with(model, prompt: list[int], steps: int, choose) -> list[int]:
+    """Token by token on HF's fp32 logits: ``choose(logits, prompt, generated)`` picks
+    each next token from the last position's logits."""
+    ids = list(prompt)
+    with torch.no_grad():
+        for _ in range(steps):
+            logits = model(torch.tensor([ids])).logits[0, -1].float()
+            ids.append(int(choose(logits.clone(), list(prompt), ids[len(prompt):])))
+    return ids[len(prompt):]
+
+
+def penalized(logits: torch.Tensor, prompt: list[int], generated: list[int], *,
+              repetition: float = 1.0, presence: float = 0.0,
+              frequency: float = 0.0) -> torch.Tensor:
+    """vLLM's penalties from their definitions, in vLLM's order: the repetition penalty on
+    every token seen in the prompt or the output (a positive logit divided by it, a
+    negative one multiplied), then OpenAI's frequency (times the count) and presence
+    (once) penalties on the output's tokens only."""
+    vocab = logits.shape[0]
+    seen = torch.zeros(vocab, dtype=torch.bool)
+    seen[torch.tensor(prompt + generated, dtype=torch.long)] = True
+    logits = torch.where(seen & (logits > 0), logits / repetition,
+                         torch.where(seen, logits * repetition, logits))
+    counts = torch.bincount(torch.tensor(generated, dtype=torch.long), minlength=vocab).float()
+    return logits - frequency * counts - presence * (counts > 0).float()
+
+
+class SeededSampling:
+    """vLLM V1's random sampling of a request with a ``seed``, from its definition: a
+    generator seeded once per request (``torch.Generator().manual_seed(seed)``); each
+    step divides the fp32 logits by the temperature, applies ``min_p`` (tokens less
+    likely than ``min_p`` times the likeliest are dropped), takes the softmax and draws
+    the token by the exponential race ``argmax(probs / q)``, ``q ~ Exp(1)`` drawn from
+    that generator over the whole vocabulary (vLLM's ``random_sample``)."""
+
+    def __init__(self, seed: int, temperature: float = 1.0, min_p: float = 0.0) -> None:
+        self.generator = torch.Generator().manual_seed(seed)
+        self.temperature = temperature
+        self.min_p = min_p
+
+    def __call__(self, logits: torch.Tensor, _prompt=None, _generated=None) -> int:
+        logits = logits.float() / self.temperature
+        if self.min_p:
+            probs = logits.softmax(dim=-1)
+            logits = logits.masked_fill(probs < self.min_p * probs.max(), float("-inf"))
+        probs = logits.softmax(dim=-1, dtype=torch.float32)
+        q = torch.empty_like(probs).exponential_(generator=self.generator)
+        return int((probs / q).argmax())

@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
+import signal
 import socket
 import subprocess
 import sys
 import time
 
+import psutil
 import requests
 
 
@@ -42,9 +45,10 @@ class Server:
         raise TimeoutError(f"server did not start in {timeout} s:\n{self.output()}")
 
     def output(self) -> str:
-        self.log.flush()
-        self.log.seek(0)
-        return self.log.read()
+        """The server's log so far. Read through a handle of its own: the server writes
+        at the offset it shares with ``self.log``, which a seek here would move back."""
+        with open(self.log.name, errors="replace") as f:
+            return f.read()
 
     def stop(self) -> None:
         if self.proc.poll() is None:
@@ -78,3 +82,71 @@ def wait_until(condition, timeout: float = 60.0) -> bool:
             return False
         time.sleep(0.2)
     return True
+
+
+def engine_core(process: subprocess.Popen | psutil.Process,
+                timeout: float = 60.0) -> psutil.Process:
+    """The engine-core process under an API server (vLLM titles it ``VLLM::EngineCore``)."""
+    parent = psutil.Process(process.pid)
+    found: list[psutil.Process] = []
+
+    def present() -> bool:
+        try:
+            found[:] = [c for c in parent.children(recursive=True)
+                        if c.name().startswith("VLLM::EngineCore")]
+        except psutil.NoSuchProcess:
+            return True
+        return bool(found)
+
+    assert wait_until(present, timeout) and found, "no engine-core process"
+    return found[0]
+
+
+def suspend(process: psutil.Process, timeout: float = 30.0) -> None:
+    """SIGSTOP ``process`` and return once every thread of it has stopped (the signal
+    is delivered asynchronously)."""
+
+    def stopped() -> bool:
+        try:
+            states = []
+            for task in os.listdir(f"/proc/{process.pid}/task"):
+                with open(f"/proc/{process.pid}/task/{task}/stat") as f:
+                    states.append(f.read().rsplit(")", 1)[1].split()[0])
+        except FileNotFoundError:
+            return not process.is_running()
+        return all(state in "Tt" for state in states)
+
+    process.suspend()
+    if not wait_until(stopped, timeout):
+        process.resume()
+        raise AssertionError(f"{process} did not stop in {timeout} s")
+
+
+@contextlib.contextmanager
+def frozen(process: psutil.Process):
+    """SIGSTOP ``process`` for the block (SIGCONT after): an engine core takes no step
+    meanwhile, so what a test observes before a signal stays so until it lets go. It is
+    what a long step (a compile, a big batch on the device) looks like from outside."""
+    suspend(process)
+    try:
+        yield process
+    finally:
+        with contextlib.suppress(psutil.NoSuchProcess):
+            process.resume()
+
+
+def signal_pending(process: psutil.Process, sig: int = signal.SIGTERM) -> bool:
+    """Whether ``sig`` was sent to ``process`` and not yet handled (a stopped process
+    holds it until it continues)."""
+    try:
+        with open(f"/proc/{process.pid}/status") as f:
+            masks = [int(line.split()[1], 16) for line in f
+                     if line.startswith(("ShdPnd:", "SigPnd:"))]
+    except FileNotFoundError:
+        return False
+    return any(mask >> (sig - 1) & 1 for mask in masks)
+
+
+def wait_for_log(server: Server, text: str, count: int = 1, timeout: float = 60.0) -> bool:
+    """Wait until the server's log holds ``text`` at least ``count`` times."""
+    return wait_until(lambda: server.output().count(text) >= count, timeout)

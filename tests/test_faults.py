@@ -16,6 +16,7 @@ import pytest
 import requests
 import torch
 
+from tests.server_utils import engine_core, frozen, wait_for_log
 from vllm_neuronx import faults
 from vllm_neuronx.loader import load_backend
 from vllm_neuronx.neuron_config import resolve_neuron_config
@@ -59,18 +60,20 @@ def model(tiny_chat):
 
 @pytest.fixture(scope="module")
 def server(tiny_chat_server):
+    # --enable-log-requests: "Added request" says a request has gone to the engine core.
     return tiny_chat_server("--max-num-seqs=2", "--max-model-len=256", "--dtype=float32",
+                            "--enable-log-requests",
                             env={"VLLM_NEURONX_TEST_FAULT": "prefill:2"})
 
 
-def events(response) -> list[str]:
+def events(lines) -> list[str]:
     """The data lines of a server-sent event stream, in order."""
-    return [line[len("data: "):] for line in response.iter_lines(decode_unicode=True)
-            if line.startswith("data: ")]
+    return [line[len("data: "):] for line in lines if line.startswith("data: ")]
 
 
 def test_engine_failure_errors_the_requests_then_the_server_exits_non_zero(server, model):
-    engine = psutil.Process(server.proc.pid).children(recursive=True)
+    engine = engine_core(server.proc)
+    processes = psutil.Process(server.proc.pid).children(recursive=True)
     streaming = requests.post(
         server.url + "/v1/completions", stream=True, timeout=60,
         json={"model": model, "prompt": "Once upon a time", "max_tokens": 200,
@@ -80,12 +83,15 @@ def test_engine_failure_errors_the_requests_then_the_server_exits_non_zero(serve
     first = next(line for line in lines if line.startswith("data: "))
     assert json.loads(first[len("data: "):])["choices"][0]["text"] is not None
     with concurrent.futures.ThreadPoolExecutor(1) as pool:
-        # Its prefill is the second: it raises while the stream is decoding.
-        plain = pool.submit(
-            requests.post, server.url + "/v1/completions", timeout=60,
-            json={"model": model, "prompt": "Hello", "max_tokens": 4},
-        )
-        rest = [line[len("data: "):] for line in lines if line.startswith("data: ")]
+        # The engine is held mid-stream until the second request has reached it: its
+        # prefill, the second, raises while the stream is decoding, whatever the timing.
+        with frozen(engine):
+            plain = pool.submit(
+                requests.post, server.url + "/v1/completions", timeout=60,
+                json={"model": model, "prompt": "Hello", "max_tokens": 4},
+            )
+            assert wait_for_log(server, "Added request", count=2), server.output()
+        rest = events(lines)
         answer = plain.result()
 
     # Non-streaming: HTTP 500 with a message in vLLM's error shape.
@@ -97,6 +103,7 @@ def test_engine_failure_errors_the_requests_then_the_server_exits_non_zero(serve
     chunk = json.loads(rest[-2])
     assert chunk["error"]["code"] == 500 and chunk["error"]["message"]
     assert all("error" not in json.loads(e) for e in rest[:-2])
+    assert all(json.loads(e)["choices"][0]["finish_reason"] is None for e in rest[:-2])
 
     # /health never says healthy again: 503 while it still answers, then the process
     # exits with a non-zero status, engine core included, within the bound.
@@ -110,7 +117,7 @@ def test_engine_failure_errors_the_requests_then_the_server_exits_non_zero(serve
         time.sleep(0.2)
     assert server.proc.poll() == 1, f"still running or exited 0 after {EXIT_BOUND_S} s: {seen}"
     assert set(seen) <= {503, "no answer"}, seen
-    gone, alive = psutil.wait_procs(engine, timeout=10)
+    gone, alive = psutil.wait_procs(processes, timeout=10)
     assert not alive, alive
     log = server.output()
     assert "InjectedFault: injected fault: prefill call 2" in log

@@ -17,7 +17,14 @@ import torch
 from vllm import LLM, SamplingParams
 from vllm.sampling_params import StructuredOutputsParams
 
-from tests.conftest import hf_greedy
+from tests.conftest import (
+    SeededSampling,
+    hf_causal_lm,
+    hf_decode_with,
+    hf_greedy,
+    hf_log_softmax,
+    penalized,
+)
 from tests.server_utils import wait_until
 from vllm_neuronx import neuron_config as nc
 from vllm_neuronx import platform_config, sampling
@@ -39,16 +46,7 @@ def llm(tiny_llama):
 
 @pytest.fixture(scope="module")
 def hf_model(tiny_llama):
-    from transformers import AutoModelForCausalLM
-
-    return AutoModelForCausalLM.from_pretrained(tiny_llama, dtype=torch.float32).eval()
-
-
-def hf_logprobs(model, token_ids: list[int]) -> torch.Tensor:
-    """[len, vocab] log-softmax of HF's logits at every position of ``token_ids``."""
-    with torch.no_grad():
-        logits = model(torch.tensor([token_ids])).logits[0].float()
-    return logits.log_softmax(dim=-1)
+    return hf_causal_lm(tiny_llama)
 
 
 def params(**kwargs) -> SamplingParams:
@@ -87,7 +85,7 @@ def test_logprobs_and_prompt_logprobs_equal_hf_log_softmax(llm, hf_model):
     prompt = random_prompts(3, 1, longest=30)[0]
     out = generate(llm, [prompt], params(logprobs=3, prompt_logprobs=4))[0]
     generated = list(out.outputs[0].token_ids)
-    reference = hf_logprobs(hf_model, prompt + generated)
+    reference = hf_log_softmax(hf_model, prompt + generated)
     assert out.prompt_logprobs[0] is None  # the first prompt token has no context
     assert len(out.prompt_logprobs) == len(prompt)
     for j in range(1, len(prompt)):
@@ -122,13 +120,10 @@ def test_mixed_batch_is_greedy_equal_to_each_request_alone(llm, tiny_llama):
 
 # -- penalties ------------------------------------------------------------------------------
 def hf_greedy_with(model, prompt: list[int], steps: int, adjust) -> list[int]:
-    """Greedy decoding on HF's logits, each step's logits changed by ``adjust``."""
-    ids = list(prompt)
-    with torch.no_grad():
-        for _ in range(steps):
-            logits = model(torch.tensor([ids])).logits[0, -1].float()
-            ids.append(int(adjust(logits, ids, ids[len(prompt):]).argmax()))
-    return ids[len(prompt):]
+    """Greedy decoding on HF's logits, each step's logits changed by
+    ``adjust(logits, prompt + generated, generated)``."""
+    return hf_decode_with(model, prompt, steps,
+                          lambda logits, p, g: adjust(logits, p + g, g).argmax())
 
 
 def test_repetition_penalty_matches_hf_logits_processor(llm, hf_model):
@@ -164,7 +159,7 @@ def test_presence_and_frequency_penalties_match_openai_formula(llm, hf_model, pr
 
 
 # -- seeds, n ---------------------------------------------------------------------------------
-def test_seed_gives_the_same_text_alone_and_in_any_batch(llm):
+def test_seed_gives_the_same_text_alone_and_in_any_batch(llm, hf_model):
     prompts = random_prompts(17, 6)
     seeded = params(temperature=1.0, seed=1234, max_tokens=16)
     alone = tokens(generate(llm, [prompts[0]], [seeded]))[0]
@@ -174,12 +169,15 @@ def test_seed_gives_the_same_text_alone_and_in_any_batch(llm):
     # Later in the queue: it waits for a line and decodes beside different requests.
     last = tokens(generate(llm, prompts[1:] + prompts[:1], others + [seeded]))[-1]
     assert alone == first == last
+    # The tokens vLLM's seeded sampling draws from HF's logits (tests/conftest.py).
+    assert alone == hf_decode_with(hf_model, prompts[0], 16, SeededSampling(1234, 1.0))
     other_seed = tokens(generate(llm, [prompts[0]],
                                  [params(temperature=1.0, seed=99, max_tokens=16)]))[0]
+    assert other_seed == hf_decode_with(hf_model, prompts[0], 16, SeededSampling(99, 1.0))
     assert other_seed != alone
 
 
-def test_n_children_each_get_a_kv_line_and_their_own_seed(llm):
+def test_n_children_each_get_a_kv_line_and_their_own_seed(llm, hf_model):
     prompt = random_prompts(19, 1)[0]
     n = MAX_NUM_SEQS + 2  # more children than KV lines: admitted as lines free up
     out = generate(llm, [prompt], params(n=n, temperature=1.0, seed=42, max_tokens=10))[0]
@@ -190,6 +188,8 @@ def test_n_children_each_get_a_kv_line_and_their_own_seed(llm):
                                                        max_tokens=10)]))[0]
                for i in range(n)]
     assert children == singles
+    assert children == [hf_decode_with(hf_model, prompt, 10, SeededSampling(42 + i, 1.0))
+                        for i in range(n)]
     unseeded = generate(llm, [prompt], [params(n=n, temperature=1.0, max_tokens=10),
                                         params(n=2, temperature=1.0, max_tokens=10, logprobs=1)])
     assert [len(o.outputs) for o in unseeded] == [n, 2]
@@ -200,16 +200,36 @@ def test_n_children_each_get_a_kv_line_and_their_own_seed(llm):
 
 
 # -- the other host parameters ----------------------------------------------------------------
-def test_allowed_tokens_logit_bias_min_p_and_min_tokens(llm):
+def test_allowed_tokens_logit_bias_min_p_and_min_tokens(llm, hf_model):
     prompt = random_prompts(23, 1)[0]
     allowed = tokens(generate(llm, [prompt], params(allowed_token_ids=[40, 41, 42],
                                                     temperature=1.0)))[0]
     assert set(allowed) <= {40, 41, 42}
+    # Greedy among the allowed: the likeliest of them by HF's logits, at every step.
+    allowed_ids = torch.tensor([40, 41, 42, 300, 301])
+    got = tokens(generate(llm, [prompt], params(allowed_token_ids=allowed_ids.tolist())))[0]
+    assert got == hf_decode_with(hf_model, prompt, 12,
+                                 lambda logits, p, g: allowed_ids[logits[allowed_ids].argmax()])
     assert tokens(generate(llm, [prompt], params(logit_bias={77: 100.0})))[0] == [77] * 12
     greedy = tokens(generate(llm, [prompt], params()))[0]
+    # A bias that changes some choices and not others: HF's logits plus the bias, argmax.
+    bias = {greedy[0]: -3.0, greedy[3]: -2.0, 100: 2.5}
+    biased = tokens(generate(llm, [prompt], params(logit_bias=bias)))[0]
+
+    def add_bias(logits, _prompt, _generated):
+        for t, b in bias.items():
+            logits[t] += b
+        return logits.argmax()
+
+    assert biased == hf_decode_with(hf_model, prompt, 12, add_bias) != greedy
     # min_p keeps only tokens nearly as likely as the best one: sampling becomes greedy.
     assert tokens(generate(llm, [prompt], params(temperature=1.0, min_p=0.999, seed=3)))[0] \
         == greedy
+    # A looser min_p: vLLM's seeded draw among the tokens min_p keeps, from HF's logits;
+    # the same seed without min_p draws otherwise (the reference says so).
+    with_min_p = tokens(generate(llm, [prompt], params(temperature=1.0, min_p=0.2, seed=3)))[0]
+    reference = hf_decode_with(hf_model, prompt, 12, SeededSampling(3, 1.0, min_p=0.2))
+    assert with_min_p == reference != hf_decode_with(hf_model, prompt, 12, SeededSampling(3))
     stop = 2  # biased up, it would end the output at once
     out = llm.generate([{"prompt_token_ids": prompt}], SamplingParams(
         temperature=0, max_tokens=12, min_tokens=5, logit_bias={stop: 100.0},
@@ -341,9 +361,13 @@ def test_on_device_sampling_off_serves_both_kinds_from_the_logits(tiny_llama, hf
                                        params(repetition_penalty=1.3)])
         got = tokens(outs)
         assert got[:2] == hf_greedy(tiny_llama, prompts[:2], [12, 12])
-        reference = hf_logprobs(hf_model, prompts[1] + got[1])
-        first = outs[1].outputs[0].logprobs[0][got[1][0]].logprob
-        assert first == pytest.approx(float(reference[len(prompts[1]) - 1, got[1][0]]), abs=TOL)
+        reference = hf_log_softmax(hf_model, prompts[1] + got[1])
+        for i, token in enumerate(got[1]):
+            row = reference[len(prompts[1]) - 1 + i]
+            check_position(outs[1].outputs[0].logprobs[i], row, token, 1)
+        assert got[3] == hf_decode_with(
+            hf_model, prompts[3], 12,
+            lambda logits, p, g: penalized(logits, p, g, repetition=1.3).argmax())
         assert all(len(t) == 12 for t in got)
     finally:
         del off

@@ -7,10 +7,16 @@ front, naming the parameter and the override. prompt_logprobs is refused either 
 from __future__ import annotations
 
 import pytest
-import torch
 from vllm import LLM, SamplingParams
 
-from tests.conftest import hf_greedy
+from tests.conftest import (
+    SeededSampling,
+    hf_causal_lm,
+    hf_decode_with,
+    hf_greedy,
+    hf_log_softmax,
+    penalized,
+)
 from tests.engine_checks import use_simulator
 
 
@@ -58,22 +64,29 @@ def test_on_device_sampling_only_refuses_host_parameters_by_name(tiny_llama, tmp
 
 def test_output_logits_serves_host_parameters_from_nxdi_logits(tiny_llama, tmp_path,
                                                                monkeypatch):
-    from transformers import AutoModelForCausalLM
-
     llm = make_llm(monkeypatch, tiny_llama, tmp_path / "logits", output_logits=True)
     try:
-        kinds = [params(), params(logprobs=2), params(repetition_penalty=1.0001)]
-        outs = llm.generate([{"prompt_token_ids": p} for p in PROMPTS], kinds)
+        kinds = [params(), params(logprobs=2), params(repetition_penalty=1.8),
+                 params(temperature=1.0, seed=7)]
+        prompts = [PROMPTS[0], PROMPTS[1], PROMPTS[0], PROMPTS[2]]
+        outs = llm.generate([{"prompt_token_ids": p} for p in prompts], kinds)
         got = [list(o.outputs[0].token_ids) for o in outs]
-        assert got == hf_greedy(tiny_llama, PROMPTS, [8] * 3)
-        hf = AutoModelForCausalLM.from_pretrained(tiny_llama, dtype=torch.float32).eval()
-        with torch.no_grad():
-            ids = PROMPTS[1] + got[1]
-            reference = hf(torch.tensor([ids])).logits[0].log_softmax(-1)
+        assert got[:2] == hf_greedy(tiny_llama, PROMPTS[:2], [8] * 2)
+        hf = hf_causal_lm(tiny_llama)
+        reference = hf_log_softmax(hf, PROMPTS[1] + got[1])
         for i, token in enumerate(got[1]):
-            logprob = outs[1].outputs[0].logprobs[i][token].logprob
-            assert logprob == pytest.approx(float(reference[len(PROMPTS[1]) - 1 + i, token]),
-                                            abs=2e-4)
+            row = reference[len(PROMPTS[1]) - 1 + i]
+            top = outs[1].outputs[0].logprobs[i]
+            assert top[token].logprob == pytest.approx(float(row[token]), abs=2e-4)
+            assert {t: v.logprob for t, v in top.items()} == pytest.approx(
+                dict(zip(row.topk(2).indices.tolist(), row.topk(2).values.tolist(),
+                         strict=True)), abs=2e-4)  # greedy: the token is the top one
+        # The penalty and the seed as their definitions give them on HF's logits.
+        assert got[2] == hf_decode_with(
+            hf, PROMPTS[0], 8,
+            lambda logits, p, g: penalized(logits, p, g, repetition=1.8).argmax())
+        assert got[2] != got[0]  # greedy repeats itself here; the penalty changed that
+        assert got[3] == hf_decode_with(hf, PROMPTS[2], 8, SeededSampling(7, 1.0))
         with pytest.raises(ValueError, match="prompt_logprobs=1 is not supported by the nxdi"):
             llm.generate([{"prompt_token_ids": PROMPTS[0]}], params(prompt_logprobs=1))
     finally:

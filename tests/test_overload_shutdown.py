@@ -3,14 +3,17 @@
 One server with upstream's ``--max-num-queued-reqs`` and ``--shutdown-timeout``
 serves the overload tests, then is stopped by the drain test (a new one starts
 if a test needs it after). Past the bound a request gets HTTP 503 naming the
-bound while the admitted ones finish exactly; on SIGTERM the requests running
-finish, new ones are refused, and the process exits 0 with its artifacts whole.
+bound while the admitted ones finish exactly; on SIGTERM the requests accepted
+finish, new ones are refused (not yet: see the xfail test), and the process exits 0
+with its artifacts whole. The engine core is held (SIGSTOP) wherever a test needs a
+state to last until it has signalled and looked: no test depends on how fast a step is.
 A SIGTERM during the first compile, before the server is up, stops it, and the
 compile's temp folder goes with it.
 """
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import glob
 import json
@@ -24,8 +27,18 @@ import psutil
 import pytest
 import requests
 
-from tests.server_utils import api_server_argv, free_port, kv_lines_in_use, wait_until
-from vllm_neuronx.artifacts import read_manifest
+from tests.server_utils import (
+    api_server_argv,
+    engine_core,
+    free_port,
+    frozen,
+    kv_lines_in_use,
+    signal_pending,
+    suspend,
+    wait_for_log,
+    wait_until,
+)
+from vllm_neuronx.artifacts import MANIFEST, read_manifest
 from vllm_neuronx.default_model import default_model_path
 
 MAX_NUM_SEQS = 2
@@ -57,9 +70,9 @@ def request_body(server, max_tokens: int, **extra) -> dict:
             "temperature": 0, "ignore_eos": True, **extra}
 
 
-def complete(server, max_tokens: int, **extra) -> requests.Response:
+def complete(server, max_tokens: int, timeout: float = 300, **extra) -> requests.Response:
     return requests.post(server.url + "/v1/completions",
-                         json=request_body(server, max_tokens, **extra), timeout=300)
+                         json=request_body(server, max_tokens, **extra), timeout=timeout)
 
 
 def open_stream(server, max_tokens: int) -> requests.Response:
@@ -70,10 +83,12 @@ def open_stream(server, max_tokens: int) -> requests.Response:
     return r
 
 
-def read_stream(r: requests.Response) -> tuple:
-    text, finish = "", None
+def read_stream(r: requests.Response, lines=None, text: str = "") -> tuple:
+    """(text, finish_reason) of a stream; ``lines``/``text``: its iterator and what it
+    gave already, when the test read its first chunks."""
+    finish = None
     with r:
-        for line in r.iter_lines():
+        for line in lines if lines is not None else r.iter_lines():
             if not line or line == b"data: [DONE]":
                 continue
             choice = json.loads(line.removeprefix(b"data: "))["choices"][0]
@@ -82,13 +97,15 @@ def read_stream(r: requests.Response) -> tuple:
     return text, finish
 
 
-def read_body_text(r: requests.Response) -> str:
-    """The text of a completed answer, streamed (already read) or not."""
-    if r.headers.get("content-type", "").startswith("text/event-stream"):
-        chunks = [json.loads(line.removeprefix("data: ")) for line in r.text.splitlines()
-                  if line.startswith("data: {")]
-        return "".join(c["choices"][0]["text"] for c in chunks)
-    return r.json()["choices"][0]["text"]
+def first_chunk(r: requests.Response) -> tuple:
+    """Read a stream up to its first token: (its lines iterator, the text so far)."""
+    lines = r.iter_lines()
+    for line in lines:
+        if line.startswith(b"data: {"):
+            choice = json.loads(line.removeprefix(b"data: "))["choices"][0]
+            assert choice["finish_reason"] is None, choice
+            return lines, choice["text"]
+    raise AssertionError("the stream ended before its first token")
 
 
 def assert_refused(r: requests.Response, message: str) -> None:
@@ -101,20 +118,19 @@ def assert_refused(r: requests.Response, message: str) -> None:
 def test_past_the_bound_503_names_it_while_the_admitted_finish_exactly(bounded):
     server = bounded()
     alone = complete(server, LONG).json()["choices"][0]["text"]
-    admitted = [open_stream(server, LONG) for _ in range(BOUND)]  # 2 running, 2 waiting
-    with ThreadPoolExecutor(2 * BOUND) as pool:
-        # Sent at once, long before the admitted finish; any let in as lines free up is
-        # served like the rest.
-        extra = list(pool.map(lambda i: complete(server, LONG, stream=i % 2 == 0),
-                              range(2 * BOUND)))
-        texts = list(pool.map(read_stream, admitted))
-    refused = [r for r in extra if r.status_code != 200]
-    assert refused
-    for r in refused:
-        assert_refused(r, QUEUE_FULL)
+    # The engine takes no step while the extra requests arrive: none of the admitted can
+    # finish and free its place first, so every extra one is past the bound.
+    with frozen(engine_core(server.proc)):
+        admitted = [open_stream(server, LONG) for _ in range(BOUND)]  # 2 to run, 2 to wait
+        with ThreadPoolExecutor(2 * BOUND) as pool:
+            # A defect that let one in would leave it waiting on the held engine: the
+            # timeout turns that into a failure.
+            extra = list(pool.map(lambda i: complete(server, LONG, stream=i % 2 == 0,
+                                                     timeout=60), range(2 * BOUND)))
     for r in extra:
-        if r.status_code == 200:
-            assert read_body_text(r) == alone
+        assert_refused(r, QUEUE_FULL)
+    with ThreadPoolExecutor(BOUND) as pool:
+        texts = list(pool.map(read_stream, admitted))
     assert texts == [(alone, "length")] * BOUND
     # The engine stays healthy: all lines free again, and the next request is served.
     assert requests.get(server.url + "/health", timeout=30).status_code == 200
@@ -128,35 +144,58 @@ def test_a_request_whose_n_exceeds_the_bound_is_refused_naming_n(bounded):
     assert f"n={BOUND + 1}" in r.json()["error"]["message"]
 
 
-def test_sigterm_finishes_running_requests_refuses_new_ones_and_exits_0(bounded, paths):
+def test_sigterm_finishes_the_accepted_requests_and_exits_0(bounded, paths):
     server = bounded()
     alone = complete(server, LONG).json()["choices"][0]["text"]
-    streams = [open_stream(server, LONG) for _ in range(3)]  # admitted: two run, one waits
+    engine = engine_core(server.proc)
     processes = psutil.Process(server.proc.pid).children(recursive=True)
-    # At once: some may not have reached the engine yet, all were accepted and are served.
-    server.proc.send_signal(signal.SIGTERM)
-    with ThreadPoolExecutor(len(streams)) as pool:
-        results = [pool.submit(read_stream, r) for r in streams]
-
-        def refused() -> bool:
-            try:
-                return requests.get(server.url + "/health", timeout=5).status_code == 503
-            except requests.ConnectionError:
-                return True
-
-        assert wait_until(refused, 30)
-        try:
-            assert_refused(complete(server, 4), SHUTTING_DOWN)
-        except requests.ConnectionError:
-            pass  # already closed: refused as well
+    running = open_stream(server, LONG)
+    lines, text = first_chunk(running)  # decoding
+    # Held from here until the drain has begun: no request can end before the signal.
+    with frozen(engine):
+        waiting = [open_stream(server, LONG) for _ in range(2)]  # accepted, not started
+        server.proc.send_signal(signal.SIGTERM)
+        assert wait_for_log(server, "Shutting down: draining 3 HTTP request(s)"), \
+            server.output()
+    with ThreadPoolExecutor(3) as pool:
+        results = [pool.submit(read_stream, running, lines, text),
+                   *(pool.submit(read_stream, r) for r in waiting)]
         assert [f.result(timeout=180) for f in results] == [(alone, "length")] * 3
     assert server.proc.wait(timeout=120) == 0
-    assert "Shutting down: draining 3 HTTP request(s)" in server.output()
+    assert "the drain timed out" not in server.output()
     gone, alive = psutil.wait_procs(processes, timeout=30)
     assert not alive
     parent = os.path.dirname(paths["artifacts"])
     assert not glob.glob(os.path.join(parent, ".compiling-*"))
     assert read_manifest(paths["artifacts"]) is not None
+
+
+@pytest.mark.xfail(strict=True, raises=(requests.Timeout, requests.ConnectionError), reason=(
+    "defect in patches/drain.py: uvicorn 0.54's own SIGTERM handler (Server.capture_signals, "
+    "signal.signal) runs beside the drain's, so uvicorn stops accepting connections within "
+    "0.1 s; the engine core, forked with the listening socket, keeps it open, so during the "
+    "drain a new request, /health and /metrics get no answer at all (not 503 / 200) until "
+    "the server exits"))
+def test_while_draining_new_requests_get_503_and_metrics_stays_open(bounded):
+    server = bounded()
+    engine = engine_core(server.proc)
+    stream = None
+    try:
+        with frozen(engine):  # the request cannot end: the drain lasts while it is held
+            stream = open_stream(server, LONG)
+            server.proc.send_signal(signal.SIGTERM)
+            assert wait_for_log(server, "Shutting down: draining 1 HTTP request(s)"), \
+                server.output()
+            # Not asserted: uvicorn's log line when it acts on the signal too (the defect).
+            # Waiting for it makes what follows independent of when uvicorn notices.
+            wait_for_log(server, "Waiting for connections to close", timeout=5)
+            assert requests.get(server.url + "/metrics", timeout=3).status_code == 200
+            assert requests.get(server.url + "/health", timeout=3).status_code == 503
+            assert_refused(complete(server, 4, timeout=3), SHUTTING_DOWN)
+    finally:
+        if stream is not None:
+            assert read_stream(stream)[1] == "length"
+        assert server.proc.wait(timeout=120) == 0
 
 
 COMPILE_FOREVER = """
@@ -201,17 +240,46 @@ def test_sigterm_while_the_server_compiles_stops_it_without_partial_artifacts(tm
             env=dict(os.environ, NEURON_COMPILED_ARTIFACTS=str(folder)),
             stdout=log, stderr=subprocess.STDOUT,
         )
+    temps = str(folder.parent / ".compiling-*")
+    held: list[psutil.Process] = []
+
+    def held_while_compiling() -> bool:
+        """Stop the engine core; keep it stopped if it is inside the compile (its temp
+        folder has files and no manifest yet), else let it go on."""
+        if proc.poll() is not None:
+            return True
+        engines = [c for c in psutil.Process(proc.pid).children(recursive=True)
+                   if c.name().startswith("VLLM::EngineCore")]
+        if not engines:
+            return False
+        suspend(engines[0])
+        inside = [t for t in glob.glob(temps)
+                  if os.listdir(t) and MANIFEST not in os.listdir(t)]
+        if inside:
+            held.append(engines[0])
+            return True
+        engines[0].resume()
+        return False
+
     try:
-        temps = str(folder.parent / ".compiling-*")
-        assert wait_until(lambda: glob.glob(temps) or proc.poll() is not None, 240)
-        assert proc.poll() is None, log_path.read_text()
+        assert wait_until(held_while_compiling, 240)
+        assert proc.poll() is None and held, log_path.read_text()
+        [engine] = held
         processes = psutil.Process(proc.pid).children(recursive=True)
         proc.send_signal(signal.SIGTERM)
+        # The server passes the signal on to the engine core; it takes it once let go.
+        assert wait_until(lambda: signal_pending(engine), 60), log_path.read_text()
+        engine.resume()
         assert proc.wait(timeout=120) == 0, log_path.read_text()
     finally:
+        for engine in held:
+            with contextlib.suppress(psutil.NoSuchProcess):
+                engine.resume()
         proc.kill()
     gone, alive = psutil.wait_procs(processes, timeout=30)
     assert not alive
-    assert not glob.glob(temps)
-    assert not folder.exists() or read_manifest(str(folder)) is not None
+    # The compile was stopped inside, and its own cleanup removed the temp folder (a
+    # killed engine core would have left it). vLLM's engine-core handler raises
+    # SystemExit, which passes through as it is: no "compile interrupted" line then.
+    assert not glob.glob(temps) and not folder.exists()
     assert "Start-up stopped by SIGTERM" in log_path.read_text()

@@ -22,12 +22,13 @@ from concurrent.futures import ThreadPoolExecutor
 import pytest
 import requests
 
-from tests.server_utils import kv_lines_in_use, wait_until
+from tests.server_utils import engine_core, frozen, kv_lines_in_use, wait_for_log, wait_until
 
 MAX_NUM_SEQS = 8
 BURST = 200
 DISTINCT_PROMPTS = 10
 MAX_TOKENS = 12
+LONG = 200  # tokens: a stream still decoding long after its first chunk was read
 
 
 @pytest.fixture(scope="module")
@@ -35,7 +36,7 @@ def servers(tiny_chat_server):
     """A running server (upstream's default: no drain on SIGTERM); a fresh one if the
     last was stopped."""
     return functools.partial(tiny_chat_server, f"--max-num-seqs={MAX_NUM_SEQS}",
-                             "--max-model-len=64", "--dtype=float32",
+                             "--max-model-len=256", "--dtype=float32",
                              env={"VLLM_SERVER_DEV_MODE": "1"})
 
 
@@ -60,9 +61,11 @@ def stream(server, prompt: str, cancel_after: int | None) -> str | None:
         return text
 
 
-def read_stream(r: requests.Response) -> tuple[str, str | None]:
-    text, finish = "", None
-    for line in r.iter_lines():
+def read_stream(r: requests.Response, started=None) -> tuple[str, str | None]:
+    """(text, finish_reason); ``started``: what ``first_chunk`` read of it already."""
+    lines, text = started if started is not None else (r.iter_lines(), "")
+    finish = None
+    for line in lines:
         if not line or line == b"data: [DONE]":
             continue
         chunk = json.loads(line.removeprefix(b"data: "))
@@ -71,6 +74,17 @@ def read_stream(r: requests.Response) -> tuple[str, str | None]:
         text += choice["text"]
         finish = choice["finish_reason"] or finish
     return text, finish
+
+
+def first_chunk(r: requests.Response) -> tuple:
+    """Read a stream up to its first token: (its lines iterator, the text so far)."""
+    lines = r.iter_lines()
+    for line in lines:
+        if line.startswith(b"data: {"):
+            choice = json.loads(line.removeprefix(b"data: "))["choices"][0]
+            assert choice["finish_reason"] is None, choice
+            return lines, choice["text"]
+    raise AssertionError("the stream ended before its first token")
 
 
 def metric(server, name: str) -> float:
@@ -128,16 +142,22 @@ def test_sigterm_without_drain_ends_running_streams_as_aborted_and_exits_0(serve
     """Upstream's default --shutdown-timeout 0: nothing drains, but no client is left
     hanging on an open stream (which kept the server from exiting) or handed an error."""
     server = servers()
-    responses = [requests.post(server.url + "/v1/completions", stream=True, timeout=120,
-                               json=body(server, "Tell a long story.", stream=True,
-                                         max_tokens=50)) for _ in range(3)]
+    engine = engine_core(server.proc)
+    body_ = body(server, "Tell a long story.", stream=True, max_tokens=LONG)
+    with frozen(engine):  # the three are prefilled together once the engine goes on
+        responses = [requests.post(server.url + "/v1/completions", stream=True, timeout=120,
+                                   json=body_) for _ in range(3)]
     assert [r.status_code for r in responses] == [200] * 3
-    server.proc.send_signal(signal.SIGTERM)  # 150 tokens to go
+    started = [first_chunk(r) for r in responses]  # each is decoding, far from its end
+    with frozen(engine):  # none can finish before the signal is handled
+        server.proc.send_signal(signal.SIGTERM)
+        assert wait_for_log(server, "Shutting down: ending 3 unfinished request(s) as "
+                                    "aborted"), server.output()
     with ThreadPoolExecutor(len(responses)) as pool:
-        ends = list(pool.map(read_stream, responses))
-    # A stream that had tokens ends with finish_reason "abort". One still waiting for its
-    # prefill ends with [DONE] alone: vLLM 0.16's stream generator drops a final chunk
-    # that carries no token ("don't return empty chunks"), abort included.
-    assert [finish if text else "abort" for text, finish in ends] == ["abort"] * len(ends)
-    assert {finish for text, finish in ends if not text} <= {None, "abort"}
+        ends = list(pool.map(read_stream, responses, started))
+    # Every stream had tokens and ends with finish_reason "abort", short of max_tokens;
+    # what each got is the start of the same greedy text.
+    assert [finish for _, finish in ends] == ["abort"] * len(ends), ends
+    longest = max((text for text, _ in ends), key=len)
+    assert all(text and longest.startswith(text) for text, _ in ends), ends
     assert server.proc.wait(timeout=60) == 0

@@ -95,3 +95,35 @@ def test_sampler_follows_the_softmax_distribution():
         minlength=3,
     )
     assert (counts / 4000).tolist() == pytest.approx([0.5, 0.3, 0.2], abs=0.03)
+
+
+def expected_distribution(probs: list[float], top_k: int, top_p: float,
+                          temperature: float) -> list[float]:
+    """NxDI's sampling from its definition, on a distribution sorted best first: keep the
+    top_k likeliest, reweight by the temperature (p ** (1 / T), normalized), keep each
+    candidate whose mass before it is under top_p (the best always), normalize."""
+    kept = [p ** (1 / temperature) if i < top_k else 0.0 for i, p in enumerate(probs)]
+    kept = [p / sum(kept) for p in kept]
+    before = [sum(kept[:i]) for i in range(len(kept))]
+    kept = [p if i == 0 or b < top_p else 0.0 for i, (p, b) in enumerate(zip(kept, before,
+                                                                          strict=True))]
+    return [p / sum(kept) for p in kept]
+
+
+@pytest.mark.parametrize("top_k,top_p,temperature", [
+    (4, 1.0, 1.0),    # top_k alone
+    (6, 0.7, 1.0),    # top_p alone: the first three hold 0.8, the first two 0.65
+    (6, 1.0, 2.0),    # temperature alone: flatter
+    (3, 0.9, 0.5),    # all three: sharper, then cut
+])
+def test_sampler_draws_from_the_distribution_its_rules_define(top_k, top_p, temperature):
+    probs = [0.4, 0.25, 0.15, 0.1, 0.06, 0.04]
+    draws = 20000
+    logits = torch.log(torch.tensor([probs])).expand(draws, -1)
+    params = torch.tensor([[top_k, top_p, temperature]]).expand(draws, -1)
+    tokens = sampling.sample(logits, params, 256, torch.Generator().manual_seed(0))
+    frequencies = (torch.bincount(tokens, minlength=len(probs)) / draws).tolist()
+    expected = expected_distribution(probs, top_k, top_p, temperature)
+    assert frequencies == pytest.approx(expected, abs=0.015)
+    # What the rules drop is never drawn.
+    assert [f == 0 for f in frequencies] == [e == 0 for e in expected]

@@ -1,21 +1,40 @@
 """The user guide's server command and client, through our platform on the CPU backend.
 
-One server for the module (start-ups are the slow part): the guide's flags, plus an
-API key and dev mode (for /collective_rpc, which reads the runner's KV line count).
+One SmolLM2 server for the guide's tests (start-ups are the slow part): the guide's flags,
+plus an API key, dev mode (for /collective_rpc, which reads the runner's KV line count) and
+request logging (which says when a request has reached the engine). Host sampling is
+checked against references on a second server, a tiny fp32 Llama whose logits HF
+transformers computes in the test: logprobs are HF's log-softmax, and penalties, seeds and
+min_p give the tokens their definitions give (tests/conftest.py).
 """
 
 from __future__ import annotations
 
 import concurrent.futures
 import json
-import time
 
 import openai
 import pytest
 import requests
+import torch
 from vllm import LLM, SamplingParams
 
-from tests.server_utils import Server, api_server_argv, wait_until
+from tests.conftest import (
+    SeededSampling,
+    hf_causal_lm,
+    hf_decode_with,
+    hf_log_softmax,
+    penalized,
+)
+from tests.server_utils import (
+    Server,
+    api_server_argv,
+    engine_core,
+    frozen,
+    suspend,
+    wait_for_log,
+    wait_until,
+)
 from tests.server_utils import kv_lines_in_use as _kv_lines_in_use
 from vllm_neuronx.default_model import default_model_path
 
@@ -32,6 +51,7 @@ def server():
             f"--max-num-seqs={MAX_NUM_SEQS}", f"--max-model-len={MAX_MODEL_LEN}",
             "--tensor-parallel-size=8", "--device", "neuron",
             "--override-neuron-config", '{"enable_bucketing":false}', "--api-key", API_KEY,
+            "--enable-log-requests",  # "Aborted request": a hang-up reached the engine
         ),
         env={"VLLM_NEURON_FRAMEWORK": "neuronx-distributed-inference",
              "VLLM_SERVER_DEV_MODE": "1"},
@@ -71,25 +91,48 @@ def test_models_list(client, model):
     assert model == default_model_path()
 
 
+@pytest.fixture(scope="module")
+def smollm2_hf(model):
+    """SmolLM2 in HF, on the bf16-rounded weights the server runs, computed in fp32."""
+    return hf_causal_lm(model).to(torch.bfloat16).to(torch.float32)
+
+
 @pytest.mark.parametrize("stream", [False, True])
-def test_the_guide_client_chat_with_top_k(client, model, stream):
+def test_the_guide_client_chat_with_top_k(client, model, smollm2_hf, stream):
     response = client.chat.completions.create(
         model=model, messages=[{"role": "user", "content": "Hello, my name is Llama "}],
-        max_tokens=32, temperature=1.0, top_p=1.0, stream=stream, extra_body={"top_k": 50},
+        max_tokens=32, temperature=1.0, top_p=1.0, stream=stream,
+        extra_body={"top_k": 50, "return_token_ids": True},
     )
     if stream:
-        text = "".join(c.choices[0].delta.content or "" for c in response if c.choices)
+        chunks = [c for c in response if c.choices]
+        # Fields of vLLM's beyond OpenAI's, present where set.
+        prompt = next(c.prompt_token_ids for c in chunks if getattr(c, "prompt_token_ids", None))
+        generated = sum((getattr(c.choices[0], "token_ids", None) or [] for c in chunks), [])
+        text = "".join(c.choices[0].delta.content or "" for c in chunks)
+        finish = chunks[-1].choices[0].finish_reason
     else:
-        text = response.choices[0].message.content
+        prompt, choice = response.prompt_token_ids, response.choices[0]
+        generated, text, finish = choice.token_ids, choice.message.content, choice.finish_reason
     assert text.strip()
+    assert (finish, len(generated)) == ("length", 32) or (finish == "stop" and generated)
+    # Sampled (unseeded: no reference for the draw), each token among the 50 likeliest by
+    # HF's logits at its position (a margin for fp32 summation order at rank 50).
+    logprobs = hf_log_softmax(smollm2_hf, prompt + generated)
+    for i, token in enumerate(generated):
+        row = logprobs[len(prompt) - 1 + i]
+        assert int((row > row[token] + 1e-3).sum()) < 50, (i, token)
 
 
 def test_chat_uses_smollm2_chat_template(client, model):
-    r = client.chat.completions.create(
-        model=model, messages=[{"role": "user", "content": "Hi"}], max_tokens=1,
-    )
+    from transformers import AutoTokenizer
+
+    messages = [{"role": "user", "content": "Hi"}]
+    r = client.chat.completions.create(model=model, messages=messages, max_tokens=1)
     # SmolLM2's template adds a system turn and the role markers around "Hi".
-    assert r.usage.prompt_tokens > 10
+    expected = AutoTokenizer.from_pretrained(model).apply_chat_template(
+        messages, add_generation_prompt=True)
+    assert r.usage.prompt_tokens == len(expected) > 10
 
 
 @pytest.mark.parametrize("stream", [False, True])
@@ -113,24 +156,34 @@ def test_greedy_equals_offline_llm(client, model):
     assert online.choices[0].text == offline[0].outputs[0].text
 
 
-def test_streaming_delivers_tokens_as_they_are_generated(client, model):
-    start = time.monotonic()
-    stream = client.chat.completions.create(
-        model=model, messages=[{"role": "user", "content": "Tell me a long story."}],
-        max_tokens=64, temperature=0, stream=True, stream_options={"include_usage": True},
-        extra_body={"ignore_eos": True},
-    )
-    arrivals, usage = [], None
-    for chunk in stream:
-        if chunk.choices and chunk.choices[0].delta.content:
-            arrivals.append(time.monotonic() - start)
-        if chunk.usage is not None:
-            usage = chunk.usage
-    assert len(arrivals) >= 32
-    # The first token arrives long before the last: streamed, not sent at the end.
-    assert arrivals[0] < arrivals[-1] / 2
-    assert len({round(t, 3) for t in arrivals}) > len(arrivals) // 2
-    assert usage is not None and usage.completion_tokens == 64
+def sse_events(response: requests.Response) -> list[dict]:
+    """The JSON events of a server-sent event stream, [DONE] checked and dropped."""
+    lines = [ln for ln in response.iter_lines(decode_unicode=True) if ln.startswith("data: ")]
+    assert lines[-1] == "data: [DONE]", lines[-3:]
+    return [json.loads(ln[len("data: "):]) for ln in lines[:-1]]
+
+
+def test_streaming_delivers_the_tokens_in_pieces_equal_to_the_whole_answer(server, model):
+    body = {"model": model, "messages": [{"role": "user", "content": "Tell me a long story."}],
+            "max_tokens": 64, "temperature": 0, "ignore_eos": True, "return_token_ids": True}
+    headers = {"Authorization": f"Bearer {API_KEY}"}
+    whole = requests.post(server.url + "/v1/chat/completions", json=body, headers=headers,
+                          timeout=120).json()
+    with requests.post(server.url + "/v1/chat/completions", stream=True, timeout=120,
+                       headers=headers, json={**body, "stream": True,
+                                              "stream_options": {"include_usage": True}}) as r:
+        assert r.status_code == 200 and r.headers["content-type"].startswith("text/event-stream")
+        events = sse_events(r)
+    choices = [e["choices"][0] for e in events if e["choices"]]
+    pieces = [c["token_ids"] for c in choices if c.get("token_ids")]
+    # Token by token (a few at once at most, when the reader lags), not one piece at the end.
+    assert len(pieces) > 1
+    assert sum(pieces, []) == whole["choices"][0]["token_ids"]
+    assert "".join(c["delta"].get("content") or "" for c in choices) == \
+        whole["choices"][0]["message"]["content"]
+    assert [c["finish_reason"] for c in choices][-1] == "length"
+    assert all(c["finish_reason"] is None for c in choices[:-1])
+    assert events[-1]["usage"]["completion_tokens"] == 64 == whole["usage"]["completion_tokens"]
 
 
 def test_concurrency_twice_max_num_seqs_all_complete(client, model, server):
@@ -139,42 +192,68 @@ def test_concurrency_twice_max_num_seqs_all_complete(client, model, server):
                                       temperature=0, extra_body={"ignore_eos": True})
         return r.usage.completion_tokens
 
+    before = step_counts(requests.get(server.url + "/metrics", timeout=10).text)
+    added = server.output().count("Added request")
     with concurrent.futures.ThreadPoolExecutor(2 * MAX_NUM_SEQS) as pool:
-        results = list(pool.map(one, range(2 * MAX_NUM_SEQS)))
+        # All of them wait in the engine before it takes a step: twice as many as lines.
+        with frozen(engine_core(server.proc)):
+            futures = [pool.submit(one, i) for i in range(2 * MAX_NUM_SEQS)]
+            assert wait_for_log(server, "Added request", count=added + 2 * MAX_NUM_SEQS)
+        results = [f.result() for f in futures]
     assert results == [40] * (2 * MAX_NUM_SEQS)
     wait_for_idle(server)
-    metrics = requests.get(server.url + "/metrics", timeout=10).text
-    # Decode steps carried several requests at once (continuous batching, no collapse
-    # to one request per step): the per-step token histogram has entries above 1.
-    assert "vllm:num_requests_running" in metrics
-    assert batched_steps(metrics) > 0
+    steps, one_token = (b - a for a, b in zip(before, step_counts(
+        requests.get(server.url + "/metrics", timeout=10).text), strict=True))
+    # Decode steps carried several requests at once (continuous batching, no collapse to
+    # one request per step): one row per step would take a step per decoded token; here
+    # a step carries more than two on average (about 80 steps: two waves of four).
+    decoded = 2 * MAX_NUM_SEQS * 39  # each request's first token comes from its prefill
+    assert steps < decoded / 2 and one_token < decoded / 2, (steps, one_token)
 
 
-def batched_steps(metrics: str) -> float:
-    """Steps that scheduled more than one token (vllm:iteration_tokens_total buckets)."""
+def step_counts(metrics: str) -> tuple[float, float]:
+    """(engine steps, steps of one token) from vllm:iteration_tokens_total."""
     total = one = 0.0
     for line in metrics.splitlines():
         if line.startswith("vllm:iteration_tokens_total_count"):
             total += float(line.rsplit(" ", 1)[1])
         if line.startswith("vllm:iteration_tokens_total_bucket") and 'le="1.0"' in line:
             one += float(line.rsplit(" ", 1)[1])
-    return total - one
+    return total, one
 
 
 def test_client_disconnect_frees_the_kv_line(server, model):
     body = {"model": model, "prompt": "Write a long essay.", "max_tokens": 100,
             "stream": True, "ignore_eos": True}
+    headers = {"Authorization": f"Bearer {API_KEY}"}
+    finished = requests_finished(server)
+    aborted = server.output().count("Aborted request")
     with requests.post(server.url + "/v1/completions", json=body, stream=True, timeout=60,
-                       headers={"Authorization": f"Bearer {API_KEY}"}) as r:
+                       headers=headers) as r:
         chunks = r.iter_lines()
         for _ in range(3):
             next(chunks)
         assert kv_lines_in_use(server) == 1
+        engine = engine_core(server.proc)
+        suspend(engine)  # held until the server has passed the hang-up on: it cannot finish
+    try:
+        assert wait_for_log(server, "Aborted request", count=aborted + 1), server.output()
+    finally:
+        engine.resume()
     wait_for_idle(server)
+    # Stopped by the hang-up, not finished: upstream counts no aborted request here.
+    assert requests_finished(server) == finished
     r = requests.post(server.url + "/v1/completions", json={**body, "stream": False,
                                                             "max_tokens": 5},
-                      headers={"Authorization": f"Bearer {API_KEY}"}, timeout=60)
+                      headers=headers, timeout=60)
     assert r.status_code == 200 and r.json()["usage"]["completion_tokens"] == 5
+
+
+def requests_finished(server) -> float:
+    """vllm:request_success_total: requests that ended by a stop or their length."""
+    text = requests.get(server.url + "/metrics", timeout=30).text
+    return sum(float(line.rsplit(" ", 1)[1]) for line in text.splitlines()
+               if line.startswith("vllm:request_success_total"))
 
 
 BAD_REQUESTS = [
@@ -271,27 +350,7 @@ def test_response_format_json_schema_is_enforced(client, model):
     jsonschema.validate(json.loads(r.choices[0].message.content), PERSON)
 
 
-def test_chat_logprobs_are_real(client, model):
-    r = client.chat.completions.create(
-        model=model, messages=[{"role": "user", "content": "Hi"}], max_tokens=6,
-        temperature=0, logprobs=True, top_logprobs=3,
-    )
-    content = r.choices[0].logprobs.content
-    assert len(content) == 6
-    for position in content:
-        top = [t.logprob for t in position.top_logprobs]
-        assert len(top) == 3 and top == sorted(top, reverse=True)
-        assert position.logprob == pytest.approx(top[0])  # greedy took the most likely
-        assert top[0] < 0 and sum(2.718281828 ** v for v in top) <= 1.0 + 1e-4
-
-
-def test_penalties_seed_and_bad_words_over_http(client, model):
-    def complete(**extra):
-        r = client.completions.create(model=model, prompt="The capital of France is",
-                                      max_tokens=8, **extra)
-        assert r.usage.completion_tokens > 0
-        return r.choices[0].text
-
+def test_bad_words_over_http(client, model):
     # Greedy says "Paris" here (test_completions); a bad word it cannot say. vLLM 0.16 takes
     # bad_words on chat completions only (its completions request has no such field).
     for bad_words in ([], [" Paris", "Paris"]):
@@ -299,8 +358,127 @@ def test_penalties_seed_and_bad_words_over_http(client, model):
             model=model, max_tokens=16, temperature=0, extra_body={"bad_words": bad_words},
             messages=[{"role": "user", "content": "What is the capital of France?"}])
         assert ("Paris" in r.choices[0].message.content) == (not bad_words), r
-    complete(temperature=1.0, seed=11, presence_penalty=0.5, frequency_penalty=0.3,
-             extra_body={"repetition_penalty": 1.1, "min_p": 0.05, "min_tokens": 2})
+
+
+# -- host sampling over HTTP against references: a tiny fp32 model, HF's logits ---------------
+# Every position's logprobs are HF's log-softmax; penalties, seeds and min_p give the tokens
+# their definitions give on HF's logits (tests/conftest.py writes them out).
+TOL = 2e-4
+TINY_PROMPT = [int(t) for t in torch.randint(3, 49152, (12,),
+                                             generator=torch.Generator().manual_seed(5))]
+
+
+@pytest.fixture(scope="module")
+def tiny(tiny_chat_server):
+    return tiny_chat_server("--max-num-seqs=4", "--max-model-len=256", "--dtype=float32")
+
+
+@pytest.fixture(scope="module")
+def tiny_hf(tiny_chat):
+    return hf_causal_lm(tiny_chat)
+
+
+def tiny_post(server, path: str, **body) -> dict:
+    r = requests.post(server.url + path, timeout=120,
+                      json={"model": server.model, "ignore_eos": True, "return_token_ids": True,
+                            "return_tokens_as_token_ids": True, **body})
+    assert r.status_code == 200, r.text
+    return r.json()
+
+
+def token_id(token: str) -> int:
+    assert token.startswith("token_id:"), token
+    return int(token[len("token_id:"):])
+
+
+def check_top(got: dict[int, float], reference: torch.Tensor, k: int, token: int) -> None:
+    """A position's {token: logprob} against HF's log-softmax row: the top k, plus the
+    chosen token when it is not among them."""
+    values, ids = reference.topk(k)
+    assert set(got) == set(ids.tolist()) | {token}
+    for t, value in got.items():
+        assert value == pytest.approx(float(reference[t]), abs=TOL), t
+
+
+def test_completion_logprobs_are_hf_log_softmax(tiny, tiny_hf):
+    out = tiny_post(tiny, "/v1/completions", prompt=TINY_PROMPT, max_tokens=8, temperature=0,
+                    logprobs=5, prompt_logprobs=3)
+    choice = out["choices"][0]
+    generated = choice["token_ids"]
+    reference = hf_log_softmax(tiny_hf, TINY_PROMPT + generated)
+    logprobs = choice["logprobs"]
+    assert [token_id(t) for t in logprobs["tokens"]] == generated and len(generated) == 8
+    for i, token in enumerate(generated):
+        row = reference[len(TINY_PROMPT) - 1 + i]
+        assert token == int(row.argmax())  # greedy
+        assert logprobs["token_logprobs"][i] == pytest.approx(float(row[token]), abs=TOL)
+        check_top({token_id(t): v for t, v in logprobs["top_logprobs"][i].items()}, row, 5,
+                  token)
+    # prompt_logprobs: position j, given the tokens before it.
+    prompt_logprobs = choice["prompt_logprobs"]
+    assert prompt_logprobs[0] is None and len(prompt_logprobs) == len(TINY_PROMPT)
+    for j in range(1, len(TINY_PROMPT)):
+        got = {int(t): v for t, v in prompt_logprobs[j].items()}
+        row, token = reference[j - 1], TINY_PROMPT[j]
+        assert got[token]["rank"] == int((row > row[token]).sum()) + 1
+        check_top({t: v["logprob"] for t, v in got.items()}, row, 3, token)
+
+
+def test_chat_logprobs_are_hf_log_softmax(tiny, tiny_hf):
+    out = tiny_post(tiny, "/v1/chat/completions", max_tokens=6, temperature=0, logprobs=True,
+                    top_logprobs=3, messages=[{"role": "user", "content": "Hi there"}])
+    prompt, generated = out["prompt_token_ids"], out["choices"][0]["token_ids"]
+    assert out["usage"]["prompt_tokens"] == len(prompt) and len(generated) == 6
+    reference = hf_log_softmax(tiny_hf, prompt + generated)
+    content = out["choices"][0]["logprobs"]["content"]
+    assert [token_id(c["token"]) for c in content] == generated
+    for i, (position, token) in enumerate(zip(content, generated, strict=True)):
+        row = reference[len(prompt) - 1 + i]
+        assert token == int(row.argmax())
+        assert position["logprob"] == pytest.approx(float(row[token]), abs=TOL)
+        top = {token_id(t["token"]): t["logprob"] for t in position["top_logprobs"]}
+        assert len(position["top_logprobs"]) == 3
+        check_top(top, row, 3, token)
+
+
+@pytest.mark.parametrize("penalties", [
+    {"repetition_penalty": 1.8},
+    {"presence_penalty": 1.5, "frequency_penalty": 0.7},
+    {"repetition_penalty": 1.3, "presence_penalty": 0.5, "frequency_penalty": 0.4},
+])
+def test_penalties_give_what_their_definitions_give_on_hf_logits(tiny, tiny_hf, penalties):
+    steps = 16
+    out = tiny_post(tiny, "/v1/completions", prompt=TINY_PROMPT, max_tokens=steps,
+                    temperature=0, **penalties)
+    plain = tiny_post(tiny, "/v1/completions", prompt=TINY_PROMPT, max_tokens=steps,
+                      temperature=0)
+    args = {"repetition": penalties.get("repetition_penalty", 1.0),
+            "presence": penalties.get("presence_penalty", 0.0),
+            "frequency": penalties.get("frequency_penalty", 0.0)}
+    reference = hf_decode_with(tiny_hf, TINY_PROMPT, steps,
+                               lambda logits, p, g: penalized(logits, p, g, **args).argmax())
+    assert out["choices"][0]["token_ids"] == reference
+    assert reference != plain["choices"][0]["token_ids"]  # the penalties changed the output
+
+
+def test_seed_and_min_p_give_vllms_seeded_draws_on_hf_logits(tiny, tiny_hf):
+    steps = 12
+
+    def sampled(**params) -> list[int]:
+        return tiny_post(tiny, "/v1/completions", prompt=TINY_PROMPT, max_tokens=steps,
+                         temperature=1.0, **params)["choices"][0]["token_ids"]
+
+    def reference(seed: int, min_p: float = 0.0) -> list[int]:
+        return hf_decode_with(tiny_hf, TINY_PROMPT, steps, SeededSampling(seed, 1.0, min_p))
+
+    seeded = sampled(seed=11)
+    assert seeded == reference(11)
+    assert sampled(seed=11) == seeded  # the same seed, the same tokens
+    assert sampled(seed=12) == reference(12) != seeded
+    # min_p drops the unlikely tokens before the draw: with it the same seed draws
+    # otherwise (the reference says so), and as the reference does.
+    with_min_p = sampled(seed=11, min_p=0.3)
+    assert with_min_p == reference(11, min_p=0.3) != seeded
 
 
 # -- best_of (completions): best_of candidates sampled, the n likeliest returned -------------
