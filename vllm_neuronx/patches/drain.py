@@ -108,11 +108,33 @@ def draining_serve(serve_http):
         await asyncio.sleep(0)  # upstream's first step installs its signal handlers
         if not serving.done():
             timeout = getattr(server_args(app), "shutdown_timeout", 0.0) or 0.0
-            asyncio.get_running_loop().add_signal_handler(
-                signal.SIGTERM, _begin_drain, app, serving, timeout)
+            loop = asyncio.get_running_loop()
+            loop.add_signal_handler(signal.SIGTERM, _begin_drain, app, serving, timeout)
+            if timeout > 0:
+                loop.create_task(_keep_sigterm_ours(serving))
         return await serving
 
     return serve_http_draining
+
+
+async def _keep_sigterm_ours(serving: asyncio.Future) -> None:
+    """uvicorn installs its own SIGTERM handler when its server starts (signal.signal,
+    beside asyncio's), and on SIGTERM stops accepting connections at once: a drain would
+    leave new requests and /metrics unanswered instead of 503 and 200. Once uvicorn's
+    handler is in, SIGTERM gets a Python handler that does nothing; the C-level handler
+    still wakes the event loop, which runs ours (``_begin_drain``), and the drain's end
+    stops uvicorn as upstream's handler does."""
+    while not serving.done():
+        handler = signal.getsignal(signal.SIGTERM)
+        if type(getattr(handler, "__self__", None)).__module__.startswith("uvicorn"):
+            signal.signal(signal.SIGTERM, _loop_wakes)
+            return
+        await asyncio.sleep(0.05)
+
+
+def _loop_wakes(signum, frame) -> None:
+    """SIGTERM's Python handler while a drain may run: the event loop, woken by the
+    signal, runs the drain."""
 
 
 def _begin_drain(app, serving: asyncio.Future, timeout: float) -> None:
