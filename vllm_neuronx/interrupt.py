@@ -1,11 +1,12 @@
 """SIGTERM or SIGINT during a compile stops the compile, so its temp folder is removed.
 
-vLLM's engine core answers SIGTERM by noting that a shutdown was asked for and
-carrying on: a compile (minutes on Neuron) would run to its end, and the parent
-force-kills the engine after a few seconds, leaving a partial ``.compiling-*``
-folder behind. Inside ``stop_on_termination()`` the signal first reaches the
-handler that was there (vLLM's note, Python's KeyboardInterrupt), then raises
-``CompileInterrupted`` so the caller's cleanup runs and the process exits.
+vLLM 0.16's engine core answers the first SIGTERM by raising SystemExit (0.33's
+noted it and carried on: a compile, minutes on Neuron, ran to its end while the
+parent force-killed the engine, leaving a partial ``.compiling-*`` folder). Inside
+``stop_on_termination()`` the signal first reaches the handler that was there
+(vLLM's, Python's KeyboardInterrupt); if that one returns, ``CompileInterrupted`` is
+raised, so either way the caller's cleanup runs and the process exits (a server
+logs "compile interrupted" only in the second case).
 A signal set to be ignored stays ignored. Raised inside a C extension (say,
 safetensors reading a tensor), the exception can come out as another error:
 any error leaving the block after a signal is reported as ``CompileInterrupted``.
