@@ -72,6 +72,26 @@ def forget_module(package: str, *also: str) -> None:
         sys.modules.pop(name, None)
 
 
+def in_process_engine_env(mp: pytest.MonkeyPatch, **env: str) -> None:
+    """Set ``env`` and run engines in this process. An engine core made in-process turns
+    on vLLM's cache of its environment variables (enable_envs_cache) for the whole test
+    process; it is turned off here and by ``leave_in_process_engine_env``, so a later
+    module's engine reads the variables as they are then (multiprocess again)."""
+    from vllm import envs
+
+    mp.setenv("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
+    for name, value in env.items():
+        mp.setenv(name, value)
+    envs.disable_envs_cache()
+
+
+def leave_in_process_engine_env(mp: pytest.MonkeyPatch) -> None:
+    from vllm import envs
+
+    mp.undo()
+    envs.disable_envs_cache()
+
+
 def use_simulator(package: str, backend: str, **env: str):
     """Generator for a module fixture: the simulator of ``package`` is importable, the
     platform routes through ``backend`` and the engine runs in this process."""
@@ -80,14 +100,11 @@ def use_simulator(package: str, backend: str, **env: str):
     mp = pytest.MonkeyPatch()
     forget_module(package, f"vllm_neuronx.backends.{backend}")
     mp.syspath_prepend(SIMULATORS)
-    mp.setenv("VLLM_NEURONX_FORCE_BACKEND", backend)
-    mp.setenv("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
-    for name, value in env.items():
-        mp.setenv(name, value)
+    in_process_engine_env(mp, VLLM_NEURONX_FORCE_BACKEND=backend, **env)
     simulator = importlib.import_module(package)
     assert os.path.dirname(simulator.__file__).startswith(SIMULATORS)
     try:
         yield simulator
     finally:
-        mp.undo()
+        leave_in_process_engine_env(mp)
         forget_module(package, f"vllm_neuronx.backends.{backend}")

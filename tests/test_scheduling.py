@@ -9,7 +9,12 @@ import random
 import pytest
 from vllm import LLM, SamplingParams
 
-from tests.engine_checks import check_aborts_free_lines, lines_in_use
+from tests.engine_checks import (
+    check_aborts_free_lines,
+    in_process_engine_env,
+    leave_in_process_engine_env,
+    lines_in_use,
+)
 
 MAX_NUM_SEQS = 2
 
@@ -17,12 +22,12 @@ MAX_NUM_SEQS = 2
 @pytest.fixture(scope="module")
 def inproc_llm(tiny_llama):
     mp = pytest.MonkeyPatch()
-    mp.setenv("VLLM_ENABLE_V1_MULTIPROCESSING", "0")  # so the test can watch the scheduler
+    in_process_engine_env(mp)  # so the test can watch the scheduler
     llm = LLM(model=tiny_llama, device="neuron", max_num_seqs=MAX_NUM_SEQS, max_model_len=128,
               skip_tokenizer_init=True, dtype="float32")
     yield llm
     del llm
-    mp.undo()
+    leave_in_process_engine_env(mp)
 
 
 def test_saturation_never_preempts_and_the_queue_drains(inproc_llm):
