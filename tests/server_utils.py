@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import signal
 import socket
@@ -150,3 +151,14 @@ def signal_pending(process: psutil.Process, sig: int = signal.SIGTERM) -> bool:
 def wait_for_log(server: Server, text: str, count: int = 1, timeout: float = 60.0) -> bool:
     """Wait until the server's log holds ``text`` at least ``count`` times."""
     return wait_until(lambda: server.output().count(text) >= count, timeout)
+
+
+def first_chunk(r: requests.Response) -> tuple:
+    """Read a stream up to its first token: (its lines iterator, the text so far)."""
+    lines = r.iter_lines()
+    for line in lines:
+        if line.startswith(b"data: {"):
+            choice = json.loads(line.removeprefix(b"data: "))["choices"][0]
+            assert choice["finish_reason"] is None, choice
+            return lines, choice["text"]
+    raise AssertionError("the stream ended before its first token")

@@ -30,6 +30,7 @@ import requests
 from tests.server_utils import (
     api_server_argv,
     engine_core,
+    first_chunk,
     free_port,
     frozen,
     kv_lines_in_use,
@@ -95,17 +96,6 @@ def read_stream(r: requests.Response, lines=None, text: str = "") -> tuple:
             text += choice["text"]
             finish = choice["finish_reason"] or finish
     return text, finish
-
-
-def first_chunk(r: requests.Response) -> tuple:
-    """Read a stream up to its first token: (its lines iterator, the text so far)."""
-    lines = r.iter_lines()
-    for line in lines:
-        if line.startswith(b"data: {"):
-            choice = json.loads(line.removeprefix(b"data: "))["choices"][0]
-            assert choice["finish_reason"] is None, choice
-            return lines, choice["text"]
-    raise AssertionError("the stream ended before its first token")
 
 
 def assert_refused(r: requests.Response, message: str) -> None:

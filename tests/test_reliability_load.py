@@ -22,7 +22,14 @@ from concurrent.futures import ThreadPoolExecutor
 import pytest
 import requests
 
-from tests.server_utils import engine_core, frozen, kv_lines_in_use, wait_for_log, wait_until
+from tests.server_utils import (
+    engine_core,
+    first_chunk,
+    frozen,
+    kv_lines_in_use,
+    wait_for_log,
+    wait_until,
+)
 
 MAX_NUM_SEQS = 8
 BURST = 200
@@ -74,17 +81,6 @@ def read_stream(r: requests.Response, started=None) -> tuple[str, str | None]:
         text += choice["text"]
         finish = choice["finish_reason"] or finish
     return text, finish
-
-
-def first_chunk(r: requests.Response) -> tuple:
-    """Read a stream up to its first token: (its lines iterator, the text so far)."""
-    lines = r.iter_lines()
-    for line in lines:
-        if line.startswith(b"data: {"):
-            choice = json.loads(line.removeprefix(b"data: "))["choices"][0]
-            assert choice["finish_reason"] is None, choice
-            return lines, choice["text"]
-    raise AssertionError("the stream ended before its first token")
 
 
 def metric(server, name: str) -> float:
