@@ -35,7 +35,8 @@ requirements = read_requirements("neuron.txt" if target == "neuron" else "cpu.tx
 setup(
     name="vllm-neuronx",
     version="0.1.0",
-    description="vLLM on AWS Neuron through NxD Inference, and on the CPU through the same contract",
+    description=("vLLM on AWS Neuron through NxD Inference, and on the CPU through the same "
+                 "contract"),
     long_description=(ROOT / "README.md").read_text() if (ROOT / "README.md").exists() else "",
     long_description_content_type="text/markdown",
     python_requires=">=3.11,<3.14",

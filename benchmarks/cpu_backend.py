@@ -81,9 +81,6 @@ def time_decode(backend: CpuBackend, batch: int, steps: int, vocab: int) -> floa
     return statistics.median(times[2:])
 
 
-VECTOR_FLAGS = ("avx2", "fma", "avx512f", "avx512bw", "avx512_bf16", "amx_bf16")
-
-
 def measure(model: str, dtype: str, kernel: str | None, args) -> dict:
     """Prefill and decode figures of one kernel variant (None: the backend's choice)."""
     if kernel is not None:
@@ -179,7 +176,7 @@ def main() -> None:
     if args.family:
         scratch = tempfile.TemporaryDirectory()
         model = random_model(args.family, scratch.name)
-    flags = sorted(kernels.cpu_flags() & set(VECTOR_FLAGS))
+    flags = kernels.vector_flags()
     result = {
         "model": f"random {args.family}" if args.family else os.path.basename(model),
         "dtype": args.dtype,

@@ -123,7 +123,8 @@ def main() -> None:
     elapsed = time.monotonic() - began
     result = {"machine": machine, "workload": vars(workload) | {"runs": workload.runs},
               "model": model, "rows": rows, "ratios": ratio_rows, "peers": peers,
-              "roofline": roofline, "ours_steps": steps, "notes": NOTES, "table": table, "elapsed_s": elapsed}
+              "roofline": roofline, "ours_steps": steps, "notes": NOTES, "table": table,
+              "elapsed_s": elapsed}
     with open(args.out, "w") as f:
         json.dump(result, f, indent=1)
     log(f"wrote {args.out}; total {elapsed / MINUTE:.1f} min")

@@ -7,7 +7,7 @@ from __future__ import annotations
 import os
 import platform
 
-from vllm_neuronx.backends.cpu.kernels import cpu_flags, cpu_model
+from vllm_neuronx.backends.cpu.kernels import chosen_name, cpu_model, vector_flags
 
 # (label, key in a result, format); the first two are better when higher.
 COLUMNS = (
@@ -91,13 +91,13 @@ def format_ratios(entries: list[dict]) -> str:
 
 def machine_info() -> dict:
     """What a reader needs to compare figures across machines."""
-    interesting = ("avx2", "avx512f", "avx512_vnni", "avx512_bf16", "amx_bf16", "amx_int8")
     with open("/proc/meminfo") as f:
         mem_kb = int(f.readline().split()[1])
     return {
         "cpu": cpu_model(),
         "cores": len(os.sched_getaffinity(0)),
-        "isa": sorted(flag for flag in interesting if flag in cpu_flags()),
+        "isa": vector_flags(),
+        "cpu_kernel_variant": chosen_name(),  # ours: VLLM_NEURONX_CPU_KERNEL, else the best here
         "memory_gb": round(mem_kb / 1e6, 1),
         "kernel": platform.release(),
         "python": platform.python_version(),

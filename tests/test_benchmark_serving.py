@@ -125,3 +125,14 @@ def test_serving_bound_adds_each_wave_of_prefills_to_its_decode_steps():
         [{"peer": "ours", "concurrency": 32, "output_throughput": bound["output_tok_s"] / 2}],
         {"serving_bounds": [bound]})
     assert lines and "50% of the serving bound" in lines[0]
+
+
+def test_machine_info_names_the_cpu_its_vector_flags_and_our_kernel_variant(monkeypatch):
+    from vllm_neuronx.backends.cpu import kernels
+
+    info = report.machine_info()
+    assert info["cpu"] == kernels.cpu_model()
+    assert info["isa"] == [f for f in kernels.VECTOR_FLAGS if f in kernels.cpu_flags()]
+    assert info["cpu_kernel_variant"] == kernels.chosen_name()
+    monkeypatch.setenv("VLLM_NEURONX_CPU_KERNEL", "torch")
+    assert report.machine_info()["cpu_kernel_variant"] == "torch"

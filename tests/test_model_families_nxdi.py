@@ -1,7 +1,7 @@
-"""Qwen2, Qwen3, Mixtral and Qwen3-MoE through the NxDI backend against the NxDI simulator (its model
-classes compute with our CPU models): LLM.generate's greedy tokens equal HF's with
-requests joining and leaving mid-flight, and a family newer than the installed NxDI
-is refused at start-up, naming the release it needs."""
+"""Qwen2, Qwen3, Mixtral and Qwen3-MoE through the NxDI backend against the NxDI
+simulator (its model classes compute with our CPU models): LLM.generate's greedy tokens
+equal HF's with requests joining and leaving mid-flight, and a family newer than the
+installed NxDI is refused at start-up, naming the release it needs."""
 
 from __future__ import annotations
 

@@ -141,8 +141,7 @@ class CpuBackend(NeuronBackend):
         # checkpoint is read without transformers).
         from vllm_neuronx.artifacts import package_versions
 
-        variant = kernels.chosen()
-        return (f"cpu-4-{variant.name if variant else kernels.TORCH}-{kernels.source_digest()} "
+        return (f"cpu-4-{kernels.chosen_name()}-{kernels.source_digest()} "
                 + package_versions(("torch",)))
 
     @classmethod

@@ -89,6 +89,22 @@ def cpu_flags() -> frozenset[str]:
     return frozenset((_cpuinfo("flags") or "").split())
 
 
+# The flags that decide a kernel variant here, or a peer's build (llama.cpp's VNNI, AMX).
+VECTOR_FLAGS = ("avx2", "fma", "avx512f", "avx512bw", "avx512_vnni", "avx512_bf16", "amx_bf16",
+                "amx_int8")
+
+
+def vector_flags() -> list[str]:
+    """This CPU's ``VECTOR_FLAGS``, for benchmark headers."""
+    return [flag for flag in VECTOR_FLAGS if flag in cpu_flags()]
+
+
+def chosen_name() -> str:
+    """The variant the backend would run here (or "torch"), for benchmark headers."""
+    variant = chosen()
+    return variant.name if variant else TORCH
+
+
 def cpu_model() -> str:
     """This CPU's model name, for benchmark headers."""
     return _cpuinfo("model name") or platform.processor() or platform.machine()
