@@ -213,10 +213,11 @@ def _our_kernel():
     variant = kernels.chosen()
     if variant is None:
         return None, None
-    folder = tempfile.mkdtemp(prefix="roofline-")
-    if not kernels.build(folder, variant):
-        return None, None
-    return kernels.load(folder, variant), variant.name
+    # The library stays mapped once loaded, so its folder goes at once.
+    with tempfile.TemporaryDirectory(prefix="roofline-") as folder:
+        if not kernels.build(folder, variant):
+            return None, None
+        return kernels.load(folder, variant), variant.name
 
 
 def _kernels(m: LlamaShape, context: int, megabytes: int = 1024) -> dict[str, tuple]:
