@@ -176,8 +176,6 @@ def test_validate_refuses_what_nxdi_cannot_compile():
     for tp in (3, 12, 128):
         with pytest.raises(nc.NeuronConfigError, match=f"tp_degree={tp}"):
             NxdiBackend.validate({**cfg, "tp_degree": tp})
-    with pytest.raises(nc.NeuronConfigError, match="quantized_checkpoints_path"):
-        NxdiBackend.validate({**cfg, "quantized": True})
     with pytest.raises(nc.NeuronConfigError, match="ctx_batch_size"):
         NxdiBackend.validate({**cfg, "ctx_batch_size": 2})
     with pytest.raises(nc.NeuronConfigError, match="lora_modules"):
@@ -251,18 +249,6 @@ def test_lora_modules_become_lora_config_never_lora_serving_config(sim, tiny_lla
     backend = make_backend(tiny_llama, overrides={
         "lora_config": {"max_loras": 3, "lora_ckpt_paths": {"sql": adapters["sql"]}}})
     assert backend.config.neuron_config.lora_config.max_loras == 3
-
-
-def test_quantized_compile_writes_the_missing_checkpoint_once(sim, tiny_llama, tmp_path):
-    checkpoint = tmp_path / "quantized.pt"
-    overrides = {"quantized": True, "quantized_checkpoints_path": str(checkpoint)}
-    before = sim.SIM_CALLS["save_quantized_state_dict"]
-    backend = make_backend(tiny_llama, tmp_path / "a", overrides=overrides)
-    assert sim.SIM_CALLS["save_quantized_state_dict"] == before + 1 and checkpoint.is_file()
-    make_backend(tiny_llama, tmp_path / "b", overrides=overrides)  # checkpoint present now
-    assert sim.SIM_CALLS["save_quantized_state_dict"] == before + 1
-    ids, pos, _ = prefill_args([[5, 6, 7]])
-    assert backend.forward(ids, pos, torch.tensor([0]), greedy(1)).tokens.shape == (1,)
 
 
 def test_stored_config_and_shape_mismatch(tiny_llama, tmp_path):

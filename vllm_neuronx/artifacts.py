@@ -394,7 +394,8 @@ def load_or_compile(
 
 # What our backends and NxDI / transformers-neuronx write into an artifact folder.
 ARTIFACT_NAMES = frozenset(
-    {MANIFEST, "weights.safetensors", "model.pt", "neuron_config.json", "weights", "graphs"}
+    {MANIFEST, "weights.safetensors", "model.pt", "neuron_config.json", "weights", "graphs",
+     "quantized_checkpoint"}
 )
 
 

@@ -13,6 +13,11 @@ What the earlier code bases got wrong is handled here: LoRA goes under
 a warning), rows are sorted by seq_id before the call and restored after, and
 ``--quantization neuron_quant`` (a transformers-neuronx option) is refused with
 the NxDI keys to use instead.
+
+Quantization is NxDI's own: with ``quantized: true`` the quantized checkpoint is made
+with ``save_quantized_state_dict`` before compiling when it is not there yet (as
+NxDI's inference_demo does), by default inside the artifacts folder, and fp8 gets
+the environment NxDI's fp8 graphs need (quant_config.FP8_ENV).
 """
 
 from __future__ import annotations
@@ -31,6 +36,7 @@ from vllm_neuronx import neuron_config as nc
 from vllm_neuronx import nxdi_keys
 from vllm_neuronx.backends.protocol import Batch, ForwardOutput, NeuronBackend
 from vllm_neuronx.log import get_logger
+from vllm_neuronx.quant_config import FP8_ENV, QuantConfig
 
 logger = get_logger(__name__)
 
@@ -62,7 +68,9 @@ FIRST_RELEASE: dict[str, tuple[int, int]] = {
 # The NxDI docs list trn2 (LNC=2) 1,2,4,8,16,32,64; inf2 1,2,4,8,24; trn1 1,2,8,16,32.
 SUPPORTED_TP_DEGREES = (1, 2, 4, 8, 16, 24, 32, 64)
 QUANTIZATION_KEYS = ("quantized", "quantized_checkpoints_path", "quantization_type",
-                     "quantization_dtype")
+                     "quantization_dtype", "modules_to_not_convert", "kv_cache_quant")
+# The quantized checkpoint's folder inside the artifacts folder, when the user names none.
+QUANTIZED_CHECKPOINT_DIR = "quantized_checkpoint"
 # vLLM-side keys this backend consumes (the other VLLM_SIDE_KEYS are transformers-neuronx's).
 _LORA_KEYS = frozenset({"lora_modules", "target_modules"})
 # Fields of a compiled folder that must equal ours for its graphs to fit our runner.
@@ -177,6 +185,7 @@ class NxdiBackend(NeuronBackend):
     def __init__(self, model_path: str, neuron_config: dict, *, seed: int = 0) -> None:
         super().__init__(model_path, neuron_config, seed=seed)
         self.validate(neuron_config)
+        self.quant = QuantConfig.from_neuron_config(neuron_config)
         self.hf_config = read_hf_config(model_path)
         self.architecture, module, name = model_class_path(self.hf_config)
         self.model_cls = getattr(importlib.import_module(module), name)
@@ -207,20 +216,17 @@ class NxdiBackend(NeuronBackend):
                 f"--quantization {quantization} is not supported with "
                 f"neuronx-distributed-inference ({hint}); drop it and set the "
                 f"override_neuron_config keys {', '.join(QUANTIZATION_KEYS)} instead, e.g. "
-                '{"quantized": true, "quantized_checkpoints_path": "<folder or .pt>", '
-                '"quantization_type": "per_channel_symmetric", "quantization_dtype": "int8"}'
+                '{"quantized": true, "quantization_type": "per_channel_symmetric", '
+                '"quantization_dtype": "int8"} (the quantized checkpoint goes into the '
+                "artifacts folder unless quantized_checkpoints_path names a folder or .pt file)"
             )
+        QuantConfig.from_neuron_config(neuron_config)
         tp = neuron_config.get("tp_degree")
         if isinstance(tp, bool) or tp not in SUPPORTED_TP_DEGREES:
             raise nc.NeuronConfigError(
                 f"tp_degree={tp!r} is not supported by NxDI; use one of "
                 f"{list(SUPPORTED_TP_DEGREES)} (trn2: 1,2,4,8,16,32,64; inf2: 1,2,4,8,24; "
                 "trn1: 1,2,8,16,32), set through tensor_parallel_size"
-            )
-        if neuron_config.get("quantized") and not neuron_config.get("quantized_checkpoints_path"):
-            raise nc.NeuronConfigError(
-                "quantized=true needs quantized_checkpoints_path: the folder or .pt file where "
-                "the quantized checkpoint is (written on the first start if missing)"
             )
         if neuron_config.get("is_continuous_batching") and neuron_config.get(
             "ctx_batch_size", 1
@@ -272,6 +278,12 @@ class NxdiBackend(NeuronBackend):
         ods = kwargs.get("on_device_sampling_config")
         if isinstance(ods, Mapping):
             kwargs["on_device_sampling_config"] = OnDeviceSamplingConfig(**ods)
+        if self.quant.weights:
+            # NxDI's spelling of the dtype (it tests == "f8e4m3" to add its fp8 compiler
+            # flag); a path NxDI asserts at once, made absolute by compile and load.
+            kwargs["quantization_dtype"] = self.quant.dtype
+            kwargs["quantized_checkpoints_path"] = (self._user_checkpoint_path()
+                                                    or QUANTIZED_CHECKPOINT_DIR)
         lora = self._lora_config(kwargs.pop("lora_config", None))
         if lora is not None:
             kwargs["lora_config"] = lora
@@ -314,10 +326,9 @@ class NxdiBackend(NeuronBackend):
 
     # -- compile / load -------------------------------------------------------------------------
     def compile(self, folder: str) -> None:
-        path = self.neuron_config.get("quantized_checkpoints_path")
-        if self.neuron_config.get("quantized") and not _checkpoint_present(path):
-            logger.info("NxDI: writing the quantized checkpoint to %s", path)
-            self.model_cls.save_quantized_state_dict(self.model_path, self.config)
+        self._set_fp8_env()
+        if self.quant.weights:
+            self._make_quantized_checkpoint(self._point_at_checkpoint(folder))
         model = self.model_cls(self.model_path, self.config)
         model.compile(folder)
         self.model = model
@@ -332,9 +343,46 @@ class NxdiBackend(NeuronBackend):
                     f"NxDI artifacts in {folder} were compiled for another shape "
                     f"(key: (compiled, ours)): {differ}"
                 )
+        self._set_fp8_env()
+        if self.quant.weights:
+            self._point_at_checkpoint(folder)
         if self.model is None:  # compiled by an earlier process
             self.model = self.model_cls(self.model_path, self.config)
         self.model.load(folder)
+
+    # -- quantization ---------------------------------------------------------------------------
+    def _user_checkpoint_path(self) -> str | None:
+        return self.neuron_config.get("quantized_checkpoints_path") or None
+
+    def _point_at_checkpoint(self, folder: str) -> str:
+        """Tell NxDI where the quantized checkpoint is: the user's path, else a folder
+        inside ``folder``, the folder compile or load got (compile's is a temporary folder
+        renamed after, so load points at the final one again)."""
+        path = self._user_checkpoint_path() or os.path.join(folder, QUANTIZED_CHECKPOINT_DIR)
+        self.config.neuron_config.quantized_checkpoints_path = path
+        return path
+
+    def _make_quantized_checkpoint(self, path: str) -> None:
+        """NxDI reads the quantized checkpoint, never the HF one, for a quantized model:
+        make it before compiling, once (a checkpoint already there is reused)."""
+        if _checkpoint_present(path):
+            logger.info("NxDI: using the quantized checkpoint in %s", path)
+            return
+        if self._user_checkpoint_path() is None:
+            os.makedirs(path, exist_ok=True)  # a folder: NxDI writes safetensors into it
+        logger.info("NxDI: quantizing the weights (%s %s) into %s", self.quant.dtype,
+                    "per channel" if self.quant.per_channel else "per tensor", path)
+        self.model_cls.save_quantized_state_dict(self.model_path, self.config)
+
+    def _set_fp8_env(self) -> None:
+        """fp8 weights or an fp8 KV cache: NxDI's graphs need FP8_ENV when traced and run
+        (its inference_demo sets it); set here, logged when it changes the environment."""
+        missing = {k: v for k, v in FP8_ENV.items() if os.environ.get(k) != v}
+        if self.quant.needs_fp8_env and missing:
+            os.environ.update(missing)
+            logger.info("NxDI: set %s for fp8 (quantization_dtype=f8e4m3 or kv_cache_quant), "
+                        "as NxDI's inference_demo does",
+                        " ".join(f"{k}={v}" for k, v in missing.items()))
 
     # -- run ------------------------------------------------------------------------------------
     def prefill(self, batch: Batch) -> ForwardOutput:

@@ -4,6 +4,12 @@ construct -> compile(folder) writes neuron_config.json and model.pt ("the traced
 graphs": here the compiled shapes, no weights) -> load(folder) reads model.pt and
 the weights, which come, as in NxDI, from the HF checkpoint at
 ``config._name_or_path`` (or the quantized checkpoint), not from the folder.
+
+Quantized, as NxDI: ``save_quantized_state_dict`` writes the checkpoint NxD's way
+(int8 or fp8 weights and float32 scales, NxDI's names); compile and load refuse a
+quantized model whose checkpoint is absent, and compile refuses fp8 without
+XLA_HANDLE_SPECIAL_SCALAR=1. The forward computes with the dequantized weights, so
+the tokens are the quantized model's.
 """
 
 from __future__ import annotations
@@ -15,7 +21,13 @@ import torch
 from safetensors.torch import load_file, save_file
 
 import neuronx_distributed_inference as sim
-from neuronx_distributed_inference.models.config import InferenceConfig, NeuronConfig, to_plain
+from neuronx_distributed_inference.models.config import (
+    QUANTIZATION_TYPES,
+    InferenceConfig,
+    NeuronConfig,
+    quantized_dtype,
+    to_plain,
+)
 
 COMPILED_MODEL_FILE_NAME = "model.pt"
 
@@ -35,9 +47,61 @@ COMPILED_SHAPE_FIELDS = (
     "is_continuous_batching",
     "on_device_sampling_config",
     "quantized",
+    "quantization_type",
+    "quantization_dtype",
+    "modules_to_not_convert",
+    "kv_cache_quant",
 )
 
-_QUANTIZED_SUFFIXES = ("_proj.weight", "lm_head.weight")
+PER_TENSOR, PER_CHANNEL = "per_tensor_symmetric", "per_channel_symmetric"
+FP8_MAX = {torch.float8_e4m3fn: 240.0,  # NxD's DtypeBound: Neuron's e4m3 stops at 240
+           torch.float8_e5m2: torch.finfo(torch.float8_e5m2).max}
+
+
+def _quantization_type(value: str) -> str:
+    """NxD's QuantizationType(value): a ValueError for a value it lacks."""
+    if value not in QUANTIZATION_TYPES:
+        raise ValueError(f"{value!r} is not a valid QuantizationType")
+    return value
+
+
+def _is_linear_weight(name: str, tensor: torch.Tensor) -> bool:
+    """An nn.Linear's weight in an HF decoder (what torch's quantize_dynamic converts):
+    2-D weights but the embeddings (norms are 1-D, fused MoE experts 3-D)."""
+    return name.endswith(".weight") and tensor.dim() == 2 and "embed" not in name
+
+
+def _quantize(w: torch.Tensor, per_channel: bool,
+              dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+    """NxD's quantization of one weight: (quantized weight, float32 scale).
+
+    int8 as torch's observers: per channel (PerChannelAbsMaxObserver) the row's amax
+    over 127, floored at float32's eps, scale [rows, 1]; per tensor (MinMaxObserver,
+    symmetric) the amax over 127.5, scale [1]; then round and clamp to [-128, 127].
+    fp8 (quantize_fp8_per_channel / _per_tensor): the amax over the dtype's bound
+    (per channel floored at 1e-5), clamp to the bound, cast.
+    """
+    w = w.float()
+    amax = w.abs().amax(dim=1, keepdim=True) if per_channel else w.abs().amax()
+    if dtype == torch.int8:
+        eps = torch.finfo(torch.float32).eps
+        scale = (amax / 127.0 if per_channel else amax / 127.5).clamp(min=eps)
+        q = (w / scale).round().clamp(-128, 127).to(torch.int8)
+        return q, scale if per_channel else scale.reshape(1)
+    if dtype not in FP8_MAX:
+        raise ValueError(f"dtype: {dtype} is not supported to quantize model on CPU")
+    bound = FP8_MAX[dtype]
+    scale = (amax / bound).clamp(min=1e-5) if per_channel else amax / bound
+    return (w / scale).clamp(-bound, bound).to(dtype), scale
+
+
+def _quantized_files(path: str) -> list[str]:
+    """The quantized checkpoint's files; NxDI's FileNotFoundError when there is none."""
+    files = sorted(glob.glob(os.path.join(path, "*.safetensors"))) if os.path.isdir(path) \
+        else [path] if os.path.isfile(path) else []
+    if not files:
+        raise FileNotFoundError(f"Quantized checkpoint file not found: {path}")
+    return files
 
 
 def _compiled_signature(neuron_config: NeuronConfig) -> dict:
@@ -84,6 +148,7 @@ class NeuronApplicationBase(torch.nn.Module):
                 dry_run=False):
         sim.SIM_CALLS["compile"] += 1
         self._sim_check_compilable()
+        self._sim_check_quantized()
         self.config.save(compiled_model_path)
         if dry_run:
             return
@@ -121,21 +186,26 @@ class NeuronApplicationBase(torch.nn.Module):
     # -- quantization ----------------------------------------------------------------------
     @classmethod
     def save_quantized_state_dict(cls, model_path: str, config: InferenceConfig) -> None:
-        """Quantize the HF checkpoint's linear weights (per-tensor symmetric int8) and save
-        them to ``config.neuron_config.quantized_checkpoints_path`` (a folder gets
-        safetensors, any other path a torch .pt file)."""
+        """Quantize the HF checkpoint's linear weights as NxD does and save them to
+        ``config.neuron_config.quantized_checkpoints_path`` (a folder gets safetensors,
+        any other path a torch .pt file)."""
         sim.SIM_CALLS["save_quantized_state_dict"] += 1
         nc = config.neuron_config
-        if (nc.quantization_type, nc.quantization_dtype) != ("per_tensor_symmetric", "int8"):
-            raise NotImplementedError("the simulator quantizes per_tensor_symmetric int8 only")
+        kind = _quantization_type(nc.quantization_type)
+        if kind not in (PER_TENSOR, PER_CHANNEL):  # NxDI's generate_quantized_state_dict
+            raise RuntimeError(f"{nc.quantization_type} not supported")
+        dtype = quantized_dtype(nc.quantization_dtype)
+        # NxD's per-tensor path takes no modules_to_not_convert: every linear layer.
+        skip = (nc.modules_to_not_convert or []) if kind == PER_CHANNEL else []
         from vllm_neuronx.backends.cpu.backend import read_hf_checkpoint
 
         out: dict[str, torch.Tensor] = {}
         for name, tensor in read_hf_checkpoint(model_path).items():
-            if name.endswith(_QUANTIZED_SUFFIXES):
-                scale = tensor.float().abs().max().clamp(min=1e-12) / 127.0
-                out[name] = (tensor.float() / scale).round().clamp(-127, 127).to(torch.int8)
-                out[name.removesuffix(".weight") + ".scale"] = scale.reshape(1)
+            # NxDI saves hf_model.model's and hf_model.lm_head's state dicts: no "model."
+            name = name.removeprefix("model.")
+            module = name.removesuffix(".weight")
+            if _is_linear_weight(name, tensor) and not any(entry in module for entry in skip):
+                out[name], out[module + ".scale"] = _quantize(tensor, kind == PER_CHANNEL, dtype)
             else:
                 out[name] = tensor.contiguous()
         path = nc.quantized_checkpoints_path
@@ -144,19 +214,34 @@ class NeuronApplicationBase(torch.nn.Module):
         else:
             torch.save(out, path)
 
+    def _sim_check_quantized(self) -> None:
+        """What a quantized compile needs in NxDI: a quantization type its model wrapper
+        builds, the quantized checkpoint (the simulator asks for it at compile, where NxDI
+        reads it to shard the weights with save_sharded_checkpoint and at load otherwise,
+        so a compile before save_quantized_state_dict fails here), and for fp8 the
+        environment NxDI's inference_demo sets."""
+        nc = self.neuron_config
+        if nc.quantized:
+            kind = _quantization_type(nc.quantization_type)
+            if kind not in (PER_TENSOR, PER_CHANNEL):
+                raise NotImplementedError(f"the simulator does not model {kind}")
+            _quantized_files(nc.quantized_checkpoints_path)
+        fp8 = nc.quantized and quantized_dtype(nc.quantization_dtype).is_floating_point
+        if (fp8 or nc.kv_cache_quant) and os.environ.get("XLA_HANDLE_SPECIAL_SCALAR") != "1":
+            # Standing in for hardware: there an fp8 graph traced without it compiles but
+            # gives wrong results; here it is an error.
+            raise RuntimeError("fp8 weights or kv_cache_quant need XLA_HANDLE_SPECIAL_SCALAR=1 "
+                               "in the environment when compiling (NxDI's inference_demo "
+                               "sets it)")
+
     @staticmethod
     def _sim_read_quantized(path: str) -> dict[str, torch.Tensor]:
-        if os.path.isdir(path):
-            files = sorted(glob.glob(os.path.join(path, "*.safetensors")))
-            if not files:
-                raise FileNotFoundError(f"no quantized checkpoint in {path}")
-            state: dict[str, torch.Tensor] = {}
-            for f in files:
-                state.update(load_file(f))
-        elif os.path.isfile(path):
-            state = torch.load(path, weights_only=True)
-        else:
-            raise FileNotFoundError(f"quantized checkpoint {path} does not exist")
+        """The quantized checkpoint, dequantized (weight * scale): the simulator computes
+        with the weights the quantized model has."""
+        state: dict[str, torch.Tensor] = {}
+        for f in _quantized_files(path):
+            state.update(load_file(f) if f.endswith(".safetensors")
+                         else torch.load(f, weights_only=True))
         out = {}
         for name, tensor in state.items():
             if name.endswith(".scale"):

@@ -30,6 +30,28 @@ _DTYPES = {
 }
 
 
+# NxD core's quantization_config: the QuantizationType values and the QuantizedDtype
+# members (NxDI looks a dtype up by its upper-cased name).
+QUANTIZATION_TYPES = ("per_tensor_symmetric", "per_channel_symmetric", "per_key_symmetric",
+                      "blockwise_symmetric", "expert_wise_per_channel_symmetric")
+QUANTIZED_DTYPES = {
+    "INT8": torch.int8,
+    "F8E4M3": torch.float8_e4m3fn,
+    "F8E4M3FN": torch.float8_e4m3fn,
+    "F8E5M2": torch.float8_e5m2,
+    "F4E2M1FN_X4": torch.uint16,
+    "F8E4M3FN_X4": torch.uint32,
+    "F8E5M2_X4": torch.uint32,
+}
+
+
+def quantized_dtype(name: str) -> torch.dtype:
+    """NxD's QuantizedDtype.get_dtype: an AssertionError for a name it lacks."""
+    if str(name).upper() not in QUANTIZED_DTYPES:
+        raise AssertionError(f"{name} is not a valid QuantizedDtype.")
+    return QUANTIZED_DTYPES[str(name).upper()]
+
+
 def _refuse_unknown(cls_name: str, kwargs: dict) -> None:
     """What is left after every known key was popped: NxDI logs it and drops it."""
     if kwargs:
@@ -145,7 +167,7 @@ class NeuronConfig:
         self.quantized = kwargs.pop("quantized", False)
         self.quantized_checkpoints_path = kwargs.pop("quantized_checkpoints_path", None)
         if self.quantized and self.quantized_checkpoints_path is None:
-            raise ValueError("quantized_checkpoints_path is required")
+            raise AssertionError("quantized_checkpoints_path is required")  # NxDI asserts
         self.quantization_type = kwargs.pop("quantization_type", "per_tensor_symmetric")
         self.quantization_dtype = kwargs.pop("quantization_dtype", "int8")
         self.quantization_block_size = kwargs.pop("quantization_block_size", None)
@@ -158,6 +180,8 @@ class NeuronConfig:
             "draft_model_modules_to_not_convert", None
         )
         self.kv_cache_quant = kwargs.pop("kv_cache_quant", False)
+        if self.quantized:  # NxDI's _verify_quantized_config
+            quantized_dtype(self.quantization_dtype)
 
         self.speculation_length = kwargs.pop("speculation_length", 0)
         self.spec_batch_size = kwargs.pop("spec_batch_size", self.batch_size)
