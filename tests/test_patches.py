@@ -77,7 +77,7 @@ def test_bad_arguments_are_named(kwargs, error, message):
 
 def test_neuron_quant_is_known_to_vllm_and_answered_by_the_backend():
     """vLLM 0.16 has no neuron_quant; registered, it reaches our backend's validation."""
-    with pytest.raises(Exception, match="the CPU backend runs float32 or bfloat16 weights"):
+    with pytest.raises(Exception, match="the CPU backend quantizes from the neuron config"):
         EngineArgs(model=MODEL, quantization="neuron_quant", skip_tokenizer_init=True,
                    max_model_len=64).create_engine_config()
 

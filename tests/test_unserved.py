@@ -44,13 +44,14 @@ def engine_config(model: str, **kwargs):
                       skip_tokenizer_init=True, **kwargs).create_engine_config()
 
 
-def test_quantization_keys_on_the_cpu_backend_fail_at_start_up_not_silently(tiny_llama):
+def test_activation_quantization_on_the_cpu_backend_fails_at_start_up_not_silently(tiny_llama):
     overrides = {"quantized": True, "quantization_dtype": "int8",
-                 "quantization_type": "per_channel_symmetric"}
-    with pytest.raises(ValueError, match="'quantized'.*issue 18.*also refused: "
-                                         "kv_cache_quant"):
-        engine_config(tiny_llama, device="neuron",
-                      override_neuron_config={**overrides, "kv_cache_quant": True})
+                 "activation_quantization_type": "dynamic",
+                 "quantized_mlp_kernel_enabled": True}
+    with pytest.raises(ValueError, match="'quantized_mlp_kernel_enabled'.*activation "
+                                         "quantization.*also refused: "
+                                         "activation_quantization_type"):
+        engine_config(tiny_llama, device="neuron", override_neuron_config=overrides)
 
 
 @pytest.mark.parametrize(("kwargs", "setting", "issue"), [

@@ -394,7 +394,7 @@ DEVICE_ONLY_KEYS = frozenset(
     """.split()
 )
 # Matched by a pattern but not device-only: vLLM sets tp_degree itself, and the
-# quantizing kernels change the numbers (the CPU backend refuses quantization).
+# quantizing kernels change the numbers (the CPU backend refuses them: unserved.py).
 NOT_DEVICE_ONLY = frozenset(
     {"tp_degree", "quantized_mlp_kernel_enabled", "rmsnorm_quantize_kernel_enabled"}
 )

@@ -37,8 +37,10 @@ _SPECULATION = Unserved("speculative decoding", ALL_BACKENDS, 20)
 _BLOCK_KV = Unserved("prefix caching, block KV layout and chunked prefill", ALL_BACKENDS, 21)
 _ASYNC = Unserved("async mode", ALL_BACKENDS, 23)
 _LORA = Unserved("LoRA adapters", ALL_BACKENDS, 19)
-# NxDI quantizes from its own config; the CPU backend computes float weights only.
-_QUANTIZATION = Unserved("quantization through the neuron config", frozenset({"cpu"}), 18)
+# The CPU backend quantizes weights and the KV cache (quant_config.py), not activations,
+# and has no quantizing kernels (they change the numbers on a device).
+_ACTIVATION_QUANTIZATION = Unserved("activation quantization and quantized kernels",
+                                    frozenset({"cpu"}), None)
 
 # override_neuron_config keys that ask for a feature -> the feature. Keys that only size
 # or tune one (spec_batch_size, pa_num_blocks, pa_block_size, quantization_dtype...) ask
@@ -54,9 +56,8 @@ UNSERVED_KEYS: dict[str, Unserved] = {
     "async_mode": _ASYNC,
     **dict.fromkeys(("lora_modules", "lora_config"), _LORA),
     **dict.fromkeys(
-        ("quantized", "quantized_mlp_kernel_enabled", "activation_quantization_type",
-         "kv_cache_quant"),
-        _QUANTIZATION),
+        ("quantized_mlp_kernel_enabled", "activation_quantization_type"),
+        _ACTIVATION_QUANTIZATION),
 }
 
 # vLLM engine features -> (the setting's name, what it asks for).

@@ -1,10 +1,12 @@
 """Our CPU backend: the NxDI contract honoured by plain PyTorch.
 
 "compile" does the work a warm start can skip: it converts the HF checkpoint to
-the requested dtype and our fused layout, builds the native kernel for this CPU
-(kernels.py), and stores both with the resolved config. "load" maps them back (on
-a CPU without bf16 units, packing bf16 matmul weights for the kernel, or widening
-them to fp32 without it) and allocates the KV lines. A step runs natively
+the requested dtype and our fused layout (quantizing the linear layers to int8 or
+fp8 when the neuron config asks: quant_config.py, quantize.py), builds the native
+kernel for this CPU (kernels.py), and stores both with the resolved config. "load"
+maps them back (packing bf16 weights on a CPU without bf16 units, and quantized
+weights on every CPU, for the kernel; widening them to fp32 without it) and
+allocates the KV lines (fp8 with ``kv_cache_quant``). A step runs natively
 (native.py) where it can, else on the model's torch path (llama.py); both follow
 the contract: static buckets, KV lines indexed by seq_id, sampling on the
 "device". Like NxDI
@@ -37,6 +39,7 @@ from vllm_neuronx.backends.cpu.llama import (
     to_dtype,
 )
 from vllm_neuronx.backends.cpu.native import NativeStep
+from vllm_neuronx.backends.cpu.quantize import QuantizedWeight, quantize_parts
 from vllm_neuronx.backends.protocol import (
     Batch,
     ForwardOutput,
@@ -44,10 +47,12 @@ from vllm_neuronx.backends.protocol import (
     SamplingCapabilities,
 )
 from vllm_neuronx.log import get_logger
+from vllm_neuronx.quant_config import QuantConfig
 
 logger = get_logger(__name__)
 
 WEIGHTS_FILE = "weights.safetensors"
+SCALE = "_scale"  # a quantized weight's scales are stored beside it under this suffix
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
@@ -119,8 +124,10 @@ class CpuBackend(NeuronBackend):
         super().__init__(model_path, neuron_config, seed=seed)
         self.spec = LlamaSpec.from_folder(model_path)
         self.validate(neuron_config)
+        self.quant = QuantConfig.from_neuron_config(neuron_config)
         requested = self.stored_dtype = _DTYPES[neuron_config["torch_dtype"]]
-        self.dtype = compute_dtype(requested)
+        # Quantized weights are widened to fp32 (by the kernel, or once at load).
+        self.dtype = torch.float32 if self.quant.weights else compute_dtype(requested)
         if self.dtype is not requested:
             logger.info(
                 "CPU backend: %s requested, computing in %s (this CPU has no bf16 units)",
@@ -130,7 +137,7 @@ class CpuBackend(NeuronBackend):
         self.variant = kernels.chosen()
         self.model: LlamaModel | None = None
         # The bf16 kernel (kernels.py) and the native step (native.py), where they run.
-        self.matmul: kernels.Bf16Matmul | None = None
+        self.matmul: kernels.PackedMatmul | None = None
         self.native: NativeStep | None = None
         self.generator = torch.Generator().manual_seed(seed)
 
@@ -138,10 +145,10 @@ class CpuBackend(NeuronBackend):
     def version(cls) -> str:
         # 2: weights stored in the requested dtype, with the native kernels; 3: the
         # kernel variant in the key; 4: torch's version (it converts the weights; the
-        # checkpoint is read without transformers).
+        # checkpoint is read without transformers); 5: quantized weights and scales.
         from vllm_neuronx.artifacts import package_versions
 
-        return (f"cpu-4-{kernels.chosen_name()}-{kernels.source_digest()} "
+        return (f"cpu-5-{kernels.chosen_name()}-{kernels.source_digest()} "
                 + package_versions(("torch",)))
 
     @classmethod
@@ -152,9 +159,13 @@ class CpuBackend(NeuronBackend):
             raise nc.NeuronConfigError(str(e)) from None
         if quantization is not None:
             raise nc.NeuronConfigError(
-                f"quantization={quantization!r}: the CPU backend runs float32 or bfloat16 "
-                "weights; drop --quantization"
+                f"--quantization {quantization}: the CPU backend quantizes from the neuron "
+                'config as NxDI does; drop --quantization and set override_neuron_config '
+                '{"quantized": true, "quantization_type": "per_channel_symmetric", '
+                '"quantization_dtype": "int8"} (or "f8e4m3"; "kv_cache_quant": true for an '
+                "fp8 KV cache)"
             )
+        QuantConfig.from_neuron_config(neuron_config)
         if neuron_config["torch_dtype"] == "float16":
             raise nc.NeuronConfigError(
                 "torch_dtype float16 is not supported by the CPU backend; use bfloat16 or float32"
@@ -179,23 +190,47 @@ class CpuBackend(NeuronBackend):
     def compile(self, folder: str) -> None:
         start = time.perf_counter()
         hf = read_hf_checkpoint(self.model_path)
-        weights = LlamaModel.convert_hf_weights(self.spec, hf, self.stored_dtype)
+        weights = LlamaModel.convert_hf_weights(self.spec, hf, self.stored_dtype,
+                                                self._quantize if self.quant.weights else None)
         # Tied embeddings share storage; safetensors stores each tensor once.
-        if weights["lm_head"].data_ptr() == weights["embed"].data_ptr():
+        if weights["lm_head"] is weights["embed"] or (
+                isinstance(weights["lm_head"], torch.Tensor)
+                and weights["lm_head"].data_ptr() == weights["embed"].data_ptr()):
             del weights["lm_head"]
-        save_file(weights, os.path.join(folder, WEIGHTS_FILE))
+        stored = {}
+        for name, w in weights.items():
+            if isinstance(w, QuantizedWeight):
+                stored[name], stored[name + SCALE] = w.values, w.scale
+            else:
+                stored[name] = w
+        save_file(stored, os.path.join(folder, WEIGHTS_FILE))
         if self.uses_kernel():
             kernels.build(folder, self.variant)
         logger.info(
-            "CPU backend: converted weights to %s in %.1f s",
+            "CPU backend: converted weights to %s%s in %.1f s",
             self.stored_dtype,
+            f" ({self.quant.dtype} where quantized)" if self.quant.weights else "",
             time.perf_counter() - start,
         )
 
+    def _quantize(self, modules: list[str], parts: list[torch.Tensor]):
+        """One matmul's HF modules quantized, or None where modules_to_not_convert names
+        them; a fused matmul (q, k, v) is quantized whole or not at all."""
+        converted = [self.quant.converts(m) for m in modules]
+        if not any(converted):
+            return None
+        if not all(converted):
+            raise nc.NeuronConfigError(
+                f"modules_to_not_convert={list(self.quant.not_convert)} names some of "
+                f"{modules} but not all; the CPU backend multiplies them as one matmul, so "
+                "name all of them or none")
+        return quantize_parts(parts, self.quant)
+
     def uses_kernel(self) -> bool:
-        """bf16 weights computed in fp32: the native kernel multiplies them (kernels.py)."""
-        return (self.variant is not None and self.stored_dtype is torch.bfloat16
-                and self.dtype is torch.float32)
+        """bf16 weights computed in fp32, or quantized weights: the native kernel
+        multiplies them (kernels.py)."""
+        return self.variant is not None and (self.quant.weights or (
+            self.stored_dtype is torch.bfloat16 and self.dtype is torch.float32))
 
     @property
     def kernel(self) -> str:
@@ -205,18 +240,24 @@ class CpuBackend(NeuronBackend):
         torch.set_num_threads(cpu_threads())
         weights = read_safetensors([os.path.join(folder, WEIGHTS_FILE)], "Loading artifacts")
         weights.setdefault("lm_head", weights["embed"])
+        for name in [n for n in weights if n.endswith(SCALE)]:
+            scale = weights.pop(name)
+            weights[name.removesuffix(SCALE)] = QuantizedWeight(
+                weights[name.removesuffix(SCALE)], scale)
         matmul = kernels.load(folder, self.variant) if self.uses_kernel() else None
         if matmul is not None:
-            packed = matmul.pack_all(
-                {n: w for n, w in weights.items() if LlamaModel.is_matmul(n)})
+            packed = matmul.pack_all(  # fp32 weights (not converted) stay torch's
+                {n: w for n, w in weights.items() if LlamaModel.is_matmul(n)
+                 and (isinstance(w, QuantizedWeight) or w.dtype is torch.bfloat16)})
             embed = weights["embed"]  # looked up a row at a time: it can stay bf16
             weights = to_dtype(
                 {n: w for n, w in weights.items() if n not in packed and n != "embed"},
                 self.dtype,
             )
             weights.update(packed, embed=embed)
-        elif self.dtype is not self.stored_dtype:
-            weights = to_dtype(weights, self.dtype)
+        else:  # torch's matmuls: quantized weights widened once, here
+            weights = to_dtype({n: w.dequantize() if isinstance(w, QuantizedWeight) else w
+                                for n, w in weights.items()}, self.dtype)
         cfg = self.neuron_config
         self.model = LlamaModel(
             self.spec,
@@ -226,6 +267,7 @@ class CpuBackend(NeuronBackend):
             dtype=self.dtype,
             linear=matmul.linear if matmul is not None else torch.nn.functional.linear,
             zeros=memory.huge_page_zeros,
+            kv_fp8=self.quant.kv_fp8,
         )
         self.matmul = matmul
         self.native = NativeStep.for_model(self.model, matmul) if matmul is not None else None

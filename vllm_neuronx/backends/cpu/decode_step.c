@@ -11,7 +11,8 @@
  * The arithmetic is that of llama.py (and Hugging Face): fp32 activations and KV,
  * RMSNorm, rotary as x*cos + rotate_half(x)*sin, softmax attention over each row's
  * own positions (and its sliding window), SiLU(gate)*up; the matmuls are
- * matmul_bf16.c's over bf16 weights. Of the families' variations it handles biases on
+ * matmul.c's over bf16, int8 or fp8 weights. The KV cache is fp32, or e4m3fn bytes
+ * (kv_cache_quant: each K/V value rounded as torch casts it, widened when read). Of the families' variations it handles biases on
  * q, k and v (Qwen2), the per-head RMSNorm of queries and keys (Qwen3) and experts
  * (Mixtral, Qwen3-MoE: llama.py's routing, experts added in index order); models with
  * other biases take the torch path.
@@ -92,8 +93,15 @@ static void rotate_and_store(const Model *md, const Layer *ly, float *qkv, int m
         if (h >= md->heads) {
             int kvh = h - md->heads;
             long at = ((line[r] * md->kv_heads + kvh) * md->max_len + pos[r]) * d;
-            memcpy(ly->k_cache + at, v, d * sizeof(float));
-            memcpy(ly->v_cache + at, v + v_offset, d * sizeof(float));
+            if (md->kv_fp8) {
+                for (int j = 0; j < d; j++) {
+                    ((uint8_t *)ly->k_cache)[at + j] = fp8_from_float(v[j]);
+                    ((uint8_t *)ly->v_cache)[at + j] = fp8_from_float(v[v_offset + j]);
+                }
+            } else {
+                memcpy((float *)ly->k_cache + at, v, d * sizeof(float));
+                memcpy((float *)ly->v_cache + at, v + v_offset, d * sizeof(float));
+            }
         }
     }
 }
@@ -102,11 +110,24 @@ static void rotate_and_store(const Model *md, const Layer *ly, float *qkv, int m
  * overlaps them), and the running maximum rescales the sums once per chunk. */
 #define CHUNK 64
 
+/* q . the key at ``at`` of a KV cache of fp32, or of e4m3fn bytes (their widened
+ * values are the keys / FP8_UNIT, hence the factor: a power of two, exact). */
+static inline __attribute__((always_inline)) float
+dot_key(const float *q, const void *keys, long at, int d, int fp8) {
+    if (!fp8)
+        return dot(q, (const float *)keys + at, d);
+    vec acc = vzero();
+    for (int j = 0; j < d; j += VW)
+        acc = vfma(vload_n(q + j, d - j), vwiden_fp8((const uint8_t *)keys + at + j), acc);
+    return vsum(acc) * FP8_UNIT;
+}
+
 /* One query head over positions [first, last] of its KV head: softmax(q . K^T * scale) . V.
- * Inlined with a constant ``d`` (64, 128) so the output stays in registers. */
+ * Inlined with a constant ``d`` (64, 128) and cache format so the output stays in
+ * registers. An fp8 cache's head_dim is a multiple of VW (checked in native.py). */
 static inline __attribute__((always_inline)) void
-attend_head(const float *q, const float *keys, const float *values, float *out, long first,
-            long last, float scale, const int d) {
+attend_head(const float *q, const void *keys, const void *values, float *out, long first,
+            long last, float scale, const int d, const int fp8) {
     vec acc[256 / VW];  /* d <= 256 */
     int vectors = (d + VW - 1) / VW;
     for (int v = 0; v < vectors; v++)
@@ -116,7 +137,7 @@ attend_head(const float *q, const float *keys, const float *values, float *out, 
         int len = last - c0 + 1 < CHUNK ? (int)(last - c0 + 1) : CHUNK;
         float chunk_top = -INFINITY;
         for (int j = 0; j < len; j++) {
-            s[j] = dot(q, keys + (c0 + j) * d, d) * scale;
+            s[j] = dot_key(q, keys, (c0 + j) * d, d, fp8) * scale;
             chunk_top = s[j] > chunk_top ? s[j] : chunk_top;
         }
         if (chunk_top > top) {
@@ -129,13 +150,15 @@ attend_head(const float *q, const float *keys, const float *values, float *out, 
         for (int j = 0; j < len; j++) {
             float p = expf(s[j] - top);
             total += p;
-            const float *vt = values + (c0 + j) * d;
+            long at = (c0 + j) * d;
             vec pb = vset1(p);
             for (int v = 0; v < vectors; v++)
-                acc[v] = vfma(pb, vload_n(vt + VW * v, d - VW * v), acc[v]);
+                acc[v] = vfma(pb, fp8 ? vwiden_fp8((const uint8_t *)values + at + VW * v)
+                                      : vload_n((const float *)values + at + VW * v, d - VW * v),
+                              acc[v]);
         }
     }
-    vec inv = vset1(1.0f / total);
+    vec inv = vset1((fp8 ? FP8_UNIT : 1.0f) / total);
     for (int v = 0; v < vectors; v++)
         vstore_n(out + VW * v, vmul(acc[v], inv), d - VW * v);
 }
@@ -151,12 +174,23 @@ static void attend(const Model *md, const Layer *ly, const float *qkv, float *ou
         long first = md->window > 0 && last - md->window + 1 > 0 ? last - md->window + 1 : 0;
         long base = (line[r] * md->kv_heads + h / group) * (long)md->max_len * d;
         const float *q = qkv + (long)r * w + (long)h * d;
-        const float *keys = ly->k_cache + base, *values = ly->v_cache + base;
         float *o = out + (long)r * md->heads * d + (long)h * d;
+        if (md->kv_fp8) {
+            const uint8_t *keys = (const uint8_t *)ly->k_cache + base;
+            const uint8_t *values = (const uint8_t *)ly->v_cache + base;
+            switch (d) {
+            case 64: attend_head(q, keys, values, o, first, last, md->scale, 64, 1); break;
+            case 128: attend_head(q, keys, values, o, first, last, md->scale, 128, 1); break;
+            default: attend_head(q, keys, values, o, first, last, md->scale, d, 1); break;
+            }
+            continue;
+        }
+        const float *keys = (const float *)ly->k_cache + base;
+        const float *values = (const float *)ly->v_cache + base;
         switch (d) {
-        case 64: attend_head(q, keys, values, o, first, last, md->scale, 64); break;
-        case 128: attend_head(q, keys, values, o, first, last, md->scale, 128); break;
-        default: attend_head(q, keys, values, o, first, last, md->scale, d); break;
+        case 64: attend_head(q, keys, values, o, first, last, md->scale, 64, 0); break;
+        case 128: attend_head(q, keys, values, o, first, last, md->scale, 128, 0); break;
+        default: attend_head(q, keys, values, o, first, last, md->scale, d, 0); break;
         }
     }
 }
@@ -211,7 +245,7 @@ static void experts(const Model *md, const Layer *ly, const float *h, float *x, 
     float *weights = ids + (long)m * k, *rows = weights + (long)m * k;
     float *row_w = rows + (long)m * k, *logits = row_w + (long)m * k;
     int *first = (int *)(logits + (long)m * E);  /* [E + 1]: each expert's rows */
-    matmul_team(h, ly->router, logits, m, E, H, 0);
+    matmul_team(h, ly->router, logits, m, 0);
     route(md, logits, m, ids, weights);
 #pragma omp for schedule(static)
     for (long i = 0; i < (long)m * H; i++)
@@ -238,9 +272,9 @@ static void experts(const Model *md, const Layer *ly, const float *h, float *x, 
 #pragma omp for schedule(static)
         for (int i = 0; i < n; i++)
             memcpy(gathered + (long)i * H, h + (long)er[i] * H, H * sizeof(float));
-        matmul_team(gathered, ly->expert_gate_up[e], gu, n, 2 * I, H, 0);
+        matmul_team(gathered, ly->expert_gate_up + e, gu, n, 0);
         silu_times_up(gu, act, n, I);
-        matmul_team(act, ly->expert_down[e], out, n, H, I, 0);
+        matmul_team(act, ly->expert_down + e, out, n, 0);
 #pragma omp for schedule(static)
         for (int i = 0; i < n; i++) {
             float *dst = sum + (long)er[i] * H;
@@ -270,18 +304,18 @@ void decode_step(const Model *md, float *x, int m, const long *pos, const long *
         for (int i = 0; i < md->layers; i++) {
             const Layer *ly = md->layer + i;
             rms_norm_rows(x, ly->ln1, h, m, hidden, md->eps);
-            matmul_team(h, ly->qkv, qkv, m, qkv_width(md), hidden, 0);
+            matmul_team(h, ly->qkv, qkv, m, 0);
             rotate_and_store(md, ly, qkv, m, pos, line);
             attend(md, ly, qkv, att, m, pos, line);
-            matmul_team(att, ly->o, x, m, hidden, q_size, 1);
+            matmul_team(att, ly->o, x, m, 1);
             rms_norm_rows(x, ly->ln2, h, m, hidden, md->eps);
             if (ly->router != NULL) {
                 experts(md, ly, h, x, m, moe, gu, act, picked);
                 continue;
             }
-            matmul_team(h, ly->gate_up, gu, m, 2 * inter, hidden, 0);
+            matmul_team(h, ly->gate_up, gu, m, 0);
             silu_times_up(gu, act, m, inter);
-            matmul_team(act, ly->down, x, m, hidden, inter, 1);
+            matmul_team(act, ly->down, x, m, 1);
         }
         if (out_rows != NULL) {  /* gather the rows that need logits */
 #pragma omp for schedule(static)
@@ -291,6 +325,6 @@ void decode_step(const Model *md, float *x, int m, const long *pos, const long *
         }
         const float *last = out_rows != NULL ? picked : x;
         rms_norm_rows(last, md->norm, h, n_out, hidden, md->eps);
-        matmul_team(h, md->lm_head, logits, n_out, md->vocab, hidden, 0);
+        matmul_team(h, md->lm_head, logits, n_out, 0);
     }
 }

@@ -9,39 +9,50 @@
 #include <stddef.h>
 #include <stdint.h>
 
-void matmul_team(const float *restrict x, const uint16_t *restrict w, float *restrict y,
-                 int m, int n, int k, int add);
+/* The formats a packed weight's values come in (kernels.py: WEIGHT_KINDS). */
+enum { WEIGHT_BF16 = 0, WEIGHT_INT8 = 1, WEIGHT_FP8 = 2 };
+
+/* A [n, k] weight packed by PackedMatmul.pack_all: its values, and for int8 and fp8 the
+ * scale of each of its n output columns (w = value * scale). */
+#define WEIGHT_FIELDS(X)                                                                  \
+    X(const void *, data)          /* [panels, k, PANEL] values */                        \
+    X(const float *, scale)        /* [n], or NULL (bf16) */                              \
+    X(int, kind)                   /* WEIGHT_* */                                         \
+    X(int, n)                                                                             \
+    X(int, k)
 
 /* One layer's tensors. */
 #define LAYER_FIELDS(X)                                                                   \
     X(const float *, ln1)          /* [hidden] */                                         \
     X(const float *, ln2)                                                                 \
-    X(const uint16_t *, qkv)       /* packed by Bf16Matmul.pack_all */                    \
-    X(const uint16_t *, o)                                                                \
-    X(const uint16_t *, gate_up)                                                          \
-    X(const uint16_t *, down)                                                             \
-    X(float *, k_cache)            /* [lines, kv_heads, max_len, head_dim] */             \
-    X(float *, v_cache)                                                                   \
+    X(const struct Weight *, qkv)                                                         \
+    X(const struct Weight *, o)                                                           \
+    X(const struct Weight *, gate_up)                                                     \
+    X(const struct Weight *, down)                                                        \
+    X(void *, k_cache)             /* [lines, kv_heads, max_len, head_dim] fp32 or fp8 */ \
+    X(void *, v_cache)                                                                    \
     X(const float *, qkv_bias)     /* [q + k + v widths], or NULL (Qwen2) */              \
     X(const float *, q_norm)       /* [head_dim] per-head RMSNorm weights, or NULL */     \
     X(const float *, k_norm)       /* (Qwen3) */                                          \
-    X(const uint16_t *, router)    /* packed, [experts] columns; NULL in a dense layer */ \
-    X(const uint16_t *const *, expert_gate_up) /* [experts] packed weights, or NULL */    \
-    X(const uint16_t *const *, expert_down)
+    X(const struct Weight *, router) /* [experts] columns; NULL in a dense layer */       \
+    X(const struct Weight *, expert_gate_up) /* [experts] weights, or NULL */             \
+    X(const struct Weight *, expert_down)
 
 /* The model: its shape, then its tensors. */
 #define MODEL_FIELDS(X)                                                                   \
     X(int, hidden) X(int, intermediate) X(int, heads) X(int, kv_heads) X(int, head_dim)   \
     X(int, layers) X(int, max_len) X(int, window) X(int, vocab)                           \
     X(int, experts) X(int, experts_per_token) X(int, norm_topk) X(int, expert_size)       \
+    X(int, kv_fp8)                 /* the KV cache holds e4m3fn bytes, not fp32 */        \
     X(float, eps) X(float, scale)                                                         \
     X(const float *, cos)          /* [max_len, head_dim] */                              \
     X(const float *, sin)                                                                 \
     X(const float *, norm)         /* [hidden] */                                         \
-    X(const uint16_t *, lm_head)   /* packed */                                           \
+    X(const struct Weight *, lm_head)                                                     \
     X(const struct Layer *, layer) /* [layers] */
 
 #define DECLARE_FIELD(type, name) type name;
+typedef struct Weight { WEIGHT_FIELDS(DECLARE_FIELD) } Weight;
 typedef struct Layer { LAYER_FIELDS(DECLARE_FIELD) } Layer;
 typedef struct Model { MODEL_FIELDS(DECLARE_FIELD) } Model;
 #undef DECLARE_FIELD
@@ -52,7 +63,13 @@ typedef struct {
     long offset, size;
 } FieldLayout;
 
-/* The fields of "Layer" or "Model", ending with a NULL name; *size gets the struct's. */
+void matmul_team(const float *restrict x, const Weight *w, float *restrict y, int m, int add);
+
+/* e4m3fn of x: round to nearest even, saturated at +-448 (torch's cast of x clamped). */
+uint8_t fp8_from_float(float x);
+
+/* The fields of "Weight", "Layer" or "Model", ending with a NULL name; *size gets the
+ * struct's. */
 const FieldLayout *struct_layout(const char *which, long *size);
 
 #endif

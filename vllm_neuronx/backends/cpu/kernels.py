@@ -1,8 +1,9 @@
 """The CPU backend's native library, compiled into the artifacts like a device's.
 
-For CPUs without bf16 units: the bf16-weight matmul (``matmul_bf16.c``, wrapped
-here as ``Bf16Matmul``) and a whole decode step built on it (``decode_step.c``,
-driven by native.py); see why in each. ``build`` runs the system C compiler at
+The matmul over packed bf16, int8 or fp8 weights (``matmul.c``, wrapped here as
+``PackedMatmul``; for CPUs without bf16 units, and for quantized weights on every
+CPU) and a whole decode step built on it (``decode_step.c``, driven by native.py);
+see why in each. ``build`` runs the system C compiler at
 compile time and stores the shared library beside the weights; ``load`` maps it
 back when this CPU can run it, after checking that the structs it shares with
 Python (declared once, in kernels.h) have the layout Python's ctypes view gives
@@ -35,7 +36,7 @@ logger = get_logger(__name__)
 
 HERE = os.path.dirname(__file__)
 SOURCES = tuple(os.path.join(HERE, name)
-                for name in ("matmul_bf16.c", "decode_step.c", "layout.c"))
+                for name in ("matmul.c", "decode_step.c", "layout.c"))
 HEADERS = tuple(os.path.join(HERE, name) for name in ("kernels.h", "simd.h"))
 # -fopenmp links libgomp.so.1, which resolves to the copy torch has already loaded,
 # so the kernel's threads are torch's (torch.set_num_threads applies to both).
@@ -66,7 +67,7 @@ VARIANTS = (
     Variant("avx512", ("avx512f", "avx512bw"), ("-mavx512f", "-mavx512bw"), widen_rows=256),
     # SmolLM2, 32 prompts of 128 one per call: 12.0 s as native steps, 10.3 s widened
     # (AVX2-only EPYC, 2 cores; benchmarks/README.md, issue 15).
-    Variant("avx2", ("avx2", "fma"), ("-mavx2", "-mfma"), widen_rows=64),
+    Variant("avx2", ("avx2", "fma", "f16c"), ("-mavx2", "-mfma", "-mf16c"), widen_rows=64),
 )
 CHOICES = (*(v.name for v in VARIANTS), TORCH)
 
@@ -90,8 +91,8 @@ def cpu_flags() -> frozenset[str]:
 
 
 # The flags that decide a kernel variant here, or a peer's build (llama.cpp's VNNI, AMX).
-VECTOR_FLAGS = ("avx2", "fma", "avx512f", "avx512bw", "avx512_vnni", "avx512_bf16", "amx_bf16",
-                "amx_int8")
+VECTOR_FLAGS = ("avx2", "fma", "f16c", "avx512f", "avx512bw", "avx512_vnni", "avx512_bf16",
+                "amx_bf16", "amx_int8")
 
 
 def vector_flags() -> list[str]:
@@ -153,7 +154,7 @@ def build(folder: str, variant: Variant) -> bool:
     """Compile ``variant`` into ``folder``; False (logged) where it cannot build."""
     compiler = shutil.which(os.environ.get("CC", "cc")) or shutil.which("gcc")
     if compiler is None:
-        logger.warning("CPU backend: no C compiler; bf16 weights are widened to fp32")
+        logger.warning("CPU backend: no C compiler; the weights are widened to fp32")
         return False
     out = os.path.join(folder, variant.library)
     try:
@@ -162,12 +163,12 @@ def build(folder: str, variant: Variant) -> bool:
             capture_output=True, text=True, check=False, timeout=300,
         )
     except (OSError, subprocess.TimeoutExpired) as e:
-        logger.warning("CPU backend: cannot run %s (%s); bf16 weights are widened to fp32",
+        logger.warning("CPU backend: cannot run %s (%s); the weights are widened to fp32",
                        compiler, e)
         return False
     if result.returncode != 0:
         logger.warning(
-            "CPU backend: building the %s kernel failed; bf16 weights are widened to "
+            "CPU backend: building the %s kernel failed; the weights are widened to "
             "fp32:\n%s",
             variant.name,
             result.stderr.strip(),
@@ -184,51 +185,76 @@ def round_up(x: int, multiple: int) -> int:
     return -(-x // multiple) * multiple
 
 
+# kernels.h's WEIGHT_* for each dtype a packed weight holds.
+WEIGHT_KINDS = {torch.bfloat16: 0, torch.int8: 1, torch.float8_e4m3fn: 2}
+
+
+class Weight(ctypes.Structure):
+    """kernels.h's ``Weight``, as ctypes sees it (checked at load: ``check_layout``)."""
+
+    _fields_ = [("data", ctypes.c_void_p), ("scale", ctypes.c_void_p), ("kind", ctypes.c_int),
+                ("n", ctypes.c_int), ("k", ctypes.c_int)]
+
+
 @dataclass(frozen=True, slots=True)
 class PackedWeight:
-    """A [n, k] weight in the kernel's panel layout."""
+    """A [n, k] weight in the kernel's panel layout: bf16 values, or int8 / fp8 values
+    with the scale of each output column."""
 
-    data: torch.Tensor  # [panels, k, panel] bf16
+    data: torch.Tensor  # [panels, k, panel] bf16, int8 or float8_e4m3fn
     n: int
+    scale: torch.Tensor | None = None  # [n] fp32 (quantized weights)
+
+    def describe(self) -> Weight:
+        """The descriptor matmul.c reads (pointers into this weight's tensors)."""
+        return Weight(self.data.data_ptr(),
+                      None if self.scale is None else self.scale.data_ptr(),
+                      WEIGHT_KINDS[self.data.dtype], self.n, self.data.shape[1])
 
 
-class Bf16Matmul:
-    """``x [m, k] fp32 @ w[n, k]^T`` over bf16 weights packed by ``pack``."""
+class PackedMatmul:
+    """``x [m, k] fp32 @ w[n, k]^T`` over weights packed by ``pack_all``."""
 
     __slots__ = ("_fn", "lib", "panel", "widen_rows")
 
     def __init__(self, path: str, widen_rows: int) -> None:
         self.widen_rows = widen_rows
         lib = self.lib = ctypes.CDLL(path)
-        self._fn = lib.matmul_bf16
-        self._fn.argtypes = [ctypes.c_void_p] * 3 + [ctypes.c_int] * 3
+        self._fn = lib.matmul
+        self._fn.argtypes = [ctypes.c_void_p, ctypes.POINTER(Weight), ctypes.c_void_p,
+                             ctypes.c_int]
         self._fn.restype = None
-        self.panel = int(lib.matmul_bf16_panel())
+        self.panel = int(lib.matmul_panel())
 
-    def pack(self, weight: torch.Tensor) -> PackedWeight:
+    def pack(self, weight) -> PackedWeight:
         return self.pack_all({"w": weight})["w"]
 
-    def pack_all(self, weights: dict[str, torch.Tensor]) -> dict[str, PackedWeight]:
-        """Each [n, k] weight -> [panels, k, panel] bf16 (each panel's columns contiguous
-        per k, zero past n), all in one buffer on huge pages (memory.py)."""
+    def pack_all(self, weights: dict) -> dict[str, PackedWeight]:
+        """Each [n, k] weight (a bf16 tensor, or a ``QuantizedWeight``) -> its values as
+        [panels, k, panel] (each panel's columns contiguous per k, zero past n), all in
+        one buffer on huge pages (memory.py)."""
         panel = self.panel
+        values = {name: w if isinstance(w, torch.Tensor) else w.values
+                  for name, w in weights.items()}
         # Each weight's bytes rounded up to whole cache lines, so the next starts on one.
-        sizes = {name: round_up(round_up(w.shape[0], panel) * w.shape[1] * 2, 64)
-                 for name, w in weights.items()}
+        sizes = {name: round_up(round_up(w.shape[0], panel) * w.shape[1] * w.itemsize, 64)
+                 for name, w in values.items()}
         buffer = memory.huge_page_bytes(sum(sizes.values()))
         packed, offset = {}, 0
-        for name, weight in weights.items():
+        for name, weight in values.items():
             n, k = weight.shape
             panels, full = -(-n // panel), n // panel
-            data = buffer[offset:offset + sizes[name]].view(torch.bfloat16)
+            data = buffer[offset:offset + sizes[name]].view(weight.dtype)
             data = data[:panels * k * panel].view(panels, k, panel)
             offset += sizes[name]
             if full:
                 data[:full].copy_(weight[:full * panel].view(full, panel, k).transpose(1, 2))
             if full < panels:
-                data[full].zero_()
+                data[full].view(torch.uint8 if weight.itemsize == 1 else torch.int16).zero_()
                 data[full, :, :n - full * panel].copy_(weight[full * panel:].T)
-            packed[name] = PackedWeight(data, n)
+            given = weights[name]
+            scale = None if isinstance(given, torch.Tensor) else given.scale.float().contiguous()
+            packed[name] = PackedWeight(data, n, scale)
         return packed
 
     def __call__(self, x: torch.Tensor, weight: PackedWeight) -> torch.Tensor:
@@ -241,9 +267,10 @@ class Bf16Matmul:
             panels = weight.data.shape[0]
             wide = torch.empty((k, panels, self.panel), dtype=torch.float32)
             wide.copy_(weight.data.permute(1, 0, 2))  # one pass: unpack and widen
-            return x @ wide.view(k, panels * self.panel)[:, : weight.n]
+            y = x @ wide.view(k, panels * self.panel)[:, : weight.n]
+            return y if weight.scale is None else y.mul_(weight.scale)
         y = torch.empty((m, weight.n), dtype=torch.float32)
-        self._fn(x.data_ptr(), weight.data.data_ptr(), y.data_ptr(), m, weight.n, k)
+        self._fn(x.data_ptr(), ctypes.byref(weight.describe()), y.data_ptr(), m)
         return y
 
     def linear(self, x: torch.Tensor, weight, bias: torch.Tensor | None = None) -> torch.Tensor:
@@ -255,6 +282,15 @@ class Bf16Matmul:
         if bias is not None:
             out += bias
         return out.view(*x.shape[:-1], weight.n)
+
+    def fp8_from_floats(self, x: torch.Tensor) -> torch.Tensor:
+        """matmul.c's rounding of fp32 values to e4m3fn (as the native KV cache writes)."""
+        x = x.float().contiguous()
+        out = torch.empty(x.shape, dtype=torch.float8_e4m3fn)
+        fn = self.lib.fp8_from_floats
+        fn.argtypes = [ctypes.c_void_p, ctypes.c_void_p, ctypes.c_long]
+        fn(x.data_ptr(), out.data_ptr(), x.numel())
+        return out
 
 
 class Layer(ctypes.Structure):
@@ -272,7 +308,7 @@ class Model(ctypes.Structure):
         *[(name, ctypes.c_int) for name in ("hidden", "intermediate", "heads", "kv_heads",
                                             "head_dim", "layers", "max_len", "window",
                                             "vocab", "experts", "experts_per_token",
-                                            "norm_topk", "expert_size")],
+                                            "norm_topk", "expert_size", "kv_fp8")],
         ("eps", ctypes.c_float),
         ("scale", ctypes.c_float),
         *[(name, ctypes.c_void_p) for name in ("cos", "sin", "norm", "lm_head")],
@@ -289,7 +325,7 @@ class LayoutMismatch(RuntimeError):
     memory, so the library is refused."""
 
 
-def check_layout(lib: ctypes.CDLL, structs=(Layer, Model)) -> None:
+def check_layout(lib: ctypes.CDLL, structs=(Weight, Layer, Model)) -> None:
     """Compare each struct's fields (name, offset, size) and size with what the C
     compiler laid out (``struct_layout`` in layout.c)."""
     fn = lib.struct_layout
@@ -313,16 +349,16 @@ def check_layout(lib: ctypes.CDLL, structs=(Layer, Model)) -> None:
             )
 
 
-def load(folder: str, variant: Variant) -> Bf16Matmul | None:
+def load(folder: str, variant: Variant) -> PackedMatmul | None:
     """The kernel built into ``folder``, or None (the caller widens the weights)."""
     path = os.path.join(folder, variant.library)
     if not os.path.exists(path) or not runs_here(variant):
         return None
     try:
-        matmul = Bf16Matmul(path, variant.widen_rows)
+        matmul = PackedMatmul(path, variant.widen_rows)
     except OSError as e:  # e.g. a folder on a noexec mount (Docker's /dev/shm)
         logger.warning(
-            "CPU backend: cannot load the bf16 kernel from %s (%s); bf16 weights are "
+            "CPU backend: cannot load the kernel from %s (%s); the weights are "
             "widened to fp32",
             path,
             e,

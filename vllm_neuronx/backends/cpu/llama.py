@@ -25,6 +25,8 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
+from vllm_neuronx.backends.cpu.quantize import FP8_DTYPE, fp8_kv
+
 SUPPORTED_ARCHITECTURES = ("LlamaForCausalLM", "MistralForCausalLM", "Qwen2ForCausalLM",
                            "Qwen3ForCausalLM", "MixtralForCausalLM", "Qwen3MoeForCausalLM")
 # Families that differ from Llama only in the attention's details (HF's modeling files):
@@ -215,6 +217,7 @@ class LlamaModel:
         dtype: torch.dtype,
         linear: Callable[..., torch.Tensor] = F.linear,
         zeros: Callable[..., torch.Tensor] = torch.zeros,
+        kv_fp8: bool = False,
     ) -> None:
         self.spec = spec
         self.dtype = dtype
@@ -223,8 +226,11 @@ class LlamaModel:
         self.w = weights
         self.linear = linear
         shape = (spec.num_layers, num_lines, spec.num_kv_heads, max_len, spec.head_dim)
-        self.k_cache = zeros(shape, dtype=dtype)
-        self.v_cache = zeros(shape, dtype=dtype)
+        # kv_cache_quant: K/V stored as float8_e4m3fn (quantize.fp8_kv), widened to read.
+        self.kv_fp8 = kv_fp8
+        kv_dtype = FP8_DTYPE if kv_fp8 else dtype
+        self.k_cache = zeros(shape, dtype=kv_dtype)
+        self.v_cache = zeros(shape, dtype=kv_dtype)
         freqs = torch.outer(torch.arange(max_len, dtype=torch.float32), rope_inv_freq(spec))
         emb = torch.cat((freqs, freqs), dim=-1)
         self.cos = emb.cos().to(dtype)
@@ -239,42 +245,63 @@ class LlamaModel:
     # -- weights ------------------------------------------------------------
     @staticmethod
     def convert_hf_weights(
-        spec: LlamaSpec, hf: dict[str, torch.Tensor], dtype: torch.dtype
-    ) -> dict[str, torch.Tensor]:
-        """HF names -> our fused layout (qkv and gate_up stacked), in ``dtype``."""
+        spec: LlamaSpec, hf: dict[str, torch.Tensor], dtype: torch.dtype,
+        quantize: Callable[[list[str], list[torch.Tensor]], Any] | None = None,
+    ) -> dict[str, Any]:
+        """HF names -> our fused layout (qkv and gate_up stacked), in ``dtype``.
 
-        def get(name: str) -> torch.Tensor:
-            for key in (name, f"model.{name}"):
-                if key in hf:
-                    return hf[key]
+        ``quantize`` gets each matmul's HF modules (dotted names, e.g.
+        ``model.layers.0.self_attn.q_proj``) and their weights, and returns the fused
+        weight quantized (kept as it returns it), or None (stacked, in ``dtype``)."""
+
+        def key(name: str) -> str:
+            for k in (f"model.{name}", name):
+                if k in hf:
+                    return k
             raise KeyError(f"weight {name!r} missing from the checkpoint")
 
-        out: dict[str, torch.Tensor] = {
+        def get(name: str) -> torch.Tensor:
+            return hf[key(name)]
+
+        out: dict[str, Any] = {
             "embed": get("embed_tokens.weight"),
             "norm": get("norm.weight"),
         }
-        out["lm_head"] = (
-            out["embed"]
-            if spec.tie_word_embeddings or "lm_head.weight" not in hf
-            else hf["lm_head.weight"]
-        )
+        quantized: dict[str, Any] = {}
+
+        def linear(ours: str, *modules: str) -> None:
+            """One matmul from HF modules (stacked along their rows)."""
+            names = [key(m + ".weight").removesuffix(".weight") for m in modules]
+            parts = [hf[n + ".weight"] for n in names]
+            q = quantize(names, parts) if quantize is not None else None
+            if q is not None:
+                quantized[ours] = q
+            else:
+                out[ours] = torch.cat(parts) if len(parts) > 1 else parts[0]
+
+        untied = "lm_head.weight" in hf and not spec.tie_word_embeddings
+        if untied:
+            linear("lm_head", "lm_head")
+        else:  # HF's lm_head is the embedding's Parameter: quantizing it makes a copy
+            q = quantize(["lm_head"], [out["embed"]]) if quantize is not None else None
+            if q is not None:
+                quantized["lm_head"] = q
+            else:
+                out["lm_head"] = out["embed"]
         for i in range(spec.num_layers):
             p = f"layers.{i}."
-            out[p + "qkv"] = torch.cat([get(p + f"self_attn.{n}_proj.weight") for n in "qkv"])
-            out[p + "o"] = get(p + "self_attn.o_proj.weight")
+            linear(p + "qkv", *[p + f"self_attn.{n}_proj" for n in "qkv"])
+            linear(p + "o", p + "self_attn.o_proj")
             if spec.is_moe(i):
                 router, expert, (gate, up, down) = spec.moe_names
-                out[p + "router"] = get(p + router + ".weight")
+                linear(p + "router", p + router)
                 for e in range(spec.num_experts):
                     x = p + expert.format(e=e)
-                    out[p + f"experts.{e}.gate_up"] = torch.cat(
-                        [get(x + gate + ".weight"), get(x + up + ".weight")])
-                    out[p + f"experts.{e}.down"] = get(x + down + ".weight")
+                    linear(p + f"experts.{e}.gate_up", x + gate, x + up)
+                    linear(p + f"experts.{e}.down", x + down)
             else:
-                out[p + "gate_up"] = torch.cat(
-                    [get(p + "mlp.gate_proj.weight"), get(p + "mlp.up_proj.weight")]
-                )
-                out[p + "down"] = get(p + "mlp.down_proj.weight")
+                linear(p + "gate_up", p + "mlp.gate_proj", p + "mlp.up_proj")
+                linear(p + "down", p + "mlp.down_proj")
             out[p + "ln1"] = get(p + "input_layernorm.weight")
             out[p + "ln2"] = get(p + "post_attention_layernorm.weight")
             if spec.qk_norm:
@@ -291,7 +318,7 @@ class LlamaModel:
                     [get(p + "mlp.gate_proj.bias"), get(p + "mlp.up_proj.bias")]
                 )
                 out[p + "down_bias"] = get(p + "mlp.down_proj.bias")
-        return to_dtype(out, dtype)
+        return {**to_dtype(out, dtype), **quantized}
 
     @staticmethod
     def is_matmul(name: str) -> bool:
@@ -355,6 +382,10 @@ class LlamaModel:
         h = rms_norm(h, self.w["norm"], self.spec.rms_norm_eps)
         return self._linear(h, "lm_head").float()
 
+    def _stored(self, x: torch.Tensor) -> torch.Tensor:
+        """K or V values as the cache holds them."""
+        return fp8_kv(x) if self.kv_fp8 else x
+
     def _window_mask(self, mask: torch.Tensor, q_pos: torch.Tensor, k_len: int) -> torch.Tensor:
         if self.window is None:
             return mask
@@ -382,9 +413,11 @@ class LlamaModel:
         lines = seq_ids.tolist()
 
         def attend(i, q, k, v):
+            k, v = self._stored(k), self._stored(v)
             for row, line in enumerate(lines):
                 self.k_cache[i, line, :, :t] = k[row]
                 self.v_cache[i, line, :, :t] = v[row]
+            k, v = k.to(self.dtype), v.to(self.dtype)  # attend over what the cache holds
             return F.scaled_dot_product_attention(
                 q, k, v, attn_mask=mask, scale=self.scale, enable_gqa=True
             )
@@ -425,13 +458,14 @@ class LlamaModel:
         lines = slice(first, first + m) if int(seq_ids[-1]) - first == m - 1 else None
 
         def attend(i, q, k, v):
-            self.k_cache[i, seq_ids, :, positions] = k[:, :, 0]
-            self.v_cache[i, seq_ids, :, positions] = v[:, :, 0]
+            self.k_cache[i, seq_ids, :, positions] = self._stored(k[:, :, 0])
+            self.v_cache[i, seq_ids, :, positions] = self._stored(v[:, :, 0])
             if lines is not None:
                 keys, values = self.k_cache[i, lines, :, :span], self.v_cache[i, lines, :, :span]
             else:
                 keys = self.k_cache[i, :, :, :span].index_select(0, seq_ids)
                 values = self.v_cache[i, :, :, :span].index_select(0, seq_ids)
+            keys, values = keys.to(self.dtype), values.to(self.dtype)
             out = F.scaled_dot_product_attention(
                 q.view(m, s.num_kv_heads, group, s.head_dim), keys, values,
                 attn_mask=bias, scale=self.scale,

@@ -1,4 +1,5 @@
-/* y[m, n] = x[m, k] . w[n, k]^T, with w in bf16 (packed, see below) and x, y in fp32.
+/* y[m, n] = x[m, k] . w[n, k]^T, with w packed (see below) in bf16, int8 or fp8 and
+ * x, y in fp32.
  *
  * Why: CPUs without bf16 units (no AMX, no AVX512-BF16) run torch's bf16 matmuls
  * through slow conversions, and fp32 copies of the weights double the memory and the
@@ -16,10 +17,16 @@
  * ROWS x 3 accumulators in registers, no horizontal sums. The figures above are
  * AVX-512's (16 lanes, 8 rows); the AVX2 build (simd.h: 8 lanes, 4 rows) does the same
  * arithmetic at half the width.
+ * Quantized weights (int8, fp8 e4m3fn: one byte each) halve the bytes again: the block
+ * sums x . value over k and multiplies each column's sum by its scale once at the end,
+ * so a weight costs one or two instructions more to widen than a bf16 and no multiply.
  * Threads (torch's own OpenMP runtime: the same library, the same team) split panels.
  * ``matmul_team`` shares out its panels to the team it is called from, so the fused
  * decode step (decode_step.c) runs its matmuls inside one parallel region.
  */
+#include <math.h>
+#include <string.h>
+
 #include "kernels.h"
 #include "simd.h"
 
@@ -33,27 +40,37 @@
  * about 20 GB/s on 2 threads, what torch's fp32 sum reads. */
 #define PREFETCH_BYTES 8192
 
-int matmul_bf16_panel(void) { return PANEL; }
+int matmul_panel(void) { return PANEL; }
+
+static inline __attribute__((always_inline)) vec widen(const void *p, long at, int kind) {
+    switch (kind) {
+    case WEIGHT_INT8: return vwiden_i8((const int8_t *)p + at);
+    case WEIGHT_FP8: return vwiden_fp8((const uint8_t *)p + at);
+    default: return vwiden((const uint16_t *)p + at);
+    }
+}
 
 /* ``rows`` (at most ROWS) input rows against one panel; inlined with a constant
- * ``rows`` so the accumulators stay in registers. */
+ * ``rows`` and ``kind`` so the accumulators stay in registers. */
 static inline __attribute__((always_inline)) void
-block(const float *restrict x, const uint16_t *restrict panel, float *restrict y, int rows,
-      int cols, int n, int k, int prefetch, int add) {
+block(const float *restrict x, const void *restrict panel, const float *scale,
+      float *restrict y, int rows, int cols, int n, int k, int prefetch, int add, int kind) {
+    const int bytes = kind == WEIGHT_BF16 ? 2 : 1;
     vec acc[ROWS][3];
     for (int r = 0; r < rows; r++)
         for (int s = 0; s < 3; s++)
             acc[r][s] = vzero();
     for (int i = 0; i < k; i++) {
-        const uint16_t *wi = panel + (long)i * PANEL;
-        /* Every line of the next bytes, once per 192 (two steps of AVX-512's panel,
-         * four of AVX2's). */
-        if (prefetch && (i & (192 / (PANEL * 2) - 1)) == 0) {
-            _mm_prefetch((const char *)wi + PREFETCH_BYTES, _MM_HINT_T1);
-            _mm_prefetch((const char *)wi + PREFETCH_BYTES + 64, _MM_HINT_T1);
-            _mm_prefetch((const char *)wi + PREFETCH_BYTES + 128, _MM_HINT_T1);
+        long at = (long)i * PANEL;
+        /* Every line of the next bytes, once per 192. */
+        if (prefetch && (i & (192 / (PANEL * bytes) - 1)) == 0) {
+            const char *next = (const char *)panel + at * bytes + PREFETCH_BYTES;
+            _mm_prefetch(next, _MM_HINT_T1);
+            _mm_prefetch(next + 64, _MM_HINT_T1);
+            _mm_prefetch(next + 128, _MM_HINT_T1);
         }
-        vec w0 = vwiden(wi), w1 = vwiden(wi + VW), w2 = vwiden(wi + 2 * VW);
+        vec w0 = widen(panel, at, kind), w1 = widen(panel, at + VW, kind);
+        vec w2 = widen(panel, at + 2 * VW, kind);
         for (int r = 0; r < rows; r++) {
             vec xb = vset1(x[(long)r * k + i]);
             acc[r][0] = vfma(xb, w0, acc[r][0]);
@@ -61,13 +78,20 @@ block(const float *restrict x, const uint16_t *restrict panel, float *restrict y
             acc[r][2] = vfma(xb, w2, acc[r][2]);
         }
     }
+    vec scales[3];
+    for (int s = 0; s < 3 && kind != WEIGHT_BF16; s++) {
+        int left = cols - VW * s;
+        scales[s] = left > 0 ? vmul(vload_n(scale + VW * s, left),
+                                    vset1(kind == WEIGHT_FP8 ? FP8_UNIT : 1.0f))
+                             : vzero();
+    }
     for (int r = 0; r < rows; r++) {
         float *yr = y + (long)r * n;
         for (int s = 0; s < 3; s++) {
             int left = cols - VW * s;
             if (left <= 0)
                 break;
-            vec out = acc[r][s];
+            vec out = kind == WEIGHT_BF16 ? acc[r][s] : vmul(acc[r][s], scales[s]);
             if (add)
                 out = vadd(out, vload_n(yr + VW * s, left));
             vstore_n(yr + VW * s, out, left);
@@ -75,42 +99,75 @@ block(const float *restrict x, const uint16_t *restrict panel, float *restrict y
     }
 }
 
+/* The rows [r0, r0 + rows) of a slab against panel ``p``, for one weight kind. */
+static inline __attribute__((always_inline)) void
+rows_of_panel(const float *restrict x, const Weight *w, float *restrict y, int p, int r0,
+              int rows, int first, int add, int kind) {
+    int n = w->n, k = w->k, bytes = kind == WEIGHT_BF16 ? 2 : 1;
+    const char *panel = (const char *)w->data + (long)p * k * PANEL * bytes;
+    const float *scale = w->scale + (w->scale ? p * PANEL : 0);
+    const float *xs = x + (long)r0 * k;
+    float *ys = y + (long)r0 * n + p * PANEL;
+    int cols = n - p * PANEL < PANEL ? n - p * PANEL : PANEL;
+    switch (rows) {
+#if VW == 16
+    case 8: block(xs, panel, scale, ys, 8, cols, n, k, first, add, kind); break;
+    case 7: block(xs, panel, scale, ys, 7, cols, n, k, first, add, kind); break;
+    case 6: block(xs, panel, scale, ys, 6, cols, n, k, first, add, kind); break;
+    case 5: block(xs, panel, scale, ys, 5, cols, n, k, first, add, kind); break;
+#endif
+    case 4: block(xs, panel, scale, ys, 4, cols, n, k, first, add, kind); break;
+    case 3: block(xs, panel, scale, ys, 3, cols, n, k, first, add, kind); break;
+    case 2: block(xs, panel, scale, ys, 2, cols, n, k, first, add, kind); break;
+    default: block(xs, panel, scale, ys, 1, cols, n, k, first, add, kind); break;
+    }
+}
+
 /* y = x . w^T, or y += x . w^T with ``add``; panels shared out to the calling team
  * (serially outside a parallel region). Every thread of the team must call it. */
-void matmul_team(const float *restrict x, const uint16_t *restrict w, float *restrict y,
-                 int m, int n, int k, int add) {
-    int panels = (n + PANEL - 1) / PANEL;
+void matmul_team(const float *restrict x, const Weight *w, float *restrict y, int m, int add) {
+    int panels = (w->n + PANEL - 1) / PANEL;
     /* Rows in slabs that stay in L2 while every panel passes them (a prefill's 1024
      * rows do not: re-reading them from L3 for each panel cost 40% of its time). */
     for (int slab = 0; slab < m; slab += SLAB_ROWS) {
         int slab_end = m - slab < SLAB_ROWS ? m : slab + SLAB_ROWS;
 #pragma omp for schedule(static)
         for (int p = 0; p < panels; p++) {
-            const uint16_t *panel = w + (long)p * k * PANEL;
-            int cols = n - p * PANEL < PANEL ? n - p * PANEL : PANEL;
             for (int r0 = slab; r0 < slab_end; r0 += ROWS) {
-                const float *xs = x + (long)r0 * k;
-                float *ys = y + (long)r0 * n + p * PANEL;
-                int first = r0 == slab;
-                switch (slab_end - r0 < ROWS ? slab_end - r0 : ROWS) {
-#if VW == 16
-                case 8: block(xs, panel, ys, 8, cols, n, k, first, add); break;
-                case 7: block(xs, panel, ys, 7, cols, n, k, first, add); break;
-                case 6: block(xs, panel, ys, 6, cols, n, k, first, add); break;
-                case 5: block(xs, panel, ys, 5, cols, n, k, first, add); break;
-#endif
-                case 4: block(xs, panel, ys, 4, cols, n, k, first, add); break;
-                case 3: block(xs, panel, ys, 3, cols, n, k, first, add); break;
-                case 2: block(xs, panel, ys, 2, cols, n, k, first, add); break;
-                default: block(xs, panel, ys, 1, cols, n, k, first, add); break;
+                int rows = slab_end - r0 < ROWS ? slab_end - r0 : ROWS, first = r0 == slab;
+                switch (w->kind) {
+                case WEIGHT_INT8: rows_of_panel(x, w, y, p, r0, rows, first, add, WEIGHT_INT8);
+                    break;
+                case WEIGHT_FP8: rows_of_panel(x, w, y, p, r0, rows, first, add, WEIGHT_FP8);
+                    break;
+                default: rows_of_panel(x, w, y, p, r0, rows, first, add, WEIGHT_BF16); break;
                 }
             }
         }
     }
 }
 
-void matmul_bf16(const float *restrict x, const uint16_t *restrict w, float *restrict y,
-                 int m, int n, int k) {
+void matmul(const float *restrict x, const Weight *w, float *restrict y, int m) {
 #pragma omp parallel
-    matmul_team(x, w, y, m, n, k, 0);
+    matmul_team(x, w, y, m, 0);
+}
+
+uint8_t fp8_from_float(float x) {
+    uint32_t bits;
+    memcpy(&bits, &x, sizeof bits);
+    uint8_t sign = (bits >> 24) & 0x80;
+    float a = fabsf(x);
+    if (!(a < 448.0f))  /* saturate (NaN too) */
+        return sign | 0x7E;
+    if (a < 0.015625f)  /* below 2^-6: subnormal, steps of 2^-9 (8 of them reach 2^-6) */
+        return sign | (uint8_t)nearbyintf(a * 512.0f);
+    uint32_t mag = bits & 0x7FFFFFFF;
+    /* 3 of the 23 mantissa bits, rounded to nearest even (a carry moves the exponent) */
+    uint32_t r = (mag + 0x7FFFF + ((mag >> 20) & 1)) >> 20;
+    return sign | (uint8_t)(r - ((127 - 7) << 3));
+}
+
+void fp8_from_floats(const float *x, uint8_t *out, long n) {
+    for (long i = 0; i < n; i++)
+        out[i] = fp8_from_float(x[i]);
 }

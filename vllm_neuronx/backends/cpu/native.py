@@ -1,13 +1,13 @@
 """The native path of the CPU backend: a whole Llama step in one call of decode_step.c.
 
-It takes a model (llama.py, with its matmul weights packed for the bf16 kernel) and
+It takes a model (llama.py, with its matmul weights packed for the kernel) and
 a batch, and decides whether it can run it: a decode of up to ``max_rows`` rows, or
 a prefill whose prompts hold fewer tokens in all than the kernel variant's
 ``widen_rows`` (rows of one line at positions 0..n-1 are that line's prefill; past
 it, sgemm over widened weights is faster). What it declines (bigger batches, prompt
 logits) runs on the model's torch path with the same numerics. Models with biases
-other than q/k/v's, or heads wider than 256, have no native path
-(``NativeStep.for_model`` is None).
+other than q/k/v's, heads wider than 256, or an fp8 KV cache with heads not a whole
+number of vectors wide have no native path (``NativeStep.for_model`` is None).
 """
 
 from __future__ import annotations
@@ -18,10 +18,11 @@ import torch
 
 from vllm_neuronx.backends.cpu.kernels import (
     NATIVE_ROWS,
-    Bf16Matmul,
     Layer,
     Model,
+    PackedMatmul,
     PackedWeight,
+    Weight,
 )
 from vllm_neuronx.backends.cpu.llama import LlamaModel
 
@@ -34,25 +35,25 @@ class DecodeStep:
     ``max_rows`` rows in one native call. Holds pointers into the model's tensors, which
     must outlive it."""
 
-    __slots__ = ("_fn", "_model", "_layers", "_scratch", "_experts", "max_rows", "hidden",
+    __slots__ = ("_fn", "_model", "_layers", "_scratch", "_weights", "max_rows", "hidden",
                  "vocab", "max_len", "num_lines")
 
-    def __init__(self, matmul: Bf16Matmul, *, dims: dict[str, int], eps: float, scale: float,
-                 tensors: dict[str, torch.Tensor | PackedWeight],
+    def __init__(self, matmul: PackedMatmul, *, dims: dict[str, int], eps: float,
+                 scale: float, tensors: dict[str, torch.Tensor | PackedWeight],
                  layers: list[dict[str, torch.Tensor | PackedWeight]], max_rows: int) -> None:
-        self._experts = []  # the arrays of expert pointers, alive as long as the step
+        self._weights = []  # the weights' descriptors, alive as long as the step
+        kv_dtype = torch.float8_e4m3fn if dims["kv_fp8"] else torch.float32
 
         def ptr(t: torch.Tensor | PackedWeight | list | None) -> int | None:
             if t is None:  # an optional tensor the model does not have: NULL
                 return None
-            if isinstance(t, list):  # one packed weight per expert
-                array = (ctypes.c_void_p * len(t))(*[ptr(e) for e in t])
-                self._experts.append(array)
+            if isinstance(t, (PackedWeight, list)):  # a weight, or one per expert
+                t = t if isinstance(t, list) else [t]
+                array = (Weight * len(t))(*[e.describe() for e in t])
+                self._weights.append(array)
                 return ctypes.addressof(array)
-            packed = isinstance(t, PackedWeight)
-            t = t.data if packed else t
-            want = torch.bfloat16 if packed else torch.float32
-            if not t.is_contiguous() or t.dtype is not want:
+            cache = t.dtype is kv_dtype and t.dim() == 4
+            if not t.is_contiguous() or (t.dtype is not torch.float32 and not cache):
                 raise ValueError("decode_step needs packed weights and contiguous fp32 tensors")
             return t.data_ptr()
 
@@ -119,14 +120,16 @@ class NativeStep:
         self.prefill_rows = min(prefill_rows, step.max_rows + 1)
 
     @classmethod
-    def for_model(cls, model: LlamaModel, matmul: Bf16Matmul) -> NativeStep | None:
+    def for_model(cls, model: LlamaModel, matmul: PackedMatmul) -> NativeStep | None:
         """The native path of ``model``, or None where decode_step.c cannot run it: a
-        weight not packed for the kernel, a bias other than q/k/v's, or heads wider than
-        it handles."""
+        weight not packed for the kernel, a bias other than q/k/v's, heads wider than it
+        handles, or an fp8 KV cache with heads not a whole number of vectors wide."""
         s, w = model.spec, model.w
         packed = [name for name in w if LlamaModel.is_matmul(name)]
         other_bias = any(name + "_bias" in w for name in packed if not name.endswith("qkv"))
+        kv_fp8 = model.k_cache.dtype is torch.float8_e4m3fn
         if s.head_dim > MAX_HEAD_DIM or other_bias or \
+                (kv_fp8 and s.head_dim % (matmul.panel // 3)) or \
                 not all(isinstance(w[name], PackedWeight) for name in packed):
             return None
         layers = []
@@ -146,7 +149,7 @@ class NativeStep:
                 "layers": s.num_layers, "max_len": model.max_len, "window": model.window or 0,
                 "vocab": s.vocab_size, "experts": s.num_experts,
                 "experts_per_token": s.experts_per_token, "norm_topk": int(s.norm_topk_prob),
-                "expert_size": s.expert_size}
+                "expert_size": s.expert_size, "kv_fp8": int(kv_fp8)}
         tensors = {"cos": model.cos, "sin": model.sin, "norm": w["norm"],
                    "lm_head": w["lm_head"]}
         step = DecodeStep(matmul, dims=dims, eps=s.rms_norm_eps, scale=model.scale,

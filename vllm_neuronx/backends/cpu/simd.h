@@ -1,9 +1,15 @@
 /* The few vector operations the kernels use, for each instruction set they build for.
  *
  * kernels.py compiles the same sources once per variant: with -mavx512f -mavx512bw
- * (16 fp32 lanes, masked loads and stores) or with -mavx2 -mfma (8 lanes, masks from
- * a table). The kernels are written against these names only, so both variants do
- * the same arithmetic in the same order per lane; only the vector width differs. */
+ * (16 fp32 lanes, masked loads and stores) or with -mavx2 -mfma -mf16c (8 lanes, masks
+ * from a table). The kernels are written against these names only, so both variants do
+ * the same arithmetic in the same order per lane; only the vector width differs.
+ *
+ * Weights widen exactly to fp32 from three formats: bf16 (the top half of an fp32),
+ * int8, and fp8 e4m3fn. An e4m3fn byte (sign, 4 exponent bits biased by 7, 3 mantissa
+ * bits) moved to bits 15 and 13..7 of a half is the same value times 2^-8, subnormals
+ * included (a half's exponent is biased by 15), and the hardware widens halves exactly:
+ * vwiden_fp8 returns the weight / 256, and FP8_UNIT (256) is folded into the scale. */
 #ifndef VLLM_NEURONX_SIMD_H
 #define VLLM_NEURONX_SIMD_H
 
@@ -33,6 +39,14 @@ static inline void vstore_n(float *p, vec v, int n) { _mm512_mask_storeu_ps(p, l
 static inline vec vwiden(const uint16_t *p) {
     __m512i words = _mm512_cvtepu16_epi32(_mm256_loadu_si256((const __m256i *)p));
     return _mm512_castsi512_ps(_mm512_slli_epi32(words, 16));
+}
+static inline vec vwiden_i8(const int8_t *p) {
+    return _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128((const __m128i *)p)));
+}
+static inline vec vwiden_fp8(const uint8_t *p) {
+    __m256i h = _mm256_cvtepi8_epi16(_mm_loadu_si128((const __m128i *)p));
+    h = _mm256_and_si256(_mm256_slli_epi16(h, 7), _mm256_set1_epi16((short)0xBFFF));
+    return _mm512_cvtph_ps(h);
 }
 
 #elif defined(__AVX2__) && defined(__FMA__)
@@ -71,9 +85,19 @@ static inline vec vwiden(const uint16_t *p) {
     __m256i words = _mm256_cvtepu16_epi32(_mm_loadu_si128((const __m128i *)p));
     return _mm256_castsi256_ps(_mm256_slli_epi32(words, 16));
 }
+static inline vec vwiden_i8(const int8_t *p) {
+    return _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64((const __m128i *)p)));
+}
+static inline vec vwiden_fp8(const uint8_t *p) {
+    __m128i h = _mm_cvtepi8_epi16(_mm_loadl_epi64((const __m128i *)p));
+    h = _mm_and_si128(_mm_slli_epi16(h, 7), _mm_set1_epi16((short)0xBFFF));
+    return _mm256_cvtph_ps(h);
+}
 
 #else
-#error "the CPU kernels build with -mavx512f -mavx512bw or with -mavx2 -mfma"
+#error "the CPU kernels build with -mavx512f -mavx512bw or with -mavx2 -mfma -mf16c"
 #endif
+
+#define FP8_UNIT 256.0f /* vwiden_fp8 gives the weight / FP8_UNIT */
 
 #endif
