@@ -26,6 +26,7 @@ two differ, the machine or the engine takes the difference, not the backend.
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import os
 import statistics
@@ -43,9 +44,19 @@ from vllm_neuronx.default_model import default_model_path
 LINES, SEQ_LEN, PROMPT, CONTEXT = 32, 512, 128, 192
 
 
-def make_backend(model: str, dtype: str, folder: str) -> CpuBackend:
-    cfg = nc.default_neuron_config(tp_degree=1, max_num_seqs=LINES, max_model_len=SEQ_LEN,
-                                   dtype=dtype)
+# --quant: the neuron config keys of each weight format (quant_config.py).
+QUANT = {
+    "none": {},
+    "int8": {"quantized": True, "quantization_type": "per_channel_symmetric",
+             "quantization_dtype": "int8"},
+    "fp8": {"quantized": True, "quantization_type": "per_channel_symmetric",
+            "quantization_dtype": "f8e4m3"},
+}
+
+
+def make_backend(model: str, dtype: str, folder: str, overrides: dict | None = None) -> CpuBackend:
+    cfg = {**nc.default_neuron_config(tp_degree=1, max_num_seqs=LINES, max_model_len=SEQ_LEN,
+                                      dtype=dtype), **(overrides or {})}
     backend = CpuBackend(model, cfg)
     backend.compile(folder)
     backend.load(folder)
@@ -81,16 +92,33 @@ def time_decode(backend: CpuBackend, batch: int, steps: int, vocab: int) -> floa
     return statistics.median(times[2:])
 
 
-def measure(model: str, dtype: str, kernel: str | None, args) -> dict:
-    """Prefill and decode figures of one kernel variant (None: the backend's choice)."""
+def weights_bytes(backend: CpuBackend) -> int:
+    """Bytes of the weights the backend holds in memory (each storage once), but the
+    embedding table's: mapped from the artifacts, only rows looked up are resident."""
+    storages = {}
+    for name, w in backend.model.w.items():
+        tensors = [w] if isinstance(w, torch.Tensor) else [w.data, w.scale]
+        for t in tensors:
+            if t is not None and name != "embed":
+                storages[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
+    return sum(storages.values())
+
+
+def measure(model: str, dtype: str, kernel: str | None, quant: str, args) -> dict:
+    """Prefill and decode figures of one kernel variant (None: the backend's choice) and
+    weight format (QUANT)."""
     if kernel is not None:
         os.environ["VLLM_NEURONX_CPU_KERNEL"] = kernel
     with tempfile.TemporaryDirectory() as folder:
-        backend = make_backend(model, dtype, folder)
+        overrides = {**QUANT[quant], **({"kv_cache_quant": True} if args.kv_fp8 else {})}
+        backend = make_backend(model, dtype, folder, overrides)
         vocab = backend.vocab_size
-        result = {"kernel": backend.kernel, "prefill_s": {}, "decode_ms": {},
-                  "decode_tok_s": {}}
-        print(f"-- kernel {backend.kernel}", flush=True)
+        result = {"kernel": backend.kernel, "quant": quant, "kv_fp8": args.kv_fp8,
+                  "prefill_s": {}, "decode_ms": {}, "decode_tok_s": {}}
+        result["weights_mb"] = round(weights_bytes(backend) / 1e6, 1)
+        print(f"-- kernel {backend.kernel}, weights {quant} ({result['weights_mb']} MB held; "
+              f"the embedding table mapped, not counted), KV "
+              f"{'fp8' if args.kv_fp8 else 'fp32'}", flush=True)
         for batch in args.prefill_batch:
             result["prefill_s"][batch] = round(time_prefill(backend, batch, vocab), 2)
             print(f"prefill {LINES}x{PROMPT}, {batch} per call: {result['prefill_s'][batch]} s",
@@ -168,6 +196,9 @@ def main() -> None:
                         help=f"comma-separated variants to compare: {','.join(kernels.CHOICES)}")
     parser.add_argument("--family", choices=sorted(FAMILY_SHAPES), default=None,
                         help="a random model of this family in SmolLM2's shape")
+    parser.add_argument("--quant", default="none",
+                        help=f"comma-separated weight formats to compare: {','.join(QUANT)}")
+    parser.add_argument("--kv-fp8", action="store_true", help="an fp8 KV cache")
     parser.add_argument("--engine", action="store_true",
                         help="also time the steps inside vLLM's engine (worker/step_times.py)")
     args = parser.parse_args()
@@ -189,8 +220,8 @@ def main() -> None:
     print(f"{result['model']} on {result['cpu']}, {os.cpu_count()} cores, ISA {' '.join(flags)}; "
           f"{args.dtype} computed in {result['compute_dtype']}", flush=True)
     variants = args.kernel.split(",") if args.kernel else [None]
-    for kernel in variants:
-        result["runs"].append(measure(model, args.dtype, kernel, args))
+    for kernel, quant in itertools.product(variants, args.quant.split(",")):
+        result["runs"].append(measure(model, args.dtype, kernel, quant, args))
         if args.engine:
             result["runs"][-1]["engine_steps"] = engine_steps(model, args.dtype)
     os.makedirs(os.path.join(os.path.dirname(__file__), "results"), exist_ok=True)

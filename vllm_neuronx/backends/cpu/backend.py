@@ -73,12 +73,14 @@ def compute_dtype(requested: torch.dtype) -> torch.dtype:
     return requested
 
 
-def read_safetensors(paths: list[str], desc: str) -> dict[str, torch.Tensor]:
-    """Every tensor of these safetensors files, with a progress bar on a terminal."""
+def read_safetensors(paths: list[str], desc: str, skip=()) -> dict[str, torch.Tensor]:
+    """Every tensor of these safetensors files but ``skip``, with a progress bar on a
+    terminal."""
     tensors: dict[str, torch.Tensor] = {}
     for path in paths:
         with safe_open(path, framework="pt") as f:
-            for name in tqdm(list(f.keys()), desc=desc, unit="tensor", disable=None):
+            names = [name for name in f.keys() if name not in skip]
+            for name in tqdm(names, desc=desc, unit="tensor", disable=None):
                 tensors[name] = f.get_tensor(name)
     return tensors
 
@@ -238,7 +240,10 @@ class CpuBackend(NeuronBackend):
 
     def _load(self, folder: str) -> None:
         torch.set_num_threads(cpu_threads())
-        weights = read_safetensors([os.path.join(folder, WEIGHTS_FILE)], "Loading artifacts")
+        path = os.path.join(folder, WEIGHTS_FILE)
+        weights = read_safetensors([path], "Loading artifacts", skip={"embed"})
+        # Looked up a few rows a step: mapped, so only the rows of tokens seen are resident.
+        weights["embed"] = mapped = memory.mapped_tensor(path, "embed")
         weights.setdefault("lm_head", weights["embed"])
         for name in [n for n in weights if n.endswith(SCALE)]:
             scale = weights.pop(name)
@@ -271,6 +276,7 @@ class CpuBackend(NeuronBackend):
         )
         self.matmul = matmul
         self.native = NativeStep.for_model(self.model, matmul) if matmul is not None else None
+        memory.drop_pages(mapped)  # a tied head was packed (or widened) from all of it
 
     def prefill(self, batch: Batch) -> ForwardOutput:
         """Prompts are checked against the context buckets as on a device, but

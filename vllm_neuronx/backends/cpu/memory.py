@@ -1,4 +1,5 @@
-"""Large tensors on 2 MB pages, where the kernel allows it.
+"""Large tensors on 2 MB pages, where the kernel allows it; tables read a row at a
+time mapped from their file.
 
 Why: a decode step streams every weight once, 4 KB page after 4 KB page, and a
 core's hardware prefetchers stop at each page boundary while its TLB misses on each
@@ -16,11 +17,15 @@ from __future__ import annotations
 
 import ctypes
 import functools
+import json
 import mmap
+import struct
 
 import torch
 
 HUGE_PAGE = 2 << 20
+PAGE = mmap.PAGESIZE
+MADV_DONTNEED = 4
 MADV_HUGEPAGE = 14
 
 
@@ -51,3 +56,34 @@ def huge_page_bytes(nbytes: int) -> torch.Tensor:
 
 def huge_page_zeros(shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
     return huge_page_bytes(dtype.itemsize * torch.Size(shape).numel()).view(dtype).view(shape)
+
+
+# safetensors' dtype names, for the tensors we map.
+_SAFETENSORS_DTYPES = {"BF16": torch.bfloat16, "F32": torch.float32, "F16": torch.float16,
+                       "I8": torch.int8, "F8_E4M3": torch.float8_e4m3fn}
+
+
+def mapped_tensor(path: str, name: str) -> torch.Tensor:
+    """Tensor ``name`` of a safetensors file, mapped from the file, not read: a page
+    becomes resident when a row on it is first read. Why: the embedding table is looked
+    up a few rows per step (SmolLM2's is a fifth of its weights), so only the rows of
+    tokens seen take memory. Private (copy-on-write) so that torch may view it."""
+    with open(path, "rb") as f:
+        (header_len,) = struct.unpack("<Q", f.read(8))
+        info = json.loads(f.read(header_len))[name]
+        mapping = mmap.mmap(f.fileno(), 0, flags=mmap.MAP_PRIVATE)
+    dtype = _SAFETENSORS_DTYPES[info["dtype"]]
+    begin, end = info["data_offsets"]
+    flat = torch.frombuffer(mapping, dtype=dtype, count=(end - begin) // dtype.itemsize,
+                            offset=8 + header_len + begin)
+    return flat.view(info["shape"])
+
+
+def drop_pages(t: torch.Tensor) -> None:
+    """Let the pages of a mapped tensor go (read back from the file if used again):
+    after a pass over all of it, e.g. packing a tied LM head from the embedding."""
+    advise = _madvise()
+    if advise is None:
+        return
+    start = t.data_ptr() // PAGE * PAGE
+    advise(start, t.data_ptr() + t.nbytes - start, MADV_DONTNEED)
