@@ -1,4 +1,5 @@
-"""The user guide's offline quickstart runs verbatim (no __main__ guard) on the CPU."""
+"""The user guide's offline quickstart runs verbatim (no __main__ guard) on the CPU, and so
+does its int8 variant (examples/offline_inference/neuron_int8_quantize.py)."""
 
 from __future__ import annotations
 
@@ -10,20 +11,39 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def test_quickstart_prints_four_completions():
+def run_example(name: str) -> tuple[list[str], str]:
+    """The example's ``Prompt:`` lines and its whole output, after checking it ran cleanly
+    on the CPU backend."""
     env = dict(os.environ)
     env.pop("VLLM_ENABLE_V1_MULTIPROCESSING", None)
     proc = subprocess.run(
-        [sys.executable, str(ROOT / "examples/offline_inference/neuron.py")],
+        [sys.executable, str(ROOT / "examples/offline_inference" / name)],
         capture_output=True, text=True, timeout=600, env=env, cwd=ROOT,
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
     lines = [line for line in proc.stdout.splitlines() if line.startswith("Prompt:")]
-    assert len(lines) == 4, proc.stdout
-    assert "Paris" in next(line for line in lines if "France" in line)
     logs = proc.stdout + proc.stderr
     assert logs.count("no Neuron device found") == 1
     assert "Neuron ready: framework=neuronx-distributed-inference backend=cpu" in logs
     # The script ends with its LLM alive: the engine core is stopped, not found dead.
     assert "died unexpectedly" not in logs
     assert not [line for line in logs.splitlines() if " ERROR " in line], logs[-3000:]
+    return lines, logs
+
+
+def test_quickstart_prints_four_completions():
+    lines, logs = run_example("neuron.py")
+    assert len(lines) == 4, logs[-3000:]
+    assert "Paris" in next(line for line in lines if "France" in line)
+
+
+def test_int8_example_prints_a_completion_of_each_prompt():
+    lines, logs = run_example("neuron_int8_quantize.py")
+    prompts = ["Hello, my name is", "The president of the United States is",
+               "The capital of France is", "The future of AI is"]
+    assert [line.split(", Generated text: ")[0] for line in lines] == [
+        f"Prompt: {p!r}" for p in prompts], logs[-3000:]
+    assert all(line.split(", Generated text: ")[1] not in ("''", '""') for line in lines)
+    assert "Paris" in lines[2]
+    # Quantized from the neuron config's keys; vLLM's own --quantization stays unset.
+    assert "'quantized': True" in logs and "quantization=None" in logs
