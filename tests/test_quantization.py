@@ -250,3 +250,25 @@ def test_kernel_fp8_rounding_is_torchs_cast(tmp_path):
     from vllm_neuronx.backends.cpu.quantize import fp8_kv
 
     assert torch.equal(matmul.fp8_from_floats(x).view(torch.uint8), fp8_kv(x).view(torch.uint8))
+
+
+@pytest.mark.parametrize("kernel", [v.name for v in kernels.VARIANTS])
+@pytest.mark.parametrize("scheme", ["int8-channel", "int8-tensor", "fp8-channel"])
+def test_kernel_multiplies_quantized_weights_as_their_dequantized_values(monkeypatch, tmp_path,
+                                                                        kernel, scheme):
+    """The packed matmul over int8 / fp8 values and column scales, against x . W^T over
+    the dequantized weight: rows across blocks, columns not a multiple of the panel, and
+    row counts past ``widen_rows`` (the weight widened and scaled for MKL's sgemm)."""
+    from vllm_neuronx.backends.cpu.quantize import quantize
+    from vllm_neuronx.quant_config import QuantConfig
+
+    variant = use_kernel(monkeypatch, kernel)
+    assert kernels.build(str(tmp_path), variant)
+    matmul = kernels.load(str(tmp_path), variant)
+    torch.manual_seed(0)
+    config = QuantConfig.from_neuron_config(SCHEMES[scheme])
+    for m, n, k in [(1, 37, 48), (5, 960, 576), (9, 100, 64), (300, 101, 64)]:
+        q = quantize(torch.randn(n, k) * torch.rand(n, 1), config)
+        x = torch.randn(m, k)
+        torch.testing.assert_close(matmul(x, matmul.pack(q)), x @ q.dequantize().T,
+                                   rtol=1e-5, atol=1e-4)

@@ -215,7 +215,7 @@ class PackedWeight:
 class PackedMatmul:
     """``x [m, k] fp32 @ w[n, k]^T`` over weights packed by ``pack_all``."""
 
-    __slots__ = ("_fn", "lib", "panel", "widen_rows")
+    __slots__ = ("_fn", "_widen", "lib", "panel", "widen_rows")
 
     def __init__(self, path: str, widen_rows: int) -> None:
         self.widen_rows = widen_rows
@@ -224,6 +224,9 @@ class PackedMatmul:
         self._fn.argtypes = [ctypes.c_void_p, ctypes.POINTER(Weight), ctypes.c_void_p,
                              ctypes.c_int]
         self._fn.restype = None
+        self._widen = lib.widen_weight
+        self._widen.argtypes = [ctypes.POINTER(Weight), ctypes.c_void_p]
+        self._widen.restype = None
         self.panel = int(lib.matmul_panel())
 
     def pack(self, weight) -> PackedWeight:
@@ -265,10 +268,9 @@ class PackedMatmul:
             raise ValueError(f"x has {k} columns, the weight {weight.data.shape[1]}")
         if m >= self.widen_rows:  # MKL's sgemm, over the weight widened to [k, n] fp32
             panels = weight.data.shape[0]
-            wide = torch.empty((k, panels, self.panel), dtype=torch.float32)
-            wide.copy_(weight.data.permute(1, 0, 2))  # one pass: unpack and widen
-            y = x @ wide.view(k, panels * self.panel)[:, : weight.n]
-            return y if weight.scale is None else y.mul_(weight.scale)
+            wide = torch.empty((k, panels * self.panel), dtype=torch.float32)
+            self._widen(ctypes.byref(weight.describe()), wide.data_ptr())  # scaled, one pass
+            return x @ wide[:, : weight.n]
         y = torch.empty((m, weight.n), dtype=torch.float32)
         self._fn(x.data_ptr(), ctypes.byref(weight.describe()), y.data_ptr(), m)
         return y

@@ -152,6 +152,33 @@ void matmul(const float *restrict x, const Weight *w, float *restrict y, int m) 
     matmul_team(x, w, y, m, 0);
 }
 
+/* out[k, panels * PANEL] = the weight in fp32, scaled: for MKL's sgemm on prefills of
+ * many rows (kernels.py), one pass over the packed values, panels shared out. */
+void widen_weight(const Weight *w, float *restrict out) {
+    int panels = (w->n + PANEL - 1) / PANEL, k = w->k, bytes = w->kind == WEIGHT_BF16 ? 2 : 1;
+    long stride = (long)panels * PANEL;
+#pragma omp parallel for schedule(static)
+    for (int p = 0; p < panels; p++) {
+        const char *panel = (const char *)w->data + (long)p * k * PANEL * bytes;
+        vec scale[3];
+        for (int s = 0; s < 3; s++) {
+            int left = w->n - p * PANEL - VW * s;
+            float unit = w->kind == WEIGHT_FP8 ? FP8_UNIT : 1.0f;
+            scale[s] = w->scale == NULL ? vset1(1.0f)
+                       : left > 0 ? vmul(vload_n(w->scale + p * PANEL + VW * s, left), vset1(unit))
+                                  : vzero();
+        }
+        for (int i = 0; i < k; i++)
+            for (int s = 0; s < 3; s++) {
+                long at = (long)i * PANEL + VW * s;
+                vec v = w->kind == WEIGHT_INT8  ? vwiden_i8((const int8_t *)panel + at)
+                        : w->kind == WEIGHT_FP8 ? vwiden_fp8((const uint8_t *)panel + at)
+                                                : vwiden((const uint16_t *)panel + at);
+                vstore_n(out + i * stride + p * PANEL + VW * s, vmul(v, scale[s]), VW);
+            }
+    }
+}
+
 uint8_t fp8_from_float(float x) {
     uint32_t bits;
     memcpy(&bits, &x, sizeof bits);
