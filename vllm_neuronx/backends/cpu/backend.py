@@ -138,7 +138,7 @@ class CpuBackend(NeuronBackend):
             )
         self.variant = kernels.chosen()
         self.model: LlamaModel | None = None
-        # The bf16 kernel (kernels.py) and the native step (native.py), where they run.
+        # The packed-weight kernel (kernels.py) and the native step (native.py), where they run.
         self.matmul: kernels.PackedMatmul | None = None
         self.native: NativeStep | None = None
         self.generator = torch.Generator().manual_seed(seed)
