@@ -11,6 +11,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+from cpu_backend import QUANT
 from serving_run import (
     BUILD_TIMEOUT_S,
     HERE,
@@ -92,13 +93,7 @@ def fresh_venv(venv: Path) -> Path:
 
 # Our rows: the model's bf16 weights, and the same quantized per channel through the
 # neuron config (quant_config.py), as a user would ask for it.
-OURS = {
-    "ours": {},
-    "ours-int8": {"quantized": True, "quantization_type": "per_channel_symmetric",
-                  "quantization_dtype": "int8"},
-    "ours-fp8": {"quantized": True, "quantization_type": "per_channel_symmetric",
-                 "quantization_dtype": "f8e4m3"},
-}
+OURS = {"ours": QUANT["none"], "ours-int8": QUANT["int8"], "ours-fp8": QUANT["fp8"]}
 
 
 def ours(model: str, name: str = "ours") -> ServerSpec:

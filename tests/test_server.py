@@ -283,6 +283,25 @@ def test_bad_input_is_a_4xx_with_upstream_shape(server, model, body, status, mes
     assert error["code"] == status and message in error["message"]
 
 
+@pytest.mark.parametrize("stream", [False, True])
+def test_max_tokens_null_generates_up_to_the_context(server, model, stream):
+    """An explicit "max_tokens": null is the room left in the context (upstream 0.16
+    generated it, then failed the response: patches/null_max_tokens.py)."""
+    body = {"model": model, "prompt": "word " * 100, "max_tokens": None, "temperature": 0,
+            "ignore_eos": True, "stream": stream, "stream_options": {"include_usage": True}
+            if stream else None}
+    r = requests.post(server.url + "/v1/completions", json=body, timeout=120,
+                      headers={"Authorization": f"Bearer {API_KEY}"})
+    assert r.status_code == 200, r.text
+    if stream:
+        chunks = [json.loads(line[6:]) for line in r.text.splitlines()
+                  if line.startswith("data: {")]
+        usage = chunks[-1]["usage"]
+    else:
+        usage = r.json()["usage"]
+    assert usage["prompt_tokens"] + usage["completion_tokens"] == MAX_MODEL_LEN
+
+
 @pytest.mark.parametrize("path", ["/v1/completions", "/v1/chat/completions", "/tokenize"])
 @pytest.mark.parametrize("body", ["null", "true", "3", "[1]"])
 def test_a_json_body_that_is_not_an_object_is_400(server, path, body):

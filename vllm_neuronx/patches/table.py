@@ -19,6 +19,7 @@ from vllm_neuronx.patches import (
     engine_args,
     engine_death,
     error_status,
+    null_max_tokens,
     queue_bound,
     startup_signal,
 )
@@ -65,6 +66,15 @@ PATCHES: tuple[Patch, ...] = (
           upstream="ignores best_of", why="best_of > n with beam search is refused by name",
           until="upstream implements best_of on V1",
           wrap=best_of.completion_beam_search_params, params=("max_tokens",)),
+    *(Patch("null-max-tokens", "vllm.entrypoints.openai.completion.protocol",
+            f"CompletionRequest.{method}",
+            upstream='computes "max_tokens": null as the room left in the context, then asserts '
+                     "max_tokens is not None building the response: HTTP 500 after generating",
+            why="the request keeps the computed max_tokens, so it is answered",
+            until="upstream's completion response reads the computed max_tokens",
+            wrap=getattr(null_max_tokens, f"completion_{kind}"), params=("max_tokens",))
+      for method, kind in (("to_sampling_params", "sampling_params"),
+                           ("to_beam_search_params", "beam_search_params"))),
     Patch("best-of", COMPLETION_SERVING,
           "OpenAIServingCompletion.request_output_to_completion_response",
           upstream="returns every candidate",
