@@ -283,6 +283,17 @@ def test_bad_input_is_a_4xx_with_upstream_shape(server, model, body, status, mes
     assert error["code"] == status and message in error["message"]
 
 
+@pytest.mark.parametrize("tokens", [[1, -5], [9401848928103184384], [1, 10**6]])
+def test_detokenize_ids_out_of_vocabulary_are_400(server, model, tokens):
+    r = requests.post(server.url + "/detokenize", json={"model": model, "tokens": tokens},
+                      headers={"Authorization": f"Bearer {API_KEY}"}, timeout=30)
+    assert r.status_code == 400, r.text
+    assert "is out of vocabulary: token ids must be in [0, " in r.json()["error"]["message"]
+    r = requests.post(server.url + "/detokenize", json={"model": model, "tokens": [1, 2]},
+                      headers={"Authorization": f"Bearer {API_KEY}"}, timeout=30)
+    assert r.status_code == 200, r.text
+
+
 @pytest.mark.parametrize("stream", [False, True])
 def test_max_tokens_null_generates_up_to_the_context(server, model, stream):
     """An explicit "max_tokens": null is the room left in the context (upstream 0.16

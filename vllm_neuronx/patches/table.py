@@ -15,6 +15,7 @@ from vllm_neuronx.patches import (
     Patch,
     best_of,
     clean_exit,
+    detokenize_ids,
     drain,
     engine_args,
     engine_death,
@@ -75,6 +76,13 @@ PATCHES: tuple[Patch, ...] = (
             wrap=getattr(null_max_tokens, f"completion_{kind}"), params=("max_tokens",))
       for method, kind in (("to_sampling_params", "sampling_params"),
                            ("to_beam_search_params", "beam_search_params"))),
+    Patch("detokenize-ids", "vllm.entrypoints.serve.tokenize.serving",
+          "OpenAIServingTokenization.create_detokenize",
+          upstream="hands the token ids to the tokenizer unchecked: an id out of the "
+                   "vocabulary (negative, or past 2^63) is HTTP 500",
+          why="an id out of the vocabulary is HTTP 400 naming it",
+          until="upstream checks detokenize's ids", wrap=detokenize_ids.checked_ids,
+          params=("request", "raw_request")),
     Patch("best-of", COMPLETION_SERVING,
           "OpenAIServingCompletion.request_output_to_completion_response",
           upstream="returns every candidate",
