@@ -195,9 +195,8 @@ class CpuBackend(NeuronBackend):
         weights = LlamaModel.convert_hf_weights(self.spec, hf, self.stored_dtype,
                                                 self._quantize if self.quant.weights else None)
         # Tied embeddings share storage; safetensors stores each tensor once.
-        if weights["lm_head"] is weights["embed"] or (
-                isinstance(weights["lm_head"], torch.Tensor)
-                and weights["lm_head"].data_ptr() == weights["embed"].data_ptr()):
+        head = weights["lm_head"]  # a quantized head is a copy of its own
+        if isinstance(head, torch.Tensor) and head.data_ptr() == weights["embed"].data_ptr():
             del weights["lm_head"]
         stored = {}
         for name, w in weights.items():
