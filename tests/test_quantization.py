@@ -257,8 +257,9 @@ def test_kernel_fp8_rounding_is_torchs_cast(tmp_path):
 def test_kernel_multiplies_quantized_weights_as_their_dequantized_values(monkeypatch, tmp_path,
                                                                         kernel, scheme):
     """The packed matmul over int8 / fp8 values and column scales, against x . W^T over
-    the dequantized weight: rows across blocks, columns not a multiple of the panel, and
-    row counts past ``widen_rows`` (the weight widened and scaled for MKL's sgemm)."""
+    the dequantized weight: rows across blocks, columns not a multiple of the panel, row
+    counts from 8 (AVX2: each panel widened and scaled once per slab) and past
+    ``widen_rows`` (AVX-512: the weight widened and scaled for MKL's sgemm)."""
     from vllm_neuronx.backends.cpu.quantize import quantize
     from vllm_neuronx.quant_config import QuantConfig
 

@@ -52,8 +52,8 @@ class Variant:
     needs: tuple[str, ...]  # /proc/cpuinfo flags
     flags: tuple[str, ...]  # the compiler's ISA flags
     # From this many rows (a prefill) torch's fp32 sgemm, over the weight widened for
-    # the call, beats the kernel; smaller prefills run natively (native.py).
-    widen_rows: int
+    # the call, beats the kernel; smaller prefills run natively (native.py). None: never.
+    widen_rows: int | None
 
     @property
     def library(self) -> str:
@@ -65,9 +65,10 @@ VARIANTS = (
     # SmolLM2, 32 prompts of 128 prefilled 8 at a time: 5.4 s in the kernel, 5.0 s
     # widened through MKL (Xeon, 2 cores, interleaved, best of 4).
     Variant("avx512", ("avx512f", "avx512bw"), ("-mavx512f", "-mavx512bw"), widen_rows=256),
-    # SmolLM2, 32 prompts of 128 one per call: 12.0 s as native steps, 10.3 s widened
-    # (AVX2-only EPYC, 2 cores; benchmarks/README.md, issue 15).
-    Variant("avx2", ("avx2", "fma", "f16c"), ("-mavx2", "-mfma", "-mf16c"), widen_rows=64),
+    # SmolLM2's matmuls at 64-256 rows: 165-183 GFLOP/s in the kernel (panels widened
+    # once per slab, matmul.c), 96-140 through sgemm (AVX2-only EPYC, 2 cores;
+    # benchmarks/README.md, issue 15).
+    Variant("avx2", ("avx2", "fma", "f16c"), ("-mavx2", "-mfma", "-mf16c"), widen_rows=None),
 )
 CHOICES = (*(v.name for v in VARIANTS), TORCH)
 
@@ -217,7 +218,7 @@ class PackedMatmul:
 
     __slots__ = ("_fn", "_widen", "lib", "panel", "widen_rows")
 
-    def __init__(self, path: str, widen_rows: int) -> None:
+    def __init__(self, path: str, widen_rows: int | None) -> None:
         self.widen_rows = widen_rows
         lib = self.lib = ctypes.CDLL(path)
         self._fn = lib.matmul
@@ -266,7 +267,8 @@ class PackedMatmul:
         m, k = x.shape
         if weight.data.shape[1] != k:
             raise ValueError(f"x has {k} columns, the weight {weight.data.shape[1]}")
-        if m >= self.widen_rows:  # MKL's sgemm, over the weight widened to [k, n] fp32
+        if self.widen_rows is not None and m >= self.widen_rows:
+            # MKL's sgemm, over the weight widened to [k, n] fp32
             panels = weight.data.shape[0]
             wide = torch.empty((k, panels * self.panel), dtype=torch.float32)
             self._widen(ctypes.byref(weight.describe()), wide.data_ptr())  # scaled, one pass

@@ -17,6 +17,8 @@
  * ROWS x 3 accumulators in registers, no horizontal sums. The figures above are
  * AVX-512's (16 lanes, 8 rows); the AVX2 build (simd.h: 8 lanes, 4 rows) does the same
  * arithmetic at half the width.
+ * On AVX2, from 8 rows, each panel is first widened (and scaled) into a buffer of the
+ * thread's and the blocks multiply fp32 from there (WIDE_FROM below).
  * Quantized weights (int8, fp8 e4m3fn: one byte each) halve the bytes again: the block
  * sums x . value over k and multiplies each column's sum by its scale once at the end,
  * so a weight costs one or two instructions more to widen than a bf16 and no multiply.
@@ -25,6 +27,7 @@
  * decode step (decode_step.c) runs its matmuls inside one parallel region.
  */
 #include <math.h>
+#include <stdlib.h>
 #include <string.h>
 
 #include "kernels.h"
@@ -35,6 +38,14 @@
 #define PANEL (3 * VW)
 #define ROWS (VW == 16 ? 8 : 4)
 #define SLAB_ROWS 128
+/* From this many rows (AVX2 only), each panel is widened and scaled once per slab into
+ * a buffer of the thread's, and every block of rows multiplies fp32 from there: the
+ * weights then cost a load each instead of a load and one or two conversions per block.
+ * AMD EPYC, AVX2, 2 cores, SmolLM2's 120 matmuls: 32 rows 83 -> 144-160 GFLOP/s, 128
+ * rows 85 -> 175-183 (MKL's sgemm over weights widened per call: 111-120); under 8
+ * rows the extra pass over the panel costs more than it saves. AVX-512 (8 rows a block,
+ * 32 registers) is not measured yet, so it keeps widening in the block (0: never). */
+#define WIDE_FROM (VW == 8 ? 2 * ROWS : 0)
 /* Into L2, far ahead: an L1 prefetch holds one of a core's few fill buffers until
  * DRAM answers, which capped a thread at about 10 GB/s; 8 KB ahead into L2 reached
  * about 20 GB/s on 2 threads, what torch's fp32 sum reads. */
@@ -42,8 +53,12 @@
 
 int matmul_panel(void) { return PANEL; }
 
+/* Internal to this file: a panel already widened and scaled (fp32, no scale to apply). */
+#define WEIGHT_FP32 (-1)
+
 static inline __attribute__((always_inline)) vec widen(const void *p, long at, int kind) {
     switch (kind) {
+    case WEIGHT_FP32: return vload_n((const float *)p + at, VW);
     case WEIGHT_INT8: return vwiden_i8((const int8_t *)p + at);
     case WEIGHT_FP8: return vwiden_fp8((const uint8_t *)p + at);
     default: return vwiden((const uint16_t *)p + at);
@@ -55,7 +70,8 @@ static inline __attribute__((always_inline)) vec widen(const void *p, long at, i
 static inline __attribute__((always_inline)) void
 block(const float *restrict x, const void *restrict panel, const float *scale,
       float *restrict y, int rows, int cols, int n, int k, int prefetch, int add, int kind) {
-    const int bytes = kind == WEIGHT_BF16 ? 2 : 1;
+    const int bytes = kind == WEIGHT_FP32 ? 4 : kind == WEIGHT_BF16 ? 2 : 1;
+    const int scaled = kind == WEIGHT_INT8 || kind == WEIGHT_FP8;
     vec acc[ROWS][3];
     for (int r = 0; r < rows; r++)
         for (int s = 0; s < 3; s++)
@@ -79,7 +95,7 @@ block(const float *restrict x, const void *restrict panel, const float *scale,
         }
     }
     vec scales[3];
-    for (int s = 0; s < 3 && kind != WEIGHT_BF16; s++) {
+    for (int s = 0; s < 3 && scaled; s++) {
         int left = cols - VW * s;
         scales[s] = left > 0 ? vmul(vload_n(scale + VW * s, left),
                                     vset1(kind == WEIGHT_FP8 ? FP8_UNIT : 1.0f))
@@ -91,7 +107,7 @@ block(const float *restrict x, const void *restrict panel, const float *scale,
             int left = cols - VW * s;
             if (left <= 0)
                 break;
-            vec out = kind == WEIGHT_BF16 ? acc[r][s] : vmul(acc[r][s], scales[s]);
+            vec out = scaled ? vmul(acc[r][s], scales[s]) : acc[r][s];
             if (add)
                 out = vadd(out, vload_n(yr + VW * s, left));
             vstore_n(yr + VW * s, out, left);
@@ -99,12 +115,12 @@ block(const float *restrict x, const void *restrict panel, const float *scale,
     }
 }
 
-/* The rows [r0, r0 + rows) of a slab against panel ``p``, for one weight kind. */
+/* The rows [r0, r0 + rows) of a slab against panel ``p`` of ``w``, whose values are at
+ * ``panel`` in format ``kind`` (w's own, or a widened copy: WEIGHT_FP32). */
 static inline __attribute__((always_inline)) void
-rows_of_panel(const float *restrict x, const Weight *w, float *restrict y, int p, int r0,
-              int rows, int first, int add, int kind) {
-    int n = w->n, k = w->k, bytes = kind == WEIGHT_BF16 ? 2 : 1;
-    const char *panel = (const char *)w->data + (long)p * k * PANEL * bytes;
+rows_of_panel(const float *restrict x, const Weight *w, const void *panel, float *restrict y,
+              int p, int r0, int rows, int first, int add, int kind) {
+    int n = w->n, k = w->k;
     const float *scale = w->scale + (w->scale ? p * PANEL : 0);
     const float *xs = x + (long)r0 * k;
     float *ys = y + (long)r0 * n + p * PANEL;
@@ -123,6 +139,42 @@ rows_of_panel(const float *restrict x, const Weight *w, float *restrict y, int p
     }
 }
 
+/* Panel ``p`` of ``w`` as fp32, scaled: [k, PANEL] into ``out``. */
+static void widen_panel(const Weight *w, int p, float *restrict out, long stride) {
+    int k = w->k, bytes = w->kind == WEIGHT_BF16 ? 2 : 1;
+    const char *panel = (const char *)w->data + (long)p * k * PANEL * bytes;
+    float unit = w->kind == WEIGHT_FP8 ? FP8_UNIT : 1.0f;
+    vec scale[3];
+    for (int s = 0; s < 3; s++) {
+        int left = w->n - p * PANEL - VW * s;
+        scale[s] = w->scale == NULL ? vset1(1.0f)
+                   : left > 0 ? vmul(vload_n(w->scale + p * PANEL + VW * s, left), vset1(unit))
+                              : vzero();
+    }
+    for (int i = 0; i < k; i++)
+        for (int s = 0; s < 3; s++) {
+            long at = (long)i * PANEL + VW * s;
+            vec v = w->kind == WEIGHT_INT8  ? vwiden_i8((const int8_t *)panel + at)
+                    : w->kind == WEIGHT_FP8 ? vwiden_fp8((const uint8_t *)panel + at)
+                                            : vwiden((const uint16_t *)panel + at);
+            vstore_n(out + i * stride + VW * s, w->scale == NULL ? v : vmul(v, scale[s]), VW);
+        }
+}
+
+/* The calling thread's buffer for one widened panel, grown to the largest asked for
+ * (one per thread of the team, kept for its life); NULL if it cannot be had. */
+static __thread float *panel_buffer;
+static __thread long panel_buffer_floats;
+
+static float *thread_panel(long floats) {
+    if (floats > panel_buffer_floats) {
+        free(panel_buffer);
+        panel_buffer = aligned_alloc(64, (floats * sizeof(float) + 63) / 64 * 64);
+        panel_buffer_floats = panel_buffer ? floats : 0;
+    }
+    return panel_buffer;
+}
+
 /* y = x . w^T, or y += x . w^T with ``add``; panels shared out to the calling team
  * (serially outside a parallel region). Every thread of the team must call it. */
 void matmul_team(const float *restrict x, const Weight *w, float *restrict y, int m, int add) {
@@ -133,14 +185,28 @@ void matmul_team(const float *restrict x, const Weight *w, float *restrict y, in
         int slab_end = m - slab < SLAB_ROWS ? m : slab + SLAB_ROWS;
 #pragma omp for schedule(static)
         for (int p = 0; p < panels; p++) {
+            int bytes = w->kind == WEIGHT_BF16 ? 2 : 1;
+            const char *panel = (const char *)w->data + (long)p * w->k * PANEL * bytes;
+            float *wide = WIDE_FROM && slab_end - slab >= WIDE_FROM
+                              ? thread_panel((long)w->k * PANEL) : NULL;
+            if (wide)
+                widen_panel(w, p, wide, PANEL);
             for (int r0 = slab; r0 < slab_end; r0 += ROWS) {
                 int rows = slab_end - r0 < ROWS ? slab_end - r0 : ROWS, first = r0 == slab;
+                if (wide) {
+                    rows_of_panel(x, w, wide, y, p, r0, rows, 0, add, WEIGHT_FP32);
+                    continue;
+                }
                 switch (w->kind) {
-                case WEIGHT_INT8: rows_of_panel(x, w, y, p, r0, rows, first, add, WEIGHT_INT8);
+                case WEIGHT_INT8:
+                    rows_of_panel(x, w, panel, y, p, r0, rows, first, add, WEIGHT_INT8);
                     break;
-                case WEIGHT_FP8: rows_of_panel(x, w, y, p, r0, rows, first, add, WEIGHT_FP8);
+                case WEIGHT_FP8:
+                    rows_of_panel(x, w, panel, y, p, r0, rows, first, add, WEIGHT_FP8);
                     break;
-                default: rows_of_panel(x, w, y, p, r0, rows, first, add, WEIGHT_BF16); break;
+                default:
+                    rows_of_panel(x, w, panel, y, p, r0, rows, first, add, WEIGHT_BF16);
+                    break;
                 }
             }
         }
@@ -155,28 +221,10 @@ void matmul(const float *restrict x, const Weight *w, float *restrict y, int m) 
 /* out[k, panels * PANEL] = the weight in fp32, scaled: for MKL's sgemm on prefills of
  * many rows (kernels.py), one pass over the packed values, panels shared out. */
 void widen_weight(const Weight *w, float *restrict out) {
-    int panels = (w->n + PANEL - 1) / PANEL, k = w->k, bytes = w->kind == WEIGHT_BF16 ? 2 : 1;
-    long stride = (long)panels * PANEL;
+    int panels = (w->n + PANEL - 1) / PANEL;
 #pragma omp parallel for schedule(static)
-    for (int p = 0; p < panels; p++) {
-        const char *panel = (const char *)w->data + (long)p * k * PANEL * bytes;
-        vec scale[3];
-        for (int s = 0; s < 3; s++) {
-            int left = w->n - p * PANEL - VW * s;
-            float unit = w->kind == WEIGHT_FP8 ? FP8_UNIT : 1.0f;
-            scale[s] = w->scale == NULL ? vset1(1.0f)
-                       : left > 0 ? vmul(vload_n(w->scale + p * PANEL + VW * s, left), vset1(unit))
-                                  : vzero();
-        }
-        for (int i = 0; i < k; i++)
-            for (int s = 0; s < 3; s++) {
-                long at = (long)i * PANEL + VW * s;
-                vec v = w->kind == WEIGHT_INT8  ? vwiden_i8((const int8_t *)panel + at)
-                        : w->kind == WEIGHT_FP8 ? vwiden_fp8((const uint8_t *)panel + at)
-                                                : vwiden((const uint16_t *)panel + at);
-                vstore_n(out + i * stride + p * PANEL + VW * s, vmul(v, scale[s]), VW);
-            }
-    }
+    for (int p = 0; p < panels; p++)
+        widen_panel(w, p, out + p * PANEL, (long)panels * PANEL);
 }
 
 uint8_t fp8_from_float(float x) {

@@ -2,10 +2,10 @@
 
 It takes a model (llama.py, with its matmul weights packed for the kernel) and
 a batch, and decides whether it can run it: a decode of up to ``max_rows`` rows, or
-a prefill whose prompts hold fewer tokens in all than the kernel variant's
-``widen_rows`` (rows of one line at positions 0..n-1 are that line's prefill; past
-it, sgemm over widened weights is faster). What it declines (bigger batches, prompt
-logits) runs on the model's torch path with the same numerics. Models with biases
+a prefill whose prompts hold fewer tokens in all than ``max_rows`` and the kernel
+variant's ``widen_rows`` (rows of one line at positions 0..n-1 are that line's prefill;
+past ``widen_rows``, sgemm over widened weights is faster). What it declines (bigger
+batches, prompt logits) runs on the model's torch path with the same numerics. Models with biases
 other than q/k/v's, heads wider than 256, or an fp8 KV cache with heads not a whole
 number of vectors wide have no native path (``NativeStep.for_model`` is None).
 """
@@ -113,11 +113,12 @@ class NativeStep:
 
     __slots__ = ("model", "step", "prefill_rows")
 
-    def __init__(self, model: LlamaModel, step: DecodeStep, prefill_rows: int) -> None:
+    def __init__(self, model: LlamaModel, step: DecodeStep, prefill_rows: int | None) -> None:
         self.model = model
         self.step = step
-        # A prefill of this many tokens or more is faster widened through sgemm.
-        self.prefill_rows = min(prefill_rows, step.max_rows + 1)
+        # A prefill of this many tokens or more is faster widened through sgemm (None:
+        # never), or more rows than the step's scratch holds.
+        self.prefill_rows = min(prefill_rows or step.max_rows + 1, step.max_rows + 1)
 
     @classmethod
     def for_model(cls, model: LlamaModel, matmul: PackedMatmul) -> NativeStep | None:
