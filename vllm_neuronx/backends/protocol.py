@@ -16,13 +16,17 @@ implements only its ``prefill`` and ``decode`` of a checked ``Batch``.
 from __future__ import annotations
 
 import abc
+from collections.abc import Collection, Sequence
 from dataclasses import dataclass
-from typing import Any, ClassVar
+from typing import TYPE_CHECKING, Any, ClassVar
 
 import torch
 
 from vllm_neuronx import neuron_config as nc
 from vllm_neuronx import sampling
+
+if TYPE_CHECKING:
+    from vllm_neuronx.lora.peft import AdapterSpec
 
 
 @dataclass(slots=True)
@@ -46,11 +50,15 @@ class Batch:
     sampling_params: torch.Tensor  # [n, 3] top_k, top_p, temperature
     is_prefill: bool
     prompt_logits: torch.Tensor | None = None  # [n] bool: rows that want every prompt logit
-    adapter_ids: torch.Tensor | None = None  # [n] LoRA adapter per row (NxDI multi-LoRA)
+    # [n] a prefill row's LoRA adapter index (adapter_indices; 0 = the base model)
+    adapter_ids: torch.Tensor | None = None
 
     @property
     def size(self) -> int:
         return self.input_ids.shape[0]
+
+
+_INDEX_DTYPES = (torch.int8, torch.uint8, torch.int16, torch.int32, torch.int64)
 
 
 def is_prefill(position_ids: torch.Tensor) -> bool:
@@ -150,6 +158,37 @@ class NeuronBackend(abc.ABC):
             logits=ods_off or bool(neuron_config.get("output_logits")), prompt_logits=False
         )
 
+    # -- LoRA adapters (multi-LoRA; vllm_neuronx/lora) -------------------------------
+    # Each adapter is bound to a KV line at the prefill that fills the line, like NxDI's
+    # per-seq_id active weights: decode rows use their line's adapter, and a prefill row of
+    # the base model unbinds its line, so a reused line carries no adapter.
+    def _no_lora(self) -> NotImplementedError:
+        return NotImplementedError(f"the {self.framework} backend serves no LoRA adapters")
+
+    def init_lora(self, max_loras: int, max_lora_rank: int, max_cpu_loras: int) -> None:
+        """Get ready to serve adapters (called once by the runner, after ``load``, when
+        vLLM's lora_config is set): ``max_loras`` of them in one step, none of rank above
+        ``max_lora_rank``, up to ``max_cpu_loras`` prepared at once."""
+        raise self._no_lora()
+
+    def prepare_adapter(self, spec: AdapterSpec) -> object:
+        """The backend's host-side handle on a checked adapter (``lora.peft.inspect``),
+        made when it enters the runner's host pool."""
+        raise self._no_lora()
+
+    def release_adapter(self, handle: object) -> None:
+        """The host pool dropped this adapter (no running request uses it)."""
+        raise self._no_lora()
+
+    def adapter_indices(self, handles: Sequence[object | None],
+                        live: Collection[object]) -> torch.Tensor:
+        """A prefill's rows (a handle, or None for the base model) -> int32 [n] indices
+        for ``forward(adapter_ids=)``, 0 for the base model. Binds each adapter to one of
+        ``max_loras`` slots, never taking the slot of an adapter in ``live`` (running
+        requests outside this step); more than ``max_loras`` distinct adapters in
+        ``handles`` and ``live`` together is a RuntimeError (a scheduling bug)."""
+        raise self._no_lora()
+
     # -- run ------------------------------------------------------------------
     def forward(
         self,
@@ -167,6 +206,10 @@ class NeuronBackend(abc.ABC):
         ``sampling_capabilities(...).logits`` says so. A backend whose capabilities
         include ``prompt_logits`` also takes ``prompt_logits=`` ([n] bool) on a
         prefill and fills ``ForwardOutput.prompt_logits`` for those rows.
+
+        ``adapter_ids`` ([n] ints from ``adapter_indices``, prefill only): each row's
+        LoRA adapter, bound to the row's KV line until the next prefill on that line;
+        decode rows use their line's adapter.
         """
         batch = self.check_call(
             input_ids, position_ids, seq_ids, sampling_params, prompt_logits, adapter_ids
@@ -217,8 +260,15 @@ class NeuronBackend(abc.ABC):
                 raise ValueError(f"prompt_logits must be [{n}] bool")
             if not prefill and bool(prompt_logits.any()):
                 raise ValueError("prompt logits exist on a prefill only")
-        if adapter_ids is not None and adapter_ids.shape != (n,):
-            raise ValueError(f"adapter_ids must be [{n}], one adapter per row")
+        if adapter_ids is not None:
+            if not prefill:
+                raise ValueError("adapter_ids are for prefill rows only: a decode row's "
+                                 "adapter is the one its KV line was bound to at prefill")
+            if adapter_ids.shape != (n,) or adapter_ids.dtype not in _INDEX_DTYPES:
+                raise ValueError(f"adapter_ids must be [{n}] integers, one adapter per row, "
+                                 f"got {list(adapter_ids.shape)} {adapter_ids.dtype}")
+            if int(adapter_ids.min()) < 0:
+                raise ValueError("adapter_ids must be >= 0 (0: the base model)")
         return Batch(input_ids, position_ids, seq_ids, sampling_params, prefill,
                      prompt_logits, adapter_ids)
 

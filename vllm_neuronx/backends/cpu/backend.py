@@ -12,7 +12,8 @@ the contract: static buckets, KV lines indexed by seq_id, sampling on the
 "device". Like NxDI
 with ``output_logits`` it returns the logits with the tokens (it computes them
 anyway), and, beyond NxDI's contract, the logits of every prompt position on
-request (prompt_logprobs).
+request (prompt_logprobs). LoRA adapters (lora.py) are bound to KV lines at prefill
+as NxDI binds them; a step with an adapter row runs on the torch path.
 """
 
 from __future__ import annotations
@@ -38,6 +39,7 @@ from vllm_neuronx.backends.cpu.llama import (
     round_up,
     to_dtype,
 )
+from vllm_neuronx.backends.cpu.lora import AdapterSlots, LoraWeights
 from vllm_neuronx.backends.cpu.native import NativeStep
 from vllm_neuronx.backends.cpu.quantize import QuantizedWeight, quantize_parts
 from vllm_neuronx.backends.protocol import (
@@ -47,6 +49,7 @@ from vllm_neuronx.backends.protocol import (
     SamplingCapabilities,
 )
 from vllm_neuronx.log import get_logger
+from vllm_neuronx.lora import peft
 from vllm_neuronx.quant_config import QuantConfig
 
 logger = get_logger(__name__)
@@ -142,6 +145,9 @@ class CpuBackend(NeuronBackend):
         self.matmul: kernels.PackedMatmul | None = None
         self.native: NativeStep | None = None
         self.generator = torch.Generator().manual_seed(seed)
+        # LoRA (init_lora): the adapter slots and the KV lines' bindings.
+        self.adapters: AdapterSlots | None = None
+        self.max_lora_rank = 0
 
     @classmethod
     def version(cls) -> str:
@@ -277,6 +283,43 @@ class CpuBackend(NeuronBackend):
         self.native = NativeStep.for_model(self.model, matmul) if matmul is not None else None
         memory.drop_pages(mapped)  # a tied head was packed (or widened) from all of it
 
+    # -- LoRA adapters ------------------------------------------------------------
+    def init_lora(self, max_loras: int, max_lora_rank: int, max_cpu_loras: int) -> None:
+        if self.model is None:
+            raise RuntimeError("load() must run before init_lora()")
+        if max_loras < 1 or max_lora_rank < 1 or max_cpu_loras < max_loras:
+            raise ValueError(f"max_loras={max_loras}, max_lora_rank={max_lora_rank}, "
+                             f"max_cpu_loras={max_cpu_loras}: need 1 <= max_loras <= "
+                             "max_cpu_loras and max_lora_rank >= 1")
+        self.adapters = AdapterSlots(max_loras, self.num_lines)
+        self.max_lora_rank = max_lora_rank
+
+    @property
+    def dims(self) -> peft.ModelDims:
+        s = self.spec
+        return peft.ModelDims(hidden=s.hidden_size, heads=s.num_heads, kv_heads=s.num_kv_heads,
+                              head_dim=s.head_dim, intermediate=s.intermediate_size,
+                              layers=s.num_layers, moe_layers=frozenset(s.moe_layers))
+
+    def prepare_adapter(self, spec: peft.AdapterSpec) -> LoraWeights:
+        """The adapter's weights in our fused layout, scaled, in the compute dtype."""
+        if self.adapters is None:
+            raise RuntimeError("init_lora() must run before prepare_adapter()")
+        if spec.max_rank > self.max_lora_rank:
+            raise peft.AdapterError(spec.name, spec.path, f"rank {spec.max_rank} is greater "
+                                    f"than max_lora_rank {self.max_lora_rank}")
+        return LoraWeights.prepare(peft.load(spec), spec, self.dims, self.dtype)
+
+    def release_adapter(self, handle: object) -> None:
+        if self.adapters is not None and isinstance(handle, LoraWeights):
+            self.adapters.release(handle)
+
+    def adapter_indices(self, handles, live) -> torch.Tensor:
+        if self.adapters is None:
+            raise RuntimeError("init_lora() must run before adapter_indices()")
+        return self.adapters.indices(handles, live)
+
+    # -- steps ----------------------------------------------------------------------
     def prefill(self, batch: Batch) -> ForwardOutput:
         """Prompts are checked against the context buckets as on a device, but
         computed only as wide as the longest one (right padding under a causal
@@ -290,11 +333,18 @@ class CpuBackend(NeuronBackend):
         padded = torch.zeros((batch.size, width), dtype=torch.long)
         given = min(batch.input_ids.shape[1], width)
         padded[:, :given] = batch.input_ids[:, :given]
+        if self.adapters is not None:
+            lora = self.adapters.bind(batch.seq_ids, batch.adapter_ids)
+        elif batch.adapter_ids is not None:
+            raise ValueError("adapter_ids given to a backend without LoRA (init_lora)")
+        else:
+            lora = None
         logits, every = None, {}
-        if self.native is not None and not rows:
+        if self.native is not None and not rows and lora is None:
             logits = self.native.prefill(padded, lengths, batch.seq_ids)
         if logits is None:
-            logits, every = self.model.context_encode(padded, lengths, batch.seq_ids, rows)
+            logits, every = self.model.context_encode(padded, lengths, batch.seq_ids, rows,
+                                                      lora)
         prompt = None if wanted is None else [every.get(row) for row in range(batch.size)]
         return self._sampled(logits, batch, prompt)
 
@@ -304,11 +354,12 @@ class CpuBackend(NeuronBackend):
             raise ValueError("decode seq_ids must be sorted ascending and unique")
         ids, positions = batch.input_ids[:, 0], batch.position_ids[:, 0]
         bucket = nc.pick_bucket(self.token_buckets, int(positions.max()))
+        lora = self.adapters.bound(seq_ids) if self.adapters is not None else None
         logits = None
-        if self.native is not None:
+        if self.native is not None and lora is None:
             logits = self.native.decode(ids, positions, seq_ids)
         if logits is None:
-            logits = self.model.token_generate(ids, positions, seq_ids, bucket)
+            logits = self.model.token_generate(ids, positions, seq_ids, bucket, lora)
         return self._sampled(logits, batch)
 
     def _sampled(self, logits, batch: Batch, prompt=None) -> ForwardOutput:

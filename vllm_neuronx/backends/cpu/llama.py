@@ -11,6 +11,9 @@ tokens match it.
 Nothing here is native: the backend may hand in how a linear layer multiplies
 (``linear``, e.g. a kernel over packed bf16 weights) and how the KV cache is
 allocated (``zeros``); native.py runs whole steps natively beside this file.
+Either graph takes a step's LoRA adapters (lora.py): their deltas are added to the
+fused projections' outputs where PEFT adds them (qkv before the q/k norms and the
+rotary, o, and a dense layer's gate_up and down; experts take none).
 """
 
 from __future__ import annotations
@@ -20,12 +23,15 @@ import math
 import os
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 import torch.nn.functional as F
 
 from vllm_neuronx.backends.cpu.quantize import FP8_DTYPE, fp8_kv
+
+if TYPE_CHECKING:
+    from vllm_neuronx.backends.cpu.lora import LoraStep
 
 SUPPORTED_ARCHITECTURES = ("LlamaForCausalLM", "MistralForCausalLM", "Qwen2ForCausalLM",
                            "Qwen3ForCausalLM", "MixtralForCausalLM", "Qwen3MoeForCausalLM")
@@ -334,12 +340,15 @@ class LlamaModel:
         return F.embedding(input_ids, self.w["embed"]).to(self.dtype)
 
     def _layer(
-        self, i: int, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, attend
+        self, i: int, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, attend,
+        lora: LoraStep | None = None,
     ) -> torch.Tensor:
         s, w, p = self.spec, self.w, f"layers.{i}."
         b, t, _ = x.shape
         h = rms_norm(x, w[p + "ln1"], s.rms_norm_eps)
         qkv = self._linear(h, p + "qkv")
+        if lora is not None:
+            lora.apply(i, "qkv", h, qkv)
         qk, v = qkv.split([self.q_size + self.kv_size, self.kv_size], dim=-1)
         qk = qk.view(b, t, s.num_heads + s.num_kv_heads, s.head_dim)
         if s.qk_norm:
@@ -350,16 +359,27 @@ class LlamaModel:
         qk = apply_rope(qk.transpose(1, 2), cos, sin)
         q, k = qk.split([s.num_heads, s.num_kv_heads], dim=1)
         v = v.view(b, t, s.num_kv_heads, s.head_dim).transpose(1, 2)
-        attn = attend(i, q, k, v)  # [b, heads, t, d]
-        x = x + self._linear(attn.transpose(1, 2).reshape(b, t, self.q_size), p + "o")
+        attn = attend(i, q, k, v).transpose(1, 2).reshape(b, t, self.q_size)  # [b, t, q]
+        o = self._linear(attn, p + "o")
+        if lora is not None:
+            lora.apply(i, "o", attn, o)
+        x = x + o
         h = rms_norm(x, w[p + "ln2"], s.rms_norm_eps)
         if s.is_moe(i):
             return x + self._experts(p, h)
-        return x + self._mlp(p, h)
+        return x + self._mlp(p, h, lora, i)
 
-    def _mlp(self, prefix: str, h: torch.Tensor) -> torch.Tensor:
-        gate, up = self._linear(h, prefix + "gate_up").chunk(2, dim=-1)
-        return self._linear(F.silu(gate) * up, prefix + "down")
+    def _mlp(self, prefix: str, h: torch.Tensor, lora: LoraStep | None = None,
+             layer: int = 0) -> torch.Tensor:
+        gate_up = self._linear(h, prefix + "gate_up")
+        if lora is not None:
+            lora.apply(layer, "gate_up", h, gate_up)
+        gate, up = gate_up.chunk(2, dim=-1)
+        act = F.silu(gate) * up
+        down = self._linear(act, prefix + "down")
+        if lora is not None:
+            lora.apply(layer, "down", act, down)
+        return down
 
     def _experts(self, p: str, h: torch.Tensor) -> torch.Tensor:
         """Each token through its chosen experts, summed by the router's weights, the
@@ -399,8 +419,10 @@ class LlamaModel:
         lengths: torch.Tensor,
         seq_ids: torch.Tensor,
         prompt_rows: Sequence[int] = (),
+        lora: LoraStep | None = None,
     ) -> tuple[torch.Tensor, dict[int, torch.Tensor]]:
-        """Prefill ``n`` right-padded prompts [n, width] into KV lines ``seq_ids``.
+        """Prefill ``n`` right-padded prompts [n, width] into KV lines ``seq_ids``
+        (with ``lora``: each row's adapter).
 
         Returns fp32 logits of each prompt's last real token, [n, vocab], and for
         each row in ``prompt_rows`` the fp32 logits of all its positions, [len, vocab].
@@ -423,16 +445,18 @@ class LlamaModel:
             )
 
         for i in range(self.spec.num_layers):
-            x = self._layer(i, x, cos, sin, attend)
+            x = self._layer(i, x, cos, sin, attend, lora)
         last = x[torch.arange(n), lengths - 1]
         every = {row: self._logits(x[row, : int(lengths[row])]) for row in prompt_rows}
         return self._logits(last), every
 
     @torch.inference_mode()
     def token_generate(
-        self, input_ids: torch.Tensor, positions: torch.Tensor, seq_ids: torch.Tensor, bucket: int
+        self, input_ids: torch.Tensor, positions: torch.Tensor, seq_ids: torch.Tensor,
+        bucket: int, lora: LoraStep | None = None,
     ) -> torch.Tensor:
-        """Decode one token per row: input_ids/positions [m], seq_ids [m] sorted.
+        """Decode one token per row: input_ids/positions [m], seq_ids [m] sorted (with
+        ``lora``: each row's adapter).
 
         Each row writes its K/V at its position and attends over its own line.
         The bucket bounds the positions; attention reads only up to the longest
@@ -473,5 +497,5 @@ class LlamaModel:
             return out.view(m, s.num_heads, 1, s.head_dim)
 
         for i in range(s.num_layers):
-            x = self._layer(i, x, cos, sin, attend)
+            x = self._layer(i, x, cos, sin, attend, lora)
         return self._logits(x[:, 0])
