@@ -220,13 +220,11 @@ def test_the_simulator_is_strict(sim, tiny_llama, tmp_path):
 def test_lora_modules_become_lora_config_never_lora_serving_config(sim, tiny_llama, tmp_path):
     from neuronx_distributed_inference.modules.lora_serving import LoraServingConfig
 
-    adapters = {}
-    for name in ("sql", "chat"):
-        folder = tmp_path / name
-        folder.mkdir()
-        (folder / "adapter_config.json").write_text(
-            json.dumps({"target_modules": ["q_proj", "v_proj"], "r": 8}))
-        adapters[name] = str(folder)
+    from tests.lora_utils import make_peft_adapter
+
+    adapters = {name: make_peft_adapter(tiny_llama, tmp_path / name, seed=seed,
+                                        targets=("q_proj", "v_proj"))
+                for seed, name in enumerate(("sql", "chat"))}
     overrides = {
         "lora_modules": [{"name": "sql", "path": adapters["sql"]},
                          f"chat={adapters['chat']}"],
@@ -237,18 +235,22 @@ def test_lora_modules_become_lora_config_never_lora_serving_config(sim, tiny_lla
     assert isinstance(neuron_config.lora_config, LoraServingConfig)
     assert not hasattr(neuron_config, "lora_serving_config")
     assert neuron_config.lora_config.lora_ckpt_paths == adapters
-    assert neuron_config.lora_config.max_loras == 2
+    # the two adapters and NxDI's base-model dummy, index 0
+    assert neuron_config.lora_config.max_loras == 3
+    assert neuron_config.lora_config.enable_base_model_only
     saved = backend.stored_config(str(tmp_path / "compiled"))
     assert saved["lora_config"]["lora_ckpt_paths"] == adapters
     assert "lora_modules" not in saved and "lora_serving_config" not in saved
-    ids, pos, _ = prefill_args([[5, 6, 7]])
-    backend.forward(ids, pos, torch.tensor([1]), greedy(1))
+    prompt = [5, 6, 7]
+    ids, pos, _ = prefill_args([prompt])
+    tokens = backend.forward(ids, pos, torch.tensor([1]), greedy(1)).tokens.tolist()
     adapter_ids = sim.SIM_FORWARDS[-1]["adapter_ids"]
     assert adapter_ids.dtype == torch.int32 and adapter_ids.tolist() == [0]
+    assert tokens == hf_greedy(tiny_llama, [prompt], [1])[0]  # 0: the base model
     # NxDI's own form, a lora_config object in the override, lands in the same place
     backend = make_backend(tiny_llama, overrides={
         "lora_config": {"max_loras": 3, "lora_ckpt_paths": {"sql": adapters["sql"]}}})
-    assert backend.config.neuron_config.lora_config.max_loras == 3
+    assert backend.config.neuron_config.lora_config.max_loras == 4
 
 
 def test_stored_config_and_shape_mismatch(tiny_llama, tmp_path):

@@ -67,3 +67,13 @@ def test_another_vllm_release_is_refused_at_start_up(monkeypatch):
     with pytest.raises(PatchError, match=r"written against vLLM 0\.16\.0, but vLLM 0\.17\.0 "
                        r"is installed.*Moving to a new vLLM"):
         patches.apply_all()
+
+
+def test_every_patch_has_its_row_in_the_readme():
+    from pathlib import Path
+
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    rows = {line.split("|")[1].strip() for line in readme.splitlines()
+            if line.startswith("| ") and line.count("|") >= 4}
+    missing = sorted({p.name for p in PATCHES} - rows)
+    assert not missing, f"README.md's patch table lacks {missing}"

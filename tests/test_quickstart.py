@@ -1,5 +1,6 @@
 """The user guide's offline quickstart runs verbatim (no __main__ guard) on the CPU, and so
-does its int8 variant (examples/offline_inference/neuron_int8_quantize.py)."""
+do its int8 variant (examples/offline_inference/neuron_int8_quantize.py) and the multi-LoRA
+example (neuron_multi_lora.py)."""
 
 from __future__ import annotations
 
@@ -47,3 +48,18 @@ def test_int8_example_prints_a_completion_of_each_prompt():
     assert "Paris" in lines[2]
     # Quantized from the neuron config's keys; vLLM's own --quantization stays unset.
     assert "'quantized': True" in logs and "quantization=None" in logs
+
+
+def test_multi_lora_example_prints_each_prompt_with_each_adapter_and_the_base_model():
+    lines, logs = run_example("neuron_multi_lora.py")
+    prompts = ["The capital of France is", "The future of AI is"]
+    adapters = ["adapter-1", "adapter-2", "base model"]
+    assert [line.split(", Generated text: ")[0] for line in lines] == [
+        f"Prompt: {p!r}, Adapter: {a}" for p in prompts for a in adapters], logs[-3000:]
+    texts = [line.split(", Generated text: ")[1] for line in lines]
+    assert all(t not in ("''", '""') for t in texts)
+    assert "Paris" in texts[2]  # the base model
+    # Each adapter changes the text of at least one prompt, each in its own way.
+    assert texts[0] != texts[2] or texts[3] != texts[5]
+    assert texts[1] != texts[2] or texts[4] != texts[5]
+    assert texts[0] != texts[1] or texts[3] != texts[4]

@@ -4,6 +4,8 @@ keeps serving what it can."""
 
 from __future__ import annotations
 
+import types
+
 import pytest
 from vllm import SamplingParams
 from vllm.engine.arg_utils import EngineArgs
@@ -55,7 +57,6 @@ def test_activation_quantization_on_the_cpu_backend_fails_at_start_up_not_silent
 
 
 @pytest.mark.parametrize(("kwargs", "setting", "issue"), [
-    ({"enable_lora": True}, "enable_lora", 19),
     ({"speculative_config": {"method": "ngram", "num_speculative_tokens": 3,
                              "prompt_lookup_max": 3}}, "speculative_config", 20),
 ])
@@ -63,6 +64,47 @@ def test_vllm_features_no_backend_serves_fail_at_start_up(tiny_llama, kwargs, se
     with pytest.raises(ValueError, match=f"{setting}: .* not served by the cpu backend yet "
                                          rf"\(planned: issue {issue}\)"):
         engine_config(tiny_llama, **kwargs)
+
+
+def test_lora_is_served_on_cpu_and_nxdi_and_refused_on_tnx(tiny_llama):
+    config = engine_config(tiny_llama, enable_lora=True, max_loras=2, max_lora_rank=8)
+    assert config.lora_config.max_loras == 2
+    lora_only = types.SimpleNamespace(lora_config=config.lora_config, speculative_config=None)
+    for backend in ("cpu", "nxdi"):
+        unserved.check_vllm_features(lora_only, backend)
+    with pytest.raises(nc.NeuronConfigError,
+                       match="enable_lora: LoRA adapters is not served by the tnx backend"):
+        unserved.check_vllm_features(lora_only, "tnx")
+
+
+@pytest.mark.parametrize(("kwargs", "match"), [
+    ({"fully_sharded_loras": True}, "fully_sharded_loras: .*would change nothing"),
+    ({"lora_dtype": "bfloat16"}, r"lora_dtype=bfloat16: .*the model's dtype \(float32\); "
+                                 "use lora_dtype='auto'"),
+    ({"enable_tower_connector_lora": True}, "enable_tower_connector_lora: adapters apply to "
+                                            "the language model"),
+])
+def test_lora_settings_no_backend_honours_fail_at_start_up_by_name(tiny_llama, kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        engine_config(tiny_llama, enable_lora=True, **kwargs)
+
+
+def test_lora_dtype_equal_to_the_model_dtype_passes(tiny_llama):
+    config = engine_config(tiny_llama, enable_lora=True, lora_dtype="auto")
+    assert config.lora_config is not None
+
+
+def test_default_mm_loras_is_refused_by_name():
+    """(vLLM refuses it first for a text model; a multimodal one would reach our check.)"""
+    from vllm.config.lora import LoRAConfig
+
+    from vllm_neuronx.lora.config import check_lora_config
+
+    lora = LoRAConfig(default_mm_loras={"image": "/tmp/a"})
+    with pytest.raises(nc.NeuronConfigError, match="default_mm_loras: multimodal input is not "
+                                                   "served"):
+        check_lora_config(lora, "float32", "nxdi")
+    check_lora_config(LoRAConfig(), "float32", "nxdi")
 
 
 def test_multimodal_input_is_refused_at_the_request(monkeypatch):
@@ -75,3 +117,20 @@ def test_multimodal_input_is_refused_at_the_request(monkeypatch):
     with pytest.raises(validation.NeuronRequestError, match="multimodal input.*carries image"):
         validation.validate_request(image, params)
     validation.validate_request({"prompt_token_ids": [1, 2, 3]}, params)  # text passes
+
+
+def test_nxdi_lora_keys_need_vllms_lora_and_vllms_settings_reach_the_neuron_config():
+    from vllm.config.lora import LoRAConfig
+
+    with pytest.raises(nc.NeuronConfigError, match="override_neuron_config key 'lora_modules' "
+                                                   "asks for LoRA adapters, but vLLM's LoRA is "
+                                                   r"off: set enable_lora=True"):
+        platform_config._lora_into_neuron_config({}, {"lora_modules": ["a=/x"]}, None, "nxdi")
+    cfg = {"lora_config": {"eviction_policy": "lru"}}
+    platform_config._lora_into_neuron_config(
+        cfg, cfg, LoRAConfig(max_loras=2, max_lora_rank=8, max_cpu_loras=3), "nxdi")
+    assert cfg["lora_config"] == {"eviction_policy": "lru", "max_loras": 2, "max_lora_rank": 8,
+                                  "max_cpu_loras": 3}
+    cpu = {}
+    platform_config._lora_into_neuron_config(cpu, {}, LoRAConfig(), "cpu")
+    assert cpu == {}  # the CPU backend takes them from vLLM's config (init_lora)

@@ -18,6 +18,7 @@ from typing import Any
 from vllm_neuronx import envs, framework, unserved
 from vllm_neuronx import neuron_config as nc
 from vllm_neuronx.backends.protocol import SamplingCapabilities
+from vllm_neuronx.lora.config import check_lora_config
 
 SETTINGS_KEY = "neuron_settings"
 OVERRIDES_KEY = "override_neuron_config"
@@ -54,6 +55,7 @@ class NeuronSettings:
             on_device_sampling_disabled=envs.NEURON_ON_DEVICE_SAMPLING_DISABLED,
         )
         backend = backend_class(choice.backend)
+        _lora_into_neuron_config(cfg, overrides or {}, vllm_config.lora_config, choice.backend)
         found = artifacts.precompiled_config(choice.backend, backend.stored_config)
         if found is not None:
             folder, stored = found
@@ -76,6 +78,8 @@ class NeuronSettings:
         backend.validate(cfg, quantization=quantization)
         unserved.check_neuron_config(cfg, choice.backend)
         unserved.check_vllm_features(vllm_config, choice.backend)
+        check_lora_config(vllm_config.lora_config, vllm_config.model_config.dtype,
+                          choice.backend)
         if quantization == "neuron_quant":  # the framework quantizes (and the cache key says so)
             cfg["quantized"] = True
         device = "neuron" if choice.backend in ("nxdi", "tnx") else "cpu"
@@ -112,6 +116,26 @@ class NeuronSettings:
         """Make vLLM's scheduler match what was compiled (precompiled artifacts may differ)."""
         vllm_config.scheduler_config.max_num_seqs = self.neuron_config["batch_size"]
         vllm_config.model_config.max_model_len = self.neuron_config["seq_len"]
+
+
+def _lora_into_neuron_config(cfg: dict, overrides: dict, lora_config, backend: str) -> None:
+    """NxDI compiles its adapter slots: vLLM's max_loras, max_lora_rank and max_cpu_loras
+    go into the neuron config's ``lora_config`` (so the artifacts key covers them), over
+    the user's override, whose same keys must agree (backends/nxdi.py). NxDI's own LoRA
+    keys alone, without vLLM's LoRA, would compile adapters no request can name."""
+    if backend != "nxdi":
+        return
+    if lora_config is not None:
+        from vllm_neuronx.backends.nxdi import vllm_lora_config
+
+        cfg["lora_config"] = vllm_lora_config(cfg.get("lora_config"), lora_config)
+        return
+    asked = [k for k in ("lora_config", "lora_modules") if overrides.get(k)]
+    if asked:
+        raise nc.NeuronConfigError(
+            f"override_neuron_config key {asked[0]!r} asks for LoRA adapters, but vLLM's LoRA "
+            "is off: set enable_lora=True (--enable-lora), with max_loras and max_lora_rank, "
+            "so that requests can name the adapters")
 
 
 _CURRENT: NeuronSettings | None = None

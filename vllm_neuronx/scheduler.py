@@ -7,6 +7,10 @@ batching: requests join as lines free up. Each request holds one block of
 max_model_len tokens from its prefill on, so a decode never needs a block and the
 upstream scheduler never has reason to preempt; if it ever did, that is a bug
 we surface instead of silently recomputing.
+
+With LoRA, a prefill step takes only the waiting requests ``lora.admission`` admits: at
+most ``max_loras`` adapters among the running requests and the new ones together
+(upstream counts only the step's own, which our hidden running list would defeat).
 """
 
 from __future__ import annotations
@@ -15,6 +19,8 @@ import functools
 
 from vllm.v1.core.sched.request_queue import create_request_queue
 from vllm.v1.core.sched.scheduler import Scheduler
+
+from vllm_neuronx.lora.admission import adapter_key, admit
 
 
 class NeuronScheduler(Scheduler):
@@ -25,6 +31,8 @@ class NeuronScheduler(Scheduler):
         self._prefill_stalled = False
         # One block of max_model_len per request: a decode step never allocates.
         self._one_block_per_request = self.block_size >= self.max_model_len
+        # LoRA: each running request's adapter (lora.admission.adapter_key) at admission.
+        self._adapter_keys: dict[str, tuple] = {}
 
     def schedule(self):
         free_lines = self.max_num_running_reqs - len(self.running)
@@ -43,13 +51,52 @@ class NeuronScheduler(Scheduler):
 
     def _prefill_step(self, free_lines: int):
         """Schedule waiting requests only, at most one per free KV line."""
+        order, held, keys = self._hold_adapter_requests() if self.lora_config else ([], [], {})
         running, self.running = self.running, []
         limit, self.max_num_running_reqs = self.max_num_running_reqs, free_lines
         try:
             return super().schedule()
         finally:
-            self.running = running + self.running
+            admitted, self.running = self.running, running + self.running
             self.max_num_running_reqs = limit
+            if self.lora_config:
+                self._remember_adapters(admitted, keys)
+            if held:
+                self._requeue(order, held)
+
+    def _hold_adapter_requests(self) -> tuple[list, list, dict]:
+        """(the waiting queue in order, the requests this step must not schedule:
+        lora.admission, their adapters by request id); the held requests are taken out of
+        the queue until ``_requeue``."""
+        order = list(self.waiting)
+        keys = {r.request_id: adapter_key(r.lora_request) for r in order if r.lora_request}
+        active = {self._adapter_keys.get(r.request_id) or adapter_key(r.lora_request)
+                  for r in self.running if r.lora_request}
+        allowed = admit([keys.get(r.request_id) for r in order], active,
+                        self.lora_config.max_loras)
+        held = [r for r, ok in zip(order, allowed, strict=True) if not ok]
+        if held:
+            self.waiting.remove_requests(held)
+        return order, held, keys
+
+    def _remember_adapters(self, admitted: list, keys: dict) -> None:
+        """Each running request's adapter as it was when admitted (a load of the adapter
+        that replaced it since is another adapter)."""
+        running = {r.request_id for r in self.running}
+        self._adapter_keys = {i: k for i, k in self._adapter_keys.items() if i in running}
+        for request in admitted:
+            if request.request_id in keys:
+                self._adapter_keys[request.request_id] = keys[request.request_id]
+
+    def _requeue(self, order: list, held: list) -> None:
+        """The waiting queue again in its order before the step: what is still waiting
+        (upstream may have moved requests it skipped) and the held requests."""
+        still = {id(r) for r in self.waiting} | {id(r) for r in held}
+        queue = create_request_queue(self.policy)
+        for request in order:
+            if id(request) in still:
+                queue.add_request(request)
+        self.waiting = queue
 
     def _decode_step(self):
         """Schedule running requests only; new arrivals wait for the next prefill step."""

@@ -36,7 +36,13 @@ class Unserved:
 _SPECULATION = Unserved("speculative decoding", ALL_BACKENDS, 20)
 _BLOCK_KV = Unserved("prefix caching, block KV layout and chunked prefill", ALL_BACKENDS, 21)
 _ASYNC = Unserved("async mode", ALL_BACKENDS, 23)
-_LORA = Unserved("LoRA adapters", ALL_BACKENDS, 19)
+# LoRA is served on nxdi and cpu through vLLM's own settings (enable_lora, max_loras...,
+# --lora-modules, LoRARequest). transformers-neuronx's LoRA never took per-request adapters.
+_LORA = Unserved("LoRA adapters", frozenset({"tnx"}), None)
+# The neuron config's own LoRA keys: NxDI's legacy way to name adapters (kept there,
+# backends/nxdi.py); the CPU backend takes adapters only the way vLLM gives them.
+_LORA_KEYS = Unserved("LoRA adapters through override_neuron_config (use enable_lora with "
+                      "--lora-modules or LoRARequest)", frozenset({"cpu", "tnx"}), None)
 # The CPU backend quantizes weights and the KV cache (quant_config.py), not activations,
 # and has no quantizing kernels (they change the numbers on a device).
 _ACTIVATION_QUANTIZATION = Unserved("activation quantization and quantized kernels",
@@ -54,7 +60,7 @@ UNSERVED_KEYS: dict[str, Unserved] = {
     **dict.fromkeys(
         ("is_prefix_caching", "is_block_kv_layout", "chunked_prefill_config"), _BLOCK_KV),
     "async_mode": _ASYNC,
-    **dict.fromkeys(("lora_modules", "lora_config"), _LORA),
+    **dict.fromkeys(("lora_modules", "lora_config"), _LORA_KEYS),
     **dict.fromkeys(
         ("quantized_mlp_kernel_enabled", "activation_quantization_type"),
         _ACTIVATION_QUANTIZATION),

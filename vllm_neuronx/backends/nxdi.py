@@ -18,6 +18,12 @@ Quantization is NxDI's own: with ``quantized: true`` the quantized checkpoint is
 with ``save_quantized_state_dict`` before compiling when it is not there yet (as
 NxDI's inference_demo does), by default inside the artifacts folder, and fp8 gets
 the environment NxDI's fp8 graphs need (quant_config.FP8_ENV).
+
+Multi-LoRA is NxDI's dynamic mode with its base-model dummy (``lora_serving_kwargs``):
+an adapter is streamed into NxDI's CPU cache under a name unique to each load
+(``prepare_adapter``), a prefill row's index is NxDI's id for that name (0: the dummy,
+i.e. the base model), and NxDI swaps adapters into its ``max_loras`` device slots and
+binds each to the row's seq_id itself; decode rows use that binding.
 """
 
 from __future__ import annotations
@@ -25,17 +31,22 @@ from __future__ import annotations
 import copy
 import glob
 import importlib
+import inspect
+import itertools
 import json
 import os
-from collections.abc import Mapping
+from collections.abc import Collection, Mapping, Sequence
+from dataclasses import dataclass
 from typing import Any
 
 import torch
+import torch.nn.functional as F
 
 from vllm_neuronx import neuron_config as nc
 from vllm_neuronx import nxdi_keys
 from vllm_neuronx.backends.protocol import Batch, ForwardOutput, NeuronBackend
 from vllm_neuronx.log import get_logger
+from vllm_neuronx.lora.peft import TARGETS, AdapterError, AdapterSpec
 from vllm_neuronx.quant_config import FP8_ENV, QuantConfig
 
 logger = get_logger(__name__)
@@ -75,6 +86,21 @@ QUANTIZED_CHECKPOINT_DIR = "quantized_checkpoint"
 _LORA_KEYS = frozenset({"lora_modules", "target_modules"})
 # Fields of a compiled folder that must equal ours for its graphs to fit our runner.
 _COMPILED_SHAPE_KEYS = ("batch_size", "seq_len", "max_context_length", "tp_degree")
+# LoraServingConfig keys vLLM's adapters need: dynamic mode streams them in at run time,
+# and the base-model dummy makes index 0 the base model (without it, index 0 is the first
+# adapter). Both arrived together in NxDI 0.9 (0.7 has dynamic mode alone).
+LORA_NEEDS = ("dynamic_multi_lora", "enable_base_model_only")
+LORA_RELEASE = "neuronx-distributed-inference >= 0.9 (Neuron SDK 2.29)"
+# What each of these LoraServingConfig keys must be, and why (lora_serving_kwargs).
+_LORA_FIXED_WHY = {
+    "batch_size": "NxDI keeps each seq_id's active adapter in a row of that many, so it is "
+                  "max_num_seqs",
+    "dynamic_multi_lora": "adapters come and go at run time (LoRARequest, "
+                          "/v1/load_lora_adapter)",
+    "enable_base_model_only": "without it index 0 is the first adapter, and requests of the "
+                              "base model would get that adapter",
+    "base_model_quantized": "it follows the neuron config's quantized",
+}
 
 
 def read_hf_config(model_path: str) -> dict[str, Any]:
@@ -153,6 +179,87 @@ def _ckpt_paths_dict(value: Any) -> dict[str, str]:
     return dict(str(p).split(":", 1) for p in value)
 
 
+def lora_serving_kwargs(cfg: Mapping[str, Any]) -> dict[str, Any] | None:
+    """The LoraServingConfig keywords a neuron config asks for; None without LoRA.
+
+    ``cfg["lora_config"]`` holds vLLM's ``max_loras``, ``max_lora_rank`` and
+    ``max_cpu_loras`` (put there when vLLM's LoRA is on) and any NxDI key the user
+    overrides. The rest follows from the neuron config, so the artifacts key (the neuron
+    config) covers it: ``batch_size`` (max_num_seqs), dynamic mode, the base-model dummy,
+    ``base_model_quantized``, ``target_modules`` (the legacy override, else every
+    projection vLLM adapts), and the legacy ``lora_modules`` as ``lora_ckpt_paths``
+    (loaded at start-up; NxDI's CPU cache is widened by their number, so the adapters
+    vLLM streams in never push each other out)."""
+    given = cfg.get("lora_config")
+    legacy = parse_lora_modules(cfg.get("lora_modules"))
+    if given is None and not legacy:
+        return None
+    if given is not None and not isinstance(given, Mapping):
+        raise nc.NeuronConfigError(
+            f"lora_config must be a JSON object of LoraServingConfig's keys, got "
+            f"{type(given).__name__}")
+    args = copy.deepcopy(dict(given or {}))
+    fixed = {"batch_size": cfg["batch_size"], "dynamic_multi_lora": True,
+             "enable_base_model_only": True,
+             "base_model_quantized": bool(cfg.get("quantized", False))}
+    for key, value in fixed.items():
+        if key in args and args[key] != value:
+            raise nc.NeuronConfigError(
+                f"lora_config.{key}={args[key]!r}: vLLM's adapters on NxDI need {key}="
+                f"{value!r} ({_LORA_FIXED_WHY[key]}); remove it from override_neuron_config")
+        args[key] = value
+    paths = _ckpt_paths_dict(args.get("lora_ckpt_paths"))
+    for name, path in legacy.items():
+        if paths.get(name, path) != path:
+            raise nc.NeuronConfigError(
+                f"adapter {name!r} is {paths[name]!r} in lora_config.lora_ckpt_paths and "
+                f"{path!r} in lora_modules; name it once")
+        paths[name] = path
+    if paths:
+        args["lora_ckpt_paths"] = paths
+    targets = cfg.get("target_modules")
+    if targets is not None:
+        if "target_modules" in args and list(args["target_modules"]) != list(targets):
+            raise nc.NeuronConfigError(
+                f"target_modules {list(targets)} and lora_config.target_modules "
+                f"{list(args['target_modules'])} differ; give one")
+        args["target_modules"] = list(targets)
+    args.setdefault("target_modules", list(TARGETS))
+    if not isinstance(args["target_modules"], list | tuple) or set(
+            args["target_modules"]) - set(TARGETS):
+        raise nc.NeuronConfigError(
+            f"target_modules {args['target_modules']!r}: vLLM's adapters adapt only "
+            f"{list(TARGETS)} (a list of them)")
+    static = set(paths) | set(_ckpt_paths_dict(args.get("lora_ckpt_paths_cpu")))
+    if static and "max_cpu_loras" in args:
+        args["max_cpu_loras"] = int(args["max_cpu_loras"]) + len(static)
+    return args
+
+
+def vllm_lora_config(user: Any, lora_config) -> dict[str, Any]:
+    """The neuron config's ``lora_config`` for vLLM's LoRA settings (``enable_lora``):
+    ``max_loras``, ``max_lora_rank`` and ``max_cpu_loras`` (vLLM's default: max_loras) over
+    the user's override ``lora_config``, whose same keys must agree with vLLM's."""
+    ours = {"max_loras": lora_config.max_loras, "max_lora_rank": lora_config.max_lora_rank,
+            "max_cpu_loras": lora_config.max_cpu_loras or lora_config.max_loras}
+    if user is None:
+        return ours
+    if not isinstance(user, Mapping):
+        raise nc.NeuronConfigError(
+            f"lora_config must be a JSON object of LoraServingConfig's keys, got "
+            f"{type(user).__name__}")
+    for key, value in ours.items():
+        if key in user and user[key] != value:
+            raise nc.NeuronConfigError(
+                f"override_neuron_config lora_config.{key}={user[key]!r} contradicts vLLM's "
+                f"{key}={value!r} (--{key.replace('_', '-')}); set it once, through vLLM")
+    return {**copy.deepcopy(dict(user)), **ours}
+
+
+def _lora_asked(cfg: Mapping[str, Any]) -> bool:
+    return cfg.get("lora_config") is not None or bool(cfg.get("lora_modules"))
+
+
 def hf_compat_kwargs(hf_config: Mapping[str, Any]) -> dict[str, Any]:
     """InferenceConfig attributes NxDI reads but transformers >= 5 no longer writes at the
     top level: ``rope_theta`` (a required Llama attribute) and ``rope_scaling``, both now
@@ -178,6 +285,17 @@ def _checkpoint_present(path: str) -> bool:
     return False
 
 
+@dataclass(frozen=True, slots=True)
+class NxdiAdapter:
+    """An adapter as NxDI's ``add_adapter`` takes it (a LoRARequest's two fields it
+    reads). ``lora_name`` is unique to each load, so NxDI's cache, keyed by name, never
+    serves the weights of an earlier folder under a reused vLLM name."""
+
+    lora_name: str
+    lora_path: str
+    name: str  # vLLM's name of the adapter, for messages
+
+
 class NxdiBackend(NeuronBackend):
     framework = "neuronx-distributed-inference"
     architectures = tuple(MODEL_CLASSES)
@@ -191,6 +309,8 @@ class NxdiBackend(NeuronBackend):
         self.model_cls = getattr(importlib.import_module(module), name)
         self.config = self._inference_config()
         self.model = None  # the NxDI application, once compiled or loaded
+        self._max_loras: int | None = None  # vLLM's, from init_lora
+        self._loads = itertools.count()  # makes each adapter load's NxDI name unique
 
     # -- checks before anything is built ------------------------------------------------
     @classmethod
@@ -237,6 +357,30 @@ class NxdiBackend(NeuronBackend):
                 "so ctx_batch_size must be 1"
             )
         parse_lora_modules(neuron_config.get("lora_modules"))
+        if _lora_asked(neuron_config):
+            cls._validate_lora(neuron_config)
+
+    @classmethod
+    def _validate_lora(cls, neuron_config: dict) -> None:
+        """LoRA needs NxDI's dynamic mode and base-model dummy, read from the installed
+        NxDI's source (no import); and refuses what NxDI cannot combine with it."""
+        keys = nc.neuron_config_keys()
+        taken = keys.nested.get("lora_config", frozenset())
+        missing = [k for k in LORA_NEEDS if k not in taken]
+        if missing:
+            raise nc.NeuronConfigError(
+                f"LoRA adapters need {LORA_RELEASE}: LoraServingConfig of {keys.origin} has "
+                f"no {' or '.join(missing)}; install a newer Neuron SDK")
+        if neuron_config.get("save_sharded_checkpoint"):
+            raise nc.NeuronConfigError(
+                "save_sharded_checkpoint with LoRA: NxDI cannot pre-shard adapters that "
+                "stream in at run time (it asserts when none are given at compile); remove "
+                "save_sharded_checkpoint")
+        if neuron_config.get("fused_qkv"):
+            raise nc.NeuronConfigError(
+                "fused_qkv with LoRA: NxDI's LoRA modules match q_proj, k_proj and v_proj "
+                "by name, which a fused QKV projection does not have; remove fused_qkv")
+        lora_serving_kwargs(neuron_config)
 
     @classmethod
     def stored_config(cls, folder: str) -> dict[str, Any] | None:
@@ -284,7 +428,8 @@ class NxdiBackend(NeuronBackend):
             kwargs["quantization_dtype"] = self.quant.dtype
             kwargs["quantized_checkpoints_path"] = (self._user_checkpoint_path()
                                                     or QUANTIZED_CHECKPOINT_DIR)
-        lora = self._lora_config(kwargs.pop("lora_config", None))
+        kwargs.pop("lora_config", None)
+        lora = self._lora_config()
         if lora is not None:
             kwargs["lora_config"] = lora
         neuron_config = self.model_cls.get_neuron_config_cls()(**kwargs)
@@ -294,30 +439,27 @@ class NxdiBackend(NeuronBackend):
             **hf_compat_kwargs(self.hf_config),
         )
 
-    def _lora_config(self, lora_config: Any):
-        """``lora_config`` (NxDI's key) plus vLLM's lora_modules/target_modules -> one
-        LoraServingConfig, or None without LoRA."""
-        adapters = parse_lora_modules(self.neuron_config.get("lora_modules"))
-        if lora_config is None and not adapters:
+    def _lora_config(self):
+        """The neuron config's LoRA (``lora_serving_kwargs``) as NxDI's
+        LoraServingConfig, or None without LoRA. The class itself must take the keys
+        LoRA needs (fails closed where its source could not be read)."""
+        args = lora_serving_kwargs(self.neuron_config)
+        if args is None:
             return None
         from neuronx_distributed_inference.modules.lora_serving import LoraServingConfig
 
-        if isinstance(lora_config, LoraServingConfig):
-            return lora_config
-        args = dict(lora_config or {})
-        if adapters:
-            paths = _ckpt_paths_dict(args.get("lora_ckpt_paths"))
-            paths.update(adapters)
-            args["lora_ckpt_paths"] = paths
-            args.setdefault("max_loras", len(paths))
-        targets = self.neuron_config.get("target_modules")
-        if targets is not None:
-            args.setdefault("target_modules", list(targets))
+        params = inspect.signature(LoraServingConfig).parameters
+        missing = [k for k in LORA_NEEDS if k not in params]
+        if missing:
+            raise nc.NeuronConfigError(
+                f"LoRA adapters need {LORA_RELEASE}: the installed NxDI's LoraServingConfig "
+                f"takes no {' or '.join(missing)}; install a newer Neuron SDK")
         return LoraServingConfig(**args)
 
     @property
-    def lora_enabled(self) -> bool:
-        return getattr(self.config.neuron_config, "lora_config", None) is not None
+    def _lora(self):
+        """The compiled LoraServingConfig, None without LoRA."""
+        return getattr(self.config.neuron_config, "lora_config", None)
 
     @property
     def vocab_size(self) -> int:
@@ -384,6 +526,83 @@ class NxdiBackend(NeuronBackend):
                         "as NxDI's inference_demo does",
                         " ".join(f"{k}={v}" for k, v in missing.items()))
 
+    # -- LoRA adapters ------------------------------------------------------------------------
+    def init_lora(self, max_loras: int, max_lora_rank: int, max_cpu_loras: int) -> None:
+        """Check the compiled LoraServingConfig serves vLLM's settings (precompiled
+        artifacts may carry another one)."""
+        lora = self._lora
+        if lora is None:
+            raise RuntimeError(
+                "vLLM's LoRA is on but the NxDI model was compiled without lora_config (a "
+                "NEURON_COMPILED_ARTIFACTS folder's config wins over vLLM's arguments): "
+                "compile it again with enable_lora")
+        if self.model is None or not self.loaded:
+            raise RuntimeError("init_lora() must run after load()")
+        base = int(bool(lora.enable_base_model_only))
+        slots = lora.max_loras - base  # the dummy takes a device slot and a host slot,
+        host = lora.max_cpu_loras - base - len(lora.lora_ckpt_paths_cpu)  # start-up ones too
+        wrong = []
+        if not (lora.dynamic_multi_lora and base):
+            wrong.append("it lacks dynamic_multi_lora and enable_base_model_only")
+        if slots < max_loras:
+            wrong.append(f"{slots} device adapter slots < max_loras={max_loras}")
+        if lora.max_lora_rank < max_lora_rank:
+            wrong.append(f"max_lora_rank {lora.max_lora_rank} < {max_lora_rank}")
+        if host < max_cpu_loras:
+            wrong.append(f"{host} host adapter slots < max_cpu_loras={max_cpu_loras}")
+        if wrong:
+            raise ValueError(
+                f"the NxDI model was compiled with a LoRA config that cannot serve vLLM's "
+                f"({'; '.join(wrong)}): compile again (a NEURON_COMPILED_ARTIFACTS folder's "
+                "config wins over vLLM's arguments)")
+        self._max_loras = max_loras
+
+    def _lora_manager(self):
+        if self._max_loras is None:
+            raise RuntimeError("init_lora() must run before adapters are used")
+        return self.model.lora_model_manager
+
+    def prepare_adapter(self, spec: AdapterSpec) -> NxdiAdapter:
+        """Stream the adapter into NxDI's CPU cache under a name unique to this load."""
+        manager = self._lora_manager()
+        targets = self._lora.target_modules
+        outside = sorted(spec.modules - set(targets)) if not isinstance(targets, str) else []
+        if outside:
+            raise AdapterError(spec.name, spec.path, (
+                f"adapts {outside}, which the NxDI model was compiled without (target_modules "
+                f"{sorted(targets)}); NxDI would ignore them"))
+        handle = NxdiAdapter(f"{spec.name}#{next(self._loads)}", spec.path, spec.name)
+        if not manager.add_adapter(handle):
+            raise RuntimeError(f"NxDI did not load LoRA adapter '{spec.name}' ({spec.path})")
+        return handle
+
+    def release_adapter(self, handle: NxdiAdapter) -> None:
+        manager = self._lora_manager()
+        try:
+            manager.remove_adapter(manager.convert_adapter_id_to_index(handle.lora_name))
+        except KeyError:  # NxDI's CPU cache dropped it already
+            pass
+
+    def adapter_indices(self, handles: Sequence[NxdiAdapter | None],
+                        live: Collection[NxdiAdapter]) -> torch.Tensor:
+        """NxDI's id of each row's adapter (0: its dummy, the base model). Each adapter
+        is added again first: a no-op while NxDI's CPU cache holds it, a re-read after it
+        was evicted (NxDI cannot bring a streamed adapter back by itself)."""
+        manager = self._lora_manager()
+        step = list(dict.fromkeys(h for h in handles if h is not None))
+        in_flight = set(step) | {h for h in live if h is not None}
+        if len(in_flight) > self._max_loras:
+            raise RuntimeError(
+                f"{len(in_flight)} LoRA adapters in flight (this prefill's and the running "
+                f"requests'), more than max_loras={self._max_loras}: a scheduling bug")
+        index = {}
+        for handle in step:
+            if not manager.add_adapter(handle):
+                raise RuntimeError(f"NxDI did not load LoRA adapter '{handle.name}' "
+                                   f"({handle.lora_path})")
+            index[handle] = manager.convert_adapter_id_to_index(handle.lora_name)
+        return torch.tensor([0 if h is None else index[h] for h in handles], dtype=torch.int32)
+
     # -- run ------------------------------------------------------------------------------------
     def prefill(self, batch: Batch) -> ForwardOutput:
         return self._call(batch)  # NxDI picks its context-encoding graph itself
@@ -403,11 +622,19 @@ class NxdiBackend(NeuronBackend):
             "sampling_params": batch.sampling_params.index_select(0, order),
         }
         ids = batch.input_ids.index_select(0, order)
-        if self.lora_enabled:
-            adapter_ids = batch.adapter_ids
+        lora = self._lora
+        if lora is not None:
+            # A prefill's indices (0: the base model); a decode's are a graph input NxDI
+            # ignores (each seq_id keeps the adapter its prefill bound).
+            adapter_ids = batch.adapter_ids if batch.is_prefill else None
             if adapter_ids is None:
                 adapter_ids = torch.zeros(n, dtype=torch.int32)
             kwargs["adapter_ids"] = adapter_ids.to(torch.int32).index_select(0, order)
+            if batch.is_prefill and ids.shape[1] == 1 and lora.dynamic_multi_lora:
+                # NxDI converts ids to device slots only on a call wider than one token;
+                # NxDI's re-padding cuts the pad (token 0 at position 0) off again.
+                ids = F.pad(ids, (0, 1))
+                kwargs["position_ids"] = F.pad(kwargs["position_ids"], (0, 1))
         if self.architecture == MLLAMA:
             ids = self._mllama_inputs(ids, kwargs, batch.is_prefill)
         output = self.model(ids, **kwargs)

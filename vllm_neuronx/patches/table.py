@@ -20,6 +20,7 @@ from vllm_neuronx.patches import (
     engine_args,
     engine_death,
     error_status,
+    lora_check,
     null_max_tokens,
     queue_bound,
     startup_signal,
@@ -83,6 +84,16 @@ PATCHES: tuple[Patch, ...] = (
           why="an id out of the vocabulary is HTTP 400 naming it",
           until="upstream checks detokenize's ids", wrap=detokenize_ids.checked_ids,
           params=("request", "raw_request")),
+    Patch("lora-check", "vllm.v1.engine.input_processor", "InputProcessor._validate_lora",
+          upstream="checks only that LoRA is enabled; the worker reads the adapter in the "
+                   "step that first uses it, where a bad one kills the engine (a step cannot "
+                   "fail one request)",
+          why="a request's adapter is checked against the model when it arrives: a bad "
+              "offline LoRARequest is a ValueError from LLM.generate naming the adapter, and "
+              "the engine serves on",
+          until="upstream checks adapters before queuing requests, or its worker can fail "
+                "one request",
+          wrap=lora_check.checked_adapter, params=("lora_request",)),
     Patch("best-of", COMPLETION_SERVING,
           "OpenAIServingCompletion.request_output_to_completion_response",
           upstream="returns every candidate",

@@ -18,6 +18,9 @@ class SequenceRow:
     line: int
     token_ids: list[int]  # prompt + generated so far
     sampling_row: tuple[int, float, float]
+    # The backend's handle on its LoRA adapter (lora.pool), None for the base model: kept
+    # from admission, as the KV line is (the line is bound to it at the prefill).
+    adapter: object | None = None
 
 
 @dataclass(slots=True)
@@ -28,6 +31,8 @@ class StepInputs:
     seq_ids: torch.Tensor
     sampling_params: torch.Tensor
     is_prefill: bool
+    # [n] each prefill row's adapter index (backend.adapter_indices), with LoRA on only.
+    adapter_ids: torch.Tensor | None = None
 
 
 def prefill_inputs(rows: Sequence[SequenceRow]) -> StepInputs:

@@ -8,6 +8,10 @@ top_k and top_p is sampled on the device (or, with on-device sampling off, by
 the same rules on the host). A request that needs more is sampled by upstream
 vLLM's sampler from the logits the backend returns (``host_sampler``); the
 device's token for it is not used.
+
+With LoRA on, each request's adapter is taken from the host pool (``lora.pool``) when it
+is admitted and given back when it finishes; a prefill step tells the backend each row's
+adapter (``adapter_indices``), which binds it to the row's KV line for the decode steps.
 """
 
 from __future__ import annotations
@@ -18,6 +22,8 @@ from vllm.v1.outputs import EMPTY_MODEL_RUNNER_OUTPUT, ModelRunnerOutput
 from vllm_neuronx import sampling
 from vllm_neuronx.backends import NeuronBackend
 from vllm_neuronx.log import get_logger
+from vllm_neuronx.lora import peft
+from vllm_neuronx.lora.pool import AdapterPool
 from vllm_neuronx.worker.host_sampler import HostSampler, merge_logprobs
 from vllm_neuronx.worker.inputs import SequenceRow, StepInputs, decode_inputs, prefill_inputs
 from vllm_neuronx.worker.kv_lines import KVLinePool
@@ -48,6 +54,13 @@ class NeuronModelRunner:
                 "vllm.logits_processors plugin) need the logits on the host, but this model "
                 f"returns only device-sampled tokens; {self.capabilities.enable_logits}"
             )
+        self.lora: AdapterPool | None = None
+        lora_config = vllm_config.lora_config
+        if lora_config is not None:
+            max_cpu_loras = lora_config.max_cpu_loras or lora_config.max_loras
+            backend.init_lora(lora_config.max_loras, lora_config.max_lora_rank, max_cpu_loras)
+            dims = peft.ModelDims.from_hf(vllm_config.model_config.hf_text_config)
+            self.lora = AdapterPool(backend, lora_config, dims)
 
     @property
     def _topk_limit(self) -> int:
@@ -63,6 +76,8 @@ class NeuronModelRunner:
         self.requests.pop(req_id, None)
         self.lines.release(req_id)
         self.host.forget(req_id)
+        if self.lora is not None:
+            self.lora.release(req_id)
 
     def _admit(self, req) -> SequenceRow:
         params = req.sampling_params
@@ -75,11 +90,20 @@ class NeuronModelRunner:
                     "request validation should have refused it"
                 )
             self.host.admit(req.req_id, req.prompt_token_ids, params)
+        adapter = None
+        if req.lora_request is not None:
+            if self.lora is None:
+                raise RuntimeError(
+                    f"request {req.req_id} names LoRA adapter {req.lora_request.lora_name!r} "
+                    "but LoRA is not enabled; request validation should have refused it"
+                )
+            adapter = self.lora.acquire(req.req_id, req.lora_request)
         return SequenceRow(
             req.req_id,
             self.lines.allocate(req.req_id),
             list(req.prompt_token_ids),
             sampling.GREEDY_ROW if on_host else self._sampling_row(params),
+            adapter,
         )
 
     def execute_model(self, scheduler_output) -> ModelRunnerOutput | None:
@@ -107,6 +131,8 @@ class NeuronModelRunner:
                 self.requests[req.req_id] = row
                 rows.append(row)
             self._pending = prefill_inputs(rows)
+            if self.lora is not None:
+                self._pending.adapter_ids = self._adapter_ids(rows)
         elif cached.req_ids:
             rows = []
             for req_id, computed in zip(cached.req_ids, cached.num_computed_tokens, strict=True):
@@ -121,6 +147,16 @@ class NeuronModelRunner:
         else:
             self._pending = None
         return None
+
+    def _adapter_ids(self, rows: list[SequenceRow]) -> torch.Tensor:
+        """The backend's adapter index of each prefill row; the adapters of the running
+        requests outside this step keep their slots."""
+        step = {r.req_id for r in rows}
+        live: dict[int, object] = {}
+        for row in self.requests.values():
+            if row.adapter is not None and row.req_id not in step:
+                live[id(row.adapter)] = row.adapter
+        return self.backend.adapter_indices([r.adapter for r in rows], list(live.values()))
 
     def sample_tokens(self, grammar_output=None) -> ModelRunnerOutput:
         """Run the staged step on the backend; one new token per request."""
@@ -139,6 +175,8 @@ class NeuronModelRunner:
                     "validation should have refused it"
                 )
             extra["prompt_logits"] = torch.tensor(wants_prompt)
+        if step.adapter_ids is not None:
+            extra["adapter_ids"] = step.adapter_ids
         out = self.step_times.timed(
             "prefill" if step.is_prefill else "decode", len(step.req_ids), self.backend.forward,
             step.input_ids, step.position_ids, step.seq_ids, step.sampling_params, **extra

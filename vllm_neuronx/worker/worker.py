@@ -104,6 +104,28 @@ class NeuronWorker(WorkerBase):
     def sample_tokens(self, grammar_output):
         return self.model_runner.sample_tokens(grammar_output)
 
+    # -- LoRA adapters: vLLM's utility calls, answered by the runner's host pool ----------
+    # An exception here fails that call only (HTTP 400/404 on the server; the engine
+    # keeps serving).
+    def _adapters(self):
+        pool = getattr(getattr(self, "model_runner", None), "lora", None)
+        if pool is None:
+            raise ValueError("LoRA is not enabled: start the engine with enable_lora=True "
+                             "(--enable-lora)")
+        return pool
+
+    def add_lora(self, lora_request) -> bool:
+        return self._adapters().add(lora_request)
+
+    def remove_lora(self, lora_id: int) -> bool:
+        return self._adapters().remove(lora_id)
+
+    def pin_lora(self, lora_id: int) -> bool:
+        return self._adapters().pin(lora_id)
+
+    def list_loras(self) -> set[int]:
+        return self._adapters().list()
+
     def kv_lines_in_use(self) -> int:
         """KV lines held by running requests (0 once everything finished or aborted)."""
         return self.model_runner.lines_in_use

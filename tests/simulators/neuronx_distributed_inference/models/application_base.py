@@ -10,6 +10,10 @@ Quantized, as NxDI: ``save_quantized_state_dict`` writes the checkpoint NxD's wa
 quantized model whose checkpoint is absent, and compile refuses fp8 without
 XLA_HANDLE_SPECIAL_SCALAR=1. The forward computes with the dequantized weights, so
 the tokens are the quantized model's.
+
+With a ``lora_config``, the application holds NxDI's ``lora_model_manager`` from its
+construction (modules/lora_serving/lora_model.py); load puts the configured adapters in
+it and in the device slots, and lets it stream more.
 """
 
 from __future__ import annotations
@@ -28,6 +32,7 @@ from neuronx_distributed_inference.models.config import (
     quantized_dtype,
     to_plain,
 )
+from neuronx_distributed_inference.modules.lora_serving import LoraModelManager
 
 COMPILED_MODEL_FILE_NAME = "model.pt"
 
@@ -51,6 +56,7 @@ COMPILED_SHAPE_FIELDS = (
     "quantization_dtype",
     "modules_to_not_convert",
     "kv_cache_quant",
+    "lora_config",  # the LoRA modules, their slots and ranks are part of the graphs
 )
 
 PER_TENSOR, PER_CHANNEL = "per_tensor_symmetric", "per_channel_symmetric"
@@ -129,6 +135,8 @@ class NeuronApplicationBase(torch.nn.Module):
         self.model_path = model_path
         self.is_compiled = os.path.isfile(os.path.join(model_path, COMPILED_MODEL_FILE_NAME))
         self.is_loaded_to_neuron = False
+        if self.neuron_config.lora_config is not None:
+            self.lora_model_manager = LoraModelManager(self.neuron_config.lora_config)
 
     @classmethod
     def validate_config(cls, config: InferenceConfig) -> None:

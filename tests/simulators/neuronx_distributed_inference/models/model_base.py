@@ -12,7 +12,18 @@ The forward contract, enforced:
   NxDI's ModelWrapper does: the padding writes junk K/V into the absent lines;
 - a decode row at position p needs its line to hold exactly p tokens, which is
   what a correct runner guarantees (a wrong row-to-seq_id pairing fails here).
-The numbers come from vllm_neuronx's CPU Llama (LlamaModel).
+With a ``lora_config`` (multi-LoRA, NxDI's rules; the LoraModelManager has the ids):
+- a context encoding takes one adapter index per row. In dynamic mode, on a call NxDI
+  deems context encoding (wider than one token), they are NxDI's global ids, turned
+  into device slots by ``lora_model_manager``; otherwise they are the slots themselves
+  (a one-token prompt in dynamic mode therefore uses its global id as a slot, as in
+  NxDI). Slot 0 holds the zero adapter only with ``enable_base_model_only``; without
+  it slot 0 is the first adapter, and it is applied;
+- each prompt binds its KV line to its slot's adapter (NxDI copies the weights into the
+  seq_id's active row); token generation ignores ``adapter_ids`` and applies each line's
+  adapter, so a line keeps its adapter until the next context encoding on it.
+The numbers come from vllm_neuronx's CPU Llama (LlamaModel), the adapters' deltas from
+its LoRA math (backends/cpu/lora.py) on the weights NxDI would load.
 """
 
 from __future__ import annotations
@@ -28,11 +39,18 @@ from neuronx_distributed_inference.modules.generation.sampling import (
     prepare_sampling_params,
     validate_sampling_params,
 )
+from neuronx_distributed_inference.modules.lora_serving.lora_checkpoint import (
+    load_lora_state_dict,
+    module_weights,
+)
 
 MIN_BUCKET = 128
 LM_HEAD_PAD = 96  # simulated vocab padding of gathered logits (output_logits)
 # Documented tp_degree values: trn2 1,2,4,8,16,32,64; inf2 1,2,4,8,24; trn1 1,2,8,16,32.
 SUPPORTED_TP_DEGREES = frozenset({1, 2, 4, 8, 16, 24, 32, 64})
+# The projections a simulated decoder layer has LoRA modules for (NxDI's leaf names).
+LORA_ATTENTION = ("q_proj", "k_proj", "v_proj", "o_proj")
+LORA_MLP = ("gate_proj", "up_proj", "down_proj")
 
 
 def autobuckets(min_length: int, max_length: int) -> list[int]:
@@ -58,6 +76,8 @@ class NeuronBaseForCausalLM(NeuronApplicationBase):
         self._runtime = None
         self._line_len: list[int] = []
         self._generator = torch.Generator().manual_seed(0)
+        self._lora_slots: list = []  # device slots: LoraWeights, or None (zeros)
+        self._line_adapter: list = []  # each KV line's active adapter (None: none)
 
     # -- compile-time checks and shapes ---------------------------------------------------
     def _sim_check_compilable(self) -> None:
@@ -79,6 +99,62 @@ class NeuronBaseForCausalLM(NeuronApplicationBase):
             if getattr(nc, feature):
                 raise NotImplementedError(f"the simulator does not model {feature}")
         self._sim_spec()  # the architecture must be one the simulator computes
+        if nc.lora_config is not None:
+            self._sim_lora_modules()
+
+    def _sim_lora_modules(self) -> list[tuple[int, str, str]]:
+        """(layer, section, proj) of each LoRA module NxDI's wrapper would make."""
+        lora = self.neuron_config.lora_config
+        targets = lora.target_modules
+        if isinstance(targets, str) or not targets:
+            raise ValueError(f"Target modules {targets} not found in the base model. Please "
+                             "check the target modules and try again.")
+        others = sorted(set(targets) - set(LORA_ATTENTION) - set(LORA_MLP))
+        if others:
+            raise NotImplementedError(f"the simulator models LoRA on {LORA_ATTENTION + LORA_MLP} "
+                                      f"only, not {others}")
+        if self.neuron_config.fused_qkv and set(targets) & {"q_proj", "k_proj", "v_proj"}:
+            raise NotImplementedError("the simulator does not model LoRA with fused_qkv")
+        spec = self._sim_spec()
+        modules = []
+        for layer in range(spec.num_layers):
+            modules += [(layer, "self_attn", p) for p in LORA_ATTENTION if p in targets]
+            if not spec.is_moe(layer):
+                modules += [(layer, "mlp", p) for p in LORA_MLP if p in targets]
+        return modules
+
+    def _sim_lora_weights(self, name: str, path: str):
+        """One adapter as NxDI loads it into its LoRA modules (A scaled NxDI's way; NxDI's
+        zero padding to max_lora_rank adds nothing), in the CPU backend's fused layout."""
+        from vllm_neuronx.backends.cpu.lora import LoraWeights
+        from vllm_neuronx.lora.peft import AdapterSpec, ModelDims
+
+        lora = self.neuron_config.lora_config
+        dims = ModelDims.from_hf({k: v for k, v in vars(self.config).items()
+                                  if k != "neuron_config"})
+        scaling, state = load_lora_state_dict(path)
+        found = module_weights(state, scaling)
+        loaded = {}
+        for layer, section, proj in self._sim_lora_modules():
+            pair = found.get((layer, section, proj))
+            if pair is None:
+                continue
+            a, b = pair
+            fan_in, fan_out = dims.shape(proj)
+            rank = a.shape[0]
+            if rank > lora.max_lora_rank or a.shape[1] != fan_in or tuple(b.shape) != (
+                    fan_out, rank):
+                # NxDI copies the checkpoint into a [max_lora_rank, in] / [out, max_lora_rank]
+                # slice: a tensor that does not fit fails the copy.
+                raise RuntimeError(
+                    f"LoRA adapter {name} ({path}): {proj} of layer {layer} has lora_A "
+                    f"{list(a.shape)} and lora_B {list(b.shape)}, the compiled module takes "
+                    f"[<= {lora.max_lora_rank}, {fan_in}] and [{fan_out}, <= "
+                    f"{lora.max_lora_rank}]")
+            loaded[layer, proj] = (a, b)
+        ranks = tuple(sorted((module, pair[0].shape[0]) for module, pair in loaded.items()))
+        spec = AdapterSpec(name=name, path=path, scaling=1.0, ranks=ranks)
+        return LoraWeights.prepare(loaded, spec, dims, self.neuron_config.torch_dtype)
 
     def _sim_buckets(self) -> dict:
         nc = self.neuron_config
@@ -116,6 +192,23 @@ class NeuronBaseForCausalLM(NeuronApplicationBase):
         )
         self._buckets = self._sim_buckets()
         self._line_len = [-1] * nc.kv_cache_batch_size  # -1: nothing valid in the line
+        if nc.lora_config is not None:
+            self._sim_load_adapters()
+
+    def _sim_load_adapters(self) -> None:
+        """NxDI's load: lora_ckpt_paths into the device slots (after the dummy with
+        base-only), the CPU adapters' weights into the manager, every line unbound."""
+        lora = self.neuron_config.lora_config
+        base = int(lora.enable_base_model_only)
+        self._lora_slots = [None] * lora.max_loras
+        loaded = {}
+        for i, (name, path) in enumerate(lora.lora_ckpt_paths.items()):
+            loaded[name] = self._lora_slots[i + base] = self._sim_lora_weights(name, path)
+        if lora.dynamic_multi_lora:
+            cpu = {name: loaded[name] if name in loaded else self._sim_lora_weights(name, path)
+                   for name, path in lora.lora_ckpt_paths_cpu.items()}
+            self.lora_model_manager.init_dynamic_multi_lora(cpu, self)
+        self._line_adapter = [None] * self.neuron_config.kv_cache_batch_size
 
     # -- forward ------------------------------------------------------------------------------
     def forward(
@@ -178,31 +271,55 @@ class NeuronBaseForCausalLM(NeuronApplicationBase):
             )
         if self.on_device_sampling:
             validate_sampling_params(sampling_params, nc.on_device_sampling_config)
-        if nc.lora_config is not None and adapter_ids is not None:
-            ids = [int(a) for a in adapter_ids.reshape(-1)]
-            if len(ids) != n or any(a < 0 or a >= nc.lora_config.max_loras for a in ids):
-                raise ValueError(
-                    f"adapter_ids {ids} must be [{n}] indices in [0, {nc.lora_config.max_loras})"
-                )
-        elif adapter_ids is not None:
+        if nc.lora_config is None and adapter_ids is not None:
             raise ValueError("adapter_ids given to a model compiled without lora_config")
+        if adapter_ids is not None and tuple(adapter_ids.shape) != (n,):
+            raise ValueError(f"adapter_ids must be [{n}], got {tuple(adapter_ids.shape)}")
 
         prefill = int(position_ids.min()) == 0
-        sim.SIM_FORWARDS.append({
+        record = {
             "phase": "prefill" if prefill else "decode",
             "input_ids": input_ids.clone(),
             "position_ids": position_ids.clone(),
             "seq_ids": seq_ids.clone(),
             "sampling_params": sampling_params.clone(),
             "adapter_ids": None if adapter_ids is None else adapter_ids.clone(),
-        })
+        }
+        sim.SIM_FORWARDS.append(record)
         if prefill:
-            logits = self._sim_context_encoding(input_ids, position_ids, lines)
+            adapters = [None] * n
+            if nc.lora_config is not None:
+                slots = self._sim_adapter_slots(input_ids, adapter_ids)
+                record["adapter_slots"] = slots.clone()
+                adapters = [self._lora_slots[int(s)] for s in slots]
+            logits = self._sim_context_encoding(input_ids, position_ids, lines, adapters)
         else:
             logits = self._sim_token_generation(input_ids, position_ids, lines)
         return self._sim_output(logits, sampling_params)
 
-    def _sim_context_encoding(self, input_ids, position_ids, lines) -> torch.Tensor:
+    def _sim_adapter_slots(self, input_ids, adapter_ids) -> torch.Tensor:
+        """A context encoding's adapter_ids -> device slots, NxDI's way."""
+        lora = self.neuron_config.lora_config
+        n = input_ids.shape[0]
+        if lora.dynamic_multi_lora and input_ids.shape[-1] > 1:
+            if adapter_ids is None:
+                raise AttributeError("'NoneType' object has no attribute 'tolist' (NxDI's "
+                                     "dynamic multi-LoRA needs adapter_ids on every context "
+                                     "encoding)")
+            slots = self.lora_model_manager.dynamic_update_weights_for_lora(
+                self._lora_slots, adapter_ids.reshape(-1))
+        else:  # the model wrapper's dummy for None: zeros
+            slots = torch.zeros(n, dtype=torch.int32) if adapter_ids is None else adapter_ids
+        bad = [int(s) for s in slots if not 0 <= int(s) < lora.max_loras]
+        if bad:
+            raise IndexError(f"adapter slots {bad} are outside the {lora.max_loras} compiled "
+                             "LoRA slots (adapter_ids of a call NxDI does not convert are "
+                             "slots, not adapter ids)")
+        return slots.reshape(-1)
+
+    def _sim_context_encoding(self, input_ids, position_ids, lines, adapters) -> torch.Tensor:
+        from vllm_neuronx.backends.cpu.lora import LoraStep
+
         buckets = self._buckets["context"]
         width = input_ids.shape[1]
         if width > buckets[-1]:
@@ -223,11 +340,15 @@ class NeuronBaseForCausalLM(NeuronApplicationBase):
             bucket = first_fit(buckets, length, "prompt length")
             padded = torch.zeros((1, bucket), dtype=torch.long)
             padded[0, :length] = input_ids[row, :length]
+            adapter = adapters[row]
+            lora = None if adapter is None else LoraStep([(adapter, None)])
             result = self._runtime.context_encode(
-                padded, torch.tensor([length]), torch.tensor([line]))
+                padded, torch.tensor([length]), torch.tensor([line]), lora=lora)
             # LlamaModel returns the last-token logits, or (those, per-row prompt logits)
             out.append(result[0] if isinstance(result, tuple) else result)
             self._line_len[line] = length
+            if self._line_adapter:
+                self._line_adapter[line] = adapter  # NxDI copies it into the seq_id's row
         return torch.cat(out)
 
     def _sim_token_generation(self, input_ids, position_ids, lines) -> torch.Tensor:
@@ -260,13 +381,32 @@ class NeuronBaseForCausalLM(NeuronApplicationBase):
             for line in set(range(batch)) - set(lines):
                 if self._line_len[line] > positions[0]:
                     self._line_len[line] = -1
-            logits = self._runtime.token_generate(full_ids, full_pos, torch.arange(batch),
-                                                  bucket)[seq]
+            logits = self._runtime.token_generate(
+                full_ids, full_pos, torch.arange(batch), bucket,
+                lora=self._sim_bound(range(batch)))[seq]
         else:
-            logits = self._runtime.token_generate(ids, pos, seq, bucket)
+            logits = self._runtime.token_generate(ids, pos, seq, bucket,
+                                                  lora=self._sim_bound(lines))
         for line, p in zip(lines, positions, strict=True):
             self._line_len[line] = p + 1
         return logits
+
+    def _sim_bound(self, lines):
+        """Token generation's adapters: each row its line's (adapter_ids play no part)."""
+        from vllm_neuronx.backends.cpu.lora import LoraStep
+
+        if not self._line_adapter:
+            return None
+        rows: dict[int, tuple] = {}
+        for row, line in enumerate(lines):
+            adapter = self._line_adapter[line]
+            if adapter is not None:
+                rows.setdefault(id(adapter), (adapter, []))[1].append(row)
+        if not rows:
+            return None
+        whole = len(rows) == 1 and len(next(iter(rows.values()))[1]) == len(lines)
+        return LoraStep([(adapter, None if whole else torch.tensor(r))
+                         for adapter, r in rows.values()])
 
     def _sim_output(self, logits: torch.Tensor, sampling_params: torch.Tensor):
         if not self.on_device_sampling:
