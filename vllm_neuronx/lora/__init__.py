@@ -2,7 +2,7 @@
 
   peft.py       the PEFT adapter folder, pure: its checks (``inspect``, JSON and the
                 safetensors header only) and its tensors (``load``)
-  config.py     vLLM's LoRA config -> what a backend is given, and what it refuses
+  config.py     vLLM's LoRA settings no backend honours, refused by name
   pool.py       the worker's host pool of adapters (max_cpu_loras, LRU, pins, users)
   admission.py  the scheduler's rule: at most max_loras adapters among the running and
                 admitted requests, none held forever
