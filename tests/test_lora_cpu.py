@@ -13,7 +13,7 @@ from tests.test_cpu_backend import EVERY_PATH, NATIVE, bf16_backend_without_bf16
 from tests.tiny_families import make_tiny
 from vllm_neuronx import neuron_config as nc
 from vllm_neuronx.backends.cpu import CpuBackend
-from vllm_neuronx.backends.cpu.lora import LoraWeights
+from vllm_neuronx.backends.cpu.lora import FusedDelta, LoraWeights
 from vllm_neuronx.backends.cpu.native import NativeStep
 from vllm_neuronx.backends.protocol import NeuronBackend
 from vllm_neuronx.lora import peft
@@ -32,6 +32,8 @@ def adapters(tiny_llama, tmp_path_factory):
                                 use_rslora=True),
         "qv": make_peft_adapter(tiny_llama, root / "qv", seed=3, targets=("q_proj", "v_proj")),
         "up": make_peft_adapter(tiny_llama, root / "up", seed=4, targets=("up_proj",)),
+        "qvup": make_peft_adapter(tiny_llama, root / "qvup", seed=6, r=MAX_RANK, alpha=8,
+                                  targets=("q_proj", "v_proj", "up_proj")),
     }
 
 
@@ -93,7 +95,7 @@ def test_a_batch_mixing_two_adapters_and_the_base_model_matches_hf_peft(
     b = bf16_backend_without_bf16_units(tiny_llama, tmp_path, monkeypatch, kernel)
     b.init_lora(max_loras=2, max_lora_rank=MAX_RANK, max_cpu_loras=2)
     h1, h2 = prepare(b, "a1", adapters["a1"]), prepare(b, "a2", adapters["a2"])
-    assert b.adapters.max_loras == 2 and h1.parts[0, "qkv"][0].dtype is torch.float32
+    assert b.adapters.max_loras == 2 and h1.parts[0, "qkv"].a.dtype is torch.float32
     handles = [h1, h2, None, h1, None]
     paths = [None if h is None else h.spec.path for h in handles]
     lines = [6, 0, 3, 1, 7]
@@ -105,24 +107,136 @@ def test_a_batch_mixing_two_adapters_and_the_base_model_matches_hf_peft(
 
 
 @pytest.mark.parametrize("kernel", NATIVE)
-def test_steps_without_adapter_rows_stay_native(tiny_llama, adapters, tmp_path, monkeypatch,
-                                                kernel):
-    """LoRA on: a step whose rows all run the base model takes the native step; a step
-    with an adapter row takes the torch path."""
+def test_steps_with_and_without_adapter_rows_run_natively(tiny_llama, adapters, tmp_path,
+                                                          monkeypatch, kernel):
+    """LoRA on: a step whose rows all run the base model takes the native step with no
+    slots (nothing extra to do); a step with an adapter row takes it with each row's
+    slot, prefill and decode, and never the torch path."""
     b = bf16_backend_without_bf16_units(tiny_llama, tmp_path, monkeypatch, kernel)
     b.init_lora(max_loras=2, max_lora_rank=MAX_RANK, max_cpu_loras=2)
     h1 = prepare(b, "a1", adapters["a1"])
     calls = []
-    native_decode = NativeStep.decode  # a slotted class: patched on the class
-    monkeypatch.setattr(NativeStep, "decode",
-                        lambda self, *args: calls.append("native") or native_decode(self, *args))
-    torch_decode = b.model.token_generate
-    b.model.token_generate = lambda *args: calls.append("torch") or torch_decode(*args)
+    for phase in ("prefill", "decode"):  # a slotted class: patched on the class
+        native = getattr(NativeStep, phase)
+        monkeypatch.setattr(NativeStep, phase, lambda self, *args, _phase=phase, _f=native: (
+            calls.append((_phase, None if args[3] is None else args[3].tolist()))
+            or _f(self, *args)))
+    for name in ("token_generate", "context_encode"):
+        torch_step = getattr(b.model, name)
+        setattr(b.model, name, lambda *args, _f=torch_step: calls.append("torch") or _f(*args))
     lora_greedy(b, [[5, 6, 7]], [2], [None], 2)
-    assert calls == ["native"]
+    assert calls == [("prefill", None), ("decode", None)]
     calls.clear()
-    lora_greedy(b, [[5, 6, 7]], [1], [h1], 2)
-    assert calls == ["torch"]
+    lora_greedy(b, [[5, 6, 7], [8, 9]], [1, 3], [h1, None], 2)
+    assert calls == [("prefill", [1, 0]), ("decode", [1, 0])]
+
+
+def lora_batch(b, adapters):
+    """A prefill's worth of rows mixing a1, qvup (q, v and up only, rank 16) and the base
+    model on scattered lines, bound as the backend binds them: the padded prompts, their
+    lengths and lines, and the step's LoraStep."""
+    h1, h2 = prepare(b, "a1", adapters["a1"]), prepare(b, "qvup", adapters["qvup"])
+    prompts = [[5, 6, 7, 8, 9], [10, 11], [12, 13, 14] * 30, [3] * 20, [40, 41, 42]]
+    handles = [h1, h2, None, h2, h1]
+    lines = torch.tensor([6, 0, 3, 1, 7])
+    lengths = torch.tensor([len(p) for p in prompts])
+    ids = torch.zeros((len(prompts), 96), dtype=torch.long)
+    for row, p in enumerate(prompts):
+        ids[row, :len(p)] = torch.tensor(p)
+    lora = b.adapters.bind(lines, b.adapter_indices(handles, ()))
+    assert lora.slots.tolist() == [1, 2, 0, 2, 1]
+    return ids, lengths, lines, lora
+
+
+@pytest.mark.parametrize("kernel", NATIVE)
+def test_native_lora_matches_the_torch_path(tiny_llama, adapters, tmp_path, monkeypatch,
+                                            kernel):
+    """decode_step.c with adapter rows against llama.py's torch path (lora.py's math), on
+    the same bf16 weights, adapters and cache: a prefill and then a decode step mixing a
+    full adapter, one of q, v and up only (the fused k and gate columns untouched) and
+    base rows give the same logits and K/V; base rows get exactly the logits of a step
+    without adapters."""
+    b = bf16_backend_without_bf16_units(tiny_llama, tmp_path, monkeypatch, kernel)
+    b.init_lora(max_loras=2, max_lora_rank=MAX_RANK, max_cpu_loras=2)
+    m, native = b.model, b.native
+    ids, lengths, lines, lora = lora_batch(b, adapters)
+    native.prefill_rows = native.step.max_rows + 1  # native whatever the variant
+    got = native.prefill(ids, lengths, lines, lora.slots)
+    cache = m.k_cache.clone(), m.v_cache.clone()
+    m.k_cache.zero_()
+    m.v_cache.zero_()
+    reference, _ = m.context_encode(ids, lengths, lines, (), lora)
+    torch.testing.assert_close(got, reference, rtol=1e-4, atol=1e-4)
+    for line, n in zip(lines.tolist(), lengths.tolist(), strict=True):
+        for ours, ref in zip(cache, (m.k_cache, m.v_cache), strict=True):
+            torch.testing.assert_close(ours[:, line, :, :n], ref[:, line, :, :n],
+                                       rtol=1e-5, atol=1e-5)
+    base = native.prefill(ids, lengths, lines)
+    assert torch.equal(got[2], base[2]) and not torch.allclose(got[[0, 1, 3, 4]],
+                                                               base[[0, 1, 3, 4]])
+    # a decode step: rows in line order, each with its line's adapter
+    order = lines.argsort()
+    seq_ids, positions = lines[order], lengths[order]
+    tokens = torch.tensor([20, 21, 22, 23, 24])
+    step = b.adapters.bound(seq_ids)
+    assert step.slots.tolist() == lora.slots[order].tolist()
+    m.k_cache.copy_(cache[0])
+    m.v_cache.copy_(cache[1])
+    got = native.decode(tokens, positions, seq_ids, step.slots)
+    after = m.k_cache.clone(), m.v_cache.clone()
+    m.k_cache.copy_(cache[0])
+    m.v_cache.copy_(cache[1])
+    reference = m.token_generate(tokens, positions, seq_ids, 128, step)
+    torch.testing.assert_close(got, reference, rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(after[0], m.k_cache, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(after[1], m.v_cache, rtol=1e-5, atol=1e-5)
+    base_rows = (step.slots == 0).nonzero().flatten()
+    m.k_cache.copy_(cache[0])
+    m.v_cache.copy_(cache[1])
+    base = native.decode(tokens, positions, seq_ids)
+    assert torch.equal(got[base_rows], base[base_rows])
+
+
+@pytest.mark.parametrize("kernel", NATIVE)
+def test_native_lora_descriptors_follow_the_slots(tiny_llama, adapters, tmp_path, monkeypatch,
+                                                  kernel):
+    """Each slot's descriptors point at the adapter AdapterSlots gave it (only the kinds
+    it adapts), are emptied when it leaves, and take the next one; bad slots and bad
+    tensors are refused before native code sees them."""
+    b = bf16_backend_without_bf16_units(tiny_llama, tmp_path, monkeypatch, kernel)
+    b.init_lora(max_loras=2, max_lora_rank=MAX_RANK, max_cpu_loras=3)
+    step = b.native.step
+    assert step.lora_slots == 3 and step._model.lora_rank == 3 * MAX_RANK
+    tables = step._lora
+    h1, qv, up = (prepare(b, n, adapters[n]) for n in ("a1", "qv", "up"))
+    assert b.adapter_indices([h1, qv], ()).tolist() == [1, 2]
+    delta = qv.parts[0, "qkv"]
+    assert tables["qkv"][0][2].a == delta.a.data_ptr() and tables["qkv"][0][2].rank == 16
+    assert tables["qkv"][0][2].parts == 2 and delta.spans.tolist() == [[0, 8, 0, 64],
+                                                                        [8, 16, 96, 128]]
+    assert tables["gate_up"][1][2].rank == 0 and tables["o"][1][1].rank == 8
+    assert all(tables[k][i][0].rank == 0 for k in tables for i in range(2))  # slot 0: base
+    b.release_adapter(qv)
+    assert all(tables[k][i][2].rank == 0 and not tables[k][i][2].a for k in tables
+               for i in range(2))
+    assert b.adapter_indices([up], [h1]).tolist() == [2]
+    assert tables["gate_up"][0][2].bt == up.parts[0, "gate_up"].bt.data_ptr()
+    assert tables["qkv"][0][2].rank == 0
+    with pytest.raises(ValueError, match="slot 3"):
+        step.set_slot(3, h1)
+    bad = prepare(b, "a1", adapters["a1"])
+    a, bt, spans = (getattr(bad.parts[0, "o"], f) for f in ("a", "bt", "spans"))
+    past_columns = torch.tensor([[0, 8, 0, 65]], dtype=torch.int32)
+    for parts in [(a.double(), bt, spans), (a[:, :-1], bt, spans),  # fp64; not [r, 64]
+                  (a.repeat(7, 1), bt.repeat(7, 1), spans),  # rank 56 > 3 x 16
+                  (a, bt, past_columns)]:
+        bad.parts[0, "o"] = FusedDelta(*parts)
+        with pytest.raises(ValueError, match="layer 0 o: the native step needs"):
+            step.set_slot(1, bad)
+    assert tables["o"][0][1].a == h1.parts[0, "o"].a.data_ptr()  # untouched by the refusals
+    x = torch.zeros(1, 64)
+    with pytest.raises(ValueError, match="slots must be"):
+        step(x, torch.tensor([0]), torch.tensor([0]), None, torch.tensor([3]))
 
 
 def test_adapters_of_some_modules_only(tiny_llama, adapters, tmp_path):
@@ -134,11 +248,13 @@ def test_adapters_of_some_modules_only(tiny_llama, adapters, tmp_path):
     qv, up = handles[0], handles[1]
     assert set(qv.parts) == {(0, "qkv"), (1, "qkv")}
     assert set(up.parts) == {(0, "gate_up"), (1, "gate_up")}
-    _, b_qkv = qv.parts[0, "qkv"]
+    b_qkv = qv.parts[0, "qkv"].b
     q, kv = 64, 32  # the tiny model: 4 heads and 2 KV heads of 16
     assert b_qkv.shape == (q + 2 * kv, 16) and not b_qkv[q:q + kv].any()
-    _, b_up = up.parts[0, "gate_up"]
+    assert qv.parts[0, "qkv"].spans.tolist() == [[0, 8, 0, q], [8, 16, q + kv, q + 2 * kv]]
+    b_up = up.parts[0, "gate_up"].b
     assert b_up.shape == (2 * 128, 8) and not b_up[:128].any() and b_up[128:].any()
+    assert up.parts[0, "gate_up"].spans.tolist() == [[0, 8, 128, 256]]
     prompts = PROMPTS[:4]
     paths = [adapters["qv"], adapters["up"], adapters["a1"], None]
     got = lora_greedy(b, prompts, [0, 1, 2, 3], handles, STEPS)

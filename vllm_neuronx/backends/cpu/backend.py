@@ -13,7 +13,8 @@ the contract: static buckets, KV lines indexed by seq_id, sampling on the
 with ``output_logits`` it returns the logits with the tokens (it computes them
 anyway), and, beyond NxDI's contract, the logits of every prompt position on
 request (prompt_logprobs). LoRA adapters (lora.py) are bound to KV lines at prefill
-as NxDI binds them; a step with an adapter row runs on the torch path.
+as NxDI binds them; a step with adapter rows runs natively too (each row's adapter slot
+into decode_step.c), or on the torch path where the native step does not run.
 """
 
 from __future__ import annotations
@@ -291,7 +292,11 @@ class CpuBackend(NeuronBackend):
             raise ValueError(f"max_loras={max_loras}, max_lora_rank={max_lora_rank}, "
                              f"max_cpu_loras={max_cpu_loras}: need 1 <= max_loras <= "
                              "max_cpu_loras and max_lora_rank >= 1")
-        self.adapters = AdapterSlots(max_loras, self.num_lines)
+        on_change = None
+        if self.native is not None:  # its descriptors follow the slots
+            self.native.enable_lora(max_loras, max_lora_rank)
+            on_change = self.native.set_slot
+        self.adapters = AdapterSlots(max_loras, self.num_lines, on_change)
         self.max_lora_rank = max_lora_rank
 
     @property
@@ -340,8 +345,9 @@ class CpuBackend(NeuronBackend):
         else:
             lora = None
         logits, every = None, {}
-        if self.native is not None and not rows and lora is None:
-            logits = self.native.prefill(padded, lengths, batch.seq_ids)
+        if self.native is not None and not rows and (lora is None or lora.slots is not None):
+            logits = self.native.prefill(padded, lengths, batch.seq_ids,
+                                         None if lora is None else lora.slots)
         if logits is None:
             logits, every = self.model.context_encode(padded, lengths, batch.seq_ids, rows,
                                                       lora)
@@ -356,8 +362,9 @@ class CpuBackend(NeuronBackend):
         bucket = nc.pick_bucket(self.token_buckets, int(positions.max()))
         lora = self.adapters.bound(seq_ids) if self.adapters is not None else None
         logits = None
-        if self.native is not None and lora is None:
-            logits = self.native.decode(ids, positions, seq_ids)
+        if self.native is not None and (lora is None or lora.slots is not None):
+            logits = self.native.decode(ids, positions, seq_ids,
+                                        None if lora is None else lora.slots)
         if logits is None:
             logits = self.model.token_generate(ids, positions, seq_ids, bucket, lora)
         return self._sampled(logits, batch)

@@ -21,7 +21,22 @@ enum { WEIGHT_BF16 = 0, WEIGHT_INT8 = 1, WEIGHT_FP8 = 2 };
     X(int, n)                                                                             \
     X(int, k)
 
-/* One layer's tensors. */
+/* One LoRA adapter's delta on one fused matmul [n, k] (lora.py's LoraWeights):
+ * y += (x . A^T) . B^T, the scaling folded into B. B is stored transposed, [rank, n],
+ * so that the second product runs along contiguous output columns (vectors of them,
+ * no horizontal sums). The fused matmuls stack parts (q|k|v, gate|up): each part the
+ * adapter adapts owns a span of its ranks and of the output columns, and B is zero
+ * outside those blocks, so only the blocks are read. rank 0 (a, bt NULL): the adapter
+ * does not adapt this matmul. */
+#define LORA_FIELDS(X)                                                                    \
+    X(const float *, a)            /* [rank, k] fp32 */                                   \
+    X(const float *, bt)           /* [rank, n] fp32 */                                   \
+    X(const int *, spans)          /* [parts][4]: ranks [r0, r1), columns [c0, c1) */     \
+    X(int, rank)                                                                          \
+    X(int, parts)
+
+/* One layer's tensors. LoRA: each fused matmul's deltas, one per adapter slot (slot 0,
+ * the base model, always empty). */
 #define LAYER_FIELDS(X)                                                                   \
     X(const float *, ln1)          /* [hidden] */                                         \
     X(const float *, ln2)                                                                 \
@@ -36,7 +51,11 @@ enum { WEIGHT_BF16 = 0, WEIGHT_INT8 = 1, WEIGHT_FP8 = 2 };
     X(const float *, k_norm)       /* (Qwen3) */                                          \
     X(const struct Weight *, router) /* [experts] columns; NULL in a dense layer */       \
     X(const struct Weight *, expert_gate_up) /* [experts] weights, or NULL */             \
-    X(const struct Weight *, expert_down)
+    X(const struct Weight *, expert_down)                                                 \
+    X(const struct Lora *, lora_qkv) /* [lora_slots] by adapter slot, or NULL (no LoRA) */ \
+    X(const struct Lora *, lora_o)                                                        \
+    X(const struct Lora *, lora_gate_up)                                                  \
+    X(const struct Lora *, lora_down)
 
 /* The model: its shape, then its tensors. */
 #define MODEL_FIELDS(X)                                                                   \
@@ -44,6 +63,8 @@ enum { WEIGHT_BF16 = 0, WEIGHT_INT8 = 1, WEIGHT_FP8 = 2 };
     X(int, layers) X(int, max_len) X(int, window) X(int, vocab)                           \
     X(int, experts) X(int, experts_per_token) X(int, norm_topk) X(int, expert_size)       \
     X(int, kv_fp8)                 /* the KV cache holds e4m3fn bytes, not fp32 */        \
+    X(int, lora_slots)             /* max_loras + 1 (0: no LoRA) */                       \
+    X(int, lora_rank)              /* the widest fused rank a delta may have */           \
     X(float, eps) X(float, scale)                                                         \
     X(const float *, cos)          /* [max_len, head_dim] */                              \
     X(const float *, sin)                                                                 \
@@ -53,6 +74,7 @@ enum { WEIGHT_BF16 = 0, WEIGHT_INT8 = 1, WEIGHT_FP8 = 2 };
 
 #define DECLARE_FIELD(type, name) type name;
 typedef struct Weight { WEIGHT_FIELDS(DECLARE_FIELD) } Weight;
+typedef struct Lora { LORA_FIELDS(DECLARE_FIELD) } Lora;
 typedef struct Layer { LAYER_FIELDS(DECLARE_FIELD) } Layer;
 typedef struct Model { MODEL_FIELDS(DECLARE_FIELD) } Model;
 #undef DECLARE_FIELD
@@ -68,7 +90,7 @@ void matmul_team(const float *restrict x, const Weight *w, float *restrict y, in
 /* e4m3fn of x: round to nearest even, saturated at +-448 (torch's cast of x clamped). */
 uint8_t fp8_from_float(float x);
 
-/* The fields of "Weight", "Layer" or "Model", ending with a NULL name; *size gets the
+/* The fields of "Weight", "Lora", "Layer" or "Model", ending with a NULL name; *size gets the
  * struct's. */
 const FieldLayout *struct_layout(const char *which, long *size);
 

@@ -297,12 +297,24 @@ class PackedMatmul:
         return out
 
 
+class Lora(ctypes.Structure):
+    """kernels.h's ``Lora``, as ctypes sees it (checked at load: ``check_layout``)."""
+
+    _fields_ = [("a", ctypes.c_void_p), ("bt", ctypes.c_void_p), ("spans", ctypes.c_void_p),
+                ("rank", ctypes.c_int), ("parts", ctypes.c_int)]
+
+
+# The fused matmuls a LoRA adapter adapts, as Layer names their deltas (lora_<kind>).
+LORA_KINDS = ("qkv", "o", "gate_up", "down")
+
+
 class Layer(ctypes.Structure):
     """kernels.h's ``Layer``, as ctypes sees it (checked at load: ``check_layout``)."""
 
     _fields_ = [(name, ctypes.c_void_p) for name in
                 ("ln1", "ln2", "qkv", "o", "gate_up", "down", "k_cache", "v_cache",
-                 "qkv_bias", "q_norm", "k_norm", "router", "expert_gate_up", "expert_down")]
+                 "qkv_bias", "q_norm", "k_norm", "router", "expert_gate_up", "expert_down",
+                 *(f"lora_{kind}" for kind in LORA_KINDS))]
 
 
 class Model(ctypes.Structure):
@@ -312,7 +324,8 @@ class Model(ctypes.Structure):
         *[(name, ctypes.c_int) for name in ("hidden", "intermediate", "heads", "kv_heads",
                                             "head_dim", "layers", "max_len", "window",
                                             "vocab", "experts", "experts_per_token",
-                                            "norm_topk", "expert_size", "kv_fp8")],
+                                            "norm_topk", "expert_size", "kv_fp8",
+                                            "lora_slots", "lora_rank")],
         ("eps", ctypes.c_float),
         ("scale", ctypes.c_float),
         *[(name, ctypes.c_void_p) for name in ("cos", "sin", "norm", "lm_head")],
@@ -329,7 +342,7 @@ class LayoutMismatch(RuntimeError):
     memory, so the library is refused."""
 
 
-def check_layout(lib: ctypes.CDLL, structs=(Weight, Layer, Model)) -> None:
+def check_layout(lib: ctypes.CDLL, structs=(Weight, Lora, Layer, Model)) -> None:
     """Compare each struct's fields (name, offset, size) and size with what the C
     compiler laid out (``struct_layout`` in layout.c)."""
     fn = lib.struct_layout

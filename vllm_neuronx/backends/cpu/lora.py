@@ -4,12 +4,16 @@ The model multiplies q, k and v as one matmul (``qkv``, rows q|k|v) and gate and
 another (``gate_up``). An adapter is laid out the same way, so one ``x·Aᵀ·Bᵀ`` per fused
 matmul adds exactly PEFT's deltas: A stacks the parts' A rows ``[Rq+Rk+Rv, in]``, B is
 block-diagonal ``[q+kv+kv, Rq+Rk+Rv]`` (the rows of a part the adapter lacks are zero),
-and the scaling is folded into B. A step groups its batch rows by adapter and adds each
-group's delta with two small matmuls, whatever the number of rows.
+and the scaling is folded into B. B is kept transposed (``Bᵀ [R, out]``), the layout the
+native step reads (kernels.h's ``Lora``), with the block each part occupies (``spans``).
+A step groups its batch rows by adapter and adds each group's delta with two small
+matmuls, whatever the number of rows; the native step (decode_step.c) does the same
+arithmetic from each row's adapter slot.
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -22,14 +26,33 @@ FUSED = {"qkv": ("q_proj", "k_proj", "v_proj"), "o": ("o_proj",),
          "gate_up": ("gate_proj", "up_proj"), "down": ("down_proj",)}
 
 
+@dataclass(frozen=True, slots=True, eq=False)
+class FusedDelta:
+    """One adapter's delta on one fused matmul: ``out += x·Aᵀ·Bᵀ``."""
+
+    a: torch.Tensor  # [R, in], contiguous
+    bt: torch.Tensor  # Bᵀ [R, out], contiguous, the scaling folded in; zero outside spans
+    # int32 [parts, 4]: for each part the adapter adapts (q, k, v; gate, up), its ranks
+    # [r0, r1) and its output columns [c0, c1), in order.
+    spans: torch.Tensor
+
+    @property
+    def rank(self) -> int:
+        return self.a.shape[0]
+
+    @property
+    def b(self) -> torch.Tensor:
+        """B [out, R] (a view)."""
+        return self.bt.T
+
+
 @dataclass(slots=True, eq=False)
 class LoraWeights:
-    """One adapter in the fused layout: (layer, fused kind) -> (A [R, in], B [out, R]),
-    scaling folded into B, in the backend's compute dtype. A kind it does not adapt is
-    absent (no work)."""
+    """One adapter in the fused layout: (layer, fused kind) -> its ``FusedDelta``, in the
+    backend's compute dtype. A kind it does not adapt is absent (no work)."""
 
     spec: AdapterSpec
-    parts: dict[tuple[int, str], tuple[torch.Tensor, torch.Tensor]]
+    parts: dict[tuple[int, str], FusedDelta]
 
     @classmethod
     def prepare(cls, loaded: dict[tuple[int, str], tuple[torch.Tensor, torch.Tensor]],
@@ -43,16 +66,21 @@ class LoraWeights:
                 if not present:
                     continue
                 a = torch.cat([loaded[layer, p][0] for p in present])
-                b = torch.zeros(sum(dims.shape(p)[1] for p in projs), a.shape[0])
+                bt = torch.zeros(a.shape[0], sum(dims.shape(p)[1] for p in projs))
+                spans = []
                 row = rank = 0
                 for p in projs:
                     out = dims.shape(p)[1]
                     if p in present:
                         part = loaded[layer, p][1]
-                        b[row:row + out, rank:rank + part.shape[1]] = part * spec.scaling
-                        rank += part.shape[1]
+                        r = part.shape[1]
+                        bt[rank:rank + r, row:row + out] = (part * spec.scaling).T
+                        spans.append((rank, rank + r, row, row + out))
+                        rank += r
                     row += out
-                parts[layer, kind] = (a.to(dtype).contiguous(), b.to(dtype).contiguous())
+                parts[layer, kind] = FusedDelta(a.to(dtype).contiguous(),
+                                                bt.to(dtype).contiguous(),
+                                                torch.tensor(spans, dtype=torch.int32))
         return cls(spec, parts)
 
 
@@ -60,9 +88,11 @@ class LoraWeights:
 class LoraStep:
     """One step's adapters: each with the batch rows that use it (None: every row).
     Rows index dimension 0 of the activations ([rows, tokens, features]), so prefill and
-    decode share one code path."""
+    decode share one code path. ``slots``: each row's adapter slot (int32, 0: the base
+    model), what the native step takes, where the step came from slots."""
 
     groups: list[tuple[LoraWeights, torch.Tensor | None]]
+    slots: torch.Tensor | None = None
 
     @classmethod
     def from_slots(cls, indices: torch.Tensor, slots: list[LoraWeights | None]) -> LoraStep | None:
@@ -75,7 +105,7 @@ class LoraStep:
                 continue
             rows = None if len(used) == 1 else (indices == index).nonzero().flatten()
             groups.append((slots[index], rows))
-        return cls(groups) if groups else None
+        return cls(groups, indices.to(torch.int32)) if groups else None
 
     def apply(self, layer: int, kind: str, x: torch.Tensor, out: torch.Tensor) -> None:
         """``out += x·Aᵀ·Bᵀ`` for each group's rows, in place (``out`` is the fused
@@ -84,11 +114,10 @@ class LoraStep:
             part = weights.parts.get((layer, kind))
             if part is None:
                 continue
-            a, b = part
             if rows is None:
-                out += F.linear(F.linear(x, a), b)
+                out += F.linear(x, part.a) @ part.bt
             else:
-                out.index_add_(0, rows, F.linear(F.linear(x.index_select(0, rows), a), b))
+                out.index_add_(0, rows, F.linear(x.index_select(0, rows), part.a) @ part.bt)
 
 
 class AdapterSlots:
@@ -96,10 +125,14 @@ class AdapterSlots:
     to. ``indices`` gives a prefill's adapters slots (a free one, else the least recently
     used one no running request needs); ``bind`` binds each prefill row's line to its
     slot, base rows to none (so a reused line carries no adapter); ``bound`` gives a
-    decode step its lines' adapters, checking that no slot changed hands under a line."""
+    decode step its lines' adapters, checking that no slot changed hands under a line.
+    ``on_change(slot, weights)`` hears each slot that takes an adapter or loses one
+    (None), before the step that uses it (the native step's descriptors follow)."""
 
-    def __init__(self, max_loras: int, num_lines: int) -> None:
+    def __init__(self, max_loras: int, num_lines: int,
+                 on_change: Callable[[int, LoraWeights | None], None] | None = None) -> None:
         self.max_loras = max_loras
+        self.on_change = on_change
         self.slots: list[LoraWeights | None] = [None] * (max_loras + 1)  # 0: the base model
         self.where: dict[LoraWeights, int] = {}
         self.used = [0] * (max_loras + 1)  # the step a slot was last asked for (LRU)
@@ -124,6 +157,8 @@ class AdapterSlots:
             if slot is None:
                 slot = self._take({self.where[h] for h in wanted if h in self.where})
                 self.release(self.slots[slot])
+                if self.on_change is not None:
+                    self.on_change(slot, handle)
                 self.slots[slot], self.where[handle] = handle, slot
                 self.generation[slot] += 1
             self.used[slot] = self.clock
@@ -143,6 +178,8 @@ class AdapterSlots:
         if slot is not None:
             self.slots[slot] = None
             self.generation[slot] += 1
+            if self.on_change is not None:
+                self.on_change(slot, None)
 
     def bind(self, seq_ids: torch.Tensor, adapter_ids: torch.Tensor | None) -> LoraStep | None:
         """A prefill: each row's line bound to its slot's adapter (None: every row base)."""

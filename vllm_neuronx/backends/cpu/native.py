@@ -8,6 +8,11 @@ past ``widen_rows``, sgemm over widened weights is faster). What it declines (bi
 batches, prompt logits) runs on the model's torch path with the same numerics. Models with biases
 other than q/k/v's, heads wider than 256, or an fp8 KV cache with heads not a whole
 number of vectors wide have no native path (``NativeStep.for_model`` is None).
+
+LoRA (``enable_lora``): the step holds, per layer and fused matmul, one descriptor per
+adapter slot (kernels.h's ``Lora``); ``set_slot`` points a slot's descriptors at an
+adapter's tensors (or empties them) when the backend's AdapterSlots moves adapters, and
+each step takes its rows' slots.
 """
 
 from __future__ import annotations
@@ -17,14 +22,17 @@ import ctypes
 import torch
 
 from vllm_neuronx.backends.cpu.kernels import (
+    LORA_KINDS,
     NATIVE_ROWS,
     Layer,
+    Lora,
     Model,
     PackedMatmul,
     PackedWeight,
     Weight,
 )
 from vllm_neuronx.backends.cpu.llama import LlamaModel
+from vllm_neuronx.backends.cpu.lora import FUSED, FusedDelta, LoraWeights
 
 # decode_step.c keeps a head's attention output in registers.
 MAX_HEAD_DIM = 256
@@ -35,8 +43,8 @@ class DecodeStep:
     ``max_rows`` rows in one native call. Holds pointers into the model's tensors, which
     must outlive it."""
 
-    __slots__ = ("_fn", "_model", "_layers", "_scratch", "_weights", "max_rows", "hidden",
-                 "vocab", "max_len", "num_lines")
+    __slots__ = ("_fn", "_lib", "_model", "_layers", "_lora", "_lora_held", "_scratch",
+                 "_weights", "max_rows", "hidden", "vocab", "max_len", "num_lines")
 
     def __init__(self, matmul: PackedMatmul, *, dims: dict[str, int], eps: float,
                  scale: float, tensors: dict[str, torch.Tensor | PackedWeight],
@@ -57,8 +65,9 @@ class DecodeStep:
                 raise ValueError("decode_step needs packed weights and contiguous fp32 tensors")
             return t.data_ptr()
 
-        self._layers = (Layer * len(layers))(
-            *[Layer(*[ptr(layer[name]) for name, _ in Layer._fields_]) for layer in layers]
+        self._layers = (Layer * len(layers))(  # LoRA's tables NULL until enable_lora
+            *[Layer(**{name: ptr(layer[name]) for name, _ in Layer._fields_
+                       if not name.startswith("lora_")}) for layer in layers]
         )
         self._model = Model(**dims, eps=eps, scale=scale,
                             **{name: ptr(tensors[name])
@@ -69,19 +78,92 @@ class DecodeStep:
         lib.decode_scratch_floats.restype = ctypes.c_long
         self._fn = lib.decode_step
         self._fn.argtypes = [ctypes.POINTER(Model), ctypes.c_void_p, ctypes.c_int,
-                             ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int,
-                             ctypes.c_void_p, ctypes.c_void_p]
+                             ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p,
+                             ctypes.c_void_p, ctypes.c_int, ctypes.c_void_p, ctypes.c_void_p]
         self._fn.restype = None
+        self._lib = lib
         self.max_rows, self.hidden, self.vocab = max_rows, dims["hidden"], dims["vocab"]
         self.max_len, self.num_lines = dims["max_len"], layers[0]["k_cache"].shape[0]
-        floats = lib.decode_scratch_floats(ctypes.byref(self._model), max_rows)
-        self._scratch = torch.empty(floats, dtype=torch.float32)
+        # LoRA (enable_lora): per fused kind, each layer's descriptors by slot; what each
+        # slot's descriptors point into (alive as long as they do).
+        self._lora: dict[str, list] = {}
+        self._lora_held: list[LoraWeights | None] = []
+        self._scratch = self._new_scratch()
+
+    def _new_scratch(self) -> torch.Tensor:
+        floats = self._lib.decode_scratch_floats(ctypes.byref(self._model), self.max_rows)
+        return torch.empty(floats, dtype=torch.float32)
+
+    @property
+    def lora_slots(self) -> int:
+        """Adapter slots the step takes (max_loras + 1, slot 0 the base model's); 0: no
+        LoRA."""
+        return self._model.lora_slots
+
+    def _lora_shapes(self) -> dict[str, tuple[int, int]]:
+        """Each fused kind's (in, out) widths."""
+        md = self._model
+        q, kv = md.heads * md.head_dim, md.kv_heads * md.head_dim
+        return {"qkv": (md.hidden, q + 2 * kv), "o": (q, md.hidden),
+                "gate_up": (md.hidden, 2 * md.intermediate), "down": (md.intermediate, md.hidden)}
+
+    def enable_lora(self, max_loras: int, max_rank: int) -> None:
+        """Room for ``max_loras`` adapters of rank up to ``max_rank`` (each part's): one
+        empty descriptor per slot (and slot 0, the base model's) for each layer's fused
+        matmuls, and the scratch for each row's ``x·Aᵀ``."""
+        slots = max_loras + 1
+        self._lora = {kind: [(Lora * slots)() for _ in range(len(self._layers))]
+                      for kind in LORA_KINDS}
+        for kind, tables in self._lora.items():
+            for layer, table in zip(self._layers, tables, strict=True):
+                setattr(layer, f"lora_{kind}", ctypes.addressof(table))
+        self._lora_held = [None] * slots
+        self._model.lora_slots = slots
+        # The widest fused delta stacks every part's ranks (q, k and v).
+        self._model.lora_rank = max_rank * max(len(parts) for parts in FUSED.values())
+        self._scratch = self._new_scratch()
+
+    def set_slot(self, slot: int, weights: LoraWeights | None) -> None:
+        """Point ``slot``'s descriptors at ``weights``' tensors (None: empty them). The
+        tensors are checked here, since native code trusts their shapes."""
+        if not 0 < slot < self.lora_slots:
+            raise ValueError(f"LoRA slot {slot}: the step has slots 1 to "
+                             f"{self.lora_slots - 1} (enable_lora)")
+        shapes = self._lora_shapes()
+        described = {}
+        for kind, tables in self._lora.items():
+            for i in range(len(tables)):
+                part = None if weights is None else weights.parts.get((i, kind))
+                described[kind, i] = Lora() if part is None else \
+                    self._describe(part, *shapes[kind], f"layer {i} {kind}")
+        for (kind, i), desc in described.items():
+            self._lora[kind][i][slot] = desc
+        self._lora_held[slot] = weights
+
+    def _describe(self, part: FusedDelta, k: int, n: int, where: str) -> Lora:
+        rank, parts = part.rank, part.spans.shape[0]
+        ok = (part.a.dtype is part.bt.dtype is torch.float32 and part.a.is_contiguous()
+              and part.bt.is_contiguous() and part.a.shape == (rank, k)
+              and part.bt.shape == (rank, n) and 0 < rank <= self._model.lora_rank
+              and part.spans.dtype is torch.int32 and part.spans.is_contiguous()
+              and part.spans.dim() == 2 and parts > 0 and part.spans.shape[1] == 4)
+        spans = part.spans.tolist() if ok else []
+        if not ok or not all(0 <= r0 < r1 <= rank and 0 <= c0 < c1 <= n
+                             for r0, r1, c0, c1 in spans):
+            raise ValueError(
+                f"LoRA delta of {where}: the native step needs contiguous fp32 A [r, {k}] and "
+                f"Bt [r, {n}] with r in [1, {self._model.lora_rank}], and int32 spans "
+                f"[parts, 4] within them; got A {tuple(part.a.shape)} {part.a.dtype}, Bt "
+                f"{tuple(part.bt.shape)} {part.bt.dtype}, spans {spans or part.spans}")
+        return Lora(part.a.data_ptr(), part.bt.data_ptr(), part.spans.data_ptr(), rank, parts)
 
     def __call__(self, x: torch.Tensor, positions: torch.Tensor, lines: torch.Tensor,
-                 out_rows: torch.Tensor | None = None) -> torch.Tensor:
+                 out_rows: torch.Tensor | None = None,
+                 slots: torch.Tensor | None = None) -> torch.Tensor:
         """x [m, hidden] fp32 (overwritten), positions and lines [m] int64 -> logits of every
         row [m, vocab], or of ``out_rows`` only. Rows of one line at positions 0..n-1 are
-        that line's prefill (decode_step.c)."""
+        that line's prefill (decode_step.c). ``slots``: each row's adapter slot [m] (0: the
+        base model; None: every row's)."""
         m = x.shape[0]
         if not 0 < m <= self.max_rows or x.shape != (m, self.hidden) or \
                 x.dtype is not torch.float32 or not x.is_contiguous():
@@ -102,9 +184,18 @@ class DecodeStep:
                     int(out_rows.max()) >= m:
                 raise ValueError(f"out_rows must be 1 to {m} rows of the {m} given")
             rows_ptr = out_rows.data_ptr()
+        slots_ptr = None
+        if slots is not None:
+            slots = slots.to(torch.int32).contiguous()
+            if slots.shape != (m,) or not self.lora_slots or int(slots.min()) < 0 or \
+                    int(slots.max()) >= self.lora_slots:
+                raise ValueError(f"slots must be one adapter slot per row, in [0, "
+                                 f"{self.lora_slots}) (enable_lora)")
+            slots_ptr = slots.data_ptr()
         logits = torch.empty((n_out, self.vocab), dtype=torch.float32)
         self._fn(ctypes.byref(self._model), x.data_ptr(), m, positions.data_ptr(),
-                 lines.data_ptr(), rows_ptr, n_out, self._scratch.data_ptr(), logits.data_ptr())
+                 lines.data_ptr(), slots_ptr, rows_ptr, n_out, self._scratch.data_ptr(),
+                 logits.data_ptr())
         return logits
 
 
@@ -157,22 +248,33 @@ class NativeStep:
                           tensors=tensors, layers=layers, max_rows=NATIVE_ROWS)
         return cls(model, step, matmul.widen_rows)
 
-    def prefill(self, input_ids: torch.Tensor, lengths: torch.Tensor,
-                seq_ids: torch.Tensor) -> torch.Tensor | None:
-        """Last-token logits [n, vocab] of right-padded prompts [n, width], or None when
-        their real tokens are more rows than the native step is faster at."""
+    def enable_lora(self, max_loras: int, max_rank: int) -> None:
+        self.step.enable_lora(max_loras, max_rank)
+
+    def set_slot(self, slot: int, weights: LoraWeights | None) -> None:
+        """AdapterSlots' ``on_change``: ``slot`` now holds ``weights`` (None: nothing)."""
+        self.step.set_slot(slot, weights)
+
+    def prefill(self, input_ids: torch.Tensor, lengths: torch.Tensor, seq_ids: torch.Tensor,
+                slots: torch.Tensor | None = None) -> torch.Tensor | None:
+        """Last-token logits [n, vocab] of right-padded prompts [n, width] (``slots``: each
+        prompt's adapter slot), or None when their real tokens are more rows than the
+        native step is faster at."""
         if int(lengths.sum()) >= self.prefill_rows:
             return None
         n, t = input_ids.shape
         real = torch.arange(t)[None, :] < lengths[:, None]
         positions = torch.arange(t).expand(n, t)[real]
         lines = seq_ids[:, None].expand(n, t)[real]
+        if slots is not None:  # a prompt's rows share its slot
+            slots = slots[:, None].expand(n, t)[real]
         last = lengths.cumsum(0) - 1
-        return self.step(self.model.embed(input_ids[real]), positions, lines, last)
+        return self.step(self.model.embed(input_ids[real]), positions, lines, last, slots)
 
-    def decode(self, input_ids: torch.Tensor, positions: torch.Tensor,
-               seq_ids: torch.Tensor) -> torch.Tensor | None:
-        """Logits [m, vocab] of one token per row, or None past ``max_rows`` rows."""
+    def decode(self, input_ids: torch.Tensor, positions: torch.Tensor, seq_ids: torch.Tensor,
+               slots: torch.Tensor | None = None) -> torch.Tensor | None:
+        """Logits [m, vocab] of one token per row (``slots``: each row's adapter slot), or
+        None past ``max_rows`` rows."""
         if input_ids.shape[0] > self.step.max_rows:
             return None
-        return self.step(self.model.embed(input_ids), positions, seq_ids)
+        return self.step(self.model.embed(input_ids), positions, seq_ids, None, slots)
