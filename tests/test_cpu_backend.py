@@ -260,8 +260,8 @@ def test_native_decode_step_matches_the_torch_decode(tmp_path, monkeypatch, head
 
 @pytest.mark.parametrize("kernel", NATIVE)
 def test_native_prefill_matches_the_torch_prefill(tmp_path, monkeypatch, kernel):
-    """A small prefill runs as one native step over the prompts' real
-    tokens: the same last-token logits and KV lines as llama.py's padded torch prefill."""
+    """A small prefill runs as one native step over the prompts' real tokens, a bigger one
+    as several: the same last-token logits and KV lines as llama.py's padded torch prefill."""
     from tests.conftest import make_tiny_llama
 
     model = make_tiny_llama(tmp_path / "model", hidden_size=256, num_attention_heads=4,
@@ -288,6 +288,30 @@ def test_native_prefill_matches_the_torch_prefill(tmp_path, monkeypatch, kernel)
                                        rtol=1e-5, atol=1e-5)
     with pytest.raises(ValueError, match="out_rows"):
         step(torch.zeros(2, 256), torch.tensor([0, 1]), torch.tensor([0, 0]), torch.tensor([2]))
+
+    # More tokens in all than one step takes: several native steps of whole prompts
+    # (5 + 2 + 30, then 20, then 25 under a limit of 40), the same logits and KV lines;
+    # a prompt over the limit alone is declined (the torch path takes the batch).
+    prompts = [[5, 6, 7, 8, 9], [10, 11], [12, 13, 14] * 10, [15, 16] * 10, [17] * 25]
+    lengths = torch.tensor([len(p) for p in prompts])
+    ids = torch.zeros((5, 32), dtype=torch.long)
+    for row, p in enumerate(prompts):
+        ids[row, :len(p)] = torch.tensor(p)
+    lines = torch.tensor([0, 2, 3, 5, 6])
+    b.native.prefill_rows, b.native.split_prefills = 40, True
+    m.k_cache.zero_()
+    m.v_cache.zero_()
+    native = b.native.prefill(ids, lengths, lines)
+    native_cache = m.k_cache.clone(), m.v_cache.clone()
+    m.k_cache.zero_()
+    m.v_cache.zero_()
+    reference, _ = m.context_encode(ids, lengths, lines)
+    torch.testing.assert_close(native, reference, rtol=1e-4, atol=1e-4)
+    for line, n in zip(lines.tolist(), lengths.tolist(), strict=True):
+        for cache, ref in zip(native_cache, (m.k_cache, m.v_cache), strict=True):
+            torch.testing.assert_close(cache[:, line, :, :n], ref[:, line, :, :n],
+                                       rtol=1e-5, atol=1e-5)
+    assert b.native.prefill(ids[:1].repeat(1, 2), torch.tensor([40]), lines[:1]) is None
 
 
 @pytest.mark.parametrize("kernel", EVERY_PATH)

@@ -202,7 +202,7 @@ class DecodeStep:
 class NativeStep:
     """The model's steps through ``DecodeStep``, where it can run them."""
 
-    __slots__ = ("model", "step", "prefill_rows")
+    __slots__ = ("model", "step", "prefill_rows", "split_prefills")
 
     def __init__(self, model: LlamaModel, step: DecodeStep, prefill_rows: int | None) -> None:
         self.model = model
@@ -210,6 +210,10 @@ class NativeStep:
         # A prefill of this many tokens or more is faster widened through sgemm (None:
         # never), or more rows than the step's scratch holds.
         self.prefill_rows = min(prefill_rows or step.max_rows + 1, step.max_rows + 1)
+        # Without a sgemm threshold (AVX2) a prefill of more tokens than one step holds
+        # runs as several native steps; with one (AVX-512, measured there before the
+        # split existed) it goes to sgemm as before.
+        self.split_prefills = prefill_rows is None
 
     @classmethod
     def for_model(cls, model: LlamaModel, matmul: PackedMatmul) -> NativeStep | None:
@@ -258,10 +262,26 @@ class NativeStep:
     def prefill(self, input_ids: torch.Tensor, lengths: torch.Tensor, seq_ids: torch.Tensor,
                 slots: torch.Tensor | None = None) -> torch.Tensor | None:
         """Last-token logits [n, vocab] of right-padded prompts [n, width] (``slots``: each
-        prompt's adapter slot), or None when their real tokens are more rows than the
-        native step is faster at."""
-        if int(lengths.sum()) >= self.prefill_rows:
+        prompt's adapter slot), or None when one prompt alone has more tokens than the
+        native step is faster at (or holds). Prompts of more tokens in all than that run
+        as several steps of whole prompts (a prompt's rows attend to its line only) where
+        the variant has no sgemm threshold."""
+        limit = lengths.max() if self.split_prefills else lengths.sum()
+        if int(limit) >= self.prefill_rows:
             return None
+        groups, first, total = [], 0, 0
+        for i, length in enumerate(lengths.tolist()):
+            if total + length >= self.prefill_rows:
+                groups.append(slice(first, i))
+                first, total = i, 0
+            total += length
+        groups.append(slice(first, len(lengths)))
+        return torch.cat([self._prefill(input_ids[g], lengths[g], seq_ids[g],
+                                        None if slots is None else slots[g]) for g in groups])
+
+    def _prefill(self, input_ids: torch.Tensor, lengths: torch.Tensor, seq_ids: torch.Tensor,
+                 slots: torch.Tensor | None) -> torch.Tensor:
+        """One native step over prompts of fewer tokens in all than ``prefill_rows``."""
         n, t = input_ids.shape
         real = torch.arange(t)[None, :] < lengths[:, None]
         positions = torch.arange(t).expand(n, t)[real]
