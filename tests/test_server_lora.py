@@ -1,16 +1,19 @@
-"""Multi-LoRA through the OpenAI-compatible server on the CPU backend: ``--enable-lora
---lora-modules``, the adapter chosen by the request's ``model``, /v1/models listing the
-adapters, runtime load and unload (VLLM_ALLOW_RUNTIME_LORA_UPDATING), and bad adapters
-refused by name (404 for a missing folder, 400 otherwise) while the server keeps serving.
+"""Multi-LoRA through the OpenAI-compatible server on the CPU backend and on the NxDI
+simulator: ``--enable-lora --lora-modules``, the adapter chosen by the request's ``model``,
+/v1/models listing the adapters, runtime load and unload (VLLM_ALLOW_RUNTIME_LORA_UPDATING),
+and bad adapters refused by name (404 for a missing folder, 400 otherwise) while the server
+keeps serving.
 Tokens are checked against HF transformers with PEFT's unmerged adapter."""
 
 from __future__ import annotations
 
 import concurrent.futures
+import os
 
 import pytest
 import requests
 
+from tests.engine_checks import SIMULATORS
 from tests.lora_utils import make_peft_adapter, peft_greedy
 from tests.server_utils import Server, api_server_argv
 
@@ -36,10 +39,18 @@ SERVER_ARGS = ("--max-num-seqs=4", "--max-model-len=128", "--dtype=float32", "--
 RUNTIME = {"VLLM_ALLOW_RUNTIME_LORA_UPDATING": "1"}
 
 
-@pytest.fixture(scope="module")
-def server(tiny_chat_server, adapters):
+@pytest.fixture(scope="module", params=["cpu", "nxdi-simulator"])
+def server(request, tiny_chat_server, adapters, tmp_path_factory):
+    """The server on the CPU backend, and on the NxDI backend over its simulator (NxDI's
+    LoRA id rules, caches and line bindings; tests/simulators), in a process of its own."""
+    env = dict(RUNTIME)
+    if request.param == "nxdi-simulator":
+        env |= {"PYTHONPATH": os.pathsep.join(filter(None, [SIMULATORS,
+                                                             os.environ.get("PYTHONPATH")])),
+                "VLLM_NEURONX_FORCE_BACKEND": "nxdi",
+                "NEURON_COMPILED_ARTIFACTS": str(tmp_path_factory.mktemp("nxdi") / "compiled")}
     return tiny_chat_server(*SERVER_ARGS, "--lora-modules", f"a1={adapters['a1']}",
-                            f"a2={adapters['a2']}", env=RUNTIME)
+                            f"a2={adapters['a2']}", env=env)
 
 
 def complete(server, model: str, prompt=PROMPT, max_tokens: int = 8) -> requests.Response:
