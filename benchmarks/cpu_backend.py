@@ -79,9 +79,11 @@ def time_prefill(backend: CpuBackend, batch: int, vocab: int) -> float:
     return time.perf_counter() - start
 
 
-def time_decode(backend: CpuBackend, batch: int, steps: int, vocab: int) -> float:
-    """Median seconds per decode step of ``batch`` rows at context CONTEXT."""
-    seq_ids = torch.arange(batch)
+def time_decode(backend: CpuBackend, batch: int, steps: int, vocab: int,
+                seq_ids: torch.Tensor | None = None) -> float:
+    """Median seconds per decode step of ``batch`` rows (on lines ``seq_ids``, else the
+    first ``batch``) at context CONTEXT."""
+    seq_ids = torch.arange(batch) if seq_ids is None else seq_ids
     times = []
     for step in range(steps + 2):
         ids = torch.randint(0, vocab, (batch, 1))

@@ -26,10 +26,9 @@ import os
 import statistics
 import sys
 import tempfile
-import time
 
 import torch
-from cpu_backend import CONTEXT, greedy
+from cpu_backend import time_decode
 
 from vllm_neuronx import neuron_config as nc
 from vllm_neuronx.backends.cpu import kernels
@@ -42,19 +41,6 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from tests.lora_utils import make_peft_adapter  # noqa: E402  (the tests' PEFT adapters)
 
 ADAPTERS, RANK = 4, 16
-
-
-def time_steps(b: CpuBackend, seq_ids: torch.Tensor, steps: int, vocab: int) -> float:
-    """Median seconds per decode step of the rows on ``seq_ids``, at context CONTEXT."""
-    n = seq_ids.shape[0]
-    times = []
-    for step in range(steps + 2):
-        ids = torch.randint(0, vocab, (n, 1))
-        pos = torch.full((n, 1), CONTEXT + step)
-        start = time.perf_counter()
-        b.forward(ids, pos, seq_ids, greedy(n))
-        times.append(time.perf_counter() - start)
-    return statistics.median(times[2:])
 
 
 def dense(w: LoraWeights) -> LoraWeights:
@@ -99,22 +85,22 @@ def main() -> None:
 
         def run(kind: str) -> float:
             if kind == "base":
-                return time_steps(b, base_lines, args.steps, b.vocab_size)
+                return time_decode(b, base_lines.shape[0], args.steps, b.vocab_size, base_lines)
             if kind == "torch":
                 b.native = None
                 try:
-                    return time_steps(b, lora_lines, args.steps, b.vocab_size)
+                    return time_decode(b, lora_lines.shape[0], args.steps, b.vocab_size, lora_lines)
                 finally:
                     b.native = native
             if kind == "native-dense":
                 for h, slot in slots.items():
                     native.set_slot(slot, dense_handles[h])
                 try:
-                    return time_steps(b, lora_lines, args.steps, b.vocab_size)
+                    return time_decode(b, lora_lines.shape[0], args.steps, b.vocab_size, lora_lines)
                 finally:
                     for h, slot in slots.items():
                         native.set_slot(slot, h)
-            return time_steps(b, lora_lines, args.steps, b.vocab_size)
+            return time_decode(b, lora_lines.shape[0], args.steps, b.vocab_size, lora_lines)
 
         kinds = ("base", "native", "torch", "native-dense")
         results: dict[str, list[float]] = {k: [] for k in kinds}

@@ -44,7 +44,7 @@ import torch.nn.functional as F
 
 from vllm_neuronx import neuron_config as nc
 from vllm_neuronx import nxdi_keys
-from vllm_neuronx.backends.protocol import Batch, ForwardOutput, NeuronBackend
+from vllm_neuronx.backends.protocol import Batch, ForwardOutput, NeuronBackend, step_adapters
 from vllm_neuronx.log import get_logger
 from vllm_neuronx.lora.peft import TARGETS, AdapterError, AdapterSpec
 from vllm_neuronx.quant_config import FP8_ENV, QuantConfig
@@ -589,12 +589,7 @@ class NxdiBackend(NeuronBackend):
         is added again first: a no-op while NxDI's CPU cache holds it, a re-read after it
         was evicted (NxDI cannot bring a streamed adapter back by itself)."""
         manager = self._lora_manager()
-        step = list(dict.fromkeys(h for h in handles if h is not None))
-        in_flight = set(step) | {h for h in live if h is not None}
-        if len(in_flight) > self._max_loras:
-            raise RuntimeError(
-                f"{len(in_flight)} LoRA adapters in flight (this prefill's and the running "
-                f"requests'), more than max_loras={self._max_loras}: a scheduling bug")
+        step = step_adapters(handles, live, self._max_loras)
         index = {}
         for handle in step:
             if not manager.add_adapter(handle):

@@ -61,6 +61,19 @@ class Batch:
 _INDEX_DTYPES = (torch.int8, torch.uint8, torch.int16, torch.int32, torch.int64)
 
 
+def step_adapters(handles, live, max_loras: int) -> list:
+    """A prefill's distinct adapters in row order (``adapter_indices``' rows: a handle, or
+    None for the base model), after checking that they and ``live`` (the running requests'
+    adapters) fit in ``max_loras`` slots: more is a scheduling bug, never a request's."""
+    step = list(dict.fromkeys(h for h in handles if h is not None))
+    in_flight = set(step) | {h for h in live if h is not None}
+    if len(in_flight) > max_loras:
+        raise RuntimeError(
+            f"{len(in_flight)} LoRA adapters in flight (this prefill's and the running "
+            f"requests'), more than max_loras={max_loras}: a scheduling bug")
+    return step
+
+
 def is_prefill(position_ids: torch.Tensor) -> bool:
     """NxDI's phase rule: a call whose every row starts at position 0 encodes context."""
     return bool((position_ids[:, 0] == 0).all())

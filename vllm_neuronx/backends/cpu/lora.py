@@ -19,6 +19,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
+from vllm_neuronx.backends.protocol import step_adapters
 from vllm_neuronx.lora.peft import AdapterSpec, ModelDims
 
 #: Our fused matmuls and the HF projections stacked in each, in row order.
@@ -145,12 +146,8 @@ class AdapterSlots:
 
     def indices(self, handles, live) -> torch.Tensor:
         """Rows' handles (None: base) -> int32 [n] slot indices, 0 for base rows."""
-        step = list(dict.fromkeys(h for h in handles if h is not None))
+        step = step_adapters(handles, live, self.max_loras)
         wanted = set(step) | {h for h in live if h is not None}
-        if len(wanted) > self.max_loras:
-            raise RuntimeError(
-                f"{len(wanted)} LoRA adapters in flight (this prefill's and the running "
-                f"requests'), more than max_loras={self.max_loras}: a scheduling bug")
         self.clock += 1
         for handle in step:
             slot = self.where.get(handle)
