@@ -108,3 +108,11 @@ def use_simulator(package: str, backend: str, **env: str):
     finally:
         leave_in_process_engine_env(mp)
         forget_module(package, f"vllm_neuronx.backends.{backend}")
+
+
+def use_nxdi_simulator(**env: str):
+    """``use_simulator`` for the NxDI simulator, its recorded state cleared first (another
+    module's compiles and forwards must not count in this one's checks)."""
+    for simulator in use_simulator("neuronx_distributed_inference", "nxdi", **env):
+        simulator.reset_simulator()
+        yield simulator

@@ -18,7 +18,7 @@ import torch
 from vllm import LLM, SamplingParams
 from vllm.lora.request import LoRARequest
 
-from tests.engine_checks import prefill_args, use_simulator
+from tests.engine_checks import prefill_args, use_nxdi_simulator
 from tests.lora_utils import make_peft_adapter, peft_greedy
 from vllm_neuronx import neuron_config as nc
 from vllm_neuronx.lora import peft
@@ -29,9 +29,7 @@ RANK = 8
 
 @pytest.fixture(scope="module", autouse=True)
 def sim():
-    for simulator in use_simulator("neuronx_distributed_inference", "nxdi"):
-        simulator.reset_simulator()
-        yield simulator
+    yield from use_nxdi_simulator()
 
 
 @pytest.fixture(scope="module")

@@ -9,15 +9,13 @@ import pytest
 from vllm import LLM
 from vllm.engine.arg_utils import EngineArgs
 
-from tests.engine_checks import check_greedy_matches_hf, use_simulator
+from tests.engine_checks import check_greedy_matches_hf, use_nxdi_simulator
 from tests.tiny_families import make_tiny
 
 
 @pytest.fixture(scope="module", autouse=True)
 def sim():
-    for simulator in use_simulator("neuronx_distributed_inference", "nxdi"):
-        simulator.reset_simulator()
-        yield simulator
+    yield from use_nxdi_simulator()
 
 
 @pytest.mark.parametrize("family", ["qwen2", "qwen3", "mixtral", "qwen3_moe"])

@@ -18,7 +18,7 @@ from tests.engine_checks import (
     check_aborts_free_lines,
     check_greedy_matches_hf,
     prefill_args,
-    use_simulator,
+    use_nxdi_simulator,
 )
 from vllm_neuronx import neuron_config as nc
 
@@ -27,9 +27,7 @@ MAX_NUM_SEQS = 3
 
 @pytest.fixture(scope="module", autouse=True)
 def sim():
-    for simulator in use_simulator("neuronx_distributed_inference", "nxdi"):
-        simulator.reset_simulator()
-        yield simulator
+    yield from use_nxdi_simulator()
 
 
 @pytest.fixture(scope="module")

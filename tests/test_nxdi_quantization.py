@@ -16,7 +16,7 @@ from safetensors.torch import load_file
 from vllm import LLM, SamplingParams
 
 from tests.conftest import hf_causal_lm, hf_decode_with
-from tests.engine_checks import prefill_args, use_simulator
+from tests.engine_checks import prefill_args, use_nxdi_simulator
 from vllm_neuronx import artifacts
 from vllm_neuronx import neuron_config as nc
 
@@ -27,9 +27,7 @@ PROMPTS = [[5, 6, 7, 8, 9], [10, 11, 12], [13, 14, 15, 16, 17, 18]]
 
 @pytest.fixture(scope="module", autouse=True)
 def sim():
-    for simulator in use_simulator("neuronx_distributed_inference", "nxdi"):
-        simulator.reset_simulator()
-        yield simulator
+    yield from use_nxdi_simulator()
 
 
 @pytest.fixture
