@@ -56,14 +56,13 @@ def test_activation_quantization_on_the_cpu_backend_fails_at_start_up_not_silent
         engine_config(tiny_llama, device="neuron", override_neuron_config=overrides)
 
 
-@pytest.mark.parametrize(("kwargs", "setting", "issue"), [
-    ({"speculative_config": {"method": "ngram", "num_speculative_tokens": 3,
-                             "prompt_lookup_max": 3}}, "speculative_config", 20),
-])
-def test_vllm_features_no_backend_serves_fail_at_start_up(tiny_llama, kwargs, setting, issue):
-    with pytest.raises(ValueError, match=f"{setting}: .* not served by the cpu backend yet "
-                                         rf"\(planned: issue {issue}\)"):
-        engine_config(tiny_llama, **kwargs)
+def test_speculation_is_served_on_cpu_and_nxdi_and_refused_on_tnx(tiny_llama):
+    spec_only = types.SimpleNamespace(lora_config=None, speculative_config=object())
+    unserved.check_vllm_features(spec_only, "cpu")
+    unserved.check_vllm_features(spec_only, "nxdi")
+    with pytest.raises(nc.NeuronConfigError, match="speculative_config: speculative decoding "
+                                                   "is not served by the tnx backend"):
+        unserved.check_vllm_features(spec_only, "tnx")
 
 
 def test_lora_is_served_on_cpu_and_nxdi_and_refused_on_tnx(tiny_llama):

@@ -92,13 +92,16 @@ def package_versions(names: Iterable[str]) -> str:
     return ",".join(versions)
 
 
-def artifact_key(neuron_config: dict, backend: str, backend_version: str, model_path: str) -> str:
+def artifact_key(neuron_config: dict, backend: str, backend_version: str, model_path: str,
+                 draft=None) -> str:
+    """``draft``: fused speculation's ``speculation.Draft`` (compiled into the graph)."""
     payload = json.dumps(
         {
             "neuron_config": neuron_config,
             "backend": backend,
             "backend_version": backend_version,  # with its packages' versions
             "model": model_identity(model_path),
+            **({"draft": [draft.method, model_identity(draft.path)]} if draft else {}),
             # transformers-neuronx reads these at compile time
             "env": {name: os.environ.get(name) for name in COMPILE_ENV},
         },

@@ -15,9 +15,9 @@ def load_backend(
     """Construct the backend, then load its artifacts or compile and store them
     (or, when the cache cannot be written, compile and serve from memory)."""
     cls = backend_class(settings.backend)
-    backend = cls(model_path, settings.neuron_config, seed=seed)
+    backend = cls(model_path, settings.neuron_config, seed=seed, draft=settings.draft)
     key = artifacts.artifact_key(
-        settings.neuron_config, settings.backend, cls.version(), model_path
+        settings.neuron_config, settings.backend, cls.version(), model_path, settings.draft
     )
     folder = artifacts.artifacts_folder(model_path, key)
     foreign = bool(

@@ -99,15 +99,18 @@ def dtype_name(dtype: torch.dtype | str) -> str:
 
 
 def default_neuron_config(
-    *, tp_degree: int, max_num_seqs: int, max_model_len: int, dtype: torch.dtype | str
+    *, tp_degree: int, max_num_seqs: int, max_model_len: int, dtype: torch.dtype | str,
+    speculation_length: int = 0,
 ) -> dict[str, Any]:
-    """The neuron config vLLM derives from its own settings (the user guide's table)."""
+    """The neuron config vLLM derives from its own settings (the user guide's table).
+    With fused speculation a KV line holds k positions past max_model_len
+    (``vllm_neuronx.speculation``)."""
     return {
         "tp_degree": tp_degree,
         "ctx_batch_size": 1,
         "batch_size": max_num_seqs,
         "max_context_length": max_model_len,
-        "seq_len": max_model_len,
+        "seq_len": max_model_len + speculation_length,
         "enable_bucketing": True,
         "is_continuous_batching": True,
         "quantized": False,
@@ -221,7 +224,8 @@ def _check_buckets(name: str, buckets: Any, limit: int, limit_name: str) -> None
         )
 
 
-def validate(cfg: Mapping[str, Any], *, max_num_seqs: int, max_model_len: int) -> None:
+def validate(cfg: Mapping[str, Any], *, max_num_seqs: int, max_model_len: int,
+             speculation_length: int = 0) -> None:
     """Refuse a config that contradicts vLLM's settings or cannot run."""
     for key in ("batch_size", "tp_degree", "seq_len", "max_context_length", "ctx_batch_size"):
         value = cfg.get(key)
@@ -232,9 +236,10 @@ def validate(cfg: Mapping[str, Any], *, max_num_seqs: int, max_model_len: int) -
             f"batch_size={cfg['batch_size']} contradicts max_num_seqs={max_num_seqs}: "
             "each sequence owns one KV line, so set max_num_seqs instead"
         )
-    if cfg["seq_len"] != max_model_len:
+    if cfg["seq_len"] != max_model_len + speculation_length:
+        extra = (f" + speculation_length {speculation_length}" if speculation_length else "")
         raise NeuronConfigError(
-            f"seq_len={cfg['seq_len']} contradicts max_model_len={max_model_len}; "
+            f"seq_len={cfg['seq_len']} contradicts max_model_len={max_model_len}{extra}; "
             "set max_model_len instead"
         )
     if cfg["max_context_length"] > cfg["seq_len"]:
@@ -292,23 +297,38 @@ def resolve_neuron_config(
     dtype: torch.dtype | str,
     overrides: Any = None,
     on_device_sampling_disabled: bool = False,
+    draft: Any = None,
 ) -> dict[str, Any]:
-    """Defaults from vLLM, then the user's overrides, then validation."""
+    """Defaults from vLLM, then the user's overrides, then validation. ``draft``
+    (``speculation.Draft``, or None) adds fused speculation's keys."""
+    from vllm_neuronx import speculation
+
     parsed = parse_overrides(overrides)
     check_known_keys(parsed)
+    k = draft.speculation_length if draft is not None else 0
     cfg = merge_overrides(
         default_neuron_config(
             tp_degree=tp_degree,
             max_num_seqs=max_num_seqs,
             max_model_len=max_model_len,
             dtype=dtype,
+            speculation_length=k,
         ),
         parsed,
     )
+    try:
+        speculation.apply(cfg, parsed, draft)
+    except speculation.SpeculationError as e:
+        raise NeuronConfigError(str(e)) from None
     cfg["torch_dtype"] = dtype_name(cfg["torch_dtype"])
     if on_device_sampling_disabled:
         cfg["on_device_sampling_config"] = None
-    validate(cfg, max_num_seqs=max_num_seqs, max_model_len=max_model_len)
+    if draft is not None and cfg.get("on_device_sampling_config") is None:
+        raise NeuronConfigError(
+            "speculative decoding accepts the draft's tokens on the device, so it needs "
+            "on-device sampling: unset NEURON_ON_DEVICE_SAMPLING_DISABLED and keep "
+            "on_device_sampling_config")
+    validate(cfg, max_num_seqs=max_num_seqs, max_model_len=max_model_len, speculation_length=k)
     return cfg
 
 

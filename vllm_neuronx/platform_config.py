@@ -15,7 +15,7 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass
 from typing import Any
 
-from vllm_neuronx import envs, framework, unserved
+from vllm_neuronx import envs, framework, speculation, unserved
 from vllm_neuronx import neuron_config as nc
 from vllm_neuronx.backends.protocol import SamplingCapabilities
 from vllm_neuronx.lora.config import check_lora_config
@@ -34,6 +34,8 @@ class NeuronSettings:
     sampling: SamplingCapabilities = SamplingCapabilities()
     # The model's embedding rows: a prompt token id at or past it would crash a step.
     vocab_size: int | None = None
+    # Fused speculation's draft model or EAGLE head (vLLM's speculative_config), or None.
+    draft: speculation.Draft | None = None
 
     @classmethod
     def resolve(cls, vllm_config) -> tuple[NeuronSettings, list[str]]:
@@ -46,6 +48,12 @@ class NeuronSettings:
         if choice.warning:
             warnings.append(choice.warning)
         overrides = (vllm_config.additional_config or {}).get(OVERRIDES_KEY)
+        unserved.check_vllm_features(vllm_config, choice.backend)
+        draft = _draft(vllm_config)
+        if draft is not None and vllm_config.lora_config is not None:
+            raise nc.NeuronConfigError(
+                "speculative decoding with LoRA adapters (enable_lora) is not served: the "
+                "fused draft would propose without the adapters; use one or the other")
         cfg = nc.resolve_neuron_config(
             tp_degree=vllm_config.parallel_config.tensor_parallel_size,
             max_num_seqs=vllm_config.scheduler_config.max_num_seqs,
@@ -53,6 +61,7 @@ class NeuronSettings:
             dtype=vllm_config.model_config.dtype,
             overrides=overrides,
             on_device_sampling_disabled=envs.NEURON_ON_DEVICE_SAMPLING_DISABLED,
+            draft=draft,
         )
         backend = backend_class(choice.backend)
         _lora_into_neuron_config(cfg, overrides or {}, vllm_config.lora_config, choice.backend)
@@ -77,7 +86,6 @@ class NeuronSettings:
         quantization = vllm_config.model_config.quantization
         backend.validate(cfg, quantization=quantization)
         unserved.check_neuron_config(cfg, choice.backend)
-        unserved.check_vllm_features(vllm_config, choice.backend)
         check_lora_config(vllm_config.lora_config, vllm_config.model_config.dtype,
                           choice.backend)
         if quantization == "neuron_quant":  # the framework quantizes (and the cache key says so)
@@ -85,7 +93,7 @@ class NeuronSettings:
         device = "neuron" if choice.backend in ("nxdi", "tnx") else "cpu"
         caps = backend.sampling_capabilities(cfg)
         vocab = vllm_config.model_config.get_vocab_size()
-        return cls(choice.framework, choice.backend, device, cfg, caps, vocab), warnings
+        return cls(choice.framework, choice.backend, device, cfg, caps, vocab, draft), warnings
 
     def publish(self, vllm_config) -> None:
         """Write the settings into ``vllm_config`` (and make them this process's)."""
@@ -109,13 +117,27 @@ class NeuronSettings:
             )
         stored = dict(stored)
         stored["sampling"] = SamplingCapabilities(**stored.get("sampling", {}))
+        if stored.get("draft") is not None:
+            stored["draft"] = speculation.Draft(**stored["draft"])
         _CURRENT = cls(**stored)
         return _CURRENT
 
     def align(self, vllm_config) -> None:
         """Make vLLM's scheduler match what was compiled (precompiled artifacts may differ)."""
         vllm_config.scheduler_config.max_num_seqs = self.neuron_config["batch_size"]
-        vllm_config.model_config.max_model_len = self.neuron_config["seq_len"]
+        vllm_config.model_config.max_model_len = (
+            self.neuron_config["seq_len"] - speculation.speculation_length(self.neuron_config))
+
+
+def _draft(vllm_config) -> speculation.Draft | None:
+    """vLLM's speculative_config as the fused draft, or a named error."""
+    from vllm_neuronx.worker.worker import resolve_model_folder
+
+    try:
+        return speculation.from_vllm(vllm_config.speculative_config,
+                                     resolve_folder=resolve_model_folder)
+    except speculation.SpeculationError as e:
+        raise nc.NeuronConfigError(str(e)) from None
 
 
 def _lora_into_neuron_config(cfg: dict, overrides: dict, lora_config, backend: str) -> None:

@@ -114,10 +114,13 @@ class NeuronScheduler(Scheduler):
 
     def _decode_slots(self, allocate, request, num_new_tokens, num_lookahead_tokens=0, **kw):
         """The KV manager's allocate_slots, short-cut for a running request whose one
-        block already holds the new token: the full bookkeeping (about a third of the
-        host's time per decode step at batch 32) would find nothing to allocate."""
-        if not kw and request.num_computed_tokens + num_new_tokens + num_lookahead_tokens <= (
-            self.max_model_len
-        ):
+        block already holds the new tokens: the full bookkeeping (about a third of the
+        host's time per decode step at batch 32) would find nothing to allocate.
+
+        Speculation's lookahead slots are not vLLM's to find: the KV line holds
+        max_model_len + speculation_length positions on the device (speculation.py), and
+        upstream already caps the scheduled tokens at max_model_len. Counting them here
+        would ask for a second block near the end and preempt."""
+        if not kw and request.num_computed_tokens + num_new_tokens <= self.max_model_len:
             return self.kv_cache_manager.empty_kv_cache_blocks
         return allocate(request, num_new_tokens, num_lookahead_tokens=num_lookahead_tokens, **kw)

@@ -33,7 +33,11 @@ class Unserved:
         return f"{self.what} is not served by the {backend} backend yet{later}"
 
 
-_SPECULATION = Unserved("speculative decoding", ALL_BACKENDS, 20)
+# Fused speculation (a draft model or an EAGLE head) is served on nxdi and cpu through
+# vLLM's speculative_config (vllm_neuronx/speculation.py); transformers-neuronx's fused
+# decoders never ran under a V1 runner.
+_SPECULATION = Unserved("speculative decoding", frozenset({"tnx"}), None)
+_MEDUSA = Unserved("Medusa heads and token trees", ALL_BACKENDS, None)
 _BLOCK_KV = Unserved("prefix caching, block KV layout and chunked prefill", ALL_BACKENDS, 21)
 _ASYNC = Unserved("async mode", ALL_BACKENDS, 23)
 # LoRA is served on nxdi and cpu through vLLM's own settings (enable_lora, max_loras...,
@@ -54,9 +58,11 @@ _ACTIVATION_QUANTIZATION = Unserved("activation quantization and quantized kerne
 UNSERVED_KEYS: dict[str, Unserved] = {
     **dict.fromkeys(
         ("speculation_length", "enable_fused_speculation", "enable_eagle_speculation",
-         "is_eagle_draft", "is_eagle3", "token_tree_config", "is_medusa",
-         "medusa_speculation_length", "medusa_tree"),
+         "is_eagle_draft", "is_eagle3"),
         _SPECULATION),
+    **dict.fromkeys(
+        ("token_tree_config", "is_medusa", "medusa_speculation_length", "medusa_tree"),
+        _MEDUSA),
     **dict.fromkeys(
         ("is_prefix_caching", "is_block_kv_layout", "chunked_prefill_config"), _BLOCK_KV),
     "async_mode": _ASYNC,

@@ -48,6 +48,7 @@ from vllm_neuronx.backends.protocol import Batch, ForwardOutput, NeuronBackend, 
 from vllm_neuronx.log import get_logger
 from vllm_neuronx.lora.peft import TARGETS, AdapterError, AdapterSpec
 from vllm_neuronx.quant_config import FP8_ENV, QuantConfig
+from vllm_neuronx.speculation import Draft
 
 logger = get_logger(__name__)
 
@@ -300,8 +301,9 @@ class NxdiBackend(NeuronBackend):
     framework = "neuronx-distributed-inference"
     architectures = tuple(MODEL_CLASSES)
 
-    def __init__(self, model_path: str, neuron_config: dict, *, seed: int = 0) -> None:
-        super().__init__(model_path, neuron_config, seed=seed)
+    def __init__(self, model_path: str, neuron_config: dict, *, seed: int = 0,
+                 draft: Draft | None = None) -> None:
+        super().__init__(model_path, neuron_config, seed=seed, draft=draft)
         self.validate(neuron_config)
         self.quant = QuantConfig.from_neuron_config(neuron_config)
         self.hf_config = read_hf_config(model_path)

@@ -27,6 +27,7 @@ from vllm_neuronx import sampling
 
 if TYPE_CHECKING:
     from vllm_neuronx.lora.peft import AdapterSpec
+    from vllm_neuronx.speculation import Draft
 
 
 @dataclass(slots=True)
@@ -38,6 +39,10 @@ class ForwardOutput:
     # Only when forward was called with prompt_logits: per row, [len, vocab] float32
     # logits of every prompt position for the rows asked, None for the others.
     prompt_logits: list[torch.Tensor | None] | None = None
+    # Fused speculation's decode steps only: [n, k] int64, each row's accepted tokens
+    # (1..k of them, in order) then -1. ``tokens`` is then column 0 and ``logits`` the
+    # target's logits for that first token.
+    spec_tokens: torch.Tensor | None = None
 
 
 @dataclass(slots=True)
@@ -112,10 +117,14 @@ class NeuronBackend(abc.ABC):
     #: HF architectures this backend serves (checked when vLLM's config is resolved).
     architectures: ClassVar[tuple[str, ...]] = ()
 
-    def __init__(self, model_path: str, neuron_config: dict[str, Any], *, seed: int = 0) -> None:
+    def __init__(self, model_path: str, neuron_config: dict[str, Any], *, seed: int = 0,
+                 draft: Draft | None = None) -> None:
         self.model_path = model_path
         self.neuron_config = neuron_config
         self.seed = seed
+        # Fused speculation (vllm_neuronx/speculation.py): what proposes the tokens; the
+        # neuron config carries speculation_length. None: one token per decode row.
+        self.draft = draft
         self.loaded = False
 
     # -- checks before anything is built ------------------------------------------
@@ -261,8 +270,10 @@ class NeuronBackend(abc.ABC):
             if input_ids.shape[1] != 1:
                 raise ValueError("decode rows take one token each; prefill rows (positions "
                                  "from 0) and decode rows must not be mixed in one call")
-            if int(position_ids.min()) < 0 or int(position_ids.max()) >= self.max_length:
-                raise ValueError(f"decode positions must be in [0, {self.max_length})")
+            # A fused speculation step writes positions p .. p+k-1 (k = 1 without it).
+            last = self.max_length - max(1, self.speculation_length)
+            if int(position_ids.min()) < 0 or int(position_ids.max()) > last:
+                raise ValueError(f"decode positions must be in [0, {last}]")
         topk = self.global_topk
         if topk is not None:
             sampling.validate_sampling_tensor(sampling_params, topk, n)
@@ -323,5 +334,12 @@ class NeuronBackend(abc.ABC):
 
     @property
     def max_length(self) -> int:
-        """Positions per KV line (max_model_len)."""
+        """Positions per KV line (max_model_len, plus speculation_length with it)."""
         return int(self.neuron_config["seq_len"])
+
+    @property
+    def speculation_length(self) -> int:
+        """NxDI's k: the most tokens a decode step yields per row (0: no speculation)."""
+        from vllm_neuronx import speculation
+
+        return speculation.speculation_length(self.neuron_config)

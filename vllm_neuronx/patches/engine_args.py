@@ -8,11 +8,19 @@ the overrides travel in ``additional_config["override_neuron_config"]``, the
 channel vLLM gives platforms. ``tensor_parallel_size`` becomes the backend's
 ``tp_degree`` and vLLM's own world size stays 1, since NxDI runs tensor
 parallelism inside one process.
+
+A ``speculative_config`` naming a draft ``model`` without a ``method`` gets
+``"draft_model"``: vLLM 0.16 detects EAGLE, Medusa and MTP heads but raises
+NotImplementedError ("Unsupported speculative method: 'None'") for a plain draft model,
+although its own comment says an undetected model is a draft model (later releases do
+so). Heads it detects keep no method, so it still detects them.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
+import os
 from typing import Any
 
 from vllm_neuronx import neuron_config as nc
@@ -44,6 +52,33 @@ def neuronize(engine_args, device: Any = None, overrides: Any = None) -> None:
     engine_args.additional_config = additional
     if engine_args.max_num_seqs is None:
         engine_args.max_num_seqs = DEFAULT_MAX_NUM_SEQS
+    spec = engine_args.speculative_config
+    if isinstance(spec, dict) and spec.get("model") and not spec.get("method") and \
+            not _detected_head(str(spec["model"])):
+        engine_args.speculative_config = {**spec, "method": "draft_model"}
+
+
+# What vLLM 0.16's SpeculativeConfig detects by itself: names, and model types (with
+# its MTP types).
+_DETECTED_NAMES = ("eagle-", "eagle3")
+_DETECTED_TYPES = ("medusa", "mlp_speculator")
+
+
+def _detected_head(model: str) -> bool:
+    """Whether vLLM detects the speculative method of ``model`` itself (an EAGLE, Medusa,
+    MLP-speculator or MTP head), by its name or its local config's model_type."""
+    from typing import get_args
+
+    from vllm.config.speculative import MTPModelTypes
+
+    if any(name in model.lower() for name in _DETECTED_NAMES):
+        return True
+    try:
+        with open(os.path.join(model, "config.json")) as f:
+            model_type = json.load(f).get("model_type")
+    except (OSError, ValueError, AttributeError):
+        return False
+    return model_type in _DETECTED_TYPES or model_type in get_args(MTPModelTypes)
 
 
 def json_object(text: str) -> dict:

@@ -33,6 +33,9 @@ class StepInputs:
     is_prefill: bool
     # [n] each prefill row's adapter index (backend.adapter_indices), with LoRA on only.
     adapter_ids: torch.Tensor | None = None
+    # Fused speculation's decode steps: the most tokens each row may keep (1 + the drafts
+    # vLLM scheduled for it), in row order.
+    keep: list[int] | None = None
 
 
 def prefill_inputs(rows: Sequence[SequenceRow]) -> StepInputs:

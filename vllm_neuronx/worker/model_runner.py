@@ -9,6 +9,15 @@ the same rules on the host). A request that needs more is sampled by upstream
 vLLM's sampler from the logits the backend returns (``host_sampler``); the
 device's token for it is not used.
 
+With fused speculation (``vllm_neuronx.speculation``) a decode step yields 1 to k tokens
+per row. vLLM's scheduler accounts for them as it does for any proposer: after each step
+the runner hands it n = k - 1 placeholder drafts per device-sampled row
+(``take_draft_token_ids``; their values are never read, the device drafts its own), the
+next step schedules 1 + n tokens for the row (fewer near max_model_len), and the runner
+returns at most that many, so upstream's rejected-token count, spec-decode metrics and stop
+checks (EOS, max_tokens inside an accepted run) are its own. Rows sampled on the host get no
+placeholders and keep one token per step (the target's, from the first position's logits).
+
 With LoRA on, each request's adapter is taken from the host pool (``lora.pool``) when it
 is admitted and given back when it finishes; a prefill step tells the backend each row's
 adapter (``adapter_indices``), which binds it to the row's KV line for the decode steps.
@@ -17,7 +26,7 @@ adapter (``adapter_indices``), which binds it to the row's KV line for the decod
 from __future__ import annotations
 
 import torch
-from vllm.v1.outputs import EMPTY_MODEL_RUNNER_OUTPUT, ModelRunnerOutput
+from vllm.v1.outputs import EMPTY_MODEL_RUNNER_OUTPUT, DraftTokenIds, ModelRunnerOutput
 
 from vllm_neuronx import sampling
 from vllm_neuronx.backends import NeuronBackend
@@ -40,6 +49,16 @@ class NeuronModelRunner:
         self.requests: dict[str, SequenceRow] = {}
         self._pending: StepInputs | None = None
         self.step_times = StepTimes()
+        # Fused speculation: vLLM's n (placeholder drafts per row), and the rows of the last
+        # step that get them (take_draft_token_ids).
+        self.num_drafts = max(0, backend.speculation_length - 1)
+        spec = vllm_config.speculative_config
+        if self.num_drafts != (spec.num_speculative_tokens if spec is not None else 0):
+            raise RuntimeError(
+                f"the compiled model speculates {self.num_drafts} tokens per step but vLLM's "
+                f"speculative_config asks for "
+                f"{spec.num_speculative_tokens if spec is not None else 0}")
+        self._drafted: list[str] = []
         # Plain requests with on-device sampling off are sampled by the device's rules.
         self._host_generator = torch.Generator().manual_seed(backend.seed)
         self.host = HostSampler(
@@ -144,9 +163,33 @@ class NeuronModelRunner:
                     )
                 rows.append(row)
             self._pending = decode_inputs(rows)
+            if self.num_drafts:
+                self._pending.keep = self._kept_tokens(self._pending.req_ids, scheduler_output)
         else:
             self._pending = None
         return None
+
+    def _kept_tokens(self, req_ids: list[str], scheduler_output) -> list[int]:
+        """Fused speculation: the tokens each row may keep, 1 + the drafts vLLM scheduled
+        (which it caps near max_model_len); a row sampled on the host keeps one."""
+        drafts = scheduler_output.scheduled_spec_decode_tokens
+        keep = []
+        for req_id in req_ids:
+            n = len(drafts.get(req_id, ()))
+            if scheduler_output.num_scheduled_tokens[req_id] != 1 + n:
+                raise RuntimeError(
+                    f"request {req_id}: {scheduler_output.num_scheduled_tokens[req_id]} tokens "
+                    f"scheduled with {n} drafts; a Neuron decode step takes 1 + the drafts")
+            keep.append(1 if req_id in self.host else 1 + n)
+        return keep
+
+    def take_draft_token_ids(self) -> DraftTokenIds | None:
+        """n placeholder drafts for each device-sampled row of the last step: vLLM then
+        schedules (and accounts for) the tokens the next fused step may yield."""
+        if not self.num_drafts:
+            return None
+        rows, self._drafted = self._drafted, []
+        return DraftTokenIds(rows, [[0] * self.num_drafts for _ in rows])
 
     def _adapter_ids(self, rows: list[SequenceRow]) -> torch.Tensor:
         """The backend's adapter index of each prefill row; the adapters of the running
@@ -200,15 +243,40 @@ class NeuronModelRunner:
             for i, req_id in enumerate(step.req_ids)
             if wants_prompt[i]
         }
-        for req_id, token in zip(step.req_ids, sampled, strict=True):
-            self.requests[req_id].token_ids.append(token)
+        tokens = self._step_tokens(out, step, sampled, host_rows)
+        for req_id, new in zip(step.req_ids, tokens, strict=True):
+            self.requests[req_id].token_ids.extend(new)
+        if self.num_drafts:
+            self._drafted = [r for r in step.req_ids if r not in self.host]
         return ModelRunnerOutput(
             req_ids=step.req_ids,
             req_id_to_index={r: i for i, r in enumerate(step.req_ids)},
-            sampled_token_ids=[[t] for t in sampled],
+            sampled_token_ids=tokens,
             logprobs=logprobs,
             prompt_logprobs_dict=prompt_logprobs,
         )
+
+    @staticmethod
+    def _step_tokens(out, step: StepInputs, sampled: list[int],
+                     host_rows: list[int]) -> list[list[int]]:
+        """Each row's new tokens: one, or a fused speculation step's accepted run (up to the
+        row's ``keep``; a host-sampled row keeps its one host-sampled token)."""
+        if out.spec_tokens is None or step.keep is None:
+            return [[t] for t in sampled]
+        runs = out.spec_tokens.tolist()
+        host = set(host_rows)
+        tokens = []
+        for i, (run, keep) in enumerate(zip(runs, step.keep, strict=True)):
+            if i in host:
+                tokens.append([sampled[i]])
+                continue
+            count = next((j for j, t in enumerate(run) if t < 0), len(run))
+            if count < 1 or run[0] != sampled[i]:
+                raise RuntimeError(
+                    f"fused speculation returned row {i} as {run} with first token "
+                    f"{sampled[i]}: a step yields 1 or more tokens, the first in tokens")
+            tokens.append(run[:min(count, keep)])
+        return tokens
 
     def _device_tokens(self, out, step: StepInputs, host_rows: list[int]) -> list[int]:
         """The device's tokens; with on-device sampling off, the device's rules applied

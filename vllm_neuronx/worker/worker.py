@@ -51,7 +51,7 @@ class NeuronWorker(WorkerBase):
         self.model_runner = NeuronModelRunner(backend, self.vllm_config)
         logger.info(
             "Neuron ready: framework=%s backend=%s device=%s context buckets=%s "
-            "token buckets=%s KV lines=%d x %d tokens dtype=%s kernel=%s artifacts=%s (%s)",
+            "token buckets=%s KV lines=%d x %d tokens dtype=%s kernel=%s%s artifacts=%s (%s)",
             settings.framework,
             settings.backend,
             settings.device,
@@ -61,6 +61,8 @@ class NeuronWorker(WorkerBase):
             settings.neuron_config["seq_len"],
             settings.neuron_config["torch_dtype"],
             backend.kernel,
+            f" speculation={settings.draft.method} k={backend.speculation_length} "
+            f"({settings.draft.path})" if settings.draft else "",
             result.folder,
             "compiled" if result.compiled else "loaded",
         )
@@ -103,6 +105,10 @@ class NeuronWorker(WorkerBase):
 
     def sample_tokens(self, grammar_output):
         return self.model_runner.sample_tokens(grammar_output)
+
+    def take_draft_token_ids(self):
+        """Fused speculation's placeholder drafts for the next step (model_runner.py)."""
+        return self.model_runner.take_draft_token_ids()
 
     # -- LoRA adapters: vLLM's utility calls, answered by the runner's host pool ----------
     # An exception here fails that call only (HTTP 400/404 on the server; the engine

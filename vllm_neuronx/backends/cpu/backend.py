@@ -52,6 +52,7 @@ from vllm_neuronx.backends.protocol import (
 from vllm_neuronx.log import get_logger
 from vllm_neuronx.lora import peft
 from vllm_neuronx.quant_config import QuantConfig
+from vllm_neuronx.speculation import Draft
 
 logger = get_logger(__name__)
 
@@ -126,8 +127,9 @@ class CpuBackend(NeuronBackend):
     framework = "cpu"
     architectures = SUPPORTED_ARCHITECTURES
 
-    def __init__(self, model_path: str, neuron_config: dict, *, seed: int = 0) -> None:
-        super().__init__(model_path, neuron_config, seed=seed)
+    def __init__(self, model_path: str, neuron_config: dict, *, seed: int = 0,
+                 draft: Draft | None = None) -> None:
+        super().__init__(model_path, neuron_config, seed=seed, draft=draft)
         self.spec = LlamaSpec.from_folder(model_path)
         self.validate(neuron_config)
         self.quant = QuantConfig.from_neuron_config(neuron_config)
