@@ -18,6 +18,7 @@ COLUMNS = (
     ("TPOT p50 ms", "median_tpot_ms", "{:.1f}"),
     ("peak RSS MB", "peak_rss_mb", "{:.0f}"),
     ("start s", "start_s", "{:.1f}"),
+    ("spec accept", "acceptance", "{:.2f}"),  # speculating peers: accepted / proposed
 )
 
 

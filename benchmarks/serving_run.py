@@ -12,6 +12,7 @@ import subprocess
 import sys
 import threading
 import time
+import urllib.request
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -259,9 +260,13 @@ def run_bench(server: RunningServer, spec: ServerSpec, workload: Workload, concu
 def bench_server(spec: ServerSpec, workload: Workload, model: str, out_dir: Path) -> list[dict]:
     """Start one server, run every (concurrency, requests) of the workload, stop it."""
     rows = []
+    speculates = "speculative_config" in spec.config
     with serve(spec, out_dir / f"{spec.name}-server.log") as server:
         for concurrency, requests in workload.runs:
+            before = spec_counters(server.port) if speculates else {}
             metrics = run_bench(server, spec, workload, concurrency, requests, model, out_dir)
+            if speculates:
+                metrics |= acceptance(before, spec_counters(server.port))
             rows.append({"peer": spec.name, "concurrency": concurrency, "requests": requests,
                          **metrics, "peak_rss_mb": server.sampler.peak_mb(),
                          "start_s": server.start_s})
@@ -269,6 +274,34 @@ def bench_server(spec: ServerSpec, workload: Workload, model: str, out_dir: Path
             log(f"{spec.name} c={concurrency}: {metrics.get('output_throughput', 0):.1f} "
                 f"output tok/s")
     return rows
+
+
+SPEC_COUNTERS = ("vllm:spec_decode_num_drafts_total", "vllm:spec_decode_num_draft_tokens_total",
+                 "vllm:spec_decode_num_accepted_tokens_total")
+
+
+def spec_counters(port: int) -> dict[str, float]:
+    """vLLM's spec-decode counters from the server's /metrics."""
+    with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=30) as r:
+        return parse_spec_counters(r.read().decode())
+
+
+def parse_spec_counters(text: str) -> dict[str, float]:
+    """SPEC_COUNTERS from Prometheus text, summed over their labels (engines)."""
+    counts = dict.fromkeys(SPEC_COUNTERS, 0.0)
+    for line in text.splitlines():
+        name = line.split("{", 1)[0].split(" ", 1)[0]
+        if name in counts:
+            counts[name] += float(line.rsplit(" ", 1)[1])
+    return counts
+
+
+def acceptance(before: dict, after: dict) -> dict:
+    """One run's acceptance rate (accepted / proposed tokens) and mean accepted proposals
+    per speculating step, from the counters around it."""
+    drafts, proposed, accepted = (after[n] - before[n] for n in SPEC_COUNTERS)
+    return {"acceptance": accepted / proposed if proposed else None,
+            "accepted_per_step": accepted / drafts if drafts else None}
 
 
 def warn_if_short(name: str, metrics: dict, requests: int, output_len: int) -> None:

@@ -35,11 +35,13 @@ def test_table_has_one_row_per_run_and_dashes_for_missing_values():
     rows = [{"peer": "ours", "concurrency": 1, "requests": 8, "output_throughput": 50.0,
              "request_throughput": 0.39, "median_ttft_ms": 80.0, "p99_ttft_ms": 95.0,
              "median_tpot_ms": 19.5, "peak_rss_mb": 1500.0, "start_s": 24.0},
-            {"peer": "hf", "concurrency": 32, "requests": 64, "output_throughput": 10.0}]
+            {"peer": "hf", "concurrency": 32, "requests": 64, "output_throughput": 10.0},
+            {"peer": "ours-spec", "concurrency": 1, "requests": 8, "acceptance": 0.6123}]
     lines = report.format_table(rows).splitlines()
     assert lines[0].startswith("| peer | conc | requests | output tok/s")
-    assert lines[2] == ("| ours | 1 | 8 | 50.0 | 0.390 | 80 | 95 | 19.5 | 1500 | 24.0 |")
-    assert lines[3].endswith("| 10.0 | - | - | - | - | - | - |")
+    assert lines[2] == ("| ours | 1 | 8 | 50.0 | 0.390 | 80 | 95 | 19.5 | 1500 | 24.0 | - |")
+    assert lines[3].endswith("| 10.0 | - | - | - | - | - | - | - |")
+    assert lines[4].endswith("| - | 0.61 |")
 
 
 def test_ratios_divide_ours_by_each_peer_at_the_same_concurrency():
@@ -136,3 +138,17 @@ def test_machine_info_names_the_cpu_its_vector_flags_and_our_kernel_variant(monk
     assert info["cpu_kernel_variant"] == kernels.chosen_name()
     monkeypatch.setenv("VLLM_NEURONX_CPU_KERNEL", "torch")
     assert report.machine_info()["cpu_kernel_variant"] == "torch"
+
+
+def test_speculating_peers_report_one_runs_acceptance_from_the_servers_counters():
+    run = importlib.import_module("serving_run")
+    text = "\n".join([
+        "# HELP vllm:spec_decode_num_drafts_total Number of spec decoding drafts.",
+        'vllm:spec_decode_num_drafts_total{engine="0",model_name="m"} 10.0',
+        'vllm:spec_decode_num_draft_tokens_total{engine="0",model_name="m"} 30.0',
+        'vllm:spec_decode_num_accepted_tokens_total{engine="0",model_name="m"} 12.0',
+        'vllm:spec_decode_num_accepted_tokens_per_pos_total{engine="0",position="0"} 7.0'])
+    before = run.parse_spec_counters("")
+    assert run.acceptance(before, run.parse_spec_counters(text)) == {
+        "acceptance": 0.4, "accepted_per_step": 1.2}
+    assert run.acceptance(before, before) == {"acceptance": None, "accepted_per_step": None}
