@@ -122,11 +122,15 @@ class NeuronSettings:
         _CURRENT = cls(**stored)
         return _CURRENT
 
+    @property
+    def max_model_len(self) -> int:
+        """vLLM's max_model_len as compiled: the KV line, less fused speculation's k."""
+        return self.neuron_config["seq_len"] - speculation.speculation_length(self.neuron_config)
+
     def align(self, vllm_config) -> None:
         """Make vLLM's scheduler match what was compiled (precompiled artifacts may differ)."""
         vllm_config.scheduler_config.max_num_seqs = self.neuron_config["batch_size"]
-        vllm_config.model_config.max_model_len = (
-            self.neuron_config["seq_len"] - speculation.speculation_length(self.neuron_config))
+        vllm_config.model_config.max_model_len = self.max_model_len
 
 
 def _draft(vllm_config) -> speculation.Draft | None:

@@ -97,7 +97,7 @@ def validate_request(engine_input: Any, params: Any) -> None:
     prompt = engine_input.get("prompt_token_ids") if hasattr(engine_input, "get") else None
     if prompt is not None:
         _check_token_ids(prompt, settings.vocab_size)
-        max_len = settings.neuron_config["seq_len"]
+        max_len = settings.max_model_len
         room = max_len - len(prompt)
         if params.max_tokens is not None and 0 < room < params.max_tokens:
             # Upstream would quietly cut the output short; say so instead.

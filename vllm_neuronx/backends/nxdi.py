@@ -19,6 +19,11 @@ with ``save_quantized_state_dict`` before compiling when it is not there yet (as
 NxDI's inference_demo does), by default inside the artifacts folder, and fp8 gets
 the environment NxDI's fp8 graphs need (quant_config.FP8_ENV).
 
+Speculative decoding is NxDI's fused speculation (``fused_spec_config``): the draft's
+config is built from the target's as NxDI's own inference_demo builds it, and a decode
+step's accepted tokens are read from ``fused_outputs`` (``read_fused_outputs``, which
+states what NxDI returns, release by release).
+
 Multi-LoRA is NxDI's dynamic mode with its base-model dummy (``lora_serving_kwargs``):
 an adapter is streamed into NxDI's CPU cache under a name unique to each load
 (``prepare_adapter``), a prefill row's index is NxDI's id for that name (0: the dummy,
@@ -43,8 +48,14 @@ import torch
 import torch.nn.functional as F
 
 from vllm_neuronx import neuron_config as nc
-from vllm_neuronx import nxdi_keys
-from vllm_neuronx.backends.protocol import Batch, ForwardOutput, NeuronBackend, step_adapters
+from vllm_neuronx import nxdi_keys, speculation
+from vllm_neuronx.backends.protocol import (
+    Batch,
+    ForwardOutput,
+    NeuronBackend,
+    SamplingCapabilities,
+    step_adapters,
+)
 from vllm_neuronx.log import get_logger
 from vllm_neuronx.lora.peft import TARGETS, AdapterError, AdapterSpec
 from vllm_neuronx.quant_config import FP8_ENV, QuantConfig
@@ -102,6 +113,97 @@ _LORA_FIXED_WHY = {
                               "base model would get that adapter",
     "base_model_quantized": "it follows the neuron config's quantized",
 }
+
+
+# -- fused speculation: NxDI's side of it --------------------------------------------------------
+# NxDI's EAGLE draft is its Llama decoder with is_eagle_draft (models/llama/modeling_llama.py
+# 894-917, 1155-1166): a head serves Llama-family targets only (Mistral runs on NxDI's Llama).
+EAGLE_ARCHITECTURES = ("LlamaForCausalLM", "MistralForCausalLM")
+EAGLE3_RELEASE = "neuronx-distributed-inference >= 0.7 (Neuron SDK 2.27)"  # is_eagle3
+DRAFT_CLS_RELEASE = "neuronx-distributed-inference >= 0.7 (Neuron SDK 2.27)"  # draft_model_cls
+# fused_outputs[0]'s pad after each row's accepted tokens, from the first NxDI release with it
+# (see read_fused_outputs; NxDI 0.1 had no acceptance in the graph at all).
+FUSED_PAD_BY_RELEASE = {(0, 2): 0, (0, 8): -1}
+SPECULATION_ENABLE_LOGITS = (
+    "turn speculative decoding off (drop speculative_config): NxDI's fused speculation "
+    "samples and accepts on the device and returns only the accepted tokens, so a request "
+    "that needs the logits on the host (penalties, logprobs, seeds, logits processors) "
+    "needs a model compiled without it"
+)
+
+
+def read_fused_outputs(fused: Sequence[torch.Tensor], position_ids: torch.Tensor, k: int,
+                       prefill: bool) -> torch.Tensor:
+    """NxDI's ``fused_outputs`` -> a prefill's tokens [n], or a decode's [n, k] int64: each
+    row's tokens (1..k of them) then -1. Rows in the order they were sent.
+
+    What NxDI's fused speculation (``NeuronFusedSpecModel``, models/model_base.py; lines of
+    main 4bcdc54, v0.3.5591's where they differ) computes and returns:
+
+    - ``speculation_length`` = k is the most tokens one decode step yields, NOT the number
+      of proposals: from a row's token x at position p the draft runs k times (it proposes
+      d_1 .. d_k and writes x, d_1 .. d_{k-1} into its KV at p .. p+k-1; d_k is never
+      used), the target runs once over [x, d_1 .. d_{k-1}] at p .. p+k-1
+      (``_token_gen_forward`` 1812-1929), and ``_tkg_postprocessor`` (2799-2855; v0.3
+      1870-1926) accepts the drafts equal to the target's tokens, contiguously, plus one:
+      1..k tokens, each the target's own (greedy rows: its argmax; sampled rows: its sample,
+      so the output follows the target's distribution). vLLM's num_speculative_tokens is
+      k - 1 (``vllm_neuronx.speculation``).
+    - ``fused_outputs`` = [tokens [n, k] int32, next input ids [n, 1], next attention mask,
+      next position ids [n, 1] int32] + (with output_logits) the draft's and the target's
+      logits (2797, 2855; NxDI's hf_adapter.py 544-551). The next position is p + count,
+      so a row's count is ``fused_outputs[3] - position_ids``, as NxDI's own generation
+      loop reads it (hf_adapter.py 571-573); index 3, not -1, which may be logits.
+    - the tokens past each row's count are ``acceptance_padding_token``: 0 in NxDI 0.2-0.7
+      (Neuron SDK 2.22-2.27; v0.3.5591 model_base.py:997), -1 from 0.8 (SDK 2.28, commit
+      cd3abf3; main model_base.py:1650) (``FUSED_PAD_BY_RELEASE``). 0 is a real token id,
+      so the count, never the pad, says where a row's tokens end.
+    - context encoding returns the same four: [the target's token, then pad] and the prompt
+      lengths (``_cte_postprocessor`` 2756-2797; v0.3 1832-1868), so a prefill's token is
+      ``fused_outputs[0][:, 0]``.
+    - a decode at position p needs p + k within the largest token bucket (the wrapper adds k
+      to the attention mask's width, max(position_ids): model_wrapper.py 831-846, 903-916,
+      model_base.py 3485-3503), hence seq_len = max_model_len + k.
+    A layout that does not fit (NxDI 0.1 returned the drafts and the target's tokens and
+    left acceptance to the caller) fails the checks here rather than yield wrong tokens.
+    """
+    tokens = fused[0] if isinstance(fused, list | tuple) and fused else None
+    n = position_ids.shape[0]
+    if not torch.is_tensor(tokens) or tuple(tokens.shape) != (n, k):
+        raise RuntimeError(
+            f"NxDI's fused_outputs[0] is {None if tokens is None else tuple(tokens.shape)}, "
+            f"expected [{n}, {k}] (speculation_length={k}); is the installed NxDI >= 0.2?")
+    tokens = tokens.to(torch.long)
+    if prefill:
+        if bool((tokens[:, 0] < 0).any()):
+            raise RuntimeError(f"NxDI's fused context encoding returned {tokens[:, 0].tolist()}")
+        return tokens[:, 0].clone()
+    if len(fused) < 4 or fused[3].numel() != n:
+        raise RuntimeError("NxDI's fused_outputs holds no next position ids [n, 1] at index 3")
+    count = fused[3].reshape(n).to(torch.long) - position_ids[:, 0].to(torch.long)
+    if int(count.min()) < 1 or int(count.max()) > k:
+        raise RuntimeError(
+            f"NxDI's fused step yielded {count.tolist()} tokens per row (next position - "
+            f"position), outside 1..speculation_length={k}")
+    keep = torch.arange(k)[None, :] < count[:, None]
+    if bool((tokens[keep] < 0).any()):
+        raise RuntimeError(f"NxDI's fused step accepted negative token ids: {tokens.tolist()}")
+    return torch.where(keep, tokens, torch.full_like(tokens, -1))
+
+
+def _checkpoint_keys(path: str) -> set[str] | None:
+    """The tensor names of a safetensors checkpoint folder (headers only), "model." cut as
+    NxDI's get_state_dict cuts it; None where the folder holds no safetensors."""
+    from safetensors import safe_open
+
+    files = sorted(glob.glob(os.path.join(path, "*.safetensors")))
+    if not files:
+        return None
+    keys: set[str] = set()
+    for f in files:
+        with safe_open(f, "pt") as handle:
+            keys.update(k.removeprefix("model.") for k in handle.keys())
+    return keys
 
 
 def read_hf_config(model_path: str) -> dict[str, Any]:
@@ -309,6 +411,10 @@ class NxdiBackend(NeuronBackend):
         self.hf_config = read_hf_config(model_path)
         self.architecture, module, name = model_class_path(self.hf_config)
         self.model_cls = getattr(importlib.import_module(module), name)
+        self.draft_hf: dict[str, Any] | None = None
+        self.draft_cls = None  # NxDI's application class of a draft of another family
+        if draft is not None or self.speculation_length:
+            self._check_draft()
         self.config = self._inference_config()
         self.model = None  # the NxDI application, once compiled or loaded
         self._max_loras: int | None = None  # vLLM's, from init_lora
@@ -361,6 +467,37 @@ class NxdiBackend(NeuronBackend):
         parse_lora_modules(neuron_config.get("lora_modules"))
         if _lora_asked(neuron_config):
             cls._validate_lora(neuron_config)
+        if speculation.speculation_length(neuron_config):
+            cls._validate_speculation(neuron_config)
+
+    @classmethod
+    def _validate_speculation(cls, neuron_config: dict) -> None:
+        """What NxDI's fused speculation cannot run, named (read_fused_outputs says what it
+        does)."""
+        def refuse(what: str) -> None:
+            raise nc.NeuronConfigError(f"speculative decoding on NxDI: {what}")
+
+        if neuron_config.get("on_device_sampling_config") is None:
+            refuse("it needs on-device sampling (NxDI's fused graph samples and accepts on "
+                   "the device and asserts on_device_sampling_config): unset "
+                   "NEURON_ON_DEVICE_SAMPLING_DISABLED and leave on_device_sampling_config set")
+        if neuron_config.get("output_logits"):
+            refuse("output_logits is not served with it (NxDI's fused graph appends the "
+                   "draft's and the target's logits in a layout that differs between context "
+                   "encoding and decode); remove output_logits")
+        if _lora_asked(neuron_config):
+            refuse("LoRA adapters are not served with it: NxDI's fused graph passes no "
+                   "adapter_ids to the target model, so adapters would be ignored; drop "
+                   "speculative_config or enable_lora")
+        if neuron_config.get("quantized"):
+            refuse("quantized weights are not served with it: NxDI loads the fused draft's "
+                   "weights from its HF folder with the target's quantization settings (the "
+                   "draft config is a copy of the target's), which do not fit; drop quantized "
+                   "or speculative_config")
+        keys = nc.neuron_config_keys()
+        if neuron_config.get("is_eagle3") and "is_eagle3" not in keys.top:
+            refuse(f"method eagle3 needs {EAGLE3_RELEASE}: NeuronConfig of {keys.origin} takes "
+                   "no is_eagle3; install a newer Neuron SDK or use method eagle")
 
     @classmethod
     def _validate_lora(cls, neuron_config: dict) -> None:
@@ -383,6 +520,101 @@ class NxdiBackend(NeuronBackend):
                 "fused_qkv with LoRA: NxDI's LoRA modules match q_proj, k_proj and v_proj "
                 "by name, which a fused QKV projection does not have; remove fused_qkv")
         lora_serving_kwargs(neuron_config)
+
+    @classmethod
+    def sampling_capabilities(cls, neuron_config: dict[str, Any]) -> SamplingCapabilities:
+        """NxDI's (protocol default), but never logits with fused speculation."""
+        if speculation.speculation_length(neuron_config):
+            return SamplingCapabilities(logits=False, prompt_logits=False,
+                                        enable_logits=SPECULATION_ENABLE_LOGITS)
+        return super().sampling_capabilities(neuron_config)
+
+    def _check_draft(self) -> None:
+        """The draft against the neuron config and the target, before anything is built:
+        the neuron config's k is the draft's, and NxDI can build the draft."""
+        draft, k = self.draft, self.speculation_length
+        if draft is None or draft.speculation_length != k:
+            raise nc.NeuronConfigError(
+                f"the neuron config has speculation_length={k} but the draft is {draft}: "
+                "build the neuron config with resolve_neuron_config(draft=...)")
+        if self.architecture == MLLAMA:
+            raise nc.NeuronConfigError(
+                f"speculative decoding is not served for {MLLAMA}: NxDI's Mllama config "
+                "asserts speculation_length == 0; drop speculative_config")
+        self.draft_hf = read_hf_config(draft.path)
+        target_vocab, draft_vocab = self.vocab_size, self.draft_hf.get("vocab_size")
+        if draft.is_eagle:
+            if self.architecture not in EAGLE_ARCHITECTURES:
+                raise nc.NeuronConfigError(
+                    f"speculative_config method {draft.method!r} on NxDI: its EAGLE draft is "
+                    f"its Llama decoder, for {', '.join(EAGLE_ARCHITECTURES)} targets, not "
+                    f"{self.architecture}; use a draft model instead")
+            own_vocab = self.draft_hf.get("draft_vocab_size")
+            if own_vocab not in (None, target_vocab):
+                raise nc.NeuronConfigError(
+                    f"the EAGLE head in {draft.path} has its own vocabulary (draft_vocab_size="
+                    f"{own_vocab}, mapped by d2t): NxDI's EAGLE draft has no such mapping, its "
+                    f"LM head must cover the target's {target_vocab} tokens")
+            keys = _checkpoint_keys(draft.path)
+            tied = keys and self.draft_hf.get("tie_word_embeddings") and (
+                "embed_tokens.weight" in keys)
+            if keys is not None and "lm_head.weight" not in keys and not tied:
+                raise nc.NeuronConfigError(
+                    f"the EAGLE head in {draft.path} has no lm_head.weight: NxDI's EAGLE draft "
+                    "loads its LM head from the head's own checkpoint, not from the target's "
+                    "(aws-neuron-sdk#1143); save the target's lm_head.weight into the head's "
+                    "checkpoint")
+        else:
+            _, module, name = model_class_path(self.draft_hf)
+            cls = getattr(importlib.import_module(module), name)
+            if cls is not self.model_cls:
+                from neuronx_distributed_inference.models.config import FusedSpecNeuronConfig
+
+                if "draft_model_cls" not in inspect.signature(FusedSpecNeuronConfig).parameters:
+                    raise nc.NeuronConfigError(
+                        f"a {name} draft for a {self.model_cls.__name__} target needs "
+                        f"{DRAFT_CLS_RELEASE} (FusedSpecNeuronConfig's draft_model_cls); "
+                        "the installed NxDI builds the draft with the target's class: use a "
+                        "draft of the target's family or install a newer Neuron SDK")
+                self.draft_cls = cls
+        if draft_vocab != target_vocab:
+            raise nc.NeuronConfigError(
+                f"the draft in {draft.path} has vocab_size {draft_vocab}, the target "
+                f"{target_vocab}: fused speculation compares their token ids, so they must "
+                "share the tokenizer")
+
+    def _fused_spec_config(self, config):
+        """NxDI's FusedSpecNeuronConfig for ``self.draft``, as NxDI's inference_demo builds
+        it (main inference_demo.py 500-532; v0.3.5591 383-410): the draft's NeuronConfig is
+        a deep copy of the target's with ``modules_to_not_convert`` from
+        ``draft_model_modules_to_not_convert``, ``speculation_length=0`` (an EAGLE head
+        keeps k: it runs a last time to catch up), ``enable_fused_speculation=False``, and
+        for a head ``is_eagle_draft`` (and sequence parallelism off, v0.3.5591:398); the
+        draft's HF config is loaded from its folder with load_pretrained_config, as the
+        target's; ``worker_cls`` is the target's ``_model_cls``, which builds the draft too
+        unless ``draft_model_cls`` (NxDI >= 0.7) names another family's application."""
+        from neuronx_distributed_inference.models.config import FusedSpecNeuronConfig
+        from neuronx_distributed_inference.utils.hf_adapter import load_pretrained_config
+
+        draft = self.draft
+        neuron_config = copy.deepcopy(config.neuron_config)
+        if getattr(neuron_config, "draft_model_modules_to_not_convert", None):
+            neuron_config.modules_to_not_convert = (
+                neuron_config.draft_model_modules_to_not_convert)
+        if not draft.is_eagle:
+            neuron_config.speculation_length = 0
+        neuron_config.enable_fused_speculation = False
+        if draft.is_eagle:
+            neuron_config.is_eagle_draft = True
+            neuron_config.sequence_parallel_enabled = False
+        draft_config = (self.draft_cls or self.model_cls).get_config_cls()(
+            neuron_config,
+            load_config=load_pretrained_config(draft.path),
+            **hf_compat_kwargs(self.draft_hf),
+        )
+        extra = {} if self.draft_cls is None else {"draft_model_cls": self.draft_cls}
+        return FusedSpecNeuronConfig(self.model_cls._model_cls, draft_config=draft_config,
+                                     draft_model_path=draft.path, **extra)
 
     @classmethod
     def stored_config(cls, folder: str) -> dict[str, Any] | None:
@@ -435,11 +667,14 @@ class NxdiBackend(NeuronBackend):
         if lora is not None:
             kwargs["lora_config"] = lora
         neuron_config = self.model_cls.get_neuron_config_cls()(**kwargs)
-        return self.model_cls.get_config_cls()(
+        config = self.model_cls.get_config_cls()(
             neuron_config,
             load_config=load_pretrained_config(self.model_path),
             **hf_compat_kwargs(self.hf_config),
         )
+        if self.draft is not None:  # set after construction, as NxDI's inference_demo does
+            config.fused_spec_config = self._fused_spec_config(config)
+        return config
 
     def _lora_config(self):
         """The neuron config's LoRA (``lora_serving_kwargs``) as NxDI's
@@ -636,6 +871,13 @@ class NxdiBackend(NeuronBackend):
             ids = self._mllama_inputs(ids, kwargs, batch.is_prefill)
         output = self.model(ids, **kwargs)
         restore = torch.argsort(order)
+        k = self.speculation_length
+        if k:
+            rows = read_fused_outputs(output.fused_outputs, kwargs["position_ids"], k,
+                                      batch.is_prefill).index_select(0, restore)
+            if batch.is_prefill:
+                return ForwardOutput(tokens=rows)
+            return ForwardOutput(tokens=rows[:, 0].clone(), spec_tokens=rows)
         tokens = logits = None
         sampled_on_device = self.config.neuron_config.on_device_sampling_config is not None
         if sampled_on_device:

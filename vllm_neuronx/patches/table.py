@@ -41,7 +41,9 @@ PATCHES: tuple[Patch, ...] = (
     *(Patch("engine-args", ENGINE_ARGS, f"{cls}.__init__",
             upstream="takes no device= (gone since V1) and no override_neuron_config",
             why="the Neuron user guide's LLM(device='neuron', override_neuron_config={...}); "
-                "tensor_parallel_size becomes NxDI's tp_degree, vLLM's world stays 1",
+                "tensor_parallel_size becomes NxDI's tp_degree, vLLM's world stays 1; a "
+                "speculative_config naming a draft model without a method gets "
+                "method='draft_model' (0.16 raises NotImplementedError for it)",
             until=NEURON_ARGS_UNTIL, wrap=engine_args.init_args,
             params=("additional_config", "tensor_parallel_size", "max_num_seqs"),
             absent=("device", "override_neuron_config"))

@@ -57,6 +57,12 @@ COMPILED_SHAPE_FIELDS = (
     "modules_to_not_convert",
     "kv_cache_quant",
     "lora_config",  # the LoRA modules, their slots and ranks are part of the graphs
+    # fused speculation: the draft's k runs and the target's k-wide pass are traced in
+    "speculation_length",
+    "enable_fused_speculation",
+    "enable_eagle_speculation",
+    "is_eagle3",
+    "is_eagle_draft",
 )
 
 PER_TENSOR, PER_CHANNEL = "per_tensor_symmetric", "per_channel_symmetric"
@@ -115,6 +121,24 @@ def _compiled_signature(neuron_config: NeuronConfig) -> dict:
     return {k: plain.get(k) for k in COMPILED_SHAPE_FIELDS}
 
 
+def _draft_signature(config: InferenceConfig) -> dict | None:
+    """What the fused graphs bake in of the draft (None without fused speculation): its
+    shapes and compiled settings, its family, and where its weights load from."""
+    fused = getattr(config, "fused_spec_config", None)
+    if fused is None or fused.draft_config is None:
+        return None
+    draft = fused.draft_config
+    return {
+        "draft_model_path": fused.draft_model_path,
+        "draft_model_cls": None if fused.draft_model_cls is None
+        else fused.draft_model_cls.__name__,
+        "neuron_config": _compiled_signature(draft.neuron_config),
+        "model": {k: getattr(draft, k, None) for k in (
+            "model_type", "hidden_size", "num_hidden_layers", "num_attention_heads",
+            "num_key_value_heads", "intermediate_size", "vocab_size")},
+    }
+
+
 class NeuronApplicationBase(torch.nn.Module):
     def __init__(
         self,
@@ -164,6 +188,7 @@ class NeuronApplicationBase(torch.nn.Module):
             "model_cls": type(self).__name__,
             "neuron_config": _compiled_signature(self.neuron_config),
             "buckets": self._sim_buckets(),
+            "draft": _draft_signature(self.config),
         }
         torch.save(graphs, os.path.join(compiled_model_path, COMPILED_MODEL_FILE_NAME))
         self.is_compiled = True
@@ -180,6 +205,9 @@ class NeuronApplicationBase(torch.nn.Module):
         compiled = graphs["neuron_config"]
         ours = _compiled_signature(self.neuron_config)
         diff = {k: (compiled.get(k), ours.get(k)) for k in ours if compiled.get(k) != ours.get(k)}
+        draft = _draft_signature(self.config)
+        if graphs.get("draft") != draft:
+            diff["fused_spec_config"] = (graphs.get("draft"), draft)
         if graphs["model_cls"] != type(self).__name__ or diff:
             raise ValueError(
                 f"{compiled_model_path} was compiled for a different model or config "

@@ -193,6 +193,8 @@ class NeuronConfig:
         self.is_eagle3 = kwargs.pop("is_eagle3", False)
         self.is_eagle_draft = kwargs.pop("is_eagle_draft", False)
         self.enable_eagle_draft_input_norm = kwargs.pop("enable_eagle_draft_input_norm", False)
+        if self.enable_eagle_speculation:  # NxDI: EAGLE is always fused
+            self.enable_fused_speculation = True
         self.token_tree_config = kwargs.pop("token_tree_config", None)
         self.enable_token_tree = self.token_tree_config is not None  # derived, saved too
         self.is_medusa = kwargs.pop("is_medusa", False)
@@ -237,7 +239,13 @@ class NeuronConfig:
             self.local_ranks_size = self.world_size
         self.flash_decoding_enabled = kwargs.pop("flash_decoding_enabled", False)
         self.disable_kv_cache_tiling = kwargs.pop("disable_kv_cache_tiling", False)
-        self.kv_cache_tiling = False  # derived, saved too
+        # Derived, saved too: NxDI tiles the KV cache (tiles of 128) for fused speculation
+        # when max_length allows it (nothing to simulate beyond the flag).
+        self.kv_cache_tiling = (
+            not self.disable_kv_cache_tiling
+            and (self.enable_eagle_speculation or self.enable_fused_speculation)
+            and self.max_length > 128 and self.max_length % 128 == 0
+        )
         self.k_cache_transposed = kwargs.pop("k_cache_transposed", False)
 
         # Kernels: a Neuron device's choice, nothing to simulate.
@@ -375,6 +383,26 @@ class MoENeuronConfig(NeuronConfig):
         super().__init__(**kwargs)
 
 
+class FusedSpecNeuronConfig:
+    """The draft of fused speculation, as NxDI's (main: ``draft_model_cls`` since 0.7):
+    ``worker_cls`` is the target application's ``_model_cls``, which NxDI also builds the
+    draft with unless ``draft_model_cls`` (an application class) names another family."""
+
+    def __init__(self, worker_cls, draft_config: InferenceConfig = None,
+                 draft_model_path: str = None, draft_model_cls=None) -> None:
+        self.worker_cls = worker_cls
+        self.draft_model_cls = draft_model_cls
+        self.draft_config = draft_config
+        self.draft_model_path = draft_model_path
+
+
+def _import_class(ref: dict):
+    """A class saved as {"__module__", "__name__"} (to_plain), imported again."""
+    import importlib
+
+    return getattr(importlib.import_module(ref["__module__"]), ref["__name__"])
+
+
 def to_plain(obj: Any) -> Any:
     """Config objects -> JSON-able values (dtypes as names, classes as module/name)."""
     if isinstance(obj, dict):
@@ -471,8 +499,22 @@ class InferenceConfig:
             merged["neuron_config"] = cls.get_neuron_config_cls()(
                 **copy.deepcopy(merged["neuron_config"])
             )
-        if merged.get("fused_spec_config") is not None:
-            raise NotImplementedError("the simulator does not model fused speculation")
+        fused = merged.get("fused_spec_config")
+        if isinstance(fused, dict):  # as NxDI rebuilds it: classes re-imported by name
+            fused = dict(fused)
+            draft_cls = _import_class(fused["draft_model_cls"]) if fused.get(
+                "draft_model_cls") else None
+            config_cls = draft_cls.get_config_cls() if draft_cls is not None else cls
+            draft = fused.get("draft_config")
+            if isinstance(draft, dict):
+                draft = dict(draft)
+                if isinstance(draft.get("neuron_config"), dict):
+                    draft["neuron_config"] = config_cls.get_neuron_config_cls()(
+                        **copy.deepcopy(draft["neuron_config"]))
+                fused["draft_config"] = config_cls(**draft)
+            fused["worker_cls"] = _import_class(fused["worker_cls"])
+            fused["draft_model_cls"] = draft_cls
+            merged["fused_spec_config"] = FusedSpecNeuronConfig(**fused)
         return cls(**merged)
 
     @classmethod

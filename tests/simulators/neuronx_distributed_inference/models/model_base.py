@@ -24,11 +24,33 @@ With a ``lora_config`` (multi-LoRA, NxDI's rules; the LoraModelManager has the i
   adapter, so a line keeps its adapter until the next context encoding on it.
 The numbers come from vllm_neuronx's CPU Llama (LlamaModel), the adapters' deltas from
 its LoRA math (backends/cpu/lora.py) on the weights NxDI would load.
+
+Fused speculation (``enable_fused_speculation`` with ``fused_spec_config``), NxDI's
+NeuronFusedSpecModel (main, model_base.py ~1598-3022) and its preconditions:
+- on-device sampling (NxDI asserts it), the draft config derived from the target's as
+  NxDI's inference_demo does, the draft's family built by ``worker_cls`` (or
+  ``draft_model_cls``), the draft's vocabulary the target's; an EAGLE head's checkpoint
+  must hold its ``lm_head`` and ``fc``;
+- a decode at position p needs p + speculation_length within the largest token bucket
+  (NxDI's bucket rule adds k to the attention mask's width, max(position_ids));
+- context encoding runs the target and the draft over each prompt (each its own KV lines)
+  and returns ``fused_outputs`` = [token then pad [n, k], next ids, next mask, next pos];
+- a decode runs the draft k times from each row's token x at p (its KV gets x, d_1..d_{k-1}
+  at p..p+k-1; the draft samples with the row's parameters, its config being a copy of the
+  target's), then the target once over [x, d_1..d_{k-1}] at p..p+k-1, samples each
+  position with the row's parameters, and accepts NxDI's way: the contiguous drafts equal
+  to the target's tokens, plus one; ``fused_outputs[0]`` holds the target's tokens up to
+  that count, then ACCEPTANCE_PADDING_TOKEN, and ``fused_outputs[3]`` = p + count;
+- the next decode of a line may start at any position from p + 1 up to p + count (a
+  runner may keep fewer tokens than accepted; the KV past them is overwritten later).
+EAGLE heads are configured and checked as NxDI would, but not computed: the stand-in
+proposer is the target's own weights run as a greedy draft (see ``_sim_draft_runtime``).
 """
 
 from __future__ import annotations
 
 import math
+import os
 
 import torch
 from transformers.modeling_outputs import CausalLMOutputWithPast
@@ -45,6 +67,10 @@ from neuronx_distributed_inference.modules.lora_serving.lora_checkpoint import (
 )
 
 MIN_BUCKET = 128
+# NxDI's pad after each row's accepted tokens in fused_outputs[0]
+# (NeuronFusedSpecModel.acceptance_padding_token): -1 on main and since 0.8 (Neuron SDK
+# 2.28), 0 in 0.2-0.7. A test sets 0 to simulate an older release.
+ACCEPTANCE_PADDING_TOKEN = -1
 LM_HEAD_PAD = 96  # simulated vocab padding of gathered logits (output_logits)
 # Documented tp_degree values: trn2 1,2,4,8,16,32,64; inf2 1,2,4,8,24; trn1 1,2,8,16,32.
 SUPPORTED_TP_DEGREES = frozenset({1, 2, 4, 8, 16, 24, 32, 64})
@@ -66,6 +92,14 @@ def first_fit(buckets: list[int], length: int, what: str) -> int:
     if buckets[-1] == length:
         return length
     raise ValueError(f"{what} {length} is beyond the largest bucket {buckets[-1]}")
+
+
+class NeuronBaseModel(torch.nn.Module):
+    """NxDI's traced decoder (an application's ``_model_cls``), which fused speculation
+    names as ``worker_cls``. The simulator computes with vllm_neuronx's CPU model; a
+    class here only says which HF model types it builds."""
+
+    _sim_model_types: tuple[str, ...] = ()
 
 
 class NeuronBaseForCausalLM(NeuronApplicationBase):
@@ -94,13 +128,119 @@ class NeuronBaseForCausalLM(NeuronApplicationBase):
         if not nc.is_continuous_batching and nc.batch_size != 1:
             raise NotImplementedError("the simulator models batch_size > 1 only with "
                                       "is_continuous_batching")
-        for feature in ("speculation_length", "is_prefix_caching", "is_block_kv_layout",
-                        "enable_fused_speculation", "async_mode"):
+        for feature in ("is_prefix_caching", "is_block_kv_layout", "async_mode"):
             if getattr(nc, feature):
                 raise NotImplementedError(f"the simulator does not model {feature}")
         self._sim_spec()  # the architecture must be one the simulator computes
+        if nc.speculation_length or nc.enable_fused_speculation:
+            self._sim_check_speculation()
         if nc.lora_config is not None:
             self._sim_lora_modules()
+
+    def _sim_check_speculation(self) -> None:
+        """What NxDI's fused speculation needs at compile (and would otherwise trace
+        wrong): see the module docstring."""
+        nc = self.neuron_config
+        if not nc.enable_fused_speculation:
+            raise NotImplementedError(
+                "the simulator models fused speculation only: speculation_length without "
+                "enable_fused_speculation compiles NxDI's unfused speculation graph, which "
+                "takes k tokens per call and a separate draft model")
+        if nc.speculation_length < 1:
+            raise ValueError("enable_fused_speculation needs speculation_length >= 1")
+        if nc.on_device_sampling_config is None:
+            raise AssertionError("fused speculation needs on_device_sampling_config (NxDI "
+                                 "asserts it in NeuronFusedSpecModel)")
+        for feature in ("output_logits", "enable_token_tree"):
+            if getattr(nc, feature):
+                raise NotImplementedError(f"the simulator does not model {feature} with "
+                                          "fused speculation")
+        if nc.lora_config is not None:
+            raise NotImplementedError(
+                "NxDI's fused speculation passes no adapter_ids to its target model, so "
+                "LoRA adapters would be ignored; the simulator refuses the combination")
+        fused = self.fused_spec_config
+        if fused is None or fused.draft_config is None:
+            raise AttributeError("'NoneType' object has no attribute 'draft_config' (NxDI's "
+                                 "fused speculation needs InferenceConfig.fused_spec_config="
+                                 "FusedSpecNeuronConfig(Cls._model_cls, draft_config, "
+                                 "draft_model_path))")
+        if fused.worker_cls is not type(self)._model_cls:
+            raise TypeError(
+                f"fused_spec_config.worker_cls is {fused.worker_cls!r}: NxDI builds the "
+                f"target (and the draft) with it, so it must be {type(self).__name__}."
+                "_model_cls")
+        draft = fused.draft_config
+        dnc = draft.neuron_config
+        eagle = nc.enable_eagle_speculation
+        want = {"enable_fused_speculation": False, "is_eagle_draft": eagle,
+                "speculation_length": nc.speculation_length if eagle else 0}
+        for key in ("batch_size", "ctx_batch_size", "tkg_batch_size", "kv_cache_batch_size",
+                    "seq_len", "max_length", "max_context_length", "is_continuous_batching",
+                    "padding_side", "is_eagle3"):
+            want[key] = getattr(nc, key)  # a deep copy of the target's keeps them
+        wrong = {k: (getattr(dnc, k), v) for k, v in want.items() if getattr(dnc, k) != v}
+        if wrong:
+            raise ValueError(
+                f"fused_spec_config.draft_config.neuron_config has (key: (draft, expected)) "
+                f"{wrong}: NxDI's draft config is a deep copy of the target's with "
+                "speculation_length=0 (kept for EAGLE), enable_fused_speculation=False and "
+                "is_eagle_draft for an EAGLE head")
+        if dnc.on_device_sampling_config is None:
+            raise AttributeError("'NoneType' object has no attribute 'do_sample' (the draft's "
+                                 "sampler is built from its on_device_sampling_config)")
+        if dnc.torch_dtype != nc.torch_dtype and nc.cast_type == "config":
+            raise ValueError("cast-type must be set to 'as-declared' to be able to run "
+                             "different precisions for draft and target model!")
+        if dnc.tp_degree not in SUPPORTED_TP_DEGREES:
+            raise ValueError(f"draft tp_degree={dnc.tp_degree} is not supported")
+        worker = fused.draft_model_cls._model_cls if fused.draft_model_cls else fused.worker_cls
+        model_type = getattr(draft, "model_type", None)
+        if model_type not in worker._sim_model_types:
+            raise ValueError(
+                f"the draft is a {model_type!r} model but NxDI would build it with "
+                f"{worker.__name__} ({', '.join(worker._sim_model_types)}): name its "
+                "application class in FusedSpecNeuronConfig(draft_model_cls=...)")
+        if getattr(draft, "vocab_size", None) != self.config.vocab_size:
+            raise ValueError(
+                f"the draft's vocab_size {getattr(draft, 'vocab_size', None)} differs from "
+                f"the target's {self.config.vocab_size}: fused speculation compares their "
+                "token ids")
+        path = fused.draft_model_path
+        if not path or not os.path.isfile(os.path.join(path, "config.json")):
+            raise FileNotFoundError(f"draft_model_path {path!r} holds no config.json")
+        if eagle:
+            self._sim_check_eagle_head(path, draft)
+        else:
+            self._sim_spec_of(draft)  # a family the simulator computes
+
+    def _sim_check_eagle_head(self, path: str, draft) -> None:
+        """An EAGLE head's checkpoint as NxDI's EAGLE draft (modeling_llama.py, is_eagle_draft)
+        loads it: ``fc`` over [embedding, hidden] (EAGLE3: three hidden states), and the
+        LM head from the head's own checkpoint (copy the target's lm_head in: NxDI does not
+        take it from the target; aws-neuron-sdk#1143)."""
+        from vllm_neuronx.backends.cpu.backend import read_hf_checkpoint
+
+        state = {k.removeprefix("model."): v for k, v in read_hf_checkpoint(path).items()}
+        hidden = int(draft.hidden_size)
+        fc = state.get("fc.weight")
+        width = hidden * (3 if self.neuron_config.is_eagle3 else 2)
+        if fc is None or tuple(fc.shape) != (hidden, width):
+            raise RuntimeError(
+                f"the EAGLE head in {path} has fc.weight "
+                f"{None if fc is None else list(fc.shape)}, NxDI's EAGLE draft takes "
+                f"[{hidden}, {width}]")
+        tied = getattr(draft, "tie_word_embeddings", False) and "embed_tokens.weight" in state
+        head = state.get("lm_head.weight", state.get("embed_tokens.weight") if tied else None)
+        if head is None:
+            raise RuntimeError(
+                f"the EAGLE head in {path} has no lm_head.weight: NxDI's EAGLE draft loads "
+                "its LM head from the head's checkpoint (copy the target's lm_head.weight "
+                "into it)")
+        if tuple(head.shape) != (self.config.vocab_size, hidden):
+            raise RuntimeError(
+                f"the EAGLE head in {path} has an LM head of {list(head.shape)}; NxDI's "
+                f"draft has [{self.config.vocab_size}, {hidden}] (no draft vocabulary)")
 
     def _sim_lora_modules(self) -> list[tuple[int, str, str]]:
         """(layer, section, proj) of each LoRA module NxDI's wrapper would make."""
@@ -167,9 +307,14 @@ class NeuronBaseForCausalLM(NeuronApplicationBase):
         }
 
     def _sim_spec(self):
+        return self._sim_spec_of(self.config)
+
+    @staticmethod
+    def _sim_spec_of(config):
         from vllm_neuronx.backends.cpu.llama import LlamaSpec
 
-        hf = {k: v for k, v in vars(self.config).items() if k != "neuron_config"}
+        hf = {k: v for k, v in vars(config).items()
+              if k not in ("neuron_config", "fused_spec_config")}
         return LlamaSpec.from_hf_config(hf)
 
     def _sim_state_dict(self) -> dict[str, torch.Tensor]:
@@ -191,9 +336,38 @@ class NeuronBaseForCausalLM(NeuronApplicationBase):
             dtype=nc.torch_dtype,
         )
         self._buckets = self._sim_buckets()
-        self._line_len = [-1] * nc.kv_cache_batch_size  # -1: nothing valid in the line
+        # A decode of a line must start at a position in [floor, len] (-1: nothing valid);
+        # floor < len only after a fused step (a runner may keep fewer tokens).
+        self._line_len = [-1] * nc.kv_cache_batch_size
+        self._line_floor = [-1] * nc.kv_cache_batch_size
+        self._draft = None
+        if nc.enable_fused_speculation:
+            self._draft = self._sim_draft_runtime(state_dict)
         if nc.lora_config is not None:
             self._sim_load_adapters()
+
+    def _sim_draft_runtime(self, target_state_dict):
+        """The draft with its own KV lines (NxDI's draft_model in NeuronFusedSpecModel).
+
+        A draft model is a real model: its checkpoint, computed by vllm_neuronx's CPU
+        model. An EAGLE head is NOT computed (the simulator does not model the target's
+        hidden states it is fed with): its checkpoint is checked at compile, and the
+        STAND-IN proposer here is the target's own weights run as a greedy draft, so the
+        proposals are the target's own greedy continuation."""
+        from vllm_neuronx.backends.cpu.backend import read_hf_checkpoint
+        from vllm_neuronx.backends.cpu.llama import LlamaModel
+
+        nc = self.neuron_config
+        fused = self.fused_spec_config
+        if nc.enable_eagle_speculation:
+            spec, state, dtype = self._sim_spec(), target_state_dict, nc.torch_dtype
+        else:
+            spec = self._sim_spec_of(fused.draft_config)
+            state = read_hf_checkpoint(fused.draft_model_path)
+            dtype = fused.draft_config.neuron_config.torch_dtype
+        weights = LlamaModel.convert_hf_weights(spec, state, dtype)
+        return LlamaModel(spec, weights, num_lines=nc.kv_cache_batch_size,
+                          max_len=nc.max_length, dtype=dtype)
 
     def _sim_load_adapters(self) -> None:
         """NxDI's load: lora_ckpt_paths into the device slots (after the dummy with
@@ -286,6 +460,8 @@ class NeuronBaseForCausalLM(NeuronApplicationBase):
             "adapter_ids": None if adapter_ids is None else adapter_ids.clone(),
         }
         sim.SIM_FORWARDS.append(record)
+        if self._draft is not None:
+            return self._sim_fused(input_ids, position_ids, lines, sampling_params, record)
         if prefill:
             adapters = [None] * n
             if nc.lora_config is not None:
@@ -346,7 +522,9 @@ class NeuronBaseForCausalLM(NeuronApplicationBase):
                 padded, torch.tensor([length]), torch.tensor([line]), lora=lora)
             # LlamaModel returns the last-token logits, or (those, per-row prompt logits)
             out.append(result[0] if isinstance(result, tuple) else result)
-            self._line_len[line] = length
+            if self._draft is not None:  # the draft encodes the prompt into its own lines
+                self._draft.context_encode(padded, torch.tensor([length]), torch.tensor([line]))
+            self._line_len[line] = self._line_floor[line] = length
             if self._line_adapter:
                 self._line_adapter[line] = adapter  # NxDI copies it into the seq_id's row
         return torch.cat(out)
@@ -359,14 +537,7 @@ class NeuronBaseForCausalLM(NeuronApplicationBase):
                 "with positions not starting at 0"
             )
         positions = [int(p) for p in position_ids[:, 0]]
-        for line, p in zip(lines, positions, strict=True):
-            if self._line_len[line] != p:
-                held = self._line_len[line]
-                raise ValueError(
-                    f"decode of seq_id {line} at position {p}, but its KV line holds "
-                    f"{'no valid' if held < 0 else held} tokens (rows paired with the "
-                    "wrong seq_ids, or a line overwritten by batch padding)"
-                )
+        self._sim_check_lines(lines, positions)
         bucket = first_fit(self._buckets["token"], max(positions), "position")
         ids = input_ids[:, 0].to(torch.long)
         pos = position_ids[:, 0].to(torch.long)
@@ -378,9 +549,7 @@ class NeuronBaseForCausalLM(NeuronApplicationBase):
             full_ids = ids[:1].repeat(batch)
             full_pos = pos[:1].repeat(batch)
             full_ids[seq], full_pos[seq] = ids, pos
-            for line in set(range(batch)) - set(lines):
-                if self._line_len[line] > positions[0]:
-                    self._line_len[line] = -1
+            self._sim_padding_overwrites(lines, positions[0])
             logits = self._runtime.token_generate(
                 full_ids, full_pos, torch.arange(batch), bucket,
                 lora=self._sim_bound(range(batch)))[seq]
@@ -388,8 +557,119 @@ class NeuronBaseForCausalLM(NeuronApplicationBase):
             logits = self._runtime.token_generate(ids, pos, seq, bucket,
                                                   lora=self._sim_bound(lines))
         for line, p in zip(lines, positions, strict=True):
-            self._line_len[line] = p + 1
+            self._line_len[line] = self._line_floor[line] = p + 1
         return logits
+
+    def _sim_check_lines(self, lines, positions) -> None:
+        for line, p in zip(lines, positions, strict=True):
+            held, floor = self._line_len[line], self._line_floor[line]
+            if held < 0 or not floor <= p <= held:
+                what = "no valid tokens" if held < 0 else (
+                    f"{held} tokens" if floor == held else
+                    f"{held} tokens (a decode may start at {floor}..{held})")
+                raise ValueError(
+                    f"decode of seq_id {line} at position {p}, but its KV line holds {what} "
+                    "(rows paired with the wrong seq_ids, or a line overwritten by batch "
+                    "padding)"
+                )
+
+    def _sim_padding_overwrites(self, lines, first_position: int) -> None:
+        """NxDI pads a partial decode batch with the first row, sent to the absent lines:
+        their K/V from the first row's position on is junk afterwards."""
+        for line in set(range(self.neuron_config.batch_size)) - set(lines):
+            if self._line_len[line] > first_position:
+                self._line_len[line] = self._line_floor[line] = -1
+
+    # -- fused speculation ------------------------------------------------------------------
+    def _sim_fused(self, input_ids, position_ids, lines, sampling_params, record):
+        """NeuronFusedSpecModel's forward and its postprocessors (model_base.py ~2856-3022):
+        ``fused_outputs`` = [tokens [n, k] int32 padded, next ids [n, 1], next attention mask,
+        next position ids [n, 1] int32]."""
+        nc = self.neuron_config
+        k = nc.speculation_length
+        n = input_ids.shape[0]
+        pad = ACCEPTANCE_PADDING_TOKEN
+        if int(position_ids.min()) == 0:  # context encoding: the target's token, then pad
+            logits = self._sim_context_encoding(input_ids, position_ids, lines, [None] * n)
+            first = self._sim_sample(logits, sampling_params).to(torch.long)
+            tokens = torch.full((n, k), pad, dtype=torch.long)
+            tokens[:, 0] = first
+            next_pos = (position_ids.max(dim=1).values + 1).to(torch.long)  # the lengths
+            count = torch.ones(n, dtype=torch.long)
+            width = nc.seq_len
+        else:
+            tokens, next_pos, width = self._sim_fused_step(
+                input_ids, position_ids, lines, sampling_params, record)
+            count = next_pos - position_ids[:, 0].to(torch.long)
+        record["fused_tokens"] = tokens.clone()
+        record["next_pos_ids"] = next_pos.clone()
+        last = tokens.gather(1, (count - 1)[:, None])
+        mask = (torch.arange(width)[None, :] < next_pos[:, None]).to(torch.int32)
+        fused = [tokens.to(torch.int32), last.to(torch.int32), mask,
+                 next_pos[:, None].to(torch.int32)]
+        out = CausalLMOutputWithPast(logits=None, hidden_states=fused)
+        out.fused_outputs = fused  # NxDI sets no .tokens with fused speculation
+        out.async_should_stop = False
+        return out
+
+    def _sim_fused_step(self, input_ids, position_ids, lines, params, record):
+        """One fused decode: the draft proposes, the target verifies in one pass, NxDI's
+        acceptance. Returns (tokens [n, k] padded, next positions [n], mask width)."""
+        nc = self.neuron_config
+        k = nc.speculation_length
+        if input_ids.shape[1] != 1:
+            raise ValueError(
+                f"decode rows take one token each ([m, 1]); got width {input_ids.shape[1]} "
+                "with positions not starting at 0"
+            )
+        positions = [int(p) for p in position_ids[:, 0]]
+        # NxDI's bucket (chosen before the graph runs): the attention mask's width (the
+        # largest position) plus k
+        bucket = first_fit(self._buckets["token"], max(positions) + k,
+                           "position + speculation_length")
+        self._sim_check_lines(lines, positions)
+        ids = input_ids[:, 0].to(torch.long)
+        pos = position_ids[:, 0].to(torch.long)
+        seq = torch.tensor(lines)
+        rows = torch.arange(len(lines))
+        batch = nc.batch_size
+        if len(lines) < batch and not nc.apply_seq_ids_mask:
+            # padded to the compiled batch with the first row, sent to the absent lines
+            ids, pos, params = (self._sim_pad_rows(t, seq, batch) for t in (ids, pos, params))
+            self._sim_padding_overwrites(lines, positions[0])
+            rows, seq = seq, torch.arange(batch)
+        m = seq.shape[0]
+        eagle = nc.enable_eagle_speculation
+        # 1. the draft, k runs from x at p (its KV: x, d_1 .. d_{k-1} at p .. p+k-1)
+        proposed = [ids]
+        for i in range(k):
+            logits = self._draft.token_generate(proposed[-1], pos + i, seq, bucket)
+            proposed.append(logits.argmax(dim=-1) if eagle else self._sim_sample(logits, params))
+        drafts = torch.stack(proposed[1:], dim=1)  # [m, k]: d_1 .. d_k
+        # 2. the target over [x, d_1 .. d_{k-1}] at p .. p+k-1, one pass
+        verify = torch.stack(proposed[:-1], dim=1)
+        vpos = pos[:, None] + torch.arange(k)[None, :]
+        logits = self._runtime.token_generate(verify.reshape(-1), vpos.reshape(-1),
+                                              seq.repeat_interleave(k), bucket)
+        target = self._sim_sample(logits, params.repeat_interleave(k, dim=0)).view(m, k)
+        # 3. NxDI's _tkg_postprocessor: contiguous matches, plus the target's next token
+        matches = ((drafts[:, :-1] != target[:, :-1]).cumsum(dim=-1) < 1).sum(dim=-1) + 1
+        keep = torch.arange(k)[None, :] < matches[:, None]
+        tokens = torch.where(keep, target, torch.full_like(target, ACCEPTANCE_PADDING_TOKEN))
+        next_pos = pos + matches
+        record["drafts"] = drafts[rows].clone()
+        record["target_tokens"] = target[rows].clone()
+        for line, p, c in zip(lines, positions, matches[rows].tolist(), strict=True):
+            self._line_floor[line], self._line_len[line] = p + 1, p + c
+        return tokens[rows], next_pos[rows], bucket
+
+    @staticmethod
+    def _sim_pad_rows(t: torch.Tensor, seq: torch.Tensor, batch: int) -> torch.Tensor:
+        """Rows on their lines, the absent lines filled with the first row (NxDI's
+        repeat_first_batchline)."""
+        full = t[:1].repeat(batch, *([1] * (t.dim() - 1)))
+        full[seq] = t
+        return full
 
     def _sim_bound(self, lines):
         """Token generation's adapters: each row its line's (adapter_ids play no part)."""

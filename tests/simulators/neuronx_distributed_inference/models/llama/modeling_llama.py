@@ -7,7 +7,10 @@ from neuronx_distributed_inference.models.config import (
     InferenceConfig,
     NeuronConfig,
 )
-from neuronx_distributed_inference.models.model_base import NeuronBaseForCausalLM
+from neuronx_distributed_inference.models.model_base import (
+    NeuronBaseForCausalLM,
+    NeuronBaseModel,
+)
 
 
 class LlamaInferenceConfig(InferenceConfig):
@@ -19,8 +22,16 @@ class LlamaInferenceConfig(InferenceConfig):
         return NeuronConfig
 
 
+class NeuronLlamaModel(NeuronBaseModel):
+    """NxDI's traced decoder of the family (the fused speculation worker_cls)."""
+
+    _sim_model_types = ("llama", "mistral")
+
+
 class NeuronLlamaForCausalLM(NeuronBaseForCausalLM):
     """Llama (and Mistral, through the same implementation) as NxDI serves it."""
+
+    _model_cls = NeuronLlamaModel
 
     @classmethod
     def get_config_cls(cls) -> type[InferenceConfig]:

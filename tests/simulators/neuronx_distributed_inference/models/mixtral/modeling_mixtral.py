@@ -11,7 +11,10 @@ from neuronx_distributed_inference.models.config import (
     InferenceConfig,
     MoENeuronConfig,
 )
-from neuronx_distributed_inference.models.model_base import NeuronBaseForCausalLM
+from neuronx_distributed_inference.models.model_base import (
+    NeuronBaseForCausalLM,
+    NeuronBaseModel,
+)
 
 
 class MixtralInferenceConfig(InferenceConfig):
@@ -23,7 +26,15 @@ class MixtralInferenceConfig(InferenceConfig):
         return MoENeuronConfig
 
 
+class NeuronMixtralModel(NeuronBaseModel):
+    """NxDI's traced decoder of the family (the fused speculation worker_cls)."""
+
+    _sim_model_types = ("mixtral",)
+
+
 class NeuronMixtralForCausalLM(NeuronBaseForCausalLM):
+    _model_cls = NeuronMixtralModel
+
     @classmethod
     def get_config_cls(cls):
         return MixtralInferenceConfig

@@ -10,13 +10,22 @@ from neuronx_distributed_inference.models.llama.modeling_llama import (
     LlamaInferenceConfig,
     NeuronLlamaForCausalLM,
 )
+from neuronx_distributed_inference.models.model_base import NeuronBaseModel
 
 
 class Qwen2InferenceConfig(LlamaInferenceConfig):
     pass
 
 
+class NeuronQwen2Model(NeuronBaseModel):
+    """NxDI's traced decoder of the family (the fused speculation worker_cls)."""
+
+    _sim_model_types = ("qwen2",)
+
+
 class NeuronQwen2ForCausalLM(NeuronLlamaForCausalLM):
+    _model_cls = NeuronQwen2Model
+
     @classmethod
     def get_config_cls(cls):
         return Qwen2InferenceConfig

@@ -10,13 +10,22 @@ from neuronx_distributed_inference.models.llama.modeling_llama import (
     LlamaInferenceConfig,
     NeuronLlamaForCausalLM,
 )
+from neuronx_distributed_inference.models.model_base import NeuronBaseModel
 
 
 class Qwen3InferenceConfig(LlamaInferenceConfig):
     pass
 
 
+class NeuronQwen3Model(NeuronBaseModel):
+    """NxDI's traced decoder of the family (the fused speculation worker_cls)."""
+
+    _sim_model_types = ("qwen3",)
+
+
 class NeuronQwen3ForCausalLM(NeuronLlamaForCausalLM):
+    _model_cls = NeuronQwen3Model
+
     @classmethod
     def get_config_cls(cls):
         return Qwen3InferenceConfig

@@ -12,6 +12,7 @@ from neuronx_distributed_inference.models.mixtral.modeling_mixtral import (
     MixtralInferenceConfig,
     NeuronMixtralForCausalLM,
 )
+from neuronx_distributed_inference.models.model_base import NeuronBaseModel
 
 
 class Qwen3MoeInferenceConfig(MixtralInferenceConfig):
@@ -19,7 +20,15 @@ class Qwen3MoeInferenceConfig(MixtralInferenceConfig):
         return [*DECODER_ATTRIBUTES, "num_experts", "num_experts_per_tok"]
 
 
+class NeuronQwen3MoeModel(NeuronBaseModel):
+    """NxDI's traced decoder of the family (the fused speculation worker_cls)."""
+
+    _sim_model_types = ("qwen3_moe",)
+
+
 class NeuronQwen3MoeForCausalLM(NeuronMixtralForCausalLM):
+    _model_cls = NeuronQwen3MoeModel
+
     @classmethod
     def get_config_cls(cls):
         return Qwen3MoeInferenceConfig
