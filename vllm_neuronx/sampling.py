@@ -93,6 +93,35 @@ def validate_sampling_tensor(params: torch.Tensor, global_topk: int, batch: int)
         raise ValueError("sampling_params temperature must be > 0")
 
 
+def _candidates(
+    logits: torch.Tensor, params: torch.Tensor, global_topk: int
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Each row's candidates (its global top-k, best first) and their unnormalised
+    weights after the row's top_k, temperature and top_p, as NxDI's Sampler makes them."""
+    top_k = params[:, 0]
+    k = min(global_topk, logits.shape[-1])
+    values, indices = logits.float().topk(k, dim=-1)  # sorted, descending
+    ranks = torch.arange(k, device=logits.device)
+    row_k = torch.where(top_k < 1, torch.full_like(top_k, k), top_k)
+    values = values.masked_fill(ranks[None, :] >= row_k[:, None], float("-inf"))
+    values = values / params[:, 2:3]
+    probs = values.softmax(dim=-1)
+    cumulative = probs.cumsum(dim=-1) - probs  # mass strictly before each candidate
+    probs = probs.masked_fill(cumulative >= params[:, 1:2], 0.0)
+    return probs, indices
+
+
+def probabilities(
+    logits: torch.Tensor, params: torch.Tensor, global_topk: int
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The distribution ``sample`` draws each row's token from: (probs [B, K], token ids
+    [B, K]) over the row's K = min(global_topk, V) candidates, probs summing to 1 (zero
+    for candidates its top_k / top_p drop). Speculation's rejection sampling compares
+    the target's and the draft's."""
+    probs, indices = _candidates(logits, params, global_topk)
+    return probs / probs.sum(dim=-1, keepdim=True), indices
+
+
 def sample(
     logits: torch.Tensor,
     params: torch.Tensor,
@@ -108,15 +137,7 @@ def sample(
     top_k = params[:, 0]
     if bool(torch.all(top_k == 1)):
         return logits.argmax(dim=-1)
-    k = min(global_topk, logits.shape[-1])
-    values, indices = logits.float().topk(k, dim=-1)  # sorted, descending
-    ranks = torch.arange(k, device=logits.device)
-    row_k = torch.where(top_k < 1, torch.full_like(top_k, k), top_k)
-    values = values.masked_fill(ranks[None, :] >= row_k[:, None], float("-inf"))
-    values = values / params[:, 2:3]
-    probs = values.softmax(dim=-1)
-    cumulative = probs.cumsum(dim=-1) - probs  # mass strictly before each candidate
-    probs = probs.masked_fill(cumulative >= params[:, 1:2], 0.0)
+    probs, indices = _candidates(logits, params, global_topk)
     choice = torch.multinomial(probs, 1, generator=generator).squeeze(-1)
     picked = indices.gather(-1, choice[:, None]).squeeze(-1)
     greedy = top_k == 1

@@ -15,6 +15,9 @@ anyway), and, beyond NxDI's contract, the logits of every prompt position on
 request (prompt_logprobs). LoRA adapters (lora.py) are bound to KV lines at prefill
 as NxDI binds them; a step with adapter rows runs natively too (each row's adapter slot
 into decode_step.c), or on the torch path where the native step does not run.
+With a draft (vLLM's speculative_config) a decode call is NxDI's fused speculation step
+(speculation.py): a draft model, converted beside the target's weights and run natively
+too, or an EAGLE head (eagle.py) proposes, the target verifies in one multi-token step.
 """
 
 from __future__ import annotations
@@ -32,6 +35,7 @@ from tqdm import tqdm
 from vllm_neuronx import envs, nxdi_keys, sampling
 from vllm_neuronx import neuron_config as nc
 from vllm_neuronx.backends.cpu import kernels, memory
+from vllm_neuronx.backends.cpu import speculation as cpu_spec
 from vllm_neuronx.backends.cpu.llama import (
     ATTEND_STEP,
     SUPPORTED_ARCHITECTURES,
@@ -151,15 +155,20 @@ class CpuBackend(NeuronBackend):
         # LoRA (init_lora): the adapter slots and the KV lines' bindings.
         self.adapters: AdapterSlots | None = None
         self.max_lora_rank = 0
+        # Fused speculation (speculation.py): the proposer and the fused step, from load.
+        self.speculation: cpu_spec.FusedSpeculation | None = None
+        if draft is not None:
+            cpu_spec.check_draft(draft, self.spec)
 
     @classmethod
     def version(cls) -> str:
         # 2: weights stored in the requested dtype, with the native kernels; 3: the
         # kernel variant in the key; 4: torch's version (it converts the weights; the
-        # checkpoint is read without transformers); 5: quantized weights and scales.
+        # checkpoint is read without transformers); 5: quantized weights and scales; 6: a
+        # draft model's weights beside the target's (fused speculation).
         from vllm_neuronx.artifacts import package_versions
 
-        return (f"cpu-5-{kernels.chosen_name()}-{kernels.source_digest()} "
+        return (f"cpu-6-{kernels.chosen_name()}-{kernels.source_digest()} "
                 + package_versions(("torch",)))
 
     @classmethod
@@ -200,8 +209,23 @@ class CpuBackend(NeuronBackend):
 
     def compile(self, folder: str) -> None:
         start = time.perf_counter()
-        hf = read_hf_checkpoint(self.model_path)
-        weights = LlamaModel.convert_hf_weights(self.spec, hf, self.stored_dtype,
+        self.convert(self.model_path, self.spec, os.path.join(folder, WEIGHTS_FILE))
+        if self.draft is not None and not self.draft.is_eagle:  # a draft model: its weights
+            cpu_spec.compile_draft(self, folder)
+        if self.uses_kernel():
+            kernels.build(folder, self.variant)
+        logger.info(
+            "CPU backend: converted weights to %s%s in %.1f s",
+            self.stored_dtype,
+            f" ({self.quant.dtype} where quantized)" if self.quant.weights else "",
+            time.perf_counter() - start,
+        )
+
+    def convert(self, model_path: str, spec: LlamaSpec, path: str) -> None:
+        """An HF checkpoint of ``spec`` -> our layout in the stored dtype, quantized as the
+        neuron config says, into the safetensors file ``path``."""
+        hf = read_hf_checkpoint(model_path)
+        weights = LlamaModel.convert_hf_weights(spec, hf, self.stored_dtype,
                                                 self._quantize if self.quant.weights else None)
         # Tied embeddings share storage; safetensors stores each tensor once.
         head = weights["lm_head"]  # a quantized head is a copy of its own
@@ -213,15 +237,7 @@ class CpuBackend(NeuronBackend):
                 stored[name], stored[name + SCALE] = w.values, w.scale
             else:
                 stored[name] = w
-        save_file(stored, os.path.join(folder, WEIGHTS_FILE))
-        if self.uses_kernel():
-            kernels.build(folder, self.variant)
-        logger.info(
-            "CPU backend: converted weights to %s%s in %.1f s",
-            self.stored_dtype,
-            f" ({self.quant.dtype} where quantized)" if self.quant.weights else "",
-            time.perf_counter() - start,
-        )
+        save_file(stored, path)
 
     def _quantize(self, modules: list[str], parts: list[torch.Tensor]):
         """One matmul's HF modules quantized, or None where modules_to_not_convert names
@@ -248,7 +264,18 @@ class CpuBackend(NeuronBackend):
 
     def _load(self, folder: str) -> None:
         torch.set_num_threads(cpu_threads())
-        path = os.path.join(folder, WEIGHTS_FILE)
+        matmul = kernels.load(folder, self.variant) if self.uses_kernel() else None
+        self.model, self.native = self.build_model(os.path.join(folder, WEIGHTS_FILE),
+                                                   self.spec, matmul)
+        self.matmul = matmul
+        self.speculation = None
+        if self.draft is not None:
+            self.speculation = cpu_spec.FusedSpeculation.load(self, folder)
+
+    def build_model(self, path: str, spec: LlamaSpec, matmul: kernels.PackedMatmul | None
+                    ) -> tuple[LlamaModel, NativeStep | None]:
+        """A model of ``spec`` from its converted weights (``convert``) with KV lines of its
+        own, and its native step where one runs."""
         weights = read_safetensors([path], "Loading artifacts", skip={"embed"})
         # Looked up a few rows a step: mapped, so only the rows of tokens seen are resident.
         weights["embed"] = mapped = memory.mapped_tensor(path, "embed")
@@ -257,7 +284,6 @@ class CpuBackend(NeuronBackend):
             scale = weights.pop(name)
             weights[name.removesuffix(SCALE)] = QuantizedWeight(
                 weights[name.removesuffix(SCALE)], scale)
-        matmul = kernels.load(folder, self.variant) if self.uses_kernel() else None
         if matmul is not None:
             packed = matmul.pack_all(  # fp32 weights (not converted) stay torch's
                 {n: w for n, w in weights.items() if LlamaModel.is_matmul(n)
@@ -272,8 +298,8 @@ class CpuBackend(NeuronBackend):
             weights = to_dtype({n: w.dequantize() if isinstance(w, QuantizedWeight) else w
                                 for n, w in weights.items()}, self.dtype)
         cfg = self.neuron_config
-        self.model = LlamaModel(
-            self.spec,
+        model = LlamaModel(
+            spec,
             weights,
             num_lines=cfg["batch_size"],
             max_len=cfg["seq_len"],
@@ -282,9 +308,9 @@ class CpuBackend(NeuronBackend):
             zeros=memory.huge_page_zeros,
             kv_fp8=self.quant.kv_fp8,
         )
-        self.matmul = matmul
-        self.native = NativeStep.for_model(self.model, matmul) if matmul is not None else None
+        native = NativeStep.for_model(model, matmul) if matmul is not None else None
         memory.drop_pages(mapped)  # a tied head was packed (or widened) from all of it
+        return model, native
 
     # -- LoRA adapters ------------------------------------------------------------
     def init_lora(self, max_loras: int, max_lora_rank: int, max_cpu_loras: int) -> None:
@@ -347,22 +373,30 @@ class CpuBackend(NeuronBackend):
         else:
             lora = None
         logits, every = None, {}
+        spec = self.speculation
+        capture = spec.prefill_capture() if spec is not None else None
         if self.native is not None and not rows and (lora is None or lora.slots is not None):
             logits = self.native.prefill(padded, lengths, batch.seq_ids,
-                                         None if lora is None else lora.slots)
+                                         None if lora is None else lora.slots,
+                                         **({} if capture is None else {"capture": capture}))
         if logits is None:
             logits, every = self.model.context_encode(padded, lengths, batch.seq_ids, rows,
-                                                      lora)
+                                                      lora, capture)
         prompt = None if wanted is None else [every.get(row) for row in range(batch.size)]
-        return self._sampled(logits, batch, prompt)
+        out = self._sampled(logits, batch, prompt)
+        if spec is not None:  # the proposer's prefill of the same prompts
+            spec.prefill(padded, lengths, batch.seq_ids, capture)
+        return out
 
     def decode(self, batch: Batch) -> ForwardOutput:
         seq_ids = batch.seq_ids
         if not bool(torch.all(seq_ids[1:] > seq_ids[:-1])):
             raise ValueError("decode seq_ids must be sorted ascending and unique")
+        lora = self.adapters.bound(seq_ids) if self.adapters is not None else None
+        if self.speculation is not None:
+            return self.speculation.decode(batch, lora)
         ids, positions = batch.input_ids[:, 0], batch.position_ids[:, 0]
         bucket = nc.pick_bucket(self.token_buckets, int(positions.max()))
-        lora = self.adapters.bound(seq_ids) if self.adapters is not None else None
         logits = None
         if self.native is not None and (lora is None or lora.slots is not None):
             logits = self.native.decode(ids, positions, seq_ids,

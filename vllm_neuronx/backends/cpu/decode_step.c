@@ -448,14 +448,18 @@ static void lora_expand_rows(const Lora *table, const LoraGroup *groups, int n_g
     }
 }
 
-/* x [m, hidden]: the embedded tokens in, the last hidden state out. pos and line: each
- * row's position and KV line. Rows may share a line: every row's K/V is stored before
- * any row attends, so the rows of one prompt at positions 0..n-1 are its prefill.
+/* x [m, hidden]: the embedded tokens in, the last hidden state (before the final norm)
+ * out. pos and line: each row's position and KV line. Rows may share a line: every row's
+ * K/V is stored before any row attends, so the rows of one prompt at positions 0..n-1 are
+ * its prefill, and k rows of one line at p..p+k-1 a speculation's verify pass.
  * row_slot: each row's adapter slot (0: the base model), or NULL (every row's base).
- * logits [n_out, vocab]: of rows out_rows[0..n_out) (each row, in order, when NULL). */
+ * logits [n_out, vocab]: of rows out_rows[0..n_out) (each row, in order, when NULL);
+ * n_out 0: no logits (a draft's step that only fills its KV).
+ * aux_out [m, n_aux, hidden]: each row's hidden state entering layers aux_layers[0..n_aux)
+ * (EAGLE3's features: vLLM's aux_hidden_states), or NULL with n_aux 0. */
 void decode_step(const Model *md, float *x, int m, const long *pos, const long *line,
                  const int *row_slot, const long *out_rows, int n_out, float *scratch,
-                 float *logits) {
+                 float *logits, const int *aux_layers, int n_aux, float *aux_out) {
     int hidden = md->hidden, inter = md->intermediate, q_size = md->heads * md->head_dim;
     float *h = scratch, *picked = h + (long)m * hidden, *qkv = picked + (long)m * hidden;
     float *att = qkv + (long)m * qkv_width(md);
@@ -474,6 +478,14 @@ void decode_step(const Model *md, float *x, int m, const long *pos, const long *
         }
         for (int i = 0; i < md->layers; i++) {
             const Layer *ly = md->layer + i;
+            for (int a = 0; a < n_aux; a++) {
+                if (aux_layers[a] != i)
+                    continue;
+#pragma omp for schedule(static)
+                for (int r = 0; r < m; r++)
+                    memcpy(aux_out + ((long)r * n_aux + a) * hidden, x + (long)r * hidden,
+                           hidden * sizeof(float));
+            }
             rms_norm_rows(x, ly->ln1, h, m, hidden, md->eps);
             lora_shrink_rows(ly->lora_qkv, groups, n_groups, h, hidden, t, rt);
             matmul_team(h, ly->qkv, qkv, m, 0);

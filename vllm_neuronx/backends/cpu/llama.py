@@ -60,6 +60,17 @@ def round_up(x: int, multiple: int) -> int:
     return -(-x // multiple) * multiple
 
 
+@dataclass(slots=True)
+class Capture:
+    """What a step hands back besides logits, for speculation's EAGLE heads: the last hidden
+    state of every row (before the final norm), and the hidden states entering
+    ``aux_layers`` (vLLM's ``aux_hidden_states``: EAGLE3's features), concatenated."""
+
+    aux_layers: tuple[int, ...] = ()
+    hidden: torch.Tensor | None = None  # [..., hidden]: the rows' shape, then hidden
+    aux: torch.Tensor | None = None  # [..., len(aux_layers) * hidden]
+
+
 @dataclass(frozen=True, slots=True)
 class LlamaSpec:
     """The shape of a Llama-family model, read from its HF config.json."""
@@ -402,6 +413,23 @@ class LlamaModel:
         h = rms_norm(h, self.w["norm"], self.spec.rms_norm_eps)
         return self._linear(h, "lm_head").float()
 
+    def logits(self, h: torch.Tensor) -> torch.Tensor:
+        """fp32 logits of last hidden states (before the final norm) [..., hidden]."""
+        return self._logits(h)
+
+    def _layers(self, x, cos, sin, attend, lora, capture: Capture | None) -> torch.Tensor:
+        """Every layer over x, keeping what ``capture`` asks for."""
+        aux = []
+        for i in range(self.spec.num_layers):
+            if capture is not None and i in capture.aux_layers:
+                aux.append((capture.aux_layers.index(i), x))
+            x = self._layer(i, x, cos, sin, attend, lora)
+        if capture is not None:
+            capture.hidden = x
+            if capture.aux_layers:
+                capture.aux = torch.cat([t for _, t in sorted(aux, key=lambda a: a[0])], -1)
+        return x
+
     def _stored(self, x: torch.Tensor) -> torch.Tensor:
         """K or V values as the cache holds them."""
         return fp8_kv(x) if self.kv_fp8 else x
@@ -420,12 +448,14 @@ class LlamaModel:
         seq_ids: torch.Tensor,
         prompt_rows: Sequence[int] = (),
         lora: LoraStep | None = None,
+        capture: Capture | None = None,
     ) -> tuple[torch.Tensor, dict[int, torch.Tensor]]:
         """Prefill ``n`` right-padded prompts [n, width] into KV lines ``seq_ids``
         (with ``lora``: each row's adapter).
 
         Returns fp32 logits of each prompt's last real token, [n, vocab], and for
         each row in ``prompt_rows`` the fp32 logits of all its positions, [len, vocab].
+        ``capture`` gets the hidden states of every position, [n, width, ...].
         """
         n, t = input_ids.shape
         x = self.embed(input_ids)
@@ -444,8 +474,7 @@ class LlamaModel:
                 q, k, v, attn_mask=mask, scale=self.scale, enable_gqa=True
             )
 
-        for i in range(self.spec.num_layers):
-            x = self._layer(i, x, cos, sin, attend, lora)
+        x = self._layers(x, cos, sin, attend, lora, capture)
         last = x[torch.arange(n), lengths - 1]
         every = {row: self._logits(x[row, : int(lengths[row])]) for row in prompt_rows}
         return self._logits(last), every
@@ -464,26 +493,45 @@ class LlamaModel:
         anyway and reading them is most of a decode step's memory traffic.
         Returns fp32 logits [m, vocab].
         """
+        x = self.decode_rows(input_ids[:, None], positions[:, None], seq_ids, bucket, lora)
+        return self._logits(x[:, 0])
+
+    @torch.inference_mode()
+    def decode_rows(
+        self, input_ids: torch.Tensor, positions: torch.Tensor, seq_ids: torch.Tensor,
+        bucket: int, lora: LoraStep | None = None, capture: Capture | None = None,
+    ) -> torch.Tensor:
+        """``t`` tokens per line: input_ids/positions [m, t] (each row's positions
+        consecutive), seq_ids [m] sorted and unique. Every token's K/V is written before
+        any attends, so t tokens at p..p+t-1 are a speculation's verify pass (t = 1: a
+        decode). Returns the last hidden states [m, t, hidden], before the final norm
+        (``logits`` makes them logits); ``capture`` gets them and the aux layers'."""
         s = self.spec
-        m = input_ids.shape[0]
+        m, t = input_ids.shape
         span = min(bucket, round_up(int(positions.max()) + 1, ATTEND_STEP))
-        x = self.embed(input_ids[:, None])
-        cos, sin = self.cos[positions][:, None, None], self.sin[positions][:, None, None]
-        visible = torch.arange(span)[None, :] <= positions[:, None]
+        x = self.embed(input_ids)
+        cos, sin = self.cos[positions][:, None], self.sin[positions][:, None]  # [m, 1, t, d]
+        visible = torch.arange(span) <= positions[..., None]  # [m, t, span]
         visible = self._window_mask(visible, positions, span)
-        # Query heads grouped by their KV head: [m, kv_heads, group, d] attends as a
-        # "query length" of group, so K/V are read once per KV head, not repeated.
+        # Query heads grouped by their KV head: [m, kv_heads, group * t, d] attends as a
+        # "query length" of group * t, so K/V are read once per KV head, not repeated.
         bias = torch.zeros(visible.shape, dtype=self.dtype).masked_fill_(~visible, float("-inf"))
-        bias = bias[:, None, None, :]
         group = s.num_heads // s.num_kv_heads
+        if t == 1:  # the same for every query head of a group
+            bias = bias[:, None]
+        else:
+            bias = bias[:, None, None].expand(m, 1, group, t, span).reshape(m, 1, group * t,
+                                                                            span)
         # Sorted, unique seq_ids on consecutive lines (one row, or every line) are a
         # view of the cache; only scattered lines need a gathering copy.
         first = int(seq_ids[0])
         lines = slice(first, first + m) if int(seq_ids[-1]) - first == m - 1 else None
+        rows = seq_ids[:, None].expand(m, t)
 
         def attend(i, q, k, v):
-            self.k_cache[i, seq_ids, :, positions] = self._stored(k[:, :, 0])
-            self.v_cache[i, seq_ids, :, positions] = self._stored(v[:, :, 0])
+            # k, v [m, kv_heads, t, d] -> the cache's [m, t, kv_heads, d] at (line, position)
+            self.k_cache[i, rows, :, positions] = self._stored(k.transpose(1, 2))
+            self.v_cache[i, rows, :, positions] = self._stored(v.transpose(1, 2))
             if lines is not None:
                 keys, values = self.k_cache[i, lines, :, :span], self.v_cache[i, lines, :, :span]
             else:
@@ -491,11 +539,9 @@ class LlamaModel:
                 values = self.v_cache[i, :, :, :span].index_select(0, seq_ids)
             keys, values = keys.to(self.dtype), values.to(self.dtype)
             out = F.scaled_dot_product_attention(
-                q.view(m, s.num_kv_heads, group, s.head_dim), keys, values,
+                q.reshape(m, s.num_kv_heads, group * t, s.head_dim), keys, values,
                 attn_mask=bias, scale=self.scale,
             )
-            return out.view(m, s.num_heads, 1, s.head_dim)
+            return out.view(m, s.num_heads, t, s.head_dim)
 
-        for i in range(s.num_layers):
-            x = self._layer(i, x, cos, sin, attend, lora)
-        return self._logits(x[:, 0])
+        return self._layers(x, cos, sin, attend, lora, capture)

@@ -4,10 +4,13 @@ It takes a model (llama.py, with its matmul weights packed for the kernel) and
 a batch, and decides whether it can run it: a decode of up to ``max_rows`` rows, or
 a prefill whose prompts hold fewer tokens in all than ``max_rows`` and the kernel
 variant's ``widen_rows`` (rows of one line at positions 0..n-1 are that line's prefill;
-past ``widen_rows``, sgemm over widened weights is faster). What it declines (bigger
-batches, prompt logits) runs on the model's torch path with the same numerics. Models with biases
-other than q/k/v's, heads wider than 256, or an fp8 KV cache with heads not a whole
-number of vectors wide have no native path (``NativeStep.for_model`` is None).
+past ``widen_rows``, sgemm over widened weights is faster), or any rows in order
+(``rows``: a speculation's verify pass, k rows of a line at p..p+k-1, in steps of
+``max_rows``), handing back hidden states (and those entering given layers) for EAGLE.
+What it declines (bigger batches, prompt logits) runs on the model's torch path with the
+same numerics. Models with biases other than q/k/v's, heads wider than 256, or an fp8 KV
+cache with heads not a whole number of vectors wide have no native path
+(``NativeStep.for_model`` is None).
 
 LoRA (``enable_lora``): the step holds, per layer and fused matmul, one descriptor per
 adapter slot (kernels.h's ``Lora``); ``set_slot`` points a slot's descriptors at an
@@ -31,7 +34,7 @@ from vllm_neuronx.backends.cpu.kernels import (
     PackedWeight,
     Weight,
 )
-from vllm_neuronx.backends.cpu.llama import LlamaModel
+from vllm_neuronx.backends.cpu.llama import Capture, LlamaModel
 from vllm_neuronx.backends.cpu.lora import FUSED, FusedDelta, LoraWeights
 
 # decode_step.c keeps a head's attention output in registers.
@@ -79,7 +82,8 @@ class DecodeStep:
         self._fn = lib.decode_step
         self._fn.argtypes = [ctypes.POINTER(Model), ctypes.c_void_p, ctypes.c_int,
                              ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p,
-                             ctypes.c_void_p, ctypes.c_int, ctypes.c_void_p, ctypes.c_void_p]
+                             ctypes.c_void_p, ctypes.c_int, ctypes.c_void_p, ctypes.c_void_p,
+                             ctypes.c_void_p, ctypes.c_int, ctypes.c_void_p]
         self._fn.restype = None
         self._lib = lib
         self.max_rows, self.hidden, self.vocab = max_rows, dims["hidden"], dims["vocab"]
@@ -159,11 +163,15 @@ class DecodeStep:
 
     def __call__(self, x: torch.Tensor, positions: torch.Tensor, lines: torch.Tensor,
                  out_rows: torch.Tensor | None = None,
-                 slots: torch.Tensor | None = None) -> torch.Tensor:
-        """x [m, hidden] fp32 (overwritten), positions and lines [m] int64 -> logits of every
-        row [m, vocab], or of ``out_rows`` only. Rows of one line at positions 0..n-1 are
-        that line's prefill (decode_step.c). ``slots``: each row's adapter slot [m] (0: the
-        base model; None: every row's)."""
+                 slots: torch.Tensor | None = None,
+                 aux_layers: tuple[int, ...] = ()) -> torch.Tensor:
+        """x [m, hidden] fp32 (overwritten: each row's last hidden state, before the final
+        norm), positions and lines [m] int64 -> logits of every row [m, vocab], or of
+        ``out_rows`` only (none: an empty ``out_rows``). Rows of one line at positions
+        0..n-1 are that line's prefill, k rows at p..p+k-1 a speculation's verify pass
+        (decode_step.c). ``slots``: each row's adapter slot [m] (0: the base model; None:
+        every row's). ``aux_layers``: also return the hidden states entering those layers,
+        [m, len(aux_layers) * hidden] (then the result is (logits, aux))."""
         m = x.shape[0]
         if not 0 < m <= self.max_rows or x.shape != (m, self.hidden) or \
                 x.dtype is not torch.float32 or not x.is_contiguous():
@@ -180,9 +188,9 @@ class DecodeStep:
         if out_rows is not None:
             out_rows = out_rows.to(torch.int64).contiguous()
             n_out = out_rows.shape[0]
-            if out_rows.dim() != 1 or not 0 < n_out <= m or int(out_rows.min()) < 0 or \
-                    int(out_rows.max()) >= m:
-                raise ValueError(f"out_rows must be 1 to {m} rows of the {m} given")
+            if out_rows.dim() != 1 or n_out > m or (n_out and (
+                    int(out_rows.min()) < 0 or int(out_rows.max()) >= m)):
+                raise ValueError(f"out_rows must be 0 to {m} rows of the {m} given")
             rows_ptr = out_rows.data_ptr()
         slots_ptr = None
         if slots is not None:
@@ -193,10 +201,18 @@ class DecodeStep:
                                  f"{self.lora_slots}) (enable_lora)")
             slots_ptr = slots.data_ptr()
         logits = torch.empty((n_out, self.vocab), dtype=torch.float32)
+        aux = layers = None
+        if aux_layers:
+            if not all(0 <= i < self._model.layers for i in aux_layers):
+                raise ValueError(f"aux_layers {aux_layers}: the model has layers 0 to "
+                                 f"{self._model.layers - 1}")
+            layers = torch.tensor(aux_layers, dtype=torch.int32)
+            aux = torch.empty((m, len(aux_layers) * self.hidden), dtype=torch.float32)
         self._fn(ctypes.byref(self._model), x.data_ptr(), m, positions.data_ptr(),
                  lines.data_ptr(), slots_ptr, rows_ptr, n_out, self._scratch.data_ptr(),
-                 logits.data_ptr())
-        return logits
+                 logits.data_ptr(), None if layers is None else layers.data_ptr(),
+                 len(aux_layers), None if aux is None else aux.data_ptr())
+        return logits if aux is None else (logits, aux)
 
 
 class NativeStep:
@@ -260,12 +276,15 @@ class NativeStep:
         self.step.set_slot(slot, weights)
 
     def prefill(self, input_ids: torch.Tensor, lengths: torch.Tensor, seq_ids: torch.Tensor,
-                slots: torch.Tensor | None = None) -> torch.Tensor | None:
+                slots: torch.Tensor | None = None, *, logits: bool = True,
+                capture: Capture | None = None) -> torch.Tensor | None:
         """Last-token logits [n, vocab] of right-padded prompts [n, width] (``slots``: each
-        prompt's adapter slot), or None when one prompt alone has more tokens than the
-        native step is faster at (or holds). Prompts of more tokens in all than that run
-        as several steps of whole prompts (a prompt's rows attend to its line only) where
-        the variant has no sgemm threshold."""
+        prompt's adapter slot; ``logits`` False: none, [0, vocab], for a draft's prefill),
+        or None when one prompt alone has more tokens than the native step is faster at
+        (or holds). Prompts of more tokens in all than that run as several steps of whole
+        prompts (a prompt's rows attend to its line only) where the variant has no sgemm
+        threshold. ``capture`` gets every position's hidden states, [n, width, ...] (zero
+        past each prompt)."""
         limit = lengths.max() if self.split_prefills else lengths.sum()
         if int(limit) >= self.prefill_rows:
             return None
@@ -276,20 +295,35 @@ class NativeStep:
                 first, total = i, 0
             total += length
         groups.append(slice(first, len(lengths)))
-        return torch.cat([self._prefill(input_ids[g], lengths[g], seq_ids[g],
-                                        None if slots is None else slots[g]) for g in groups])
+        parts = [self._prefill(input_ids[g], lengths[g], seq_ids[g],
+                               None if slots is None else slots[g], logits, capture)
+                 for g in groups]
+        if capture is not None:
+            n, t = input_ids.shape
+            real = torch.arange(t)[None, :] < lengths[:, None]
+            for name in ("hidden",) + (("aux",) if capture.aux_layers else ()):
+                rows = torch.cat([part[1 if name == "hidden" else 2] for part in parts])
+                padded = rows.new_zeros((n, t, rows.shape[-1]))
+                padded[real] = rows
+                setattr(capture, name, padded)
+        return torch.cat([part[0] for part in parts])
 
     def _prefill(self, input_ids: torch.Tensor, lengths: torch.Tensor, seq_ids: torch.Tensor,
-                 slots: torch.Tensor | None) -> torch.Tensor:
-        """One native step over prompts of fewer tokens in all than ``prefill_rows``."""
+                 slots: torch.Tensor | None, logits: bool = True,
+                 capture: Capture | None = None) -> tuple:
+        """One native step over prompts of fewer tokens in all than ``prefill_rows``:
+        (logits, and with ``capture`` the real rows' hidden states and aux states)."""
         n, t = input_ids.shape
         real = torch.arange(t)[None, :] < lengths[:, None]
         positions = torch.arange(t).expand(n, t)[real]
         lines = seq_ids[:, None].expand(n, t)[real]
         if slots is not None:  # a prompt's rows share its slot
             slots = slots[:, None].expand(n, t)[real]
-        last = lengths.cumsum(0) - 1
-        return self.step(self.model.embed(input_ids[real]), positions, lines, last, slots)
+        last = lengths.cumsum(0) - 1 if logits else torch.empty(0, dtype=torch.long)
+        x = self.model.embed(input_ids[real])
+        aux_layers = capture.aux_layers if capture is not None else ()
+        out = self.step(x, positions, lines, last, slots, aux_layers)
+        return (out, x) if not aux_layers else (out[0], x, out[1])
 
     def decode(self, input_ids: torch.Tensor, positions: torch.Tensor, seq_ids: torch.Tensor,
                slots: torch.Tensor | None = None) -> torch.Tensor | None:
@@ -298,3 +332,31 @@ class NativeStep:
         if input_ids.shape[0] > self.step.max_rows:
             return None
         return self.step(self.model.embed(input_ids), positions, seq_ids, None, slots)
+
+    def rows(self, input_ids: torch.Tensor, positions: torch.Tensor, lines: torch.Tensor,
+             out_rows: torch.Tensor | None = None, slots: torch.Tensor | None = None,
+             aux_layers: tuple[int, ...] = ()
+             ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+        """Any number of rows [r] (tokens, positions, KV lines; ``slots``: adapter slots),
+        as one native step or several of ``max_rows`` in row order: a row may attend to
+        the K/V of rows before it in the order (a line's rows by position: a verify pass,
+        a draft's catch-up). Returns (logits of ``out_rows``, ascending, or of every row
+        (None); hidden states [r, hidden] before the final norm; the ``aux_layers``'
+        entering states [r, len * hidden] or None)."""
+        r, most = input_ids.shape[0], self.step.max_rows
+        x = self.model.embed(input_ids)
+        logits, aux = [], []
+        for a in range(0, r, most):
+            b = min(r, a + most)
+            if out_rows is None:
+                chunk_out = None
+            else:
+                chunk_out = out_rows[(out_rows >= a) & (out_rows < b)] - a
+            out = self.step(x[a:b], positions[a:b], lines[a:b], chunk_out,
+                            None if slots is None else slots[a:b], aux_layers)
+            if aux_layers:
+                out, chunk_aux = out
+                aux.append(chunk_aux)
+            logits.append(out)
+        return (logits[0] if len(logits) == 1 else torch.cat(logits), x,
+                (aux[0] if len(aux) == 1 else torch.cat(aux)) if aux_layers else None)

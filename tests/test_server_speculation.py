@@ -1,0 +1,98 @@
+"""Speculative decoding through the OpenAI-compatible server (``--speculative-config``), on
+the CPU backend and on the NxDI backend over its simulator: greedy completions equal HF
+transformers', streamed or not, concurrent; a stop string inside an accepted run cuts the
+text there; sampled requests with top_k in the body are served; and /metrics carries vLLM's
+spec-decode counters (the target as its own draft: every proposal accepted)."""
+
+from __future__ import annotations
+
+import concurrent.futures
+import json
+import os
+import shutil
+
+import pytest
+import requests
+
+from tests.conftest import hf_greedy
+from tests.engine_checks import SIMULATORS
+
+PROMPT = [1, 504, 3202, 314, 4649, 314]
+N = 3
+
+
+@pytest.fixture(scope="module", params=["cpu", "nxdi-simulator"])
+def server(request, tiny_chat, tiny_chat_server, tmp_path_factory):
+    draft = shutil.copytree(tiny_chat, tmp_path_factory.mktemp("draft") / "self")
+    env = {}
+    if request.param == "nxdi-simulator":
+        env |= {"PYTHONPATH": os.pathsep.join(filter(None, [SIMULATORS,
+                                                             os.environ.get("PYTHONPATH")])),
+                "VLLM_NEURONX_FORCE_BACKEND": "nxdi",
+                "NEURON_COMPILED_ARTIFACTS": str(tmp_path_factory.mktemp("nxdi") / "compiled")}
+    spec = json.dumps({"model": str(draft), "num_speculative_tokens": N})
+    return tiny_chat_server("--max-num-seqs=4", "--max-model-len=128", "--dtype=float32",
+                            "--speculative-config", spec, env=env)
+
+
+def complete(server, prompt=PROMPT, **body) -> requests.Response:
+    body = {"model": server.model, "prompt": prompt, "max_tokens": 12, "temperature": 0,
+            "ignore_eos": True, "return_token_ids": True} | body
+    return requests.post(server.url + "/v1/completions", json=body, timeout=120,
+                         stream=bool(body.get("stream")))
+
+
+def counters(server) -> dict[str, float]:
+    text = requests.get(server.url + "/metrics", timeout=30).text
+    out: dict[str, float] = {}
+    for line in text.splitlines():
+        if line.startswith("vllm:spec_decode_num_") and "_per_pos" not in line:
+            name = line.split("{", 1)[0]
+            out[name] = out.get(name, 0.0) + float(line.rsplit(" ", 1)[1])
+    return out
+
+
+def test_greedy_completions_equal_hf_and_every_proposal_is_accepted(server, tiny_chat):
+    before = counters(server)
+    prompts = [PROMPT, [1, 20, 30, 40], [1, 7] * 9]
+    with concurrent.futures.ThreadPoolExecutor(len(prompts)) as pool:
+        answers = list(pool.map(lambda p: complete(server, p, max_tokens=13), prompts))
+    assert all(r.status_code == 200 for r in answers), [r.text for r in answers]
+    got = [r.json()["choices"][0]["token_ids"] for r in answers]
+    assert got == hf_greedy(tiny_chat, prompts, [13] * 3)
+    after = counters(server)
+    proposed = (after["vllm:spec_decode_num_draft_tokens_total"]
+                - before.get("vllm:spec_decode_num_draft_tokens_total", 0))
+    accepted = (after["vllm:spec_decode_num_accepted_tokens_total"]
+                - before.get("vllm:spec_decode_num_accepted_tokens_total", 0))
+    assert proposed > 0 and accepted == proposed
+
+
+def test_streaming_gives_the_same_text(server):
+    whole = complete(server).json()["choices"][0]["text"]
+    r = complete(server, stream=True)
+    assert r.status_code == 200
+    parts = []
+    for line in r.iter_lines():
+        if line.startswith(b"data: ") and line != b"data: [DONE]":
+            parts.append(json.loads(line[6:])["choices"][0]["text"])
+    assert "".join(parts) == whole
+
+
+def test_a_stop_string_inside_an_accepted_run_cuts_the_text_there(server):
+    text = complete(server, max_tokens=30).json()["choices"][0]["text"]
+    middle = len(text) // 2
+    stop = text[middle:middle + 4]
+    r = complete(server, max_tokens=30, stop=[stop])
+    assert r.status_code == 200, r.text
+    choice = r.json()["choices"][0]
+    assert choice["text"] == text[: text.index(stop)]
+    assert choice["finish_reason"] == "stop"
+
+
+def test_sampled_chat_with_top_k_in_the_body_is_served(server):
+    r = requests.post(server.url + "/v1/chat/completions", timeout=120, json={
+        "model": server.model, "messages": [{"role": "user", "content": "Hello"}],
+        "max_tokens": 10, "temperature": 0.8, "top_k": 5, "top_p": 0.9})
+    assert r.status_code == 200, r.text
+    assert r.json()["usage"]["completion_tokens"] >= 1
