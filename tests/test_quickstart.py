@@ -1,6 +1,7 @@
 """The user guide's offline quickstart runs verbatim (no __main__ guard) on the CPU, and so
-do its int8 variant (examples/offline_inference/neuron_int8_quantize.py) and the multi-LoRA
-example (neuron_multi_lora.py)."""
+do its int8 variant (examples/offline_inference/neuron_int8_quantize.py), the multi-LoRA
+example (neuron_multi_lora.py) and the speculative decoding ones (neuron_speculation.py,
+neuron_eagle.py)."""
 
 from __future__ import annotations
 
@@ -63,3 +64,25 @@ def test_multi_lora_example_prints_each_prompt_with_each_adapter_and_the_base_mo
     assert texts[0] != texts[2] or texts[3] != texts[5]
     assert texts[1] != texts[2] or texts[4] != texts[5]
     assert texts[0] != texts[1] or texts[3] != texts[4]
+
+
+def speculation_rate(logs: str) -> float:
+    line = next(x for x in logs.splitlines() if x.startswith("Speculation: "))
+    accepted, proposed = (int(w) for w in line.split()[1:4:2])
+    assert 0 < proposed
+    return accepted / proposed
+
+
+def test_speculation_example_drafts_from_int8_weights_and_keeps_the_models_text():
+    lines, logs = run_example("neuron_speculation.py")
+    assert len(lines) == 4, logs[-3000:]
+    assert "Paris" in lines[0]
+    assert "speculation=draft_model k=4" in logs
+    assert speculation_rate(logs) > 0.5  # int8 weights agree with the model most of the time
+
+
+def test_eagle_example_runs_a_head_made_from_the_model():
+    lines, logs = run_example("neuron_eagle.py")
+    assert len(lines) == 2 and "Paris" in lines[0], logs[-3000:]
+    assert "speculation=eagle k=4" in logs
+    assert 0 <= speculation_rate(logs) < 1

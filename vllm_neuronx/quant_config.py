@@ -70,6 +70,17 @@ class QuantConfig:
         return self.weights and not any(entry in module for entry in self.not_convert)
 
     @classmethod
+    def for_draft(cls, cfg: Mapping[str, Any]) -> QuantConfig:
+        """A fused draft model's quantization, as NxDI derives it: the target's keys, with
+        ``modules_to_not_convert`` replaced by ``draft_model_modules_to_not_convert`` when
+        that is set (NxDI's draft config copies the target's and swaps the list). So a
+        target whose list names every layer stays in float while its draft is quantized."""
+        draft_list = cfg.get("draft_model_modules_to_not_convert")
+        if not draft_list:
+            return cls.from_neuron_config(cfg)
+        return cls.from_neuron_config({**cfg, "modules_to_not_convert": draft_list})
+
+    @classmethod
     def from_neuron_config(cls, cfg: Mapping[str, Any]) -> QuantConfig:
         """The keys of ``cfg``, checked; NxDI's defaults where they are absent."""
         kind = cfg.get("quantization_type") or PER_TENSOR

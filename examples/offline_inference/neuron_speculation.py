@@ -1,25 +1,25 @@
-# Speculative decoding offline with a draft model, fused as NxDI runs it: each step the
-# draft proposes num_speculative_tokens tokens and the model verifies them all in one pass,
-# keeping the longest agreeing run plus its own next token, so the text is the model's own
-# (greedy: token for token). The example makes its draft from the model itself, its first
-# 6 layers; a trained small sibling of the family (e.g. Llama-3.2-1B for Llama-3.1-70B)
-# agrees with the target more often and gains more. vLLM's metrics report the acceptance.
-# On a machine without Neuron devices it runs on vllm-neuronx's CPU backend.
+# Speculative decoding offline, fused as NxDI runs it: each step a draft proposes
+# num_speculative_tokens tokens and the model verifies them all in one pass, keeping the
+# longest agreeing run plus its own next token, so the text is the model's own (greedy:
+# token for token). By default the model drafts for itself from int8 weights (NxDI's
+# draft_model_modules_to_not_convert quantizes only the draft; vllm_neuronx.drafts), which
+# agrees with it on most tokens. Pass a draft folder to use another draft model: a trained
+# small sibling of the family (e.g. Llama-3.2-1B for Llama-3.1-70B) on a Neuron device.
+# vLLM's metrics report the acceptance. On a machine without Neuron devices it runs on
+# vllm-neuronx's CPU backend.
 # Usage: python examples/offline_inference/neuron_speculation.py [MODEL] [DRAFT]
 import os
 import sys
-import tempfile
 
 os.environ["VLLM_NEURON_FRAMEWORK"] = "neuronx-distributed-inference"
 
 from vllm import LLM, SamplingParams  # noqa: E402
 
 from vllm_neuronx.default_model import default_model_path  # noqa: E402
-from vllm_neuronx.drafts import first_layers_draft  # noqa: E402
+from vllm_neuronx.drafts import INT8_DRAFT  # noqa: E402
 
 model = sys.argv[1] if len(sys.argv) > 1 else default_model_path()
-draft = sys.argv[2] if len(sys.argv) > 2 else first_layers_draft(
-    model, os.path.join(tempfile.gettempdir(), "neuron-speculation-draft"), num_layers=6)
+draft = sys.argv[2] if len(sys.argv) > 2 else None
 
 prompts = [
     "The capital of France is",
@@ -34,7 +34,8 @@ llm = LLM(
     max_num_seqs=4,
     max_model_len=256,
     device="neuron",
-    speculative_config={"model": draft, "num_speculative_tokens": 4},
+    speculative_config={"model": draft or model, "num_speculative_tokens": 3},
+    override_neuron_config=None if draft else INT8_DRAFT,
     disable_log_stats=False,
 )
 outputs = llm.generate(prompts, sampling_params)

@@ -137,6 +137,8 @@ class CpuBackend(NeuronBackend):
         self.spec = LlamaSpec.from_folder(model_path)
         self.validate(neuron_config)
         self.quant = QuantConfig.from_neuron_config(neuron_config)
+        # A draft model's weights: quantized as NxDI quantizes a fused draft.
+        self.draft_quant = QuantConfig.for_draft(neuron_config)
         requested = self.stored_dtype = _DTYPES[neuron_config["torch_dtype"]]
         # Quantized weights are widened to fp32 (by the kernel, or once at load).
         self.dtype = torch.float32 if self.quant.weights else compute_dtype(requested)
@@ -221,12 +223,16 @@ class CpuBackend(NeuronBackend):
             time.perf_counter() - start,
         )
 
-    def convert(self, model_path: str, spec: LlamaSpec, path: str) -> None:
-        """An HF checkpoint of ``spec`` -> our layout in the stored dtype, quantized as the
-        neuron config says, into the safetensors file ``path``."""
+    def convert(self, model_path: str, spec: LlamaSpec, path: str,
+                quant: QuantConfig | None = None) -> None:
+        """An HF checkpoint of ``spec`` -> our layout in the stored dtype, quantized as
+        ``quant`` (the target's: the neuron config's keys) says, into the safetensors file
+        ``path``."""
+        quant = quant or self.quant
         hf = read_hf_checkpoint(model_path)
-        weights = LlamaModel.convert_hf_weights(spec, hf, self.stored_dtype,
-                                                self._quantize if self.quant.weights else None)
+        weights = LlamaModel.convert_hf_weights(
+            spec, hf, self.stored_dtype,
+            functools.partial(self._quantize, quant) if quant.weights else None)
         # Tied embeddings share storage; safetensors stores each tensor once.
         head = weights["lm_head"]  # a quantized head is a copy of its own
         if isinstance(head, torch.Tensor) and head.data_ptr() == weights["embed"].data_ptr():
@@ -239,23 +245,26 @@ class CpuBackend(NeuronBackend):
                 stored[name] = w
         save_file(stored, path)
 
-    def _quantize(self, modules: list[str], parts: list[torch.Tensor]):
+    @staticmethod
+    def _quantize(quant: QuantConfig, modules: list[str], parts: list[torch.Tensor]):
         """One matmul's HF modules quantized, or None where modules_to_not_convert names
         them; a fused matmul (q, k, v) is quantized whole or not at all."""
-        converted = [self.quant.converts(m) for m in modules]
+        converted = [quant.converts(m) for m in modules]
         if not any(converted):
             return None
         if not all(converted):
             raise nc.NeuronConfigError(
-                f"modules_to_not_convert={list(self.quant.not_convert)} names some of "
+                f"modules_to_not_convert={list(quant.not_convert)} names some of "
                 f"{modules} but not all; the CPU backend multiplies them as one matmul, so "
                 "name all of them or none")
-        return quantize_parts(parts, self.quant)
+        return quantize_parts(parts, quant)
 
     def uses_kernel(self) -> bool:
-        """bf16 weights computed in fp32, or quantized weights: the native kernel
-        multiplies them (kernels.py)."""
-        return self.variant is not None and (self.quant.weights or (
+        """bf16 weights computed in fp32, or quantized weights (the target's or a draft
+        model's): the native kernel multiplies them (kernels.py)."""
+        draft_quantized = self.draft is not None and not self.draft.is_eagle and \
+            self.draft_quant.weights
+        return self.variant is not None and (self.quant.weights or draft_quantized or (
             self.stored_dtype is torch.bfloat16 and self.dtype is torch.float32))
 
     @property

@@ -98,10 +98,12 @@ def check_draft(draft: Draft, target: LlamaSpec) -> LlamaSpec | None:
 
 
 def compile_draft(backend: CpuBackend, folder: str) -> None:
-    """The draft model's checkpoint converted (and quantized) as the target's, into
-    ``DRAFT_FILE`` (NxDI's draft takes a copy of the target's neuron config)."""
+    """The draft model's checkpoint converted (and quantized) as NxDI's fused draft is:
+    the target's neuron config, with draft_model_modules_to_not_convert as its list of
+    modules left in float (``QuantConfig.for_draft``), into ``DRAFT_FILE``."""
     spec = check_draft(backend.draft, backend.spec)
-    backend.convert(backend.draft.path, spec, os.path.join(folder, DRAFT_FILE))
+    backend.convert(backend.draft.path, spec, os.path.join(folder, DRAFT_FILE),
+                    backend.draft_quant)
 
 
 # -- acceptance ------------------------------------------------------------------------
