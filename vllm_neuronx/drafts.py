@@ -38,7 +38,7 @@ INT8_DRAFT = {"quantized": True, "quantization_type": "per_channel_symmetric",
               "quantization_dtype": "int8", "modules_to_not_convert": ["layers", "lm_head"],
               "draft_model_modules_to_not_convert": ["embed"]}
 
-_LAYER = re.compile(r"^(?:model\.)?layers\.(\d+)\.")
+_LAYER = re.compile(r"^layers\.(\d+)\.")
 # What a draft folder needs besides weights and config (the tokenizer, for vLLM's checks).
 _SIDE_FILES = ("generation_config.json", "tokenizer.json", "tokenizer_config.json",
                "special_tokens_map.json", "vocab.json", "merges.txt", "tokenizer.model",
@@ -48,21 +48,15 @@ _SIDE_FILES = ("generation_config.json", "tokenizer.json", "tokenizer_config.jso
 def first_layers_draft(model_path: str, folder: str, num_layers: int) -> str:
     """Write ``folder``: ``model_path``'s first ``num_layers`` layers as an HF checkpoint
     (config, model.safetensors, tokenizer files). Returns the folder."""
-    with open(os.path.join(model_path, "config.json")) as f:
-        config = json.load(f)
+    config, every = _read(model_path)
     total = config["num_hidden_layers"]
     if not 1 <= num_layers <= total:
         raise ValueError(f"num_layers={num_layers}: {model_path} has {total} layers")
-    files = sorted(glob.glob(os.path.join(model_path, "*.safetensors")))
-    if not files:
-        raise FileNotFoundError(f"no *.safetensors files in {model_path}")
     tensors = {}
-    for path in files:
-        with safe_open(path, framework="pt") as f:
-            for name in f.keys():  # noqa: SIM118 (safe_open is not a mapping)
-                layer = _LAYER.match(name)
-                if layer is None or int(layer.group(1)) < num_layers:
-                    tensors[name] = f.get_tensor(name)
+    for name, t in every.items():
+        layer = _LAYER.match(name)
+        if layer is None or int(layer.group(1)) < num_layers:
+            tensors["model." + name if name != "lm_head.weight" else name] = t
     os.makedirs(folder, exist_ok=True)
     save_file(tensors, os.path.join(folder, "model.safetensors"), metadata={"format": "pt"})
     config["num_hidden_layers"] = num_layers
@@ -78,6 +72,7 @@ def first_layers_draft(model_path: str, folder: str, num_layers: int) -> str:
 
 
 def _read(model_path: str) -> tuple[dict, dict[str, torch.Tensor]]:
+    """The config and every tensor of an HF folder, names without ``model.``."""
     with open(os.path.join(model_path, "config.json")) as f:
         config = json.load(f)
     files = sorted(glob.glob(os.path.join(model_path, "*.safetensors")))

@@ -81,7 +81,6 @@ from __future__ import annotations
 
 import glob
 import json
-import math
 import os
 from collections.abc import Callable
 from typing import Any
@@ -89,7 +88,13 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from vllm_neuronx.backends.cpu.llama import LlamaSpec, apply_rope, rms_norm, rope_inv_freq
+from vllm_neuronx.backends.cpu.llama import (
+    LlamaSpec,
+    apply_rope,
+    attention_sizes,
+    rms_norm,
+    rope_tables,
+)
 
 METHODS = ("eagle", "eagle3")
 
@@ -169,13 +174,8 @@ class EagleHead:
         shape = (spec.num_layers, num_lines, spec.num_kv_heads, max_len, spec.head_dim)
         self.k_cache = zeros(shape, dtype=dtype)
         self.v_cache = zeros(shape, dtype=dtype)
-        freqs = torch.outer(torch.arange(max_len, dtype=torch.float32), rope_inv_freq(spec))
-        emb = torch.cat((freqs, freqs), dim=-1)
-        self.cos = emb.cos().to(dtype)
-        self.sin = emb.sin().to(dtype)
-        self.q_size = spec.num_heads * spec.head_dim
-        self.kv_size = spec.num_kv_heads * spec.head_dim
-        self.scale = 1.0 / math.sqrt(spec.head_dim)
+        self.cos, self.sin = rope_tables(spec, max_len, dtype)
+        self.q_size, self.kv_size, self.scale = attention_sizes(spec)
         fc = weights.get("fc")
         self.fc_in = int(fc.shape[1]) if fc is not None else None
         # The target's vocabulary ids of the head's logits (EAGLE3's d2t), or None.
@@ -206,36 +206,15 @@ class EagleHead:
 
     # -- loading ------------------------------------------------------------------------
     @classmethod
-    def from_folder(
-        cls,
-        path: str,
-        target_spec: LlamaSpec,
-        *,
-        num_lines: int,
-        max_len: int,
-        dtype: torch.dtype,
-        target_weights: dict[str, Any] | None = None,
-        target_linear: Callable[..., torch.Tensor] = F.linear,
-        method: str | None = None,
-        zeros: Callable[..., torch.Tensor] = torch.zeros,
-    ) -> EagleHead:
-        """A head folder (vLLM's or NxDI's keys) for a target of ``target_spec``.
-
-        ``target_weights``: the target's weights in our layout (``embed``, ``lm_head``;
-        HF names are accepted too), lent where the head has none; ``target_linear``
-        multiplies the target's lm_head (the backend's packed kernel, say). ``method``:
-        "eagle" or "eagle3" (vLLM's); None reads it from the config's architectures.
-        """
+    def from_folder(cls, path: str, target_spec: LlamaSpec, **kwargs: Any) -> EagleHead:
+        """A head folder (vLLM's or NxDI's keys) for a target of ``target_spec``; the
+        keywords are ``from_checkpoint``'s."""
         cfg_path = os.path.join(path, "config.json")
         if not os.path.isfile(cfg_path):
             raise EagleHeadError(f"EAGLE head {path}: no config.json")
         with open(cfg_path) as f:
             cfg = json.load(f)
-        tensors = _read_tensors(path)
-        return cls.from_checkpoint(
-            cfg, tensors, target_spec, num_lines=num_lines, max_len=max_len, dtype=dtype,
-            target_weights=target_weights, target_linear=target_linear, method=method,
-            zeros=zeros, path=path)
+        return cls.from_checkpoint(cfg, _read_tensors(path), target_spec, path=path, **kwargs)
 
     @classmethod
     def from_checkpoint(
@@ -253,7 +232,14 @@ class EagleHead:
         zeros: Callable[..., torch.Tensor] = torch.zeros,
         path: str = "<memory>",
     ) -> EagleHead:
-        """``from_folder`` on a config dict and the checkpoint's tensors."""
+        """The head of a config dict and its checkpoint's tensors, for a target of
+        ``target_spec``, with ``num_lines`` KV lines of ``max_len`` in ``dtype``.
+
+        ``target_weights``: the target's weights in our layout (``embed``, ``lm_head``;
+        HF names are accepted too), lent where the head has none; ``target_linear``
+        multiplies the target's lm_head (the backend's packed kernel, say). ``method``:
+        "eagle" or "eagle3" (vLLM's); None reads it from the config's architectures.
+        """
 
         def fail(why: str) -> EagleHeadError:
             return EagleHeadError(f"EAGLE head {path}: {why}")

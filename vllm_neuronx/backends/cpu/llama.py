@@ -197,6 +197,20 @@ def rope_inv_freq(spec: LlamaSpec) -> torch.Tensor:
     return torch.where(medium, smoothed, scaled)
 
 
+def rope_tables(spec: LlamaSpec, max_len: int, dtype: torch.dtype
+                ) -> tuple[torch.Tensor, torch.Tensor]:
+    """RoPE's cos and sin [max_len, head_dim] of every position, in ``dtype``."""
+    freqs = torch.outer(torch.arange(max_len, dtype=torch.float32), rope_inv_freq(spec))
+    emb = torch.cat((freqs, freqs), dim=-1)
+    return emb.cos().to(dtype), emb.sin().to(dtype)
+
+
+def attention_sizes(spec: LlamaSpec) -> tuple[int, int, float]:
+    """(query width, key/value width, softmax scale) of one attention layer."""
+    return (spec.num_heads * spec.head_dim, spec.num_kv_heads * spec.head_dim,
+            1.0 / math.sqrt(spec.head_dim))
+
+
 def to_dtype(weights: dict[str, torch.Tensor], dtype: torch.dtype) -> dict[str, torch.Tensor]:
     """Every tensor in ``dtype``, contiguous; tied weights (one tensor) stay one tensor."""
     converted: dict[int, torch.Tensor] = {}
@@ -248,13 +262,8 @@ class LlamaModel:
         kv_dtype = FP8_DTYPE if kv_fp8 else dtype
         self.k_cache = zeros(shape, dtype=kv_dtype)
         self.v_cache = zeros(shape, dtype=kv_dtype)
-        freqs = torch.outer(torch.arange(max_len, dtype=torch.float32), rope_inv_freq(spec))
-        emb = torch.cat((freqs, freqs), dim=-1)
-        self.cos = emb.cos().to(dtype)
-        self.sin = emb.sin().to(dtype)
-        self.q_size = spec.num_heads * spec.head_dim
-        self.kv_size = spec.num_kv_heads * spec.head_dim
-        self.scale = 1.0 / math.sqrt(spec.head_dim)
+        self.cos, self.sin = rope_tables(spec, max_len, dtype)
+        self.q_size, self.kv_size, self.scale = attention_sizes(spec)
         # The sliding window where it masks anything inside a KV line, else None.
         window = spec.sliding_window
         self.window = window if window and window < max_len else None
