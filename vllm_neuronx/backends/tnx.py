@@ -52,6 +52,7 @@ from vllm_neuronx.backends.protocol import (
     SamplingCapabilities,
 )
 from vllm_neuronx.log import get_logger
+from vllm_neuronx.speculation import Draft
 
 logger = get_logger(__name__)
 
@@ -155,8 +156,11 @@ class TnxBackend(NeuronBackend):
         *,
         seed: int = 0,
         quantization: str | None = None,
+        draft: Draft | None = None,
     ) -> None:
-        super().__init__(model_path, neuron_config, seed=seed)
+        # Speculation is refused on transformers-neuronx when vLLM's config is resolved
+        # (unserved.py), so ``draft`` is always None here.
+        super().__init__(model_path, neuron_config, seed=seed, draft=draft)
         self.quantization = effective_quantization(neuron_config, quantization)
         self.validate(neuron_config, quantization=self.quantization)
         with open(os.path.join(model_path, "config.json")) as f:
