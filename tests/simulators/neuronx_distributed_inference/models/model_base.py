@@ -529,14 +529,19 @@ class NeuronBaseForCausalLM(NeuronApplicationBase):
                 self._line_adapter[line] = adapter  # NxDI copies it into the seq_id's row
         return torch.cat(out)
 
-    def _sim_token_generation(self, input_ids, position_ids, lines) -> torch.Tensor:
-        nc = self.neuron_config
+    @staticmethod
+    def _sim_decode_positions(input_ids, position_ids) -> list[int]:
+        """A decode call's positions, after NxDI's shape rule: one token per row."""
         if input_ids.shape[1] != 1:
             raise ValueError(
                 f"decode rows take one token each ([m, 1]); got width {input_ids.shape[1]} "
                 "with positions not starting at 0"
             )
-        positions = [int(p) for p in position_ids[:, 0]]
+        return [int(p) for p in position_ids[:, 0]]
+
+    def _sim_token_generation(self, input_ids, position_ids, lines) -> torch.Tensor:
+        nc = self.neuron_config
+        positions = self._sim_decode_positions(input_ids, position_ids)
         self._sim_check_lines(lines, positions)
         bucket = first_fit(self._buckets["token"], max(positions), "position")
         ids = input_ids[:, 0].to(torch.long)
@@ -617,12 +622,7 @@ class NeuronBaseForCausalLM(NeuronApplicationBase):
         acceptance. Returns (tokens [n, k] padded, next positions [n], mask width)."""
         nc = self.neuron_config
         k = nc.speculation_length
-        if input_ids.shape[1] != 1:
-            raise ValueError(
-                f"decode rows take one token each ([m, 1]); got width {input_ids.shape[1]} "
-                "with positions not starting at 0"
-            )
-        positions = [int(p) for p in position_ids[:, 0]]
+        positions = self._sim_decode_positions(input_ids, position_ids)
         # NxDI's bucket (chosen before the graph runs): the attention mask's width (the
         # largest position) plus k
         bucket = first_fit(self._buckets["token"], max(positions) + k,
