@@ -121,3 +121,17 @@ def test_the_artifacts_key_follows_the_draft(tiny_llama, draft, tmp_path):
     (other / "model.safetensors").write_bytes(b"changed")
     second = artifact_key(cfg, "cpu", "1", tiny_llama, Draft("draft_model", str(other), 3))
     assert len({plain, first, second}) == 3
+
+
+def test_a_draft_folder_without_weights_or_an_eagle_head_without_fc_is_named_at_start_up(
+        tiny_llama, draft, tmp_path):
+    empty = tmp_path / "config-only"
+    empty.mkdir()
+    shutil.copy(f"{draft}/config.json", empty / "config.json")
+    with pytest.raises(ValueError, match="config-only: no \\*.safetensors weights for the "
+                                         "draft model"):
+        engine_config(tiny_llama, speculative_config={"model": str(empty),
+                                                      "num_speculative_tokens": 2})
+    with pytest.raises(ValueError, match="no fc.weight, so it is not an EAGLE head"):
+        engine_config(tiny_llama, speculative_config={"model": draft, "method": "eagle",
+                                                      "num_speculative_tokens": 2})

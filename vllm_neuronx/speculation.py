@@ -17,6 +17,7 @@ vLLM's scheduler stops each request at max_model_len as always.
 
 from __future__ import annotations
 
+import glob
 import os
 from dataclasses import dataclass
 from typing import Any
@@ -100,7 +101,35 @@ def from_vllm(spec_config, *, resolve_folder=None) -> Draft | None:
         path = model
     if not os.path.isdir(path):
         raise SpeculationError(f"speculative_config model {model!r} is not a local folder")
-    return Draft(method=method, path=os.path.abspath(path), num_speculative_tokens=n)
+    draft = Draft(method=method, path=os.path.abspath(path), num_speculative_tokens=n)
+    check_folder(draft)
+    return draft
+
+
+def check_folder(draft: Draft) -> None:
+    """What every backend reads of the draft folder is there, checked when vLLM's config is
+    resolved (not when the engine core compiles): a config and weights, and an EAGLE head's
+    ``fc`` (its input layer), read from the safetensors headers only."""
+    what = "EAGLE head" if draft.is_eagle else "draft model"
+    if not os.path.isfile(os.path.join(draft.path, "config.json")):
+        raise SpeculationError(f"speculative_config model {draft.path}: no config.json; the "
+                               f"{what} must be a Hugging Face model folder")
+    files = sorted(glob.glob(os.path.join(draft.path, "*.safetensors")))
+    if not files and not (draft.is_eagle and
+                          glob.glob(os.path.join(draft.path, "pytorch_model*.bin"))):
+        raise SpeculationError(f"speculative_config model {draft.path}: no *.safetensors "
+                               f"weights for the {what}")
+    if draft.is_eagle and files:
+        from safetensors import safe_open
+
+        names = set()
+        for file in files:
+            with safe_open(file, framework="pt") as f:
+                names.update(f.keys())
+        if not names & {"fc.weight", "model.fc.weight"}:
+            raise SpeculationError(
+                f"speculative_config model {draft.path}: no fc.weight, so it is not an EAGLE "
+                f"head (method {draft.method!r}); for a draft model drop the method")
 
 
 def neuron_config_keys(draft: Draft) -> dict[str, Any]:
