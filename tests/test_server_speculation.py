@@ -1,8 +1,10 @@
 """Speculative decoding through the OpenAI-compatible server (``--speculative-config``), on
 the CPU backend and on the NxDI backend over its simulator: greedy completions equal HF
 transformers', streamed or not, concurrent; a stop string inside an accepted run cuts the
-text there; sampled requests with top_k in the body are served; and /metrics carries vLLM's
-spec-decode counters (the target as its own draft: every proposal accepted)."""
+text there; sampled requests with top_k in the body are served; a structured-output request
+(sampled on the host, one token a step) is served beside speculating ones on the CPU and
+refused with HTTP 400 on NxDI; and /metrics carries vLLM's spec-decode counters (the target
+as its own draft: every proposal accepted)."""
 
 from __future__ import annotations
 
@@ -31,8 +33,10 @@ def server(request, tiny_chat, tiny_chat_server, tmp_path_factory):
                 "VLLM_NEURONX_FORCE_BACKEND": "nxdi",
                 "NEURON_COMPILED_ARTIFACTS": str(tmp_path_factory.mktemp("nxdi") / "compiled")}
     spec = json.dumps({"model": str(draft), "num_speculative_tokens": N})
-    return tiny_chat_server("--max-num-seqs=4", "--max-model-len=128", "--dtype=float32",
-                            "--speculative-config", spec, env=env)
+    running = tiny_chat_server("--max-num-seqs=4", "--max-model-len=128", "--dtype=float32",
+                               "--speculative-config", spec, env=env)
+    running.backend = request.param
+    return running
 
 
 def complete(server, prompt=PROMPT, **body) -> requests.Response:
@@ -96,3 +100,25 @@ def test_sampled_chat_with_top_k_in_the_body_is_served(server):
         "max_tokens": 10, "temperature": 0.8, "top_k": 5, "top_p": 0.9})
     assert r.status_code == 200, r.text
     assert r.json()["usage"]["completion_tokens"] >= 1
+
+
+def test_structured_output_beside_speculating_requests(server, tiny_chat):
+    """The JSON-schema request is sampled on the host from the first position's logits;
+    the greedy requests beside it still speculate and keep HF's tokens."""
+    schema = {"type": "object", "properties": {"n": {"type": "integer"}},
+              "required": ["n"], "additionalProperties": False}
+    structured = {"response_format": {"type": "json_schema",
+                                      "json_schema": {"name": "n", "schema": schema}}}
+    with concurrent.futures.ThreadPoolExecutor(3) as pool:
+        plain = [pool.submit(complete, server, [1, 30 + i, 40], max_tokens=10) for i in range(2)]
+        r = requests.post(server.url + "/v1/chat/completions", timeout=120, json={
+            "model": server.model, "messages": [{"role": "user", "content": "A number?"}],
+            "max_tokens": 24, "temperature": 0, **structured})
+        got = [f.result().json()["choices"][0]["token_ids"] for f in plain]
+    assert got == hf_greedy(tiny_chat, [[1, 30, 40], [1, 31, 40]], [10, 10])
+    if server.backend == "nxdi-simulator":  # NxDI's fused graph returns no logits
+        assert r.status_code == 400 and "turn speculative decoding off" in r.text, r.text
+        return
+    assert r.status_code == 200, r.text
+    content = r.json()["choices"][0]["message"]["content"]
+    assert isinstance(json.loads(content)["n"], int), content
