@@ -23,11 +23,10 @@ from typing import TYPE_CHECKING, Any, ClassVar
 import torch
 
 from vllm_neuronx import neuron_config as nc
-from vllm_neuronx import sampling
+from vllm_neuronx import sampling, speculation
 
 if TYPE_CHECKING:
     from vllm_neuronx.lora.peft import AdapterSpec
-    from vllm_neuronx.speculation import Draft
 
 
 @dataclass(slots=True)
@@ -118,7 +117,7 @@ class NeuronBackend(abc.ABC):
     architectures: ClassVar[tuple[str, ...]] = ()
 
     def __init__(self, model_path: str, neuron_config: dict[str, Any], *, seed: int = 0,
-                 draft: Draft | None = None) -> None:
+                 draft: speculation.Draft | None = None) -> None:
         self.model_path = model_path
         self.neuron_config = neuron_config
         self.seed = seed
@@ -340,6 +339,4 @@ class NeuronBackend(abc.ABC):
     @property
     def speculation_length(self) -> int:
         """NxDI's k: the most tokens a decode step yields per row (0: no speculation)."""
-        from vllm_neuronx import speculation
-
         return speculation.speculation_length(self.neuron_config)
