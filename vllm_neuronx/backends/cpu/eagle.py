@@ -454,7 +454,9 @@ class EagleHead:
         features: torch.Tensor,
         positions: torch.Tensor,
         lines: torch.Tensor,
-    ) -> tuple[torch.Tensor, torch.Tensor]:
+        *,
+        logits: bool = True,
+    ) -> tuple[torch.Tensor | None, torch.Tensor]:
         """One head step over m rows: row r is (token_ids[r], features[r]) at
         ``positions[r]`` of KV line ``lines[r]`` (the token at j + 1 with the feature of
         j, at j). Rows may share a line at consecutive positions (at most one row per
@@ -463,8 +465,9 @@ class EagleHead:
         ``features`` [m, F]: the target's features (``feature_size`` wide; EAGLE3's go
         through fc) or the head's own ``hidden`` of a previous step (H wide), or rows of
         both already through ``combine``. Returns fp32 logits over the target's
-        vocabulary [m, V] (EAGLE3: -inf off the draft vocabulary) and ``hidden`` [m, H],
-        the feature of the row's next proposal step.
+        vocabulary [m, V] (EAGLE3: -inf off the draft vocabulary; None with
+        ``logits=False``: a prefill only writes the head's KV) and ``hidden`` [m, H], the
+        feature of the row's next proposal step.
         """
         s, w = self.spec, self.w
         token_ids, positions, lines = token_ids.long(), positions.long(), lines.long()
@@ -489,15 +492,17 @@ class EagleHead:
             if i > 0:
                 attn_in = rms_norm(x, w[f"layers.{i}.ln1"], s.rms_norm_eps)
             x = self._layer(i, x, attn_in, positions, lines)
+        if not logits:
+            return None, x
         out = x if self.method == "eagle" else rms_norm(x, w["norm"], s.rms_norm_eps)
         if "lm_head" in self.borrowed:
-            logits = self.target_linear(out, w["lm_head"], None).float()
+            scores = self.target_linear(out, w["lm_head"], None).float()
         else:
-            logits = F.linear(out, w["lm_head"]).float()
+            scores = F.linear(out, w["lm_head"]).float()
         if self.logit_scale != 1.0:
-            logits = logits * self.logit_scale
+            scores = scores * self.logit_scale
         if self.draft_to_target is not None:
-            full = logits.new_full((logits.shape[0], self.vocab_size), float("-inf"))
-            full[:, self.draft_to_target] = logits
-            logits = full
-        return logits, x
+            full = scores.new_full((scores.shape[0], self.vocab_size), float("-inf"))
+            full[:, self.draft_to_target] = scores
+            scores = full
+        return scores, x

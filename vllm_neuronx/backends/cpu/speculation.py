@@ -309,7 +309,7 @@ class Eagle:
         if bool(real.any()):
             self.head.forward(padded[:, 1:][real], features[:, :-1][real],
                               at.expand(n, width - 1)[real],
-                              lines[:, None].expand(n, width - 1)[real])
+                              lines[:, None].expand(n, width - 1)[real], logits=False)
         last = lengths - 1
         self.start[lines] = last
         self.count[lines] = 1
