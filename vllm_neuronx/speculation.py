@@ -114,22 +114,31 @@ def check_folder(draft: Draft) -> None:
     if not os.path.isfile(os.path.join(draft.path, "config.json")):
         raise SpeculationError(f"speculative_config model {draft.path}: no config.json; the "
                                f"{what} must be a Hugging Face model folder")
-    files = sorted(glob.glob(os.path.join(draft.path, "*.safetensors")))
-    if not files and not (draft.is_eagle and
-                          glob.glob(os.path.join(draft.path, "pytorch_model*.bin"))):
+    names = checkpoint_keys(draft.path)
+    if names is None and not (draft.is_eagle and
+                              glob.glob(os.path.join(draft.path, "pytorch_model*.bin"))):
         raise SpeculationError(f"speculative_config model {draft.path}: no *.safetensors "
                                f"weights for the {what}")
-    if draft.is_eagle and files:
-        from safetensors import safe_open
-
-        names = set()
-        for file in files:
-            with safe_open(file, framework="pt") as f:
-                names.update(f.keys())
-        if not names & {"fc.weight", "model.fc.weight"}:
+    if draft.is_eagle and names is not None:
+        if "fc.weight" not in names:
             raise SpeculationError(
                 f"speculative_config model {draft.path}: no fc.weight, so it is not an EAGLE "
                 f"head (method {draft.method!r}); for a draft model drop the method")
+
+
+def checkpoint_keys(path: str) -> set[str] | None:
+    """The tensor names of a safetensors checkpoint folder, read from the headers only, with
+    "model." cut (as NxDI's state-dict loader cuts it); None where it holds no safetensors."""
+    from safetensors import safe_open
+
+    files = sorted(glob.glob(os.path.join(path, "*.safetensors")))
+    if not files:
+        return None
+    keys: set[str] = set()
+    for file in files:
+        with safe_open(file, framework="pt") as f:
+            keys.update(k.removeprefix("model.") for k in f.keys())  # noqa: SIM118
+    return keys
 
 
 def neuron_config_keys(draft: Draft) -> dict[str, Any]:

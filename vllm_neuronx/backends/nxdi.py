@@ -191,21 +191,6 @@ def read_fused_outputs(fused: Sequence[torch.Tensor], position_ids: torch.Tensor
     return torch.where(keep, tokens, torch.full_like(tokens, -1))
 
 
-def _checkpoint_keys(path: str) -> set[str] | None:
-    """The tensor names of a safetensors checkpoint folder (headers only), "model." cut as
-    NxDI's get_state_dict cuts it; None where the folder holds no safetensors."""
-    from safetensors import safe_open
-
-    files = sorted(glob.glob(os.path.join(path, "*.safetensors")))
-    if not files:
-        return None
-    keys: set[str] = set()
-    for f in files:
-        with safe_open(f, "pt") as handle:
-            keys.update(k.removeprefix("model.") for k in handle.keys())
-    return keys
-
-
 def read_hf_config(model_path: str) -> dict[str, Any]:
     with open(os.path.join(model_path, "config.json")) as f:
         return json.load(f)
@@ -555,7 +540,7 @@ class NxdiBackend(NeuronBackend):
                     f"the EAGLE head in {draft.path} has its own vocabulary (draft_vocab_size="
                     f"{own_vocab}, mapped by d2t): NxDI's EAGLE draft has no such mapping, its "
                     f"LM head must cover the target's {target_vocab} tokens")
-            keys = _checkpoint_keys(draft.path)
+            keys = speculation.checkpoint_keys(draft.path)
             tied = keys and self.draft_hf.get("tie_word_embeddings") and (
                 "embed_tokens.weight" in keys)
             if keys is not None and "lm_head.weight" not in keys and not tied:
