@@ -171,7 +171,7 @@ class NeuronModelRunner:
 
     def _kept_tokens(self, req_ids: list[str], scheduler_output) -> list[int]:
         """Fused speculation: the tokens each row may keep, 1 + the drafts vLLM scheduled
-        (which it caps near max_model_len); a row sampled on the host keeps one."""
+        (which it caps near max_model_len; a row sampled on the host got none)."""
         drafts = scheduler_output.scheduled_spec_decode_tokens
         keep = []
         for req_id in req_ids:
@@ -180,7 +180,7 @@ class NeuronModelRunner:
                 raise RuntimeError(
                     f"request {req_id}: {scheduler_output.num_scheduled_tokens[req_id]} tokens "
                     f"scheduled with {n} drafts; a Neuron decode step takes 1 + the drafts")
-            keep.append(1 if req_id in self.host else 1 + n)
+            keep.append(1 + n)
         return keep
 
     def take_draft_token_ids(self) -> DraftTokenIds | None:
