@@ -60,6 +60,17 @@ def round_up(x: int, multiple: int) -> int:
     return -(-x // multiple) * multiple
 
 
+@dataclass(frozen=True, slots=True)
+class BlockKV:
+    """The block KV layout (prefix caching, chunked prefill): ``num_blocks`` blocks of
+    ``block_size`` positions each per layer, ``[num_blocks, block_size, kv_heads, head_dim]``,
+    indexed by vLLM's block ids. Block 0 is vLLM's null block: never allocated to a
+    sequence, it is what padded block-table entries point at."""
+
+    num_blocks: int  # including the null block
+    block_size: int
+
+
 @dataclass(slots=True)
 class Capture:
     """What a step hands back besides logits, for speculation's EAGLE heads: the last hidden
@@ -250,16 +261,23 @@ class LlamaModel:
         zeros: Callable[..., torch.Tensor] = torch.zeros,
         kv_fp8: bool = False,
         kv: tuple[torch.Tensor, torch.Tensor] | None = None,
+        blocks: BlockKV | None = None,
     ) -> None:
         """``kv``: K and V caches to share (another model's of this shape: a draft reading
-        the target's), instead of allocating them with ``zeros``."""
+        the target's), instead of allocating them with ``zeros``. ``blocks``: the block KV
+        layout instead of one line of ``max_len`` per sequence (``block_rows`` runs it)."""
         self.spec = spec
         self.dtype = dtype
         self.max_len = max_len
         # Our layout (convert_hf_weights); a matmul weight is whatever ``linear`` takes.
         self.w = weights
         self.linear = linear
-        shape = (spec.num_layers, num_lines, spec.num_kv_heads, max_len, spec.head_dim)
+        self.blocks = blocks
+        if blocks is None:
+            shape = (spec.num_layers, num_lines, spec.num_kv_heads, max_len, spec.head_dim)
+        else:
+            shape = (spec.num_layers, blocks.num_blocks, blocks.block_size, spec.num_kv_heads,
+                     spec.head_dim)
         # kv_cache_quant: K/V stored as float8_e4m3fn (quantize.fp8_kv), widened to read.
         self.kv_fp8 = kv_fp8
         kv_dtype = FP8_DTYPE if kv_fp8 else dtype
@@ -560,3 +578,41 @@ class LlamaModel:
             return out.view(m, s.num_heads, t, s.head_dim)
 
         return self._layers(x, cos, sin, attend, lora, capture)
+
+    @torch.inference_mode()
+    def block_rows(
+        self, input_ids: torch.Tensor, positions: torch.Tensor, block_table: torch.Tensor,
+        slot_mapping: torch.Tensor, lora: LoraStep | None = None,
+    ) -> torch.Tensor:
+        """The block layout's one graph: ``t`` tokens per sequence, input_ids/positions
+        [n, t] (each row's positions consecutive, padding past them), written at
+        ``slot_mapping`` [n, t] (block * block_size + offset; -1: padding, not written), and
+        each attending to its sequence's positions up to its own through ``block_table``
+        [n, W] (vLLM's block ids; padded with the null block 0). A prefix-cached prefill's
+        suffix, a decode (t = 1) and a chunk of a prompt are all this. Returns the last
+        hidden states [n, t, hidden], before the final norm (``logits`` makes them logits)."""
+        s, bs = self.spec, self.blocks.block_size
+        n, t = input_ids.shape
+        span = round_up(int(positions.max()) + 1, ATTEND_STEP)
+        width = -(-span // bs)  # the table's blocks that hold a visible position
+        table = block_table[:, :width]
+        x = self.embed(input_ids)
+        cos, sin = self.cos[positions][:, None], self.sin[positions][:, None]  # [n, 1, t, d]
+        visible = torch.arange(width * bs) <= positions[..., None]  # [n, t, width * bs]
+        visible = self._window_mask(visible, positions, width * bs)
+        real = slot_mapping >= 0
+        slots = slot_mapping[real]
+
+        def attend(i, q, k, v):
+            # k, v [n, kv_heads, t, d] -> the cache's [blocks * block_size, kv_heads, d]
+            flat_k = self.k_cache[i].view(-1, s.num_kv_heads, s.head_dim)
+            flat_v = self.v_cache[i].view(-1, s.num_kv_heads, s.head_dim)
+            flat_k[slots] = self._stored(k.transpose(1, 2)[real])
+            flat_v[slots] = self._stored(v.transpose(1, 2)[real])
+            # [n, width, bs, kv_heads, d] -> [n, kv_heads, width * bs, d]
+            keys = self.k_cache[i][table].flatten(1, 2).transpose(1, 2).to(self.dtype)
+            values = self.v_cache[i][table].flatten(1, 2).transpose(1, 2).to(self.dtype)
+            return F.scaled_dot_product_attention(
+                q, keys, values, attn_mask=visible[:, None], scale=self.scale, enable_gqa=True)
+
+        return self._layers(x, cos, sin, attend, lora, None)
