@@ -298,10 +298,12 @@ def resolve_neuron_config(
     overrides: Any = None,
     on_device_sampling_disabled: bool = False,
     draft: Any = None,
+    block: Any = None,
 ) -> dict[str, Any]:
     """Defaults from vLLM, then the user's overrides, then validation. ``draft``
-    (``speculation.Draft``, or None) adds fused speculation's keys."""
-    from vllm_neuronx import speculation
+    (``speculation.Draft``, or None) adds fused speculation's keys, ``block``
+    (``block_kv.BlockLayout``, or None) the block KV layout's."""
+    from vllm_neuronx import block_kv, speculation
 
     parsed = parse_overrides(overrides)
     check_known_keys(parsed)
@@ -320,6 +322,7 @@ def resolve_neuron_config(
         speculation.apply(cfg, parsed, draft)
     except speculation.SpeculationError as e:
         raise NeuronConfigError(str(e)) from None
+    cfg.update(block_kv.neuron_config_keys(block, max_num_seqs))
     cfg["torch_dtype"] = dtype_name(cfg["torch_dtype"])
     if on_device_sampling_disabled:
         cfg["on_device_sampling_config"] = None

@@ -2,8 +2,9 @@
 
 vLLM builds CPU tensors (device_type "cpu"); the backend moves them to the
 device, as NxDI expects. check_and_update_config turns vLLM's settings into
-Neuron's: one KV block of max_model_len tokens per sequence, max_num_seqs blocks,
-no chunked prefill, no prefix caching, no async scheduling, no vLLM compilation,
+Neuron's: one KV block of max_model_len tokens per sequence, max_num_seqs blocks, no
+chunked prefill, no prefix caching (unless the user asks: then the block KV layout's
+blocks, block_kv.py), no async scheduling, no vLLM compilation,
 world size 1 (tensor parallelism runs inside the backend), our worker and
 scheduler. Requests the device cannot serve are refused in validate_request.
 """
@@ -103,19 +104,25 @@ class NeuronPlatform(Platform):
         max_len = model_config.max_model_len
         max_seqs = vllm_config.scheduler_config.max_num_seqs
         cache = vllm_config.cache_config
-        cache.block_size = max_len
-        cache.user_specified_block_size = True
-        cache.enable_prefix_caching = False
-        cache.num_gpu_blocks_override = max_seqs + 1  # + upstream's null block
-
         sched = vllm_config.scheduler_config
+        block = settings.block_layout
+        cache.user_specified_block_size = True
         sched.scheduler_cls = SCHEDULER_CLS
         sched.async_scheduling = False
-        sched.enable_chunked_prefill = False
-        sched.long_prefill_token_threshold = 0
-        budget = max(sched.max_num_batched_tokens, max_len * max_seqs)
-        sched.max_num_batched_tokens = budget
-        sched.max_num_scheduled_tokens = budget
+        if block is None:  # one line of max_model_len per sequence
+            cache.block_size = max_len
+            cache.enable_prefix_caching = False
+            cache.num_gpu_blocks_override = max_seqs + 1  # + upstream's null block
+        else:  # vLLM's KV manager hands out the backend's blocks
+            cache.block_size = block.block_size
+            cache.enable_prefix_caching = block.prefix_caching
+            cache.num_gpu_blocks_override = block.num_blocks
+        sched.enable_chunked_prefill = block is not None and block.chunked_prefill
+        if not sched.enable_chunked_prefill:  # every prompt whole, any batch of them
+            sched.long_prefill_token_threshold = 0
+            budget = max(sched.max_num_batched_tokens, max_len * max_seqs)
+            sched.max_num_batched_tokens = budget
+            sched.max_num_scheduled_tokens = budget
 
         from vllm.config import CompilationMode
         from vllm.config.compilation import CUDAGraphMode

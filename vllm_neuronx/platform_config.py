@@ -15,13 +15,16 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass
 from typing import Any
 
-from vllm_neuronx import envs, framework, speculation, unserved
+from vllm_neuronx import block_kv, envs, framework, speculation, unserved
 from vllm_neuronx import neuron_config as nc
 from vllm_neuronx.backends.protocol import SamplingCapabilities
 from vllm_neuronx.lora.config import check_lora_config
 
 SETTINGS_KEY = "neuron_settings"
 OVERRIDES_KEY = "override_neuron_config"
+# vLLM flags as the user gave them (patches/engine_args.py): vLLM's defaults turn on what
+# selects the block KV layout on Neuron.
+ASKED_KEY = "vllm_flags_asked"
 
 
 @dataclass(frozen=True, slots=True)
@@ -54,6 +57,13 @@ class NeuronSettings:
             raise nc.NeuronConfigError(
                 "speculative decoding with LoRA adapters (enable_lora) is not served: the "
                 "fused draft would propose without the adapters; use one or the other")
+        block = _block_layout(vllm_config, overrides)
+        unserved.check_block_layout(block, choice.backend)
+        if block is not None and draft is not None:
+            raise nc.NeuronConfigError(
+                "speculative decoding with the block KV layout (prefix caching, chunked "
+                "prefill) is not served: the fused draft keeps KV lines of its own; use one "
+                "or the other")
         cfg = nc.resolve_neuron_config(
             tp_degree=vllm_config.parallel_config.tensor_parallel_size,
             max_num_seqs=vllm_config.scheduler_config.max_num_seqs,
@@ -62,6 +72,7 @@ class NeuronSettings:
             overrides=overrides,
             on_device_sampling_disabled=envs.NEURON_ON_DEVICE_SAMPLING_DISABLED,
             draft=draft,
+            block=block,
         )
         backend = backend_class(choice.backend)
         _lora_into_neuron_config(cfg, overrides or {}, vllm_config.lora_config, choice.backend)
@@ -127,6 +138,11 @@ class NeuronSettings:
         """vLLM's max_model_len as compiled: the KV line, less fused speculation's k."""
         return self.neuron_config["seq_len"] - speculation.speculation_length(self.neuron_config)
 
+    @property
+    def block_layout(self) -> block_kv.BlockLayout | None:
+        """The block KV layout compiled (prefix caching, chunked prefill), or None."""
+        return block_kv.of(self.neuron_config)
+
     def align(self, vllm_config) -> None:
         """Make vLLM's scheduler match what was compiled (precompiled artifacts may differ)."""
         vllm_config.scheduler_config.max_num_seqs = self.neuron_config["batch_size"]
@@ -141,6 +157,24 @@ def _draft(vllm_config) -> speculation.Draft | None:
         return speculation.from_vllm(vllm_config.speculative_config,
                                      resolve_folder=resolve_model_folder)
     except speculation.SpeculationError as e:
+        raise nc.NeuronConfigError(str(e)) from None
+
+
+def _block_layout(vllm_config, overrides) -> block_kv.BlockLayout | None:
+    """The block KV layout vLLM's settings and the NxDI keys ask for, or None."""
+    asked = (vllm_config.additional_config or {}).get(ASKED_KEY, {})
+    cache = vllm_config.cache_config
+    try:
+        return block_kv.resolve(
+            overrides or {},
+            prefix_caching=asked.get("enable_prefix_caching"),
+            chunked_prefill=asked.get("enable_chunked_prefill"),
+            block_size=cache.block_size,
+            num_blocks=cache.num_gpu_blocks_override,
+            max_num_seqs=vllm_config.scheduler_config.max_num_seqs,
+            seq_len=vllm_config.model_config.max_model_len,
+        )
+    except block_kv.BlockLayoutError as e:
         raise nc.NeuronConfigError(str(e)) from None
 
 

@@ -8,6 +8,15 @@ max_model_len tokens from its prefill on, so a decode never needs a block and th
 upstream scheduler never has reason to preempt; if it ever did, that is a bug
 we surface instead of silently recomputing.
 
+With the block KV layout (prefix caching: block_kv.py) a request holds vLLM's blocks of
+``pa_block_size`` instead, and the steps keep the same rule: a prefill step admits
+waiting requests with whatever prefix vLLM's cache already holds for them, a decode step
+grows the running ones block by block. When blocks run out, upstream preempts as it does
+everywhere (the newest running request gives its blocks back and waits at the front of
+the queue, then prefills again, its earlier blocks often still cached). With chunked
+prefill, steps are upstream's own: prefill chunks and decodes share them, as NxDI's
+chunked prefill contract runs them.
+
 With LoRA, a prefill step takes only the waiting requests ``lora.admission`` admits: at
 most ``max_loras`` adapters among the running requests and the new ones together
 (upstream counts only the step's own, which our hidden running list would defeat).
@@ -19,6 +28,7 @@ import functools
 
 from vllm.v1.core.sched.request_queue import create_request_queue
 from vllm.v1.core.sched.scheduler import Scheduler
+from vllm.v1.request import RequestStatus
 
 from vllm_neuronx.lora.admission import adapter_key, admit
 
@@ -29,20 +39,24 @@ class NeuronScheduler(Scheduler):
         # Set when a prefill step admitted nothing, so the next step decodes
         # instead of retrying forever while running requests wait.
         self._prefill_stalled = False
-        # One block of max_model_len per request: a decode step never allocates.
+        # One block of max_model_len per request: a decode step never allocates, and
+        # nothing is ever preempted. Otherwise the block KV layout's blocks.
         self._one_block_per_request = self.block_size >= self.max_model_len
+        self._mixed_steps = self.scheduler_config.enable_chunked_prefill
         # LoRA: each running request's adapter (lora.admission.adapter_key) at admission.
         self._adapter_keys: dict[str, tuple] = {}
 
     def schedule(self):
         free_lines = self.max_num_running_reqs - len(self.running)
-        if free_lines > 0 and self.waiting and not self._prefill_stalled:
+        if self._mixed_steps:
+            output = super().schedule()
+        elif free_lines > 0 and self.waiting and not self._prefill_stalled:
             output = self._prefill_step(free_lines)
             self._prefill_stalled = output.total_num_scheduled_tokens == 0 and bool(self.running)
         else:
             self._prefill_stalled = False
             output = self._decode_step()
-        if output.preempted_req_ids:
+        if output.preempted_req_ids and self._one_block_per_request:
             raise RuntimeError(
                 f"the scheduler preempted {sorted(output.preempted_req_ids)}; with one KV "
                 "block per sequence this must never happen on Neuron"
@@ -109,8 +123,12 @@ class NeuronScheduler(Scheduler):
         finally:
             manager.__dict__.pop("allocate_slots", None)
             arrived, self.waiting = self.waiting, waiting
+            preempted = [r for r in arrived if r.status == RequestStatus.PREEMPTED]
+            for request in reversed(preempted):  # first in line again, as upstream has it
+                self.waiting.prepend_request(request)
             for request in arrived:
-                self.waiting.add_request(request)
+                if request.status != RequestStatus.PREEMPTED:
+                    self.waiting.add_request(request)
 
     def _decode_slots(self, allocate, request, num_new_tokens, num_lookahead_tokens=0, **kw):
         """The KV manager's allocate_slots, short-cut for a running request whose one

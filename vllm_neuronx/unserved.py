@@ -27,8 +27,13 @@ class Unserved:
     what: str  # the feature, as users know it
     backends: frozenset[str]  # the backends that refuse it
     issue: int | None  # the issue that implements it (None: none planned yet)
+    # Per backend, why it is refused there when not merely "not yet".
+    why: tuple[tuple[str, str], ...] = ()
 
     def reason(self, backend: str) -> str:
+        why = dict(self.why).get(backend)
+        if why:
+            return f"{self.what} is not served by the {backend} backend: {why}"
         later = f" (planned: issue {self.issue})" if self.issue else ""
         return f"{self.what} is not served by the {backend} backend yet{later}"
 
@@ -38,7 +43,15 @@ class Unserved:
 # decoders never ran under a V1 runner.
 _SPECULATION = Unserved("speculative decoding", frozenset({"tnx"}), None)
 _MEDUSA = Unserved("Medusa heads and token trees", ALL_BACKENDS, None)
-_BLOCK_KV = Unserved("prefix caching, block KV layout and chunked prefill", ALL_BACKENDS, 21)
+# Prefix caching runs on the block KV layout (block_kv.py) on nxdi and cpu. NxDI removed
+# chunked prefill in SDK 2.28 (its NeuronBaseForCausalLM raises NotImplementedError); the
+# CPU backend runs it through the block layout's flattened steps.
+_PREFIX_CACHING = Unserved("prefix caching (the block KV layout)", frozenset({"tnx"}), None)
+_CHUNKED_PREFILL = Unserved(
+    "chunked prefill", frozenset({"tnx", "nxdi", "cpu"}), 21,
+    why=(("nxdi", "NxDI removed it in Neuron SDK 2.28 (NeuronBaseForCausalLM raises "
+                  "NotImplementedError); long prompts prefill whole, in their context "
+                  "bucket"),))
 _ASYNC = Unserved("async mode", ALL_BACKENDS, 23)
 # LoRA is served on nxdi and cpu through vLLM's own settings (enable_lora, max_loras...,
 # --lora-modules, LoRARequest). transformers-neuronx's LoRA never took per-request adapters.
@@ -63,8 +76,8 @@ UNSERVED_KEYS: dict[str, Unserved] = {
     **dict.fromkeys(
         ("token_tree_config", "is_medusa", "medusa_speculation_length", "medusa_tree"),
         _MEDUSA),
-    **dict.fromkeys(
-        ("is_prefix_caching", "is_block_kv_layout", "chunked_prefill_config"), _BLOCK_KV),
+    **dict.fromkeys(("is_prefix_caching", "is_block_kv_layout"), _PREFIX_CACHING),
+    "chunked_prefill_config": _CHUNKED_PREFILL,
     "async_mode": _ASYNC,
     **dict.fromkeys(("lora_modules", "lora_config"), _LORA_KEYS),
     **dict.fromkeys(
@@ -102,6 +115,19 @@ def check_vllm_features(vllm_config, backend: str) -> None:
     for attr, (setting, entry) in _FEATURES.items():
         if getattr(vllm_config, attr, None) is not None and backend in entry.backends:
             raise nc.NeuronConfigError(f"{setting}: {entry.reason(backend)}; remove it")
+
+
+def check_block_layout(layout, backend: str) -> None:
+    """Refuse the block KV layout's features (vLLM's enable_prefix_caching and
+    enable_chunked_prefill, or their NxDI keys) where ``backend`` does not serve them."""
+    if layout is None:
+        return
+    if layout.chunked_prefill and backend in _CHUNKED_PREFILL.backends:
+        raise nc.NeuronConfigError(f"enable_chunked_prefill: "
+                                   f"{_CHUNKED_PREFILL.reason(backend)}; turn it off")
+    if backend in _PREFIX_CACHING.backends:
+        raise nc.NeuronConfigError(f"enable_prefix_caching: {_PREFIX_CACHING.reason(backend)}"
+                                   "; turn it off")
 
 
 def multimodal_parts(engine_input: Any) -> list[str]:

@@ -22,8 +22,8 @@ from typing import TYPE_CHECKING, Any, ClassVar
 
 import torch
 
+from vllm_neuronx import block_kv, sampling, speculation
 from vllm_neuronx import neuron_config as nc
-from vllm_neuronx import sampling, speculation
 
 if TYPE_CHECKING:
     from vllm_neuronx.lora.peft import AdapterSpec
@@ -45,6 +45,24 @@ class ForwardOutput:
 
 
 @dataclass(slots=True)
+class BlockInputs:
+    """The block KV layout's forward inputs (``block_kv``), in NxDI's names and padding.
+
+    A prefill still passes whole sequences (positions from 0, as NxDI's vLLM integration
+    does); ``computed_context_lens`` says how many leading positions the cache already
+    holds (vLLM's prefix hits, whole blocks), and only the rest is computed and written."""
+
+    # [n, width] int64: a prefill row's slots (block * block_size + offset) of positions
+    # computed .. full - 1 in order, then -1; a decode row's [1] slot of its position.
+    slot_mapping: torch.Tensor
+    # [n, seq_len // block_size] int64: each sequence's blocks in order, then 0 (the null
+    # block, never a sequence's).
+    block_table: torch.Tensor
+    full_context_lens: torch.Tensor  # [n] int64: the sequence's positions after the step
+    computed_context_lens: torch.Tensor  # [n] int64: those already in the cache before it
+
+
+@dataclass(slots=True)
 class Batch:
     """One forward call's inputs, checked against the contract (``check_call``)."""
 
@@ -56,6 +74,7 @@ class Batch:
     prompt_logits: torch.Tensor | None = None  # [n] bool: rows that want every prompt logit
     # [n] a prefill row's LoRA adapter index (adapter_indices; 0 = the base model)
     adapter_ids: torch.Tensor | None = None
+    blocks: BlockInputs | None = None  # the block KV layout's inputs (only there)
 
     @property
     def size(self) -> int:
@@ -220,6 +239,7 @@ class NeuronBackend(abc.ABC):
         *,
         prompt_logits: torch.Tensor | None = None,
         adapter_ids: torch.Tensor | None = None,
+        blocks: BlockInputs | None = None,
     ) -> ForwardOutput:
         """Prefill ([n, L] right-padded, positions 0..len-1 then 0) or decode ([m, 1]).
 
@@ -231,9 +251,12 @@ class NeuronBackend(abc.ABC):
         ``adapter_ids`` ([n] ints from ``adapter_indices``, prefill only): each row's
         LoRA adapter, bound to the row's KV line until the next prefill on that line;
         decode rows use their line's adapter.
+
+        ``blocks``: the block KV layout's inputs, required there and refused elsewhere.
         """
         batch = self.check_call(
-            input_ids, position_ids, seq_ids, sampling_params, prompt_logits, adapter_ids
+            input_ids, position_ids, seq_ids, sampling_params, prompt_logits, adapter_ids,
+            blocks,
         )
         return self.prefill(batch) if batch.is_prefill else self.decode(batch)
 
@@ -246,7 +269,7 @@ class NeuronBackend(abc.ABC):
         """Token generation of a checked batch: one token per row."""
 
     def check_call(self, input_ids, position_ids, seq_ids, sampling_params,
-                   prompt_logits=None, adapter_ids=None) -> Batch:
+                   prompt_logits=None, adapter_ids=None, blocks=None) -> Batch:
         """The contract's preconditions, as a device would enforce them; a ValueError
         (RuntimeError before load) naming what is wrong, never a corrupted KV line."""
         if not self.loaded:
@@ -292,8 +315,14 @@ class NeuronBackend(abc.ABC):
                                  f"got {list(adapter_ids.shape)} {adapter_ids.dtype}")
             if int(adapter_ids.min()) < 0:
                 raise ValueError("adapter_ids must be >= 0 (0: the base model)")
+        layout = self.block_layout
+        if layout is None and blocks is not None:
+            raise ValueError("block inputs (slot_mapping, block_table...) given to a model "
+                             "compiled with contiguous KV lines")
+        if layout is not None:
+            check_blocks(blocks, layout, position_ids, prefill, self.max_length)
         return Batch(input_ids, position_ids, seq_ids, sampling_params, prefill,
-                     prompt_logits, adapter_ids)
+                     prompt_logits, adapter_ids, blocks)
 
     # -- facts the runner reads back ----------------------------------------------
     @property
@@ -337,6 +366,62 @@ class NeuronBackend(abc.ABC):
         return int(self.neuron_config["seq_len"])
 
     @property
+    def block_layout(self) -> block_kv.BlockLayout | None:
+        """The block KV layout compiled (prefix caching, chunked prefill), or None."""
+        return block_kv.of(self.neuron_config)
+
+    @property
     def speculation_length(self) -> int:
         """NxDI's k: the most tokens a decode step yields per row (0: no speculation)."""
         return speculation.speculation_length(self.neuron_config)
+
+
+def check_blocks(blocks: BlockInputs | None, layout: block_kv.BlockLayout,
+                 position_ids: torch.Tensor, prefill: bool, seq_len: int) -> None:
+    """The block layout's preconditions: shapes, block ids within the cache, context
+    lengths that match the positions, and slots that match the block table (so a wrong
+    input is a named error, never a write into another sequence's block)."""
+    if blocks is None:
+        raise ValueError("a model compiled with the block KV layout needs slot_mapping, "
+                         "block_table, full_context_lens and computed_context_lens")
+    n, bs = position_ids.shape[0], layout.block_size
+    width = seq_len // bs
+    table, slot_mapping = blocks.block_table, blocks.slot_mapping
+    full, computed = blocks.full_context_lens, blocks.computed_context_lens
+    for name, t, shape in (("block_table", table, (n, width)),
+                           ("full_context_lens", full, (n,)),
+                           ("computed_context_lens", computed, (n,))):
+        if tuple(t.shape) != shape or t.dtype not in _INDEX_DTYPES:
+            raise ValueError(f"{name} must be {list(shape)} integers, got "
+                             f"{list(t.shape)} {t.dtype}")
+    if slot_mapping.dim() != 2 or slot_mapping.shape[0] != n or \
+            slot_mapping.dtype not in _INDEX_DTYPES:
+        raise ValueError(f"slot_mapping must be [{n}, width] integers, got "
+                         f"{list(slot_mapping.shape)} {slot_mapping.dtype}")
+    if int(table.min()) < 0 or int(table.max()) >= layout.num_blocks:
+        raise ValueError(f"block_table entries must be block ids in [0, "
+                         f"{layout.num_blocks}) (0: padding, the null block)")
+    last = position_ids.max(dim=1).values
+    if prefill:
+        if not bool((full == last + 1).all()):
+            raise ValueError("full_context_lens must be each prefill row's length")
+        if bool((computed < 0).any() | (computed >= full).any() | (computed % bs != 0).any()):
+            raise ValueError(f"computed_context_lens must be whole blocks of {bs} before "
+                             "each row's last position (vLLM's prefix hits)")
+    elif not bool((full == last + 1).all() & (computed == last).all()):
+        raise ValueError("a decode row's full_context_lens is its position + 1 and its "
+                         "computed_context_lens its position")
+    rows_full, rows_computed = full.tolist(), computed.tolist()
+    if slot_mapping.shape[1] < max(f - c for f, c in zip(rows_full, rows_computed, strict=True)):
+        raise ValueError("slot_mapping must hold a slot for every position computed")
+    for r, (f, c) in enumerate(zip(rows_full, rows_computed, strict=True)):
+        owned = table[r, :-(-f // bs)]
+        if bool((owned <= 0).any()):
+            raise ValueError(f"row {r}: block_table must name a block (not the null block 0) "
+                             f"for each of its {f} positions")
+        expected = torch.tensor(block_kv.slots(owned.tolist(), c, f, bs))
+        got = slot_mapping[r]
+        if not torch.equal(got[:f - c].to(torch.int64), expected) or \
+                bool((got[f - c:] != -1).any()):
+            raise ValueError(f"row {r}: slot_mapping must be the slots of positions {c}.."
+                             f"{f - 1} through its block_table, then -1")

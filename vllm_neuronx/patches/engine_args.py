@@ -14,6 +14,10 @@ A ``speculative_config`` naming a draft ``model`` without a ``method`` gets
 NotImplementedError ("Unsupported speculative method: 'None'") for a plain draft model,
 although its own comment says an undetected model is a draft model (later releases do
 so). Heads it detects keep no method, so it still detects them.
+
+vLLM turns prefix caching and chunked prefill on unless told otherwise; on Neuron they
+select the block KV layout (``block_kv``), so only the user's own word counts: what the
+user gave (None: nothing) travels in ``additional_config["vllm_flags_asked"]``.
 """
 
 from __future__ import annotations
@@ -24,7 +28,7 @@ import os
 from typing import Any
 
 from vllm_neuronx import neuron_config as nc
-from vllm_neuronx.platform_config import OVERRIDES_KEY
+from vllm_neuronx.platform_config import ASKED_KEY, OVERRIDES_KEY
 
 DEVICES = ("neuron", "auto", "cpu")
 # vllm-neuron's default on Neuron: vLLM's own (256+) would compile a huge batch.
@@ -49,6 +53,10 @@ def neuronize(engine_args, device: Any = None, overrides: Any = None) -> None:
         engine_args.tensor_parallel_size = 1
     if merged:
         additional[OVERRIDES_KEY] = merged
+    asked = additional.setdefault(ASKED_KEY, {})
+    for flag in ("enable_prefix_caching", "enable_chunked_prefill"):
+        if getattr(engine_args, flag) is not None:
+            asked[flag] = bool(getattr(engine_args, flag))
     engine_args.additional_config = additional
     if engine_args.max_num_seqs is None:
         engine_args.max_num_seqs = DEFAULT_MAX_NUM_SEQS

@@ -7,7 +7,8 @@ from dataclasses import dataclass
 
 import torch
 
-from vllm_neuronx import sampling
+from vllm_neuronx import block_kv, sampling
+from vllm_neuronx.backends.protocol import BlockInputs
 
 
 @dataclass(slots=True)
@@ -21,6 +22,10 @@ class SequenceRow:
     # The backend's handle on its LoRA adapter (lora.pool), None for the base model: kept
     # from admission, as the KV line is (the line is bound to it at the prefill).
     adapter: object | None = None
+    # The block KV layout (block_kv.py): vLLM's blocks of the sequence, in order, and the
+    # leading positions its cache held when the row was last admitted (prefix hits).
+    blocks: list[int] | None = None
+    computed: int = 0
 
 
 @dataclass(slots=True)
@@ -36,6 +41,7 @@ class StepInputs:
     # Fused speculation's decode steps: the most tokens each row may keep (1 + the drafts
     # vLLM scheduled for it), in row order.
     keep: list[int] | None = None
+    blocks: BlockInputs | None = None  # the block KV layout's inputs (with_blocks)
 
 
 def prefill_inputs(rows: Sequence[SequenceRow]) -> StepInputs:
@@ -68,3 +74,25 @@ def decode_inputs(rows: Sequence[SequenceRow]) -> StepInputs:
         sampling_params=sampling.sampling_tensor([r.sampling_row for r in rows]),
         is_prefill=False,
     )
+
+
+def with_blocks(step: StepInputs, rows: Sequence[SequenceRow],
+                layout: block_kv.BlockLayout, seq_len: int) -> StepInputs:
+    """``step`` (whose rows are ``rows``, in its order) with the block layout's inputs, as
+    NxDI's vLLM integration builds them: a prefill row's slots from its first uncached
+    position on, then -1; a decode row's slot of its position; block tables padded with
+    the null block 0 to seq_len / block_size entries."""
+    bs, width = layout.block_size, seq_len // layout.block_size
+    full = [len(r.token_ids) for r in rows]
+    computed = [r.computed if step.is_prefill else n - 1 for r, n in zip(rows, full,
+                                                                        strict=True)]
+    slots = [block_kv.slots(r.blocks, c, n, bs) for r, c, n in zip(rows, computed, full,
+                                                                  strict=True)]
+    slot_mapping = torch.full((len(rows), max(len(s) for s in slots)), -1, dtype=torch.long)
+    table = torch.zeros((len(rows), width), dtype=torch.long)
+    for i, (r, s) in enumerate(zip(rows, slots, strict=True)):
+        slot_mapping[i, :len(s)] = torch.tensor(s, dtype=torch.long)
+        table[i, :len(r.blocks)] = torch.tensor(r.blocks, dtype=torch.long)
+    step.blocks = BlockInputs(slot_mapping, table, torch.tensor(full, dtype=torch.long),
+                              torch.tensor(computed, dtype=torch.long))
+    return step

@@ -18,6 +18,12 @@ returns at most that many, so upstream's rejected-token count, spec-decode metri
 checks (EOS, max_tokens inside an accepted run) are its own. Rows sampled on the host get no
 placeholders and keep one token per step (the target's, from the first position's logits).
 
+With the block KV layout (prefix caching: ``block_kv``), each row also carries vLLM's
+blocks of its sequence and the prefix its cache already holds; a prefill passes the whole
+sequence with the slots of the rest (``inputs.with_blocks``). A request vLLM preempts
+gives its KV line back and keeps its tokens and sampling state; it comes back as a
+resumed request, a prefill of everything it has, over its cached prefix.
+
 With LoRA on, each request's adapter is taken from the host pool (``lora.pool``) when it
 is admitted and given back when it finishes; a prefill step tells the backend each row's
 adapter (``adapter_indices``), which binds it to the row's KV line for the decode steps.
@@ -34,7 +40,13 @@ from vllm_neuronx.log import get_logger
 from vllm_neuronx.lora import peft
 from vllm_neuronx.lora.pool import AdapterPool
 from vllm_neuronx.worker.host_sampler import HostSampler, merge_logprobs
-from vllm_neuronx.worker.inputs import SequenceRow, StepInputs, decode_inputs, prefill_inputs
+from vllm_neuronx.worker.inputs import (
+    SequenceRow,
+    StepInputs,
+    decode_inputs,
+    prefill_inputs,
+    with_blocks,
+)
 from vllm_neuronx.worker.kv_lines import KVLinePool
 from vllm_neuronx.worker.step_times import StepTimes
 
@@ -46,6 +58,7 @@ class NeuronModelRunner:
         self.backend = backend
         self.capabilities = backend.capabilities
         self.lines = KVLinePool(backend.num_lines)
+        self.block_layout = backend.block_layout
         self.requests: dict[str, SequenceRow] = {}
         self._pending: StepInputs | None = None
         self.step_times = StepTimes()
@@ -117,56 +130,82 @@ class NeuronModelRunner:
                     "but LoRA is not enabled; request validation should have refused it"
                 )
             adapter = self.lora.acquire(req.req_id, req.lora_request)
-        return SequenceRow(
+        row = SequenceRow(
             req.req_id,
             self.lines.allocate(req.req_id),
             list(req.prompt_token_ids),
             sampling.GREEDY_ROW if on_host else self._sampling_row(params),
             adapter,
         )
+        if req.num_computed_tokens and self.block_layout is None:
+            raise RuntimeError(
+                f"request {req.req_id} arrived with {req.num_computed_tokens} cached tokens; "
+                "prefix caching is off with contiguous KV lines")
+        if self.block_layout is not None:
+            row.blocks, row.computed = list(req.block_ids[0]), req.num_computed_tokens
+        return row
+
+    def _resume(self, req_id: str, blocks: list[int], computed: int) -> SequenceRow:
+        """A request vLLM preempted, back with new blocks: a prefill of all it has."""
+        row = self.requests[req_id]
+        self.lines.release(req_id)  # given back at the preemption already, as a rule
+        row.line = self.lines.allocate(req_id)
+        row.blocks, row.computed = list(blocks), computed
+        return row
+
+    def _preempted(self, req_ids) -> None:
+        """vLLM took these requests' blocks back: their KV lines go too; their tokens and
+        sampling state stay for the resume."""
+        if req_ids and self.block_layout is None:
+            raise RuntimeError(
+                f"requests {sorted(req_ids)} were preempted; with one KV line per sequence "
+                "the Neuron scheduler never preempts, so this is a scheduling bug")
+        for req_id in req_ids or ():
+            self.lines.release(req_id)
 
     def execute_model(self, scheduler_output) -> ModelRunnerOutput | None:
         """Admit new requests, free finished ones, and stage this step's inputs."""
         for req_id in scheduler_output.finished_req_ids:
             self._forget(req_id)
+        self._preempted(scheduler_output.preempted_req_ids)
         new = scheduler_output.scheduled_new_reqs
         cached = scheduler_output.scheduled_cached_reqs
-        if cached.resumed_req_ids:
-            raise RuntimeError(
-                f"requests {sorted(cached.resumed_req_ids)} were preempted; the Neuron "
-                "scheduler never preempts, so this is a scheduling bug"
-            )
-        if new and cached.req_ids:
+        resumed = [i for i, r in enumerate(cached.req_ids) if r in cached.resumed_req_ids]
+        if (new or resumed) and len(resumed) != len(cached.req_ids):
             raise RuntimeError("prefill and decode were scheduled in one step; NxDI forbids it")
-        if new:
+        if new or resumed:
             rows = []
             for req in new:
-                if req.num_computed_tokens:
-                    raise RuntimeError(
-                        f"request {req.req_id} arrived with {req.num_computed_tokens} cached "
-                        "tokens; prefix caching must be off on Neuron"
-                    )
                 row = self._admit(req)
                 self.requests[req.req_id] = row
                 rows.append(row)
+            for i in resumed:
+                rows.append(self._resume(cached.req_ids[i], cached.new_block_ids[i][0],
+                                         cached.num_computed_tokens[i]))
             self._pending = prefill_inputs(rows)
             if self.lora is not None:
                 self._pending.adapter_ids = self._adapter_ids(rows)
         elif cached.req_ids:
             rows = []
-            for req_id, computed in zip(cached.req_ids, cached.num_computed_tokens, strict=True):
+            for i, (req_id, computed) in enumerate(zip(cached.req_ids,
+                                                       cached.num_computed_tokens, strict=True)):
                 row = self.requests[req_id]
                 if computed != len(row.token_ids) - 1:
                     raise RuntimeError(
                         f"request {req_id}: scheduler computed {computed} tokens, runner holds "
                         f"{len(row.token_ids)}"
                     )
+                if self.block_layout is not None and cached.new_block_ids[i] is not None:
+                    row.blocks.extend(cached.new_block_ids[i][0])
                 rows.append(row)
             self._pending = decode_inputs(rows)
             if self.num_drafts:
                 self._pending.keep = self._kept_tokens(self._pending.req_ids, scheduler_output)
         else:
             self._pending = None
+        if self._pending is not None and self.block_layout is not None:
+            ordered = [self.requests[r] for r in self._pending.req_ids]
+            with_blocks(self._pending, ordered, self.block_layout, self.backend.max_length)
         return None
 
     def _kept_tokens(self, req_ids: list[str], scheduler_output) -> list[int]:
@@ -220,6 +259,8 @@ class NeuronModelRunner:
             extra["prompt_logits"] = torch.tensor(wants_prompt)
         if step.adapter_ids is not None:
             extra["adapter_ids"] = step.adapter_ids
+        if step.blocks is not None:
+            extra["blocks"] = step.blocks
         out = self.step_times.timed(
             "prefill" if step.is_prefill else "decode", len(step.req_ids), self.backend.forward,
             step.input_ids, step.position_ids, step.seq_ids, step.sampling_params, **extra

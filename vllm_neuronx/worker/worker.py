@@ -3,7 +3,9 @@ lives inside the backend as ``tp_degree``), so vLLM's world size stays 1.
 
 It tells vLLM's KV manager about exactly ``max_num_seqs`` blocks of
 ``max_model_len`` tokens (plus upstream's null block): one block per sequence,
-so a decode never needs a new block and the scheduler never has to preempt.
+so a decode never needs a new block and the scheduler never has to preempt. With the
+block KV layout (prefix caching, chunked prefill: block_kv.py) it tells it about the
+backend's ``pa_num_blocks`` blocks instead.
 """
 
 from __future__ import annotations
@@ -49,16 +51,20 @@ class NeuronWorker(WorkerBase):
         model_path = resolve_model_folder(self.model_config.model, self.model_config.revision)
         backend, result = load_backend(model_path, settings, seed=self.model_config.seed or 0)
         self.model_runner = NeuronModelRunner(backend, self.vllm_config)
+        block = settings.block_layout
         logger.info(
             "Neuron ready: framework=%s backend=%s device=%s context buckets=%s "
-            "token buckets=%s KV lines=%d x %d tokens dtype=%s kernel=%s%s artifacts=%s (%s)",
+            "token buckets=%s KV %s dtype=%s kernel=%s%s artifacts=%s (%s)",
             settings.framework,
             settings.backend,
             settings.device,
             backend.context_buckets,
             backend.token_buckets,
-            backend.num_lines,
-            settings.neuron_config["seq_len"],
+            f"lines={backend.num_lines} x {settings.neuron_config['seq_len']} tokens"
+            if block is None else
+            f"blocks={block.num_blocks} x {block.block_size} tokens (prefix caching "
+            f"{'on' if block.prefix_caching else 'off'}, chunked prefill "
+            f"{'on' if block.chunked_prefill else 'off'})",
             settings.neuron_config["torch_dtype"],
             backend.kernel,
             f" speculation={settings.draft.method} k={backend.speculation_length} "
@@ -84,8 +90,9 @@ class NeuronWorker(WorkerBase):
         return ["LBHNC"]
 
     def determine_available_memory(self) -> int:
+        """Room for exactly the blocks the platform set (num_gpu_blocks_override)."""
         spec = self.get_kv_cache_spec()[KV_LAYER]
-        return spec.page_size_bytes * (self.scheduler_config.max_num_seqs + 1)
+        return spec.page_size_bytes * self.cache_config.num_gpu_blocks_override
 
     def initialize_from_config(self, kv_cache_config) -> None:
         """The backend owns the real KV cache; vLLM's blocks only do the bookkeeping."""
