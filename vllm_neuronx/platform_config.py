@@ -59,6 +59,10 @@ class NeuronSettings:
                 "fused draft would propose without the adapters; use one or the other")
         block = _block_layout(vllm_config, overrides)
         unserved.check_block_layout(block, choice.backend)
+        if block is not None and block.chunked_prefill and vllm_config.lora_config is not None:
+            raise nc.NeuronConfigError(
+                "chunked prefill with LoRA adapters (enable_lora) is not served: adapters are "
+                "bound to a sequence at its one prefill step; use one or the other")
         if block is not None and draft is not None:
             raise nc.NeuronConfigError(
                 "speculative decoding with the block KV layout (prefix caching, chunked "

@@ -48,7 +48,7 @@ _MEDUSA = Unserved("Medusa heads and token trees", ALL_BACKENDS, None)
 # CPU backend runs it through the block layout's flattened steps.
 _PREFIX_CACHING = Unserved("prefix caching (the block KV layout)", frozenset({"tnx"}), None)
 _CHUNKED_PREFILL = Unserved(
-    "chunked prefill", frozenset({"tnx", "nxdi", "cpu"}), 21,
+    "chunked prefill", frozenset({"tnx", "nxdi"}), None,
     why=(("nxdi", "NxDI removed it in Neuron SDK 2.28 (NeuronBaseForCausalLM raises "
                   "NotImplementedError); long prompts prefill whole, in their context "
                   "bucket"),))

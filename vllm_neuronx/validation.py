@@ -52,6 +52,15 @@ def _check_sampling(params: Any, settings) -> None:
             "prompt_logprobs",
             prompt_logprobs,
         )
+    block = settings.block_layout
+    if prompt_logprobs is not None and block is not None and block.chunked_prefill:
+        _refuse(
+            f"prompt_logprobs={prompt_logprobs!r} is not served with chunked prefill (a "
+            "prompt's logits come a chunk at a time); start the engine without "
+            "--enable-chunked-prefill to score prompts",
+            "prompt_logprobs",
+            prompt_logprobs,
+        )
     topk = nc.global_topk(settings.neuron_config)
     if host or topk is None or params.top_k is None or params.top_k <= topk:
         return  # the host sampler applies any top_k
@@ -107,8 +116,9 @@ def validate_request(engine_input: Any, params: Any) -> None:
                 parameter="max_tokens",
                 value=params.max_tokens,
             )
+        chunked = settings.block_layout is not None and settings.block_layout.chunked_prefill
         longest = nc.context_buckets(settings.neuron_config)[-1]
-        if len(prompt) > longest:
+        if len(prompt) > longest and not chunked:  # chunks are never wider than the budget
             raise NeuronRequestError(
                 f"the prompt has {len(prompt)} tokens, more than the largest context-encoding "
                 f"bucket ({longest})",

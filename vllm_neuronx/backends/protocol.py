@@ -75,10 +75,14 @@ class Batch:
     # [n] a prefill row's LoRA adapter index (adapter_indices; 0 = the base model)
     adapter_ids: torch.Tensor | None = None
     blocks: BlockInputs | None = None  # the block KV layout's inputs (only there)
+    # A chunked-prefill step (``check_chunked_call``): input_ids [1, T] hold the tokens of
+    # the seq_ids' [N] sequences one after another, prefill chunks and decodes alike.
+    chunked: bool = False
 
     @property
     def size(self) -> int:
-        return self.input_ids.shape[0]
+        """Rows of the output: sequences (a chunked step's seq_ids), one each."""
+        return self.seq_ids.shape[0]
 
 
 _INDEX_DTYPES = (torch.int8, torch.uint8, torch.int16, torch.int32, torch.int64)
@@ -258,6 +262,8 @@ class NeuronBackend(abc.ABC):
             input_ids, position_ids, seq_ids, sampling_params, prompt_logits, adapter_ids,
             blocks,
         )
+        if batch.chunked:
+            return self.chunked(batch)
         return self.prefill(batch) if batch.is_prefill else self.decode(batch)
 
     @abc.abstractmethod
@@ -268,12 +274,21 @@ class NeuronBackend(abc.ABC):
     def decode(self, batch: Batch) -> ForwardOutput:
         """Token generation of a checked batch: one token per row."""
 
+    def chunked(self, batch: Batch) -> ForwardOutput:
+        """A chunked-prefill step of a checked batch (``Batch.chunked``): per sequence, the
+        logits (and tokens) of its last token in the step."""
+        raise NotImplementedError(f"the {self.framework} backend runs no chunked prefill")
+
     def check_call(self, input_ids, position_ids, seq_ids, sampling_params,
                    prompt_logits=None, adapter_ids=None, blocks=None) -> Batch:
         """The contract's preconditions, as a device would enforce them; a ValueError
         (RuntimeError before load) naming what is wrong, never a corrupted KV line."""
         if not self.loaded:
             raise RuntimeError("load() must run before forward()")
+        layout = self.block_layout
+        if layout is not None and layout.chunked_prefill:
+            return self.check_chunked_call(input_ids, position_ids, seq_ids, sampling_params,
+                                           prompt_logits, adapter_ids, blocks)
         if input_ids.dim() != 2 or input_ids.shape[0] == 0:
             raise ValueError(f"input_ids must be [batch, width] with batch >= 1, got "
                              f"{list(input_ids.shape)}")
@@ -315,7 +330,6 @@ class NeuronBackend(abc.ABC):
                                  f"got {list(adapter_ids.shape)} {adapter_ids.dtype}")
             if int(adapter_ids.min()) < 0:
                 raise ValueError("adapter_ids must be >= 0 (0: the base model)")
-        layout = self.block_layout
         if layout is None and blocks is not None:
             raise ValueError("block inputs (slot_mapping, block_table...) given to a model "
                              "compiled with contiguous KV lines")
@@ -323,6 +337,56 @@ class NeuronBackend(abc.ABC):
             check_blocks(blocks, layout, position_ids, prefill, self.max_length)
         return Batch(input_ids, position_ids, seq_ids, sampling_params, prefill,
                      prompt_logits, adapter_ids, blocks)
+
+    def check_chunked_call(self, input_ids, position_ids, seq_ids, sampling_params,
+                           prompt_logits, adapter_ids, blocks) -> Batch:
+        """A chunked-prefill step's preconditions (NxDI's chunked prefill contract, before
+        SDK 2.28 removed it): input_ids and position_ids [1, T], the step's tokens sequence
+        after sequence, each sequence's positions computed..full-1 in order; seq_ids and
+        sampling_params one row per sequence [N]; slot_mapping [1, T]."""
+        n = seq_ids.shape[0] if seq_ids.dim() == 1 else 0
+        if input_ids.dim() != 2 or input_ids.shape[0] != 1 or \
+                position_ids.shape != input_ids.shape or n == 0:
+            raise ValueError("a chunked-prefill step takes input_ids and position_ids [1, "
+                             "tokens] (every sequence's tokens of the step, one after "
+                             "another) and seq_ids [sequences]")
+        if int(seq_ids.min()) < 0 or int(seq_ids.max()) >= self.num_lines or \
+                torch.unique(seq_ids).numel() != n:
+            raise ValueError(f"seq_ids must be unique KV lines in [0, {self.num_lines})")
+        if prompt_logits is not None or adapter_ids is not None:
+            raise ValueError("prompt logits and LoRA adapters are not served with chunked "
+                             "prefill")
+        if blocks is None:
+            raise ValueError("a chunked-prefill step needs slot_mapping, block_table, "
+                             "full_context_lens and computed_context_lens")
+        full, computed = blocks.full_context_lens, blocks.computed_context_lens
+        if full.shape != (n,) or computed.shape != (n,):
+            raise ValueError(f"full_context_lens and computed_context_lens must be [{n}]")
+        counts = full - computed
+        if bool((counts < 1).any() | (computed < 0).any()) or \
+                int(counts.sum()) != input_ids.shape[1]:
+            raise ValueError("each sequence computes full - computed >= 1 tokens, and "
+                             "input_ids holds all of them")
+        expected = torch.cat([torch.arange(c, f) for c, f in
+                              zip(computed.tolist(), full.tolist(), strict=True)])
+        if not torch.equal(position_ids[0].to(torch.int64), expected):
+            raise ValueError("position_ids must be each sequence's positions computed.."
+                             "full-1, sequence after sequence")
+        if int(full.max()) > self.max_length:
+            raise ValueError(f"positions must stay below seq_len {self.max_length}")
+        topk = self.global_topk
+        if topk is not None:
+            sampling.validate_sampling_tensor(sampling_params, topk, n)
+        if blocks.slot_mapping.shape != input_ids.shape:
+            raise ValueError("slot_mapping must be [1, tokens]: each token's slot")
+        check_table(blocks.block_table, self.block_layout, n, self.max_length)
+        offsets = [0] + counts.cumsum(0).tolist()
+        for r, (c, f) in enumerate(zip(computed.tolist(), full.tolist(), strict=True)):
+            check_slots(r, blocks.block_table[r], c, f,
+                        blocks.slot_mapping[0, offsets[r]:offsets[r + 1]],
+                        self.block_layout.block_size)
+        return Batch(input_ids, position_ids, seq_ids, sampling_params, False, None, None,
+                     blocks, chunked=True)
 
     # -- facts the runner reads back ----------------------------------------------
     @property
@@ -385,22 +449,16 @@ def check_blocks(blocks: BlockInputs | None, layout: block_kv.BlockLayout,
         raise ValueError("a model compiled with the block KV layout needs slot_mapping, "
                          "block_table, full_context_lens and computed_context_lens")
     n, bs = position_ids.shape[0], layout.block_size
-    width = seq_len // bs
-    table, slot_mapping = blocks.block_table, blocks.slot_mapping
+    slot_mapping = blocks.slot_mapping
     full, computed = blocks.full_context_lens, blocks.computed_context_lens
-    for name, t, shape in (("block_table", table, (n, width)),
-                           ("full_context_lens", full, (n,)),
-                           ("computed_context_lens", computed, (n,))):
-        if tuple(t.shape) != shape or t.dtype not in _INDEX_DTYPES:
-            raise ValueError(f"{name} must be {list(shape)} integers, got "
-                             f"{list(t.shape)} {t.dtype}")
+    for name, t in (("full_context_lens", full), ("computed_context_lens", computed)):
+        if tuple(t.shape) != (n,) or t.dtype not in _INDEX_DTYPES:
+            raise ValueError(f"{name} must be [{n}] integers, got {list(t.shape)} {t.dtype}")
     if slot_mapping.dim() != 2 or slot_mapping.shape[0] != n or \
             slot_mapping.dtype not in _INDEX_DTYPES:
         raise ValueError(f"slot_mapping must be [{n}, width] integers, got "
                          f"{list(slot_mapping.shape)} {slot_mapping.dtype}")
-    if int(table.min()) < 0 or int(table.max()) >= layout.num_blocks:
-        raise ValueError(f"block_table entries must be block ids in [0, "
-                         f"{layout.num_blocks}) (0: padding, the null block)")
+    check_table(blocks.block_table, layout, n, seq_len)
     last = position_ids.max(dim=1).values
     if prefill:
         if not bool((full == last + 1).all()):
@@ -415,13 +473,33 @@ def check_blocks(blocks: BlockInputs | None, layout: block_kv.BlockLayout,
     if slot_mapping.shape[1] < max(f - c for f, c in zip(rows_full, rows_computed, strict=True)):
         raise ValueError("slot_mapping must hold a slot for every position computed")
     for r, (f, c) in enumerate(zip(rows_full, rows_computed, strict=True)):
-        owned = table[r, :-(-f // bs)]
-        if bool((owned <= 0).any()):
-            raise ValueError(f"row {r}: block_table must name a block (not the null block 0) "
-                             f"for each of its {f} positions")
-        expected = torch.tensor(block_kv.slots(owned.tolist(), c, f, bs))
         got = slot_mapping[r]
-        if not torch.equal(got[:f - c].to(torch.int64), expected) or \
-                bool((got[f - c:] != -1).any()):
-            raise ValueError(f"row {r}: slot_mapping must be the slots of positions {c}.."
-                             f"{f - 1} through its block_table, then -1")
+        check_slots(r, blocks.block_table[r], c, f, got[:f - c], bs)
+        if bool((got[f - c:] != -1).any()):
+            raise ValueError(f"row {r}: slot_mapping must be -1 past its {f - c} slots")
+
+
+def check_table(table: torch.Tensor, layout: block_kv.BlockLayout, n: int,
+                seq_len: int) -> None:
+    """A block table: [n, seq_len // block_size] block ids of the cache (0: padding)."""
+    width = seq_len // layout.block_size
+    if tuple(table.shape) != (n, width) or table.dtype not in _INDEX_DTYPES:
+        raise ValueError(f"block_table must be [{n}, {width}] integers, got "
+                         f"{list(table.shape)} {table.dtype}")
+    if int(table.min()) < 0 or int(table.max()) >= layout.num_blocks:
+        raise ValueError(f"block_table entries must be block ids in [0, "
+                         f"{layout.num_blocks}) (0: padding, the null block)")
+
+
+def check_slots(r: int, table_row: torch.Tensor, computed: int, full: int,
+                slots: torch.Tensor, block_size: int) -> None:
+    """Row ``r`` owns a block (never the null block 0) for each of its ``full`` positions,
+    and ``slots`` are those of positions computed..full-1 through its table."""
+    owned = table_row[:-(-full // block_size)]
+    if bool((owned <= 0).any()):
+        raise ValueError(f"row {r}: block_table must name a block (not the null block 0) "
+                         f"for each of its {full} positions")
+    expected = torch.tensor(block_kv.slots(owned.tolist(), computed, full, block_size))
+    if not torch.equal(slots.to(torch.int64), expected):
+        raise ValueError(f"row {r}: slot_mapping must be the slots of positions {computed}.."
+                         f"{full - 1} through its block_table")

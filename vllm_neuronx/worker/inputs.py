@@ -42,6 +42,11 @@ class StepInputs:
     # vLLM scheduled for it), in row order.
     keep: list[int] | None = None
     blocks: BlockInputs | None = None  # the block KV layout's inputs (with_blocks)
+    # A chunked-prefill step (chunked_inputs): each row's tokens one after another in
+    # input_ids [1, T]; ``sampled`` says which rows end their prompt (or decode) in it and
+    # so yield a token.
+    chunked: bool = False
+    sampled: list[bool] | None = None
 
 
 def prefill_inputs(rows: Sequence[SequenceRow]) -> StepInputs:
@@ -96,3 +101,34 @@ def with_blocks(step: StepInputs, rows: Sequence[SequenceRow],
     step.blocks = BlockInputs(slot_mapping, table, torch.tensor(full, dtype=torch.long),
                               torch.tensor(computed, dtype=torch.long))
     return step
+
+
+def chunked_inputs(rows: Sequence[SequenceRow], counts: Sequence[int],
+                   computed: Sequence[int], layout: block_kv.BlockLayout,
+                   seq_len: int) -> StepInputs:
+    """A chunked-prefill step as vLLM scheduled it: ``counts[i]`` tokens of row i from
+    position ``computed[i]`` on (a prompt's chunk, or a decode's one token), all rows'
+    tokens one after another in [1, T], as NxDI's chunked prefill took them."""
+    bs, width = layout.block_size, seq_len // layout.block_size
+    tokens, positions, slots = [], [], []
+    for r, n, c in zip(rows, counts, computed, strict=True):
+        tokens += r.token_ids[c:c + n]
+        positions += range(c, c + n)
+        slots += block_kv.slots(r.blocks, c, c + n, bs)
+    table = torch.zeros((len(rows), width), dtype=torch.long)
+    for i, r in enumerate(rows):
+        table[i, :len(r.blocks)] = torch.tensor(r.blocks, dtype=torch.long)
+    full = [c + n for n, c in zip(counts, computed, strict=True)]
+    return StepInputs(
+        req_ids=[r.req_id for r in rows],
+        input_ids=torch.tensor([tokens], dtype=torch.long),
+        position_ids=torch.tensor([positions], dtype=torch.long),
+        seq_ids=torch.tensor([r.line for r in rows], dtype=torch.long),
+        sampling_params=sampling.sampling_tensor([r.sampling_row for r in rows]),
+        is_prefill=False,
+        blocks=BlockInputs(torch.tensor([slots], dtype=torch.long), table,
+                           torch.tensor(full, dtype=torch.long),
+                           torch.tensor(computed, dtype=torch.long)),
+        chunked=True,
+        sampled=[f == len(r.token_ids) for r, f in zip(rows, full, strict=True)],
+    )

@@ -43,6 +43,7 @@ from vllm_neuronx.worker.host_sampler import HostSampler, merge_logprobs
 from vllm_neuronx.worker.inputs import (
     SequenceRow,
     StepInputs,
+    chunked_inputs,
     decode_inputs,
     prefill_inputs,
     with_blocks,
@@ -170,6 +171,10 @@ class NeuronModelRunner:
         self._preempted(scheduler_output.preempted_req_ids)
         new = scheduler_output.scheduled_new_reqs
         cached = scheduler_output.scheduled_cached_reqs
+        if self.block_layout is not None and self.block_layout.chunked_prefill:
+            self._pending = self._chunked_step(scheduler_output) if new or cached.req_ids \
+                else None
+            return None
         resumed = [i for i, r in enumerate(cached.req_ids) if r in cached.resumed_req_ids]
         if (new or resumed) and len(resumed) != len(cached.req_ids):
             raise RuntimeError("prefill and decode were scheduled in one step; NxDI forbids it")
@@ -208,6 +213,35 @@ class NeuronModelRunner:
             with_blocks(self._pending, ordered, self.block_layout, self.backend.max_length)
         return None
 
+    def _chunked_step(self, scheduler_output) -> StepInputs:
+        """A step of upstream's own scheduling (chunked prefill): new requests' first
+        chunks, running prompts' next chunks and decodes, in one call."""
+        scheduled = scheduler_output.num_scheduled_tokens
+        cached = scheduler_output.scheduled_cached_reqs
+        rows, computed = [], []
+        for req in scheduler_output.scheduled_new_reqs:
+            row = self.requests[req.req_id] = self._admit(req)
+            rows.append(row)
+            computed.append(req.num_computed_tokens)
+        for i, req_id in enumerate(cached.req_ids):
+            blocks = cached.new_block_ids[i]
+            if req_id in cached.resumed_req_ids:
+                row = self._resume(req_id, blocks[0], cached.num_computed_tokens[i])
+            else:
+                row = self.requests[req_id]
+                if blocks is not None:
+                    row.blocks.extend(blocks[0])
+            rows.append(row)
+            computed.append(cached.num_computed_tokens[i])
+        counts = [scheduled[r.req_id] for r in rows]
+        for row, c, n in zip(rows, computed, counts, strict=True):
+            if c + n > len(row.token_ids):
+                raise RuntimeError(
+                    f"request {row.req_id}: {n} tokens scheduled from position {c}, but the "
+                    f"runner holds {len(row.token_ids)}")
+        return chunked_inputs(rows, counts, computed, self.block_layout,
+                              self.backend.max_length)
+
     def _kept_tokens(self, req_ids: list[str], scheduler_output) -> list[int]:
         """Fused speculation: the tokens each row may keep, 1 + the drafts vLLM scheduled
         (which it caps near max_model_len; a row sampled on the host got none)."""
@@ -245,7 +279,10 @@ class NeuronModelRunner:
         step, self._pending = self._pending, None
         if step is None:
             return EMPTY_MODEL_RUNNER_OUTPUT
-        host_rows = [i for i, req_id in enumerate(step.req_ids) if req_id in self.host]
+        # A chunked step's rows still mid-prompt yield nothing (as upstream discards them).
+        yields = step.sampled or [True] * len(step.req_ids)
+        host_rows = [i for i, req_id in enumerate(step.req_ids)
+                     if req_id in self.host and yields[i]]
         wants_prompt = [
             step.is_prefill and self.host.wants_prompt_logprobs(r) for r in step.req_ids
         ]
@@ -261,8 +298,9 @@ class NeuronModelRunner:
             extra["adapter_ids"] = step.adapter_ids
         if step.blocks is not None:
             extra["blocks"] = step.blocks
+        phase = "mixed" if step.chunked else "prefill" if step.is_prefill else "decode"
         out = self.step_times.timed(
-            "prefill" if step.is_prefill else "decode", len(step.req_ids), self.backend.forward,
+            phase, len(step.req_ids), self.backend.forward,
             step.input_ids, step.position_ids, step.seq_ids, step.sampling_params, **extra
         )
         if host_rows and out.logits is None:
@@ -285,6 +323,7 @@ class NeuronModelRunner:
             if wants_prompt[i]
         }
         tokens = self._step_tokens(out, step, sampled, host_rows)
+        tokens = [t if y else [] for t, y in zip(tokens, yields, strict=True)]
         for req_id, new in zip(step.req_ids, tokens, strict=True):
             self.requests[req_id].token_ids.extend(new)
         if self.num_drafts:

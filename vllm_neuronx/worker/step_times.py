@@ -55,7 +55,7 @@ class StepTimes:
     def describe(self) -> str:
         """One line for the log: each phase's steps, mean backend and gap ms."""
         parts = []
-        for phase in ("prefill", "decode"):
+        for phase in ("prefill", "decode", "mixed"):  # mixed: chunked prefill's steps
             mine = [t for (p, _), t in self.tallies.items() if p == phase]
             steps = sum(t.steps for t in mine)
             if steps:
