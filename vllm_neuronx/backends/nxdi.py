@@ -29,6 +29,13 @@ an adapter is streamed into NxDI's CPU cache under a name unique to each load
 (``prepare_adapter``), a prefill row's index is NxDI's id for that name (0: the dummy,
 i.e. the base model), and NxDI swaps adapters into its ``max_loras`` device slots and
 binds each to the row's seq_id itself; decode rows use that binding.
+
+Prefix caching is NxDI's own on its block KV layout (``is_block_kv_layout``,
+``is_prefix_caching``, ``pa_block_size``, ``pa_num_blocks``: block_kv.py): a call also takes
+``slot_mapping``, ``block_table`` and the full and computed context lengths ([n, 1]). NxDI
+picks a [prefill, prefix] bucket per prompt and asserts when the cached prefix it would read
+exceeds its largest prefix bucket; such a prompt is told of fewer cached blocks instead
+(``PrefixBuckets.fit``). What NxDI cannot compile with it is refused at start-up by name.
 """
 
 from __future__ import annotations
@@ -39,6 +46,7 @@ import importlib
 import inspect
 import itertools
 import json
+import math
 import os
 from collections.abc import Collection, Mapping, Sequence
 from dataclasses import dataclass
@@ -47,10 +55,11 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
+from vllm_neuronx import block_kv, nxdi_keys, speculation
 from vllm_neuronx import neuron_config as nc
-from vllm_neuronx import nxdi_keys, speculation
 from vllm_neuronx.backends.protocol import (
     Batch,
+    BlockInputs,
     ForwardOutput,
     NeuronBackend,
     SamplingCapabilities,
@@ -189,6 +198,98 @@ def read_fused_outputs(fused: Sequence[torch.Tensor], position_ids: torch.Tensor
     if bool((tokens[keep] < 0).any()):
         raise RuntimeError(f"NxDI's fused step accepted negative token ids: {tokens.tolist()}")
     return torch.where(keep, tokens, torch.full_like(tokens, -1))
+
+
+# -- prefix caching: NxDI's side of the block KV layout (block_kv.py) ---------------------------
+# Lines of NxDI main 4bcdc54 (models/model_wrapper.py, modules/autobucketing.py, models/config.py,
+# modules/kvcache/block_kv_cache_manager.py); 0.8 and 0.9 choose buckets the same way.
+# Under prefix caching NxDI's context encoding runs [prefill, prefix] buckets and its token
+# generation [1, S] (autobucketing.py 149-264), automatic ones from these sizes up (186-193,
+# 251-255).
+PREFIX_AUTO_MIN = 512
+TOKEN_AUTO_MIN = 256
+# NxDI's attention tells a context encoding over a cached prefix from token generation by
+# its width: narrower than this is token generation (attention_base.py 1745-1751: "The
+# smallest non zero prefix size supported is 128"), and every prefill bucket is compiled
+# with every prefix bucket.
+PREFIX_MIN_PREFILL = 128
+# Keys that turn on NxDI's block TKG attention kernel (config.py 450-467: the two older names
+# turn on the first), which takes a decode's block table padded with -1, not 0
+# (model_wrapper.py 1139, and vllm-neuron's runner pads it so).
+BLOCK_TKG_KERNEL_KEYS = ("attn_block_tkg_nki_kernel_enabled", "attn_tkg_nki_kernel_enabled",
+                         "attn_tkg_builtin_kernel_enabled")
+# With fewer blocks per sequence than this and the kernel off, NxDI splits each block into the
+# smallest power of two >= BLOCK_TILING_BLOCKS / blocks per sequence tiles, assuming they divide
+# it (block_kv_cache_manager.py 55-70).
+BLOCK_TILING_BLOCKS = 128
+PREFIX_CACHING_SERVED = ("prefix caching on NxDI (enable_prefix_caching, is_prefix_caching, "
+                         "is_block_kv_layout)")
+
+
+def block_tkg_kernel(cfg: Mapping[str, Any]) -> bool:
+    """NxDI's block TKG attention kernel is on (any of its keys)."""
+    return any(cfg.get(k) for k in BLOCK_TKG_KERNEL_KEYS)
+
+
+def default_prefix_buckets(cfg: Mapping[str, Any]) -> list[int] | None:
+    """The prefix_buckets we give NxDI where it needs them and the user gave none: with
+    context_encoding_buckets NxDI crosses them with ``[0] + prefix_buckets``
+    (autobucketing.py 176-181; a TypeError on None), so the context buckets serve as the
+    prefix buckets too. None where NxDI reads no prefix_buckets or the user gave them."""
+    if not (cfg.get("is_prefix_caching") and cfg.get("enable_bucketing")) \
+            or cfg.get("context_encoding_buckets") is None or cfg.get("prefix_buckets") is not None:
+        return None
+    return sorted(cfg["context_encoding_buckets"])
+
+
+@dataclass(frozen=True, slots=True)
+class PrefixBuckets:
+    """NxDI's buckets under prefix caching, as its autobucketing makes them from a config."""
+
+    prefill: tuple[int, ...]  # context encoding's first axis: the tokens computed
+    prefix: tuple[int, ...]  # its second axis, 0 first: the cached positions read
+    token: tuple[int, ...]  # token generation's S of [1, S]
+
+    @classmethod
+    def of(cls, cfg: Mapping[str, Any]) -> PrefixBuckets:
+        max_ctx = int(cfg["max_context_length"])
+        max_len = int(cfg.get("max_length") or cfg["seq_len"])
+        if not cfg.get("enable_bucketing"):
+            return cls((max_ctx,), (0, max_ctx), (max_len,))
+        if cfg.get("context_encoding_buckets") is not None:
+            prefill = sorted(cfg["context_encoding_buckets"])
+            prefix = list(cfg.get("prefix_buckets") or default_prefix_buckets(cfg) or [])
+        else:
+            prefill = prefix = nc.generate_buckets(PREFIX_AUTO_MIN, max_ctx)
+        token = sorted(cfg.get("token_generation_buckets")
+                       or nc.generate_buckets(TOKEN_AUTO_MIN, max_len))
+        return cls(tuple(prefill), (0, *prefix), tuple(token))
+
+    def context_bucket(self, queries: int, cached: int) -> tuple[int, int] | None:
+        """NxDI's [prefill, prefix] bucket for a context encoding that computes ``queries``
+        tokens after ``cached`` ones (model_wrapper.py 991-1045), or None where NxDI fails: a
+        ValueError past the largest prefill bucket, an AssertionError past the largest prefix
+        bucket. Free prefill slots recompute cached tokens, so the prefix NxDI reads is what
+        is left of ``cached``."""
+        if 256 < queries + cached <= 512 and 512 in self.prefill:  # its [512, 0] corner case
+            return 512, 0
+        prefill = next((b for b in self.prefill if queries <= b), None)
+        if prefill is None:
+            return None
+        rest = max(0, cached - (prefill - queries))
+        prefix = next((b for b in self.prefix if rest <= b), None)
+        return None if prefix is None else (prefill, prefix)
+
+    def fit(self, full: int, computed: int, block_size: int) -> int:
+        """The cached positions to tell NxDI of: ``computed``, or fewer whole blocks where the
+        prefix NxDI would read exceeds its largest prefix bucket (NxDI asserts there,
+        model_wrapper.py 1043); the positions between are computed again."""
+        for cached in range(computed, -1, -block_size):
+            if self.context_bucket(full - cached, cached) is not None:
+                return cached
+        raise ValueError(
+            f"a prefill of {full} positions ({computed} cached) fits none of NxDI's context "
+            f"encoding buckets (prefill {list(self.prefill)}, prefix {list(self.prefix)})")
 
 
 def read_hf_config(model_path: str) -> dict[str, Any]:
@@ -400,7 +501,14 @@ class NxdiBackend(NeuronBackend):
         self.draft_cls = None  # NxDI's application class of a draft of another family
         if draft is not None or self.speculation_length:
             self._check_draft()
+        if self.block_layout is not None and self.architecture == MLLAMA:
+            raise nc.NeuronConfigError(
+                f"{PREFIX_CACHING_SERVED}: not for {MLLAMA}, whose NxDI forward takes no "
+                "slot_mapping or block_table; turn enable_prefix_caching off")
         self.config = self._inference_config()
+        self._prefix_buckets = (PrefixBuckets.of(self.neuron_config)
+                                if self.block_layout is not None else None)
+        self._refitted = False  # logged once: a cached prefix computed again (_block_inputs)
         self.model = None  # the NxDI application, once compiled or loaded
         self._max_loras: int | None = None  # vLLM's, from init_lora
         self._loads = itertools.count()  # makes each adapter load's NxDI name unique
@@ -454,6 +562,81 @@ class NxdiBackend(NeuronBackend):
             cls._validate_lora(neuron_config)
         if speculation.speculation_length(neuron_config):
             cls._validate_speculation(neuron_config)
+        if any(neuron_config.get(k) is not None for k in (
+                "is_block_kv_layout", "is_prefix_caching", "prefix_buckets")):
+            cls._validate_prefix_caching(neuron_config)
+
+    @classmethod
+    def _validate_prefix_caching(cls, cfg: dict) -> None:
+        """What NxDI's prefix caching cannot compile or run, named (lines of NxDI main;
+        ``PrefixBuckets`` says how it picks its buckets)."""
+        def refuse(what: str) -> None:
+            raise nc.NeuronConfigError(f"{PREFIX_CACHING_SERVED}: {what}")
+
+        if not cfg.get("is_block_kv_layout"):
+            if cfg.get("is_prefix_caching"):
+                refuse("is_prefix_caching needs is_block_kv_layout: NxDI keeps cached blocks "
+                       "only in its block KV cache (model_base.py 170-171); set "
+                       "enable_prefix_caching instead of the NxDI keys")
+            if cfg.get("prefix_buckets") is not None:
+                refuse("prefix_buckets are read only with prefix caching; turn on "
+                       "enable_prefix_caching or drop prefix_buckets")
+            return
+        if not cfg.get("is_prefix_caching"):
+            refuse("is_block_kv_layout without is_prefix_caching: NxDI shapes its block KV "
+                   "cache for prefix caching or chunked prefill only "
+                   "(block_kv_cache_manager.py 37-43), and chunked prefill left NxDI in SDK "
+                   "2.28; turn on enable_prefix_caching")
+        if speculation.speculation_length(cfg):
+            refuse("speculative decoding is not served with it (the fused draft keeps KV "
+                   "lines of its own); drop speculative_config or enable_prefix_caching")
+        if cfg.get("token_generation_batches") is not None:
+            refuse("token_generation_batches (batch bucketing) is refused by NxDI with prefix "
+                   "caching and the block KV layout (config.py 654-690, autobucketing.py "
+                   "271-276); drop it")
+        if cfg.get("k_cache_transposed"):
+            refuse("k_cache_transposed: NxDI's block KV cache has no transposed K "
+                   "(config.py 532-540 asserts); drop it")
+        bs = int(cfg["pa_block_size"])
+        given = cfg.get("prefix_buckets")
+        if given is not None:
+            if not (cfg.get("enable_bucketing") and cfg.get("context_encoding_buckets")):
+                refuse("prefix_buckets are read only with context_encoding_buckets (NxDI's "
+                       "automatic buckets ignore them, autobucketing.py 170-193); give "
+                       "context_encoding_buckets too, or drop prefix_buckets")
+            if not isinstance(given, list) or not given or any(
+                    not isinstance(b, int) or isinstance(b, bool) or b < 1 for b in given) \
+                    or given != sorted(set(given)):
+                refuse(f"prefix_buckets must be positive integers in ascending order without "
+                       f"repeats (NxDI adds the 0 bucket and picks the first that fits), got "
+                       f"{given!r}")
+        buckets = PrefixBuckets.of(cfg)
+        partial = sorted({b for b in buckets.prefix + buckets.token if b % bs})
+        if partial:
+            refuse(f"the buckets {partial} are not whole blocks of pa_block_size={bs}: NxDI "
+                   "reads a prefix or decode bucket's positions through bucket / block_size "
+                   "entries of the block table (model_wrapper.py 1119-1143); give "
+                   "prefix_buckets and token_generation_buckets that are multiples of the "
+                   "block size (context_encoding_buckets serve as prefix_buckets when none "
+                   "are given)")
+        narrow = [b for b in buckets.prefill if b < PREFIX_MIN_PREFILL]
+        if narrow:
+            refuse(f"context encoding buckets {narrow} are narrower than {PREFIX_MIN_PREFILL}: "
+                   "NxDI's attention runs a context encoding that narrow over a cached prefix "
+                   "as token generation (attention_base.py 1745-1751); give "
+                   f"context_encoding_buckets (and max_model_len) of at least "
+                   f"{PREFIX_MIN_PREFILL}")
+        max_len = int(cfg.get("max_length") or cfg["seq_len"])
+        per_sequence = -(-max_len // bs)
+        if per_sequence < BLOCK_TILING_BLOCKS and not block_tkg_kernel(cfg):
+            tiles = 2 ** math.ceil(math.log2(BLOCK_TILING_BLOCKS / per_sequence))
+            if bs % tiles:
+                refuse(f"pa_block_size={bs} (block_size) with {per_sequence} blocks per "
+                       f"sequence of {max_len} positions: NxDI splits each block into {tiles} "
+                       f"tiles, the smallest power of two >= {BLOCK_TILING_BLOCKS} / blocks "
+                       "per sequence (block_kv_cache_manager.py 55-70), which must divide "
+                       f"it; use a block size that is a multiple of {tiles}, or a longer "
+                       "max_model_len")
 
     @classmethod
     def _validate_speculation(cls, neuron_config: dict) -> None:
@@ -647,6 +830,9 @@ class NxdiBackend(NeuronBackend):
             kwargs["quantization_dtype"] = self.quant.dtype
             kwargs["quantized_checkpoints_path"] = (self._user_checkpoint_path()
                                                     or QUANTIZED_CHECKPOINT_DIR)
+        prefix_buckets = default_prefix_buckets(self.neuron_config)
+        if prefix_buckets is not None:
+            kwargs["prefix_buckets"] = prefix_buckets
         kwargs.pop("lora_config", None)
         lora = self._lora_config()
         if lora is not None:
@@ -702,6 +888,9 @@ class NxdiBackend(NeuronBackend):
         if stored is not None:
             differ = {k: (stored.get(k), self.neuron_config.get(k)) for k in _COMPILED_SHAPE_KEYS
                       if k in stored and stored.get(k) != self.neuron_config.get(k)}
+            theirs, ours = block_kv.of(stored), self.block_layout
+            if theirs != ours:  # the KV cache's blocks: vLLM's block ids index them
+                differ["block KV layout"] = (theirs, ours)
             if differ:
                 raise ValueError(
                     f"NxDI artifacts in {folder} were compiled for another shape "
@@ -854,6 +1043,9 @@ class NxdiBackend(NeuronBackend):
                 kwargs["position_ids"] = F.pad(kwargs["position_ids"], (0, 1))
         if self.architecture == MLLAMA:
             ids = self._mllama_inputs(ids, kwargs, batch.is_prefill)
+        if batch.blocks is not None:
+            # NxDI encodes a context iff the call is wider than one token (and starts at 0)
+            kwargs.update(self._block_inputs(batch.blocks, order, ids.shape[1] > 1))
         output = self.model(ids, **kwargs)
         restore = torch.argsort(order)
         k = self.speculation_length
@@ -885,6 +1077,47 @@ class NxdiBackend(NeuronBackend):
             logits = output.logits[:, -1, : self.vocab_size].to(torch.float32)
             logits = logits.index_select(0, restore)
         return ForwardOutput(tokens=tokens, logits=logits)
+
+    def _block_inputs(self, blocks: BlockInputs, order: torch.Tensor,
+                      context: bool) -> dict[str, torch.Tensor]:
+        """The block layout's inputs as NxDI's forward takes them (model_base.py 3566-3630):
+        ``slot_mapping`` [n, W], ``block_table`` [n, seq_len / block_size] (NxDI pads or cuts
+        it to its bucket), ``full_context_lens`` and ``computed_context_lens`` [n, 1], rows in
+        ``order``.
+
+        A context encoding whose cached prefix NxDI's prefix buckets cannot hold (it asserts)
+        is told of fewer cached blocks (``PrefixBuckets.fit``), and the positions between get
+        slot -1, as NxDI gives the cached tokens it recomputes to fill its prefill bucket
+        (model_wrapper.py 1125): computed again, never written over blocks other sequences
+        share. A token generation's table is padded with -1 past each row's blocks when
+        NxDI's block TKG kernel is on (model_wrapper.py 1139; vllm-neuron's runner does the
+        same)."""
+        bs = self.block_layout.block_size
+        slots = blocks.slot_mapping.index_select(0, order).to(torch.long)
+        table = blocks.block_table.index_select(0, order).to(torch.long)
+        full = blocks.full_context_lens.index_select(0, order).to(torch.long)
+        computed = blocks.computed_context_lens.index_select(0, order).to(torch.long)
+        if context:
+            fitted = [self._prefix_buckets.fit(f, c, bs)
+                      for f, c in zip(full.tolist(), computed.tolist(), strict=True)]
+            shifts = [c - k for c, k in zip(computed.tolist(), fitted, strict=True)]
+            if any(shifts):
+                if not self._refitted:
+                    self._refitted = True
+                    logger.info(
+                        "NxDI: cached prefixes longer than its prefix buckets %s hold are "
+                        "partly computed again; larger prefix_buckets reuse more of them",
+                        list(self._prefix_buckets.prefix[1:]))
+                wide = torch.full((slots.shape[0], slots.shape[1] + max(shifts)), -1,
+                                  dtype=torch.long)
+                for row, shift in enumerate(shifts):
+                    wide[row, shift:shift + slots.shape[1]] = slots[row]
+                slots, computed = wide, torch.tensor(fitted, dtype=torch.long)
+        elif block_tkg_kernel(self.neuron_config):
+            owned = torch.arange(table.shape[1])[None, :] < (-(-full // bs))[:, None]
+            table = torch.where(owned, table, torch.full_like(table, -1))
+        return {"slot_mapping": slots, "block_table": table,
+                "full_context_lens": full[:, None], "computed_context_lens": computed[:, None]}
 
     def _mllama_inputs(self, ids: torch.Tensor, kwargs: dict[str, Any],
                        prefill: bool) -> torch.Tensor:

@@ -57,6 +57,13 @@ COMPILED_SHAPE_FIELDS = (
     "modules_to_not_convert",
     "kv_cache_quant",
     "lora_config",  # the LoRA modules, their slots and ranks are part of the graphs
+    # the block KV layout: the cache's blocks and the [prefill, prefix] buckets
+    "is_block_kv_layout",
+    "is_prefix_caching",
+    "pa_num_blocks",
+    "pa_block_size",
+    "prefix_buckets",
+    "attn_block_tkg_nki_kernel_enabled",
     # fused speculation: the draft's k runs and the target's k-wide pass are traced in
     "speculation_length",
     "enable_fused_speculation",

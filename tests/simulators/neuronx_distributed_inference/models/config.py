@@ -210,6 +210,9 @@ class NeuronConfig:
         self.chunked_prefill_config = kwargs.pop("chunked_prefill_config", None)
         self.kv_quant_config = kwargs.pop("kv_quant_config", None)
         self.is_chunked_prefill = self.chunked_prefill_config is not None  # derived
+        if self.is_chunked_prefill and not self.is_block_kv_layout:  # NxDI asserts it
+            raise AssertionError("is_block_kv_layout has to be true for chunked prefill because "
+                                 "it depends on block KV")
         self.tensor_replacement_config = kwargs.pop("tensor_replacement_config", None)
         self.tensor_capture_config = kwargs.pop("tensor_capture_config", None)
 
@@ -285,6 +288,12 @@ class NeuronConfig:
         self.attn_block_cte_nki_kernel_enabled = kwargs.pop(
             "attn_block_cte_nki_kernel_enabled", False
         )
+        if self.attn_tkg_nki_kernel_enabled or self.attn_tkg_builtin_kernel_enabled:
+            # NxDI's deprecated names turn the block TKG kernel on (config.py 459-467)
+            self.attn_block_tkg_nki_kernel_enabled = True
+        if self.k_cache_transposed and self.is_block_kv_layout:  # NxDI asserts it
+            raise AssertionError("Transposed K cache is not yet supported by block KV cache "
+                                 "feature.")
         self.rmsnorm_quantize_kernel_enabled = kwargs.pop("rmsnorm_quantize_kernel_enabled", False)
         self.quantize_clamp_bound = kwargs.pop("quantize_clamp_bound", float("inf"))
         self.moe_fused_nki_kernel_enabled = kwargs.pop("moe_fused_nki_kernel_enabled", None)
@@ -317,6 +326,22 @@ class NeuronConfig:
         self.switch_cc = kwargs.pop("switch_cc", False)
         self.ep_dispatch_cc_option = kwargs.pop("ep_dispatch_cc_option", "AR_AG")
         _refuse_unknown(type(self).__name__, kwargs)
+        self._validate_batch_bucketing_compatibility()
+
+    def _validate_batch_bucketing_compatibility(self) -> None:
+        """NxDI's (config.py 645-690): batch bucketing refused with the features it lacks
+        (the simulator checks the block layout's)."""
+        if self.token_generation_batches is None:
+            return
+        features = [what for flag, what in (
+            (self.is_prefix_caching, "prefix caching (is_prefix_caching=True)"),
+            (self.is_block_kv_layout, "block KV layout (is_block_kv_layout=True)")) if flag]
+        if features:
+            raise ValueError(
+                f"Batch bucketing (token_generation_batches={self.token_generation_batches}) "
+                f"is not currently supported with the following features: "
+                f"{', '.join(features)}. Please disable batch bucketing or the incompatible "
+                "features.")
 
     def _get_lnc(self, kwargs: dict) -> int:
         """The logical core grouping: the deprecated name, then the current one, else 1

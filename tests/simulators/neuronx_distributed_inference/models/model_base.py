@@ -12,6 +12,25 @@ The forward contract, enforced:
   NxDI's ModelWrapper does: the padding writes junk K/V into the absent lines;
 - a decode row at position p needs its line to hold exactly p tokens, which is
   what a correct runner guarantees (a wrong row-to-seq_id pairing fails here).
+With prefix caching (``is_prefix_caching`` on ``is_block_kv_layout``; NxDI main's rules,
+the method docstrings cite its lines) the KV cache is ``pa_num_blocks + 1`` blocks of
+``pa_block_size`` ([blocks, block_size, kv_heads, head_dim] per layer; slot -1 writes into
+the last), and every call takes ``slot_mapping``, ``block_table``, ``full_context_lens``
+and ``computed_context_lens`` ([n, 1]):
+- a call is a context encoding iff it is wider than one token and its positions start at
+  0, else token generation (a one-token prompt is token generation, as in NxDI);
+- a context encoding runs each prompt (the whole sequence) in NxDI's [prefill, prefix]
+  bucket: the first prefill bucket that holds the uncached tokens, whose free slots
+  recompute cached ones (slot -1: not written again), and the first prefix bucket that
+  holds the cached positions left, read from the blocks through the table; past the largest
+  prefix bucket it is NxDI's bare AssertionError;
+- token generation takes the smallest [1, S] bucket past every computed_context_len,
+  recomputes each row's slot from its position and table (slot_mapping only says which
+  rows are real) and reads the prior positions from the positions, NxDI's way; with the
+  block TKG kernel a table lists a row's blocks, then -1;
+- block ids and slots name the cache's pa_num_blocks blocks (the table is padded or cut to
+  the bucket); outputs are each row's last real token. Attention is computed through the
+  blocks, so a wrong table or slot gives wrong tokens.
 With a ``lora_config`` (multi-LoRA, NxDI's rules; the LoraModelManager has the ids):
 - a context encoding takes one adapter index per row. In dynamic mode, on a call NxDI
   deems context encoding (wider than one token), they are NxDI's global ids, turned
@@ -53,6 +72,7 @@ import math
 import os
 
 import torch
+import torch.nn.functional as F
 from transformers.modeling_outputs import CausalLMOutputWithPast
 
 import neuronx_distributed_inference as sim
@@ -72,6 +92,18 @@ MIN_BUCKET = 128
 # 2.28), 0 in 0.2-0.7. A test sets 0 to simulate an older release.
 ACCEPTANCE_PADDING_TOKEN = -1
 LM_HEAD_PAD = 96  # simulated vocab padding of gathered logits (output_logits)
+# Prefix caching's automatic buckets start here: context encoding's prefill and prefix axes,
+# token generation's S (NxDI's autobucketing.py 186-193, 251-255).
+PREFIX_MIN_BUCKET = 512
+PREFIX_TKG_MIN_BUCKET = 256
+# NxDI tiles each cache block when a sequence has fewer blocks than this and the block TKG
+# kernel is off (block_kv_cache_manager.py 55-70).
+BLOCK_TILING_BLOCKS = 128
+# The narrowest context encoding NxDI's attention runs over a cached prefix as such
+# (attention_base.py 1745-1751: narrower is token generation).
+PREFIX_MIN_PREFILL = 128
+CONTEXT_ENCODING_MODEL_TAG = "context_encoding_model"
+TOKEN_GENERATION_MODEL_TAG = "token_generation_model"
 # Documented tp_degree values: trn2 1,2,4,8,16,32,64; inf2 1,2,4,8,24; trn1 1,2,8,16,32.
 SUPPORTED_TP_DEGREES = frozenset({1, 2, 4, 8, 16, 24, 32, 64})
 # The projections a simulated decoder layer has LoRA modules for (NxDI's leaf names).
@@ -107,6 +139,8 @@ class NeuronBaseForCausalLM(NeuronApplicationBase):
 
     def __init__(self, model_path, config=None, neuron_config=None) -> None:
         super().__init__(model_path, config, neuron_config)
+        if self.neuron_config.is_chunked_prefill:  # NxDI main (SDK 2.28+), model_base.py 3054
+            raise NotImplementedError("Chunked Prefill is not available in NxDI for now")
         self._runtime = None
         self._line_len: list[int] = []
         self._generator = torch.Generator().manual_seed(0)
@@ -128,9 +162,10 @@ class NeuronBaseForCausalLM(NeuronApplicationBase):
         if not nc.is_continuous_batching and nc.batch_size != 1:
             raise NotImplementedError("the simulator models batch_size > 1 only with "
                                       "is_continuous_batching")
-        for feature in ("is_prefix_caching", "is_block_kv_layout", "async_mode"):
-            if getattr(nc, feature):
-                raise NotImplementedError(f"the simulator does not model {feature}")
+        if nc.async_mode:
+            raise NotImplementedError("the simulator does not model async_mode")
+        if nc.is_prefix_caching or nc.is_block_kv_layout:
+            self._sim_check_block_layout()
         self._sim_spec()  # the architecture must be one the simulator computes
         if nc.speculation_length or nc.enable_fused_speculation:
             self._sim_check_speculation()
@@ -298,6 +333,8 @@ class NeuronBaseForCausalLM(NeuronApplicationBase):
 
     def _sim_buckets(self) -> dict:
         nc = self.neuron_config
+        if nc.is_prefix_caching:
+            return self._sim_prefix_caching_buckets()
         if not nc.enable_bucketing:
             return {"context": [nc.max_context_length], "token": [nc.max_length]}
         return {
@@ -326,14 +363,18 @@ class NeuronBaseForCausalLM(NeuronApplicationBase):
         return read_hf_checkpoint(self.config._name_or_path)
 
     def _sim_initialize(self, state_dict) -> None:
-        from vllm_neuronx.backends.cpu.llama import LlamaModel
+        from vllm_neuronx.backends.cpu.llama import BlockKV, LlamaModel
 
         nc = self.neuron_config
         spec = self._sim_spec()
         weights = LlamaModel.convert_hf_weights(spec, state_dict, nc.torch_dtype)
+        # The block layout: pa_num_blocks blocks and NxDI's extra one, where slot -1 writes
+        # (block_kv_cache_manager.py 20-21, 72-77, 305-316).
+        blocks = (BlockKV(nc.pa_num_blocks + 1, nc.pa_block_size) if nc.is_block_kv_layout
+                  else None)
         self._runtime = LlamaModel(
             spec, weights, num_lines=nc.kv_cache_batch_size, max_len=nc.max_length,
-            dtype=nc.torch_dtype,
+            dtype=nc.torch_dtype, blocks=blocks,
         )
         self._buckets = self._sim_buckets()
         # A decode of a line must start at a position in [floor, len] (-1: nothing valid);
@@ -413,11 +454,15 @@ class NeuronBaseForCausalLM(NeuronApplicationBase):
         if not self.is_loaded_to_neuron:
             raise RuntimeError("Forward called before load. Run load() before calling forward")
         for name, value in (("inputs_embeds", inputs_embeds), ("prev_hidden", prev_hidden),
-                            ("medusa_args", medusa_args), ("slot_mapping", slot_mapping),
-                            ("block_table", block_table)):
+                            ("medusa_args", medusa_args)):
             if value is not None:
                 raise NotImplementedError(f"the simulator does not model {name}")
         nc = self.neuron_config
+        block_args = (slot_mapping, block_table, full_context_lens, computed_context_lens)
+        if not nc.is_prefix_caching and any(a is not None for a in block_args):
+            raise ValueError("slot_mapping, block_table and the context lengths are prefix "
+                             "caching's inputs; this model was compiled without it (NxDI "
+                             "would ignore them)")
         if input_ids is None or input_ids.dim() != 2:
             raise ValueError("input_ids must be a [batch, length] tensor")
         n = input_ids.shape[0]
@@ -450,7 +495,10 @@ class NeuronBaseForCausalLM(NeuronApplicationBase):
         if adapter_ids is not None and tuple(adapter_ids.shape) != (n,):
             raise ValueError(f"adapter_ids must be [{n}], got {tuple(adapter_ids.shape)}")
 
-        prefill = int(position_ids.min()) == 0
+        if nc.is_prefix_caching:  # NxDI's rule (model_base.py 3571)
+            prefill = input_ids.shape[-1] > 1 and int(position_ids.min()) == 0
+        else:
+            prefill = int(position_ids.min()) == 0
         record = {
             "phase": "prefill" if prefill else "decode",
             "input_ids": input_ids.clone(),
@@ -460,6 +508,21 @@ class NeuronBaseForCausalLM(NeuronApplicationBase):
             "adapter_ids": None if adapter_ids is None else adapter_ids.clone(),
         }
         sim.SIM_FORWARDS.append(record)
+        if nc.is_prefix_caching:
+            blocks = self._sim_block_args(n, *block_args)
+            record.update({k: v.clone() for k, v in blocks.items()})
+            if prefill:
+                adapters = [None] * n
+                if nc.lora_config is not None:
+                    slots = self._sim_adapter_slots(input_ids, adapter_ids)
+                    record["adapter_slots"] = slots.clone()
+                    adapters = [self._lora_slots[int(s)] for s in slots]
+                logits = self._sim_block_context_encoding(
+                    input_ids, position_ids, lines, adapters, blocks, record)
+            else:
+                logits = self._sim_block_token_generation(
+                    input_ids, position_ids, lines, blocks, record)
+            return self._sim_output(logits, sampling_params)
         if self._draft is not None:
             return self._sim_fused(input_ids, position_ids, lines, sampling_params, record)
         if prefill:
@@ -584,6 +647,264 @@ class NeuronBaseForCausalLM(NeuronApplicationBase):
         for line in set(range(self.neuron_config.batch_size)) - set(lines):
             if self._line_len[line] > first_position:
                 self._line_len[line] = self._line_floor[line] = -1
+
+    # -- prefix caching on the block KV layout ---------------------------------------------------
+    # NxDI main 4bcdc54: models/model_wrapper.py (mw), models/model_base.py (mb),
+    # modules/autobucketing.py (ab), modules/kvcache/block_kv_cache_manager.py (bkv).
+    def _sim_check_block_layout(self) -> None:
+        """What NxDI's prefix caching needs at compile (and would otherwise trace wrong)."""
+        nc = self.neuron_config
+        if not nc.is_block_kv_layout:
+            raise NotImplementedError(
+                "the simulator models prefix caching on the block KV layout only (without "
+                "is_block_kv_layout NxDI keeps its contiguous KV cache, mb 170-171)")
+        if not nc.is_prefix_caching:
+            raise NotImplementedError(
+                "NxDI shapes its block KV cache for prefix caching or chunked prefill only "
+                "(bkv 37-43); the simulator models is_block_kv_layout with is_prefix_caching")
+        if nc.speculation_length or nc.enable_fused_speculation:
+            raise NotImplementedError("the simulator does not model speculation with prefix "
+                                      "caching")
+        bs, blocks = nc.pa_block_size, nc.pa_num_blocks
+        if not (isinstance(bs, int) and bs >= 1 and isinstance(blocks, int) and blocks >= 1):
+            raise ValueError(f"pa_block_size={bs!r} and pa_num_blocks={blocks!r} must be "
+                             "positive integers")
+        spec = self._sim_spec()
+        if spec.sliding_window and spec.sliding_window < nc.max_length:
+            raise NotImplementedError("the simulator does not model a sliding window with "
+                                      "prefix caching")
+        buckets = self._sim_buckets()  # NxDI's TypeError for [0] + prefix_buckets=None
+        for what, axis in (("prefix", [b[1] for b in buckets["context"]]),
+                           ("token generation", [b[1] for b in buckets["token"]])):
+            partial = sorted({b for b in axis if b % bs})
+            if partial:  # the table gets bucket // bs entries, the mask bucket positions
+                raise ValueError(
+                    f"{what} buckets {partial} are not whole blocks of pa_block_size={bs}: "
+                    "their block table (bucket // block_size entries) and attention mask "
+                    "(bucket positions) would not match")
+        narrow = sorted({p for p, x in buckets["context"] if x and p < PREFIX_MIN_PREFILL})
+        if narrow:  # attention_base.py 1745-1751 tells them from token generation by width
+            raise ValueError(
+                f"context encoding buckets {narrow} with a prefix are narrower than "
+                f"{PREFIX_MIN_PREFILL}: NxDI's attention would run them as token generation")
+        per_sequence = -(-nc.max_length // bs)
+        if per_sequence < BLOCK_TILING_BLOCKS and not nc.attn_block_tkg_nki_kernel_enabled:
+            tiles = 2 ** math.ceil(math.log2(BLOCK_TILING_BLOCKS / per_sequence))
+            if bs % tiles:  # bkv 55-70 assumes the tiles divide the block
+                raise ValueError(
+                    f"cannot tile blocks of pa_block_size={bs} into {tiles} (the K/V cache "
+                    f"shape ({blocks + 1}, {tiles}, {bs // tiles}, ...) does not hold them)")
+
+    def _sim_prefix_caching_buckets(self) -> dict:
+        """NxDI's 2-D buckets under prefix caching: context encoding [prefill, prefix] with a
+        0 prefix, token generation [1, S] (ab 149-264)."""
+        nc = self.neuron_config
+
+        def cross(prefill, prefix):
+            return [[p, x] for p in prefill for x in prefix]
+
+        if not nc.enable_bucketing:
+            return {"context": cross([nc.max_context_length], [0, nc.max_context_length]),
+                    "token": [[1, nc.max_length]]}
+        if nc.context_encoding_buckets is not None:
+            context = cross(nc.context_encoding_buckets, [0] + nc.prefix_buckets)
+        else:
+            auto = autobuckets(PREFIX_MIN_BUCKET, nc.max_context_length)
+            context = cross(auto, [0] + auto)
+        token = nc.token_generation_buckets or autobuckets(PREFIX_TKG_MIN_BUCKET, nc.max_length)
+        return {"context": context, "token": [[1, s] for s in token]}
+
+    def _sim_context_bucket(self, queries: int, prefix: int) -> list[int]:
+        """NxDI's get_target_2d_bucket_for_prefix_caching for context encoding (mw 991-1045)."""
+        buckets = self._buckets["context"]
+        prefills = list(dict.fromkeys(b[0] for b in buckets))
+        prefixes = list(dict.fromkeys(b[1] for b in buckets))
+        if 256 < queries + prefix <= 512:  # its corner case: recompute all in [512, 0]
+            for b in buckets:
+                if b == [512, 0]:
+                    return b
+        index = next((i for i, b in enumerate(prefills) if queries <= b), len(prefills))
+        if index == len(prefills):
+            raise ValueError(f"Prefill len {queries} exceeds largest bucket ({prefills[-1]}) "
+                             f"for {CONTEXT_ENCODING_MODEL_TAG}")
+        rest = max(0, prefix - max(0, prefills[index] - queries))
+        cached = next((i for i, b in enumerate(prefixes) if rest <= b), len(prefixes))
+        if cached == len(prefixes):  # a bare assert in NxDI (mw 1043)
+            raise AssertionError(f"Prefix len {rest} exceeds largest bucket {prefixes[-1]} "
+                                 f"for {CONTEXT_ENCODING_MODEL_TAG}")
+        return buckets[index * len(prefixes) + cached]
+
+    def _sim_block_args(self, n, slot_mapping, block_table, full, computed) -> dict:
+        """The block layout's inputs, in the shapes NxDI's forward takes (mb 3566-3630)."""
+        named = {"slot_mapping": slot_mapping, "block_table": block_table,
+                 "full_context_lens": full, "computed_context_lens": computed}
+        missing = [k for k, v in named.items() if v is None]
+        if missing:  # NxDI: full_context_lens - computed_context_lens, then the graph inputs
+            raise TypeError(f"prefix caching needs {missing} on every call (NxDI computes "
+                            "num_queries = full_context_lens - computed_context_lens)")
+        for name, t in named.items():
+            if not torch.is_tensor(t) or t.dim() != 2 or t.shape[0] != n or \
+                    t.dtype.is_floating_point or t.dtype == torch.bool:
+                raise ValueError(f"{name} must be a [{n}, width] integer tensor, got "
+                                 f"{getattr(t, 'shape', t)} {getattr(t, 'dtype', '')}")
+        for name in ("full_context_lens", "computed_context_lens"):
+            if named[name].shape[1] != 1:
+                raise ValueError(f"{name} must be [{n}, 1] (NxDI reads num_queries' shape as "
+                                 f"(batch, 1)), got {list(named[name].shape)}")
+        return {k: v.to(torch.long) for k, v in named.items()}
+
+    def _sim_check_blocks(self, ids: torch.Tensor, what: str) -> None:
+        """Block ids must name the cache's pa_num_blocks blocks (not NxDI's extra one)."""
+        blocks = self.neuron_config.pa_num_blocks
+        if ids.numel() and (int(ids.min()) < 0 or int(ids.max()) >= blocks):
+            raise IndexError(f"{what} {ids.tolist()} reach outside the KV cache's "
+                             f"pa_num_blocks={blocks} blocks")
+
+    def _sim_block_context_encoding(self, input_ids, position_ids, lines, adapters, blocks,
+                                    record) -> torch.Tensor:
+        """NxDI's context encoding with prefix caching: one prompt per run (ctx batch 1; with
+        several rows each is re-padded from its positions, mw 1297-1313, 1343-1381), in its
+        [prefill, prefix] bucket; free prefill slots recompute cached tokens, whose slots are
+        -1 (mw 1108-1131)."""
+        from vllm_neuronx.backends.cpu.lora import LoraStep
+
+        nc = self.neuron_config
+        bs, pad_id = nc.pa_block_size, getattr(self.config, "pad_token_id", 0) or 0
+        n = input_ids.shape[0]
+        out, chosen = [], []
+        for row in range(n):
+            ids, pos = input_ids[row], position_ids[row]
+            length = int(pos.max()) + 1
+            if not (torch.equal(pos[:length], torch.arange(length, dtype=pos.dtype))
+                    and bool(torch.all(pos[length:] == 0))):
+                raise ValueError(
+                    f"prefill row {row} has positions {pos.tolist()}: NxDI's context encoding "
+                    "takes the whole sequence, 0..len-1 then 0 padding")
+            if n > 1:  # vllm_cte_repadding cuts each row at max(position_ids) + 1
+                ids, pos = ids[:length], pos[:length]
+            full = int(blocks["full_context_lens"][row, 0])
+            computed = int(blocks["computed_context_lens"][row, 0])
+            if full != length or not 0 <= computed < full:
+                raise ValueError(
+                    f"prefill row {row}: full_context_lens={full} and computed_context_lens="
+                    f"{computed} for a sequence of {length} positions (NxDI picks the bucket "
+                    "from them and gathers the output at the last position)")
+            queries = full - computed
+            prefill, prefix = self._sim_context_bucket(queries, computed)
+            chosen.append([prefill, prefix])
+            start = max(0, computed - (prefill - queries))  # cached tokens recomputed from here
+            act_ids = F.pad(ids[start:], (0, prefill - (ids.shape[0] - start)), value=pad_id)
+            act_pos = F.pad(pos[start:], (0, prefill - (pos.shape[0] - start)), value=1)
+            slots = F.pad(blocks["slot_mapping"][row:row + 1], (computed - start, 0), value=-1)
+            slots = F.pad(slots, (0, prefill - slots.shape[1]), value=-1)
+            table, visible = None, None
+            if prefix:
+                table = F.pad(blocks["block_table"][row:row + 1],
+                              (0, prefix // bs - blocks["block_table"].shape[1]))
+                self._sim_check_blocks(table, "block_table entries")
+                visible = (torch.arange(prefix) < start)[None, :]  # the prefix's mask
+            adapter = adapters[row]
+            lora = None if adapter is None else LoraStep([(adapter, None)])
+            hidden = self._sim_block_pass(act_ids[None], act_pos[None], slots, table, visible,
+                                          lora)
+            out.append(self._runtime.logits(hidden[:, length - 1 - start]))
+            if self._line_adapter:
+                self._line_adapter[lines[row]] = adapter  # NxDI copies it into the seq_id's row
+        record["buckets"] = chosen
+        return torch.cat(out)
+
+    def _sim_block_token_generation(self, input_ids, position_ids, lines, blocks,
+                                    record) -> torch.Tensor:
+        """NxDI's token generation with prefix caching: the smallest [1, S] bucket with S past
+        every computed_context_len (mw 964-991), the table padded or cut to S / block_size
+        entries (mw 1133-1143), each row's slot recomputed in the graph from its position and
+        table, slot_mapping only saying which rows are real (mb 763-774, bkv 376-399), and
+        the prior mask from the positions (mb 3485-3504)."""
+        nc = self.neuron_config
+        bs = nc.pa_block_size
+        m = input_ids.shape[0]
+        if input_ids.shape[1] != 1:
+            raise ValueError(f"token generation takes one token per row ([m, 1]); got width "
+                             f"{input_ids.shape[1]} with positions not starting at 0")
+        full, computed = blocks["full_context_lens"][:, 0], blocks["computed_context_lens"][:, 0]
+        pos = position_ids[:, 0].to(torch.long)
+        if int((full - computed).max()) > 1:
+            raise ValueError(f"Input len {(full - computed).tolist()} exceeds largest bucket "
+                             f"(1) for {TOKEN_GENERATION_MODEL_TAG}")
+        if not (torch.equal(full, pos + 1) and torch.equal(computed, pos)):
+            # NxDI takes the bucket from computed_context_lens and the mask from the positions
+            raise ValueError(
+                f"token generation rows at positions {pos.tolist()} have full_context_lens "
+                f"{full.tolist()} and computed_context_lens {computed.tolist()} (position + 1 "
+                "and position)")
+        bucket = next((s for _, s in self._buckets["token"] if s > int(computed.max())), None)
+        if bucket is None:
+            raise ValueError(f"Input len {computed.tolist()} exceeds largest bucket "
+                             f"({self._buckets['token'][-1][1]}) for "
+                             f"{TOKEN_GENERATION_MODEL_TAG}")
+        record["buckets"] = [[1, bucket]]
+        width = bucket // bs
+        kernel = nc.attn_block_tkg_nki_kernel_enabled
+        table = blocks["block_table"]
+        table = F.pad(table, (0, width - table.shape[1]), value=-1 if kernel else 0)
+        if bool((pos // bs >= width).any()):
+            raise IndexError(f"positions {pos.tolist()} need block-table entries past the "
+                             f"{width} of bucket {bucket}")
+        owned = torch.arange(width)[None, :] <= (pos // bs)[:, None]
+        if kernel:  # the block TKG kernel reads each row's table up to its first -1
+            if bool((table[~owned] != -1).any()) or bool((table[owned] < 0).any()):
+                raise ValueError(
+                    f"with attn_block_tkg_nki_kernel_enabled a token generation's block table "
+                    f"lists each row's blocks, then -1; got {table.tolist()}")
+            self._sim_check_blocks(table[owned], "block_table entries")
+            table = torch.where(owned, table, torch.zeros_like(table))  # masked past pos
+        else:
+            self._sim_check_blocks(table, "block_table entries")
+        current = table[torch.arange(m), pos // bs]
+        slots = torch.where(blocks["slot_mapping"][:, :1] >= 0,
+                            (current * bs + pos % bs)[:, None], torch.full((m, 1), -1))
+        visible = torch.arange(bucket)[None, :] < pos[:, None]
+        hidden = self._sim_block_pass(input_ids.to(torch.long), pos[:, None], slots, table,
+                                      visible, self._sim_bound(lines))
+        return self._runtime.logits(hidden[:, 0])
+
+    def _sim_block_pass(self, ids, pos, slots, table, prior_visible, lora) -> torch.Tensor:
+        """One graph run on the block layout, NxDI's attention: each query attends to the
+        prior, the cache read through ``table`` ([b, k] block ids: bkv 150-181) where
+        ``prior_visible`` ([b, k * block_size]), and causally to the call's own tokens; the
+        call's K/V are then written at ``slots`` ([b, t]; -1 goes to the extra block past
+        pa_num_blocks, bkv 305-316). Returns the last hidden states [b, t, hidden]."""
+        nc = self.neuron_config
+        rt, s = self._runtime, self._runtime.spec
+        bs = nc.pa_block_size
+        b, t = ids.shape
+        real = slots[slots >= 0]
+        if real.numel() and int(real.max()) >= nc.pa_num_blocks * bs:
+            raise IndexError(f"slot_mapping {slots.tolist()} reaches past the KV cache's "
+                             f"pa_num_blocks={nc.pa_num_blocks} blocks of {bs}")
+        dest = torch.where(slots >= 0, slots, nc.pa_num_blocks * bs).reshape(-1)
+        x = rt.embed(ids)
+        cos, sin = rt.cos[pos][:, None], rt.sin[pos][:, None]
+        active = torch.ones(t, t, dtype=torch.bool).tril()[None].expand(b, t, t)
+        mask = active if table is None else torch.cat(
+            [prior_visible[:, None, :].expand(b, t, -1), active], dim=-1)
+
+        def attend(i, q, k, v):
+            keys, values = k, v
+            if table is not None:  # [b, k, bs, kv_heads, d] -> [b, kv_heads, k * bs, d]
+                keys = torch.cat([rt.k_cache[i][table].flatten(1, 2).transpose(1, 2), k], 2)
+                values = torch.cat([rt.v_cache[i][table].flatten(1, 2).transpose(1, 2), v], 2)
+            out = F.scaled_dot_product_attention(q, keys, values, attn_mask=mask[:, None],
+                                                 scale=rt.scale, enable_gqa=True)
+            # NxDI updates the cache after attending (the prior is the cache before the call)
+            flat_k = rt.k_cache[i].view(-1, s.num_kv_heads, s.head_dim)
+            flat_v = rt.v_cache[i].view(-1, s.num_kv_heads, s.head_dim)
+            flat_k[dest] = k.transpose(1, 2).reshape(-1, s.num_kv_heads, s.head_dim)
+            flat_v[dest] = v.transpose(1, 2).reshape(-1, s.num_kv_heads, s.head_dim)
+            return out
+
+        with torch.inference_mode():
+            return rt._layers(x, cos, sin, attend, lora, None)
 
     # -- fused speculation ------------------------------------------------------------------
     def _sim_fused(self, input_ids, position_ids, lines, sampling_params, record):
