@@ -594,7 +594,7 @@ class LlamaModel:
         s, bs = self.spec, self.blocks.block_size
         n, t = input_ids.shape
         span = round_up(int(positions.max()) + 1, ATTEND_STEP)
-        width = -(-span // bs)  # the table's blocks that hold a visible position
+        width = min(-(-span // bs), block_table.shape[1])  # blocks with a visible position
         table = block_table[:, :width]
         x = self.embed(input_ids)
         cos, sin = self.cos[positions][:, None], self.sin[positions][:, None]  # [n, 1, t, d]
@@ -604,15 +604,23 @@ class LlamaModel:
         slots = slot_mapping[real]
 
         def attend(i, q, k, v):
+            # Indexed through byte views where the cache is fp8: torch's CPU indexing takes
+            # no float8 (the bytes move unchanged).
+            k_cache, v_cache = self.k_cache[i], self.v_cache[i]
+            if self.kv_fp8:
+                k_cache, v_cache = k_cache.view(torch.uint8), v_cache.view(torch.uint8)
             # k, v [n, kv_heads, t, d] -> the cache's [blocks * block_size, kv_heads, d]
-            flat_k = self.k_cache[i].view(-1, s.num_kv_heads, s.head_dim)
-            flat_v = self.v_cache[i].view(-1, s.num_kv_heads, s.head_dim)
-            flat_k[slots] = self._stored(k.transpose(1, 2)[real])
-            flat_v[slots] = self._stored(v.transpose(1, 2)[real])
+            for cache, new in ((k_cache, k), (v_cache, v)):
+                stored = self._stored(new.transpose(1, 2)[real])
+                cache.view(-1, s.num_kv_heads, s.head_dim)[slots] = \
+                    stored.view(torch.uint8) if self.kv_fp8 else stored
             # [n, width, bs, kv_heads, d] -> [n, kv_heads, width * bs, d]
-            keys = self.k_cache[i][table].flatten(1, 2).transpose(1, 2).to(self.dtype)
-            values = self.v_cache[i][table].flatten(1, 2).transpose(1, 2).to(self.dtype)
+            keys, values = (cache[table].flatten(1, 2).transpose(1, 2)
+                            for cache in (k_cache, v_cache))
+            if self.kv_fp8:
+                keys, values = keys.view(FP8_DTYPE), values.view(FP8_DTYPE)
             return F.scaled_dot_product_attention(
-                q, keys, values, attn_mask=visible[:, None], scale=self.scale, enable_gqa=True)
+                q, keys.to(self.dtype), values.to(self.dtype), attn_mask=visible[:, None],
+                scale=self.scale, enable_gqa=True)
 
         return self._layers(x, cos, sin, attend, lora, None)
