@@ -18,6 +18,10 @@ into decode_step.c), or on the torch path where the native step does not run.
 With a draft (vLLM's speculative_config) a decode call is NxDI's fused speculation step
 (speculation.py): a draft model, converted beside the target's weights and run natively
 too, or an EAGLE head (eagle.py) proposes, the target verifies in one multi-token step.
+With the block KV layout (prefix caching: block_kv.py) the cache is vLLM's blocks,
+``[pa_num_blocks, pa_block_size, kv_heads, head_dim]`` per layer, and every step is the
+layout's one graph (llama.py's ``block_rows``, natively ``NativeStep.rows``): a prefill
+computes each sequence past its cached prefix only.
 """
 
 from __future__ import annotations
@@ -39,6 +43,7 @@ from vllm_neuronx.backends.cpu import speculation as cpu_spec
 from vllm_neuronx.backends.cpu.llama import (
     ATTEND_STEP,
     SUPPORTED_ARCHITECTURES,
+    BlockKV,
     LlamaModel,
     LlamaSpec,
     round_up,
@@ -161,6 +166,9 @@ class CpuBackend(NeuronBackend):
         self.speculation: cpu_spec.FusedSpeculation | None = None
         if draft is not None:
             cpu_spec.check_draft(draft, self.spec)
+            if self.block_layout is not None:
+                raise ValueError("fused speculation runs on KV lines, not on the block KV "
+                                 "layout (prefix caching)")
 
     @classmethod
     def version(cls) -> str:
@@ -309,6 +317,7 @@ class CpuBackend(NeuronBackend):
             weights = to_dtype({n: w.dequantize() if isinstance(w, QuantizedWeight) else w
                                 for n, w in weights.items()}, self.dtype)
         cfg = self.neuron_config
+        layout = self.block_layout
         model = LlamaModel(
             spec,
             weights,
@@ -319,6 +328,7 @@ class CpuBackend(NeuronBackend):
             zeros=memory.huge_page_zeros,
             kv_fp8=self.quant.kv_fp8,
             kv=kv,
+            blocks=None if layout is None else BlockKV(layout.num_blocks, layout.block_size),
         )
         native = NativeStep.for_model(model, matmul) if matmul is not None else None
         memory.drop_pages(mapped)  # a tied head was packed (or widened) from all of it
@@ -369,6 +379,8 @@ class CpuBackend(NeuronBackend):
         """Prompts are checked against the context buckets as on a device, but
         computed only as wide as the longest one (right padding under a causal
         mask cannot change the real positions), not as wide as its bucket."""
+        if batch.blocks is not None:
+            return self._block_step(batch)
         wanted = batch.prompt_logits
         rows = [] if wanted is None else wanted.nonzero().flatten().tolist()
         lengths = batch.position_ids.max(dim=1).values + 1
@@ -404,6 +416,8 @@ class CpuBackend(NeuronBackend):
         seq_ids = batch.seq_ids
         if not bool(torch.all(seq_ids[1:] > seq_ids[:-1])):
             raise ValueError("decode seq_ids must be sorted ascending and unique")
+        if batch.blocks is not None:
+            return self._block_step(batch)
         lora = self.adapters.bound(seq_ids) if self.adapters is not None else None
         if self.speculation is not None:
             return self.speculation.decode(batch, lora)
@@ -416,6 +430,68 @@ class CpuBackend(NeuronBackend):
         if logits is None:
             logits = self.model.token_generate(ids, positions, seq_ids, bucket, lora)
         return self._sampled(logits, batch)
+
+    def chunked(self, batch: Batch) -> ForwardOutput:
+        return self._block_step(batch)
+
+    def _block_step(self, batch: Batch) -> ForwardOutput:
+        """A step on the block layout: each sequence's positions past its cached prefix
+        (``computed_context_lens``; a decode row's one, a chunked step's chunk), written at
+        its slots and attending through its block table, natively where the step is small
+        enough (as ``prefill`` decides) or on the torch graph."""
+        b = batch.blocks
+        full, computed = b.full_context_lens.tolist(), b.computed_context_lens.tolist()
+        if not batch.chunked:
+            buckets = self.context_buckets if batch.is_prefill else self.token_buckets
+            nc.pick_bucket(buckets, max(full) - (0 if batch.is_prefill else 1))
+        wanted = batch.prompt_logits
+        prompt_rows = [] if wanted is None else wanted.nonzero().flatten().tolist()
+        if any(computed[r] for r in prompt_rows):
+            raise ValueError("prompt logits need the whole prompt computed: vLLM reads no "
+                             "cached prefix for requests with prompt_logprobs")
+        n, counts = batch.size, [f - c for f, c in zip(full, computed, strict=True)]
+        width = max(counts)
+        ids = torch.zeros((n, width), dtype=torch.long)
+        positions = torch.zeros((n, width), dtype=torch.long)
+        slots = torch.full((n, width), -1, dtype=torch.long)
+        first = 0  # a chunked step's tokens: sequence after sequence in row 0
+        for r, (f, c) in enumerate(zip(full, computed, strict=True)):
+            if batch.chunked:
+                ids[r, :f - c] = batch.input_ids[0, first:first + f - c]
+                slots[r, :f - c] = b.slot_mapping[0, first:first + f - c]
+                first += f - c
+            else:
+                ids[r, :f - c] = batch.input_ids[r, c:f] if batch.is_prefill else \
+                    batch.input_ids[r]
+                slots[r, :f - c] = b.slot_mapping[r, :f - c]
+            positions[r, :f - c] = torch.arange(c, f)
+            positions[r, f - c:] = f - 1  # padding attends where the row's last token does
+        table = b.block_table.to(torch.int64).contiguous()
+        if self.adapters is not None:
+            lora = (self.adapters.bind(batch.seq_ids, batch.adapter_ids) if batch.is_prefill
+                    else self.adapters.bound(batch.seq_ids))
+        elif batch.adapter_ids is not None:
+            raise ValueError("adapter_ids given to a backend without LoRA (init_lora)")
+        else:
+            lora = None
+        native = self.native
+        tokens = sum(counts)
+        if native is not None and not prompt_rows and (lora is None or lora.slots is not None) \
+                and (native.split_prefills or tokens < native.prefill_rows):
+            real = torch.arange(width)[None, :] < torch.tensor(counts)[:, None]
+            row_of = torch.arange(n)[:, None].expand(n, width)[real]
+            logits, _, _ = native.rows(
+                ids[real], positions[real], row_of,
+                out_rows=torch.tensor(counts).cumsum(0) - 1,
+                slots=None if lora is None else lora.slots[row_of], block_table=table)
+            return self._sampled(logits, batch)
+        hidden = self.model.block_rows(ids, positions, table, slots, lora)
+        last = hidden[torch.arange(n), torch.tensor(counts) - 1]
+        prompt = None
+        if wanted is not None:
+            prompt = [self.model.logits(hidden[r, :counts[r]]) if r in prompt_rows else None
+                      for r in range(n)]
+        return self._sampled(self.model.logits(last), batch, prompt)
 
     def _sampled(self, logits, batch: Batch, prompt=None) -> ForwardOutput:
         """The step's logits, and the tokens sampled from them "on the device"."""

@@ -12,7 +12,9 @@
  * RMSNorm, rotary as x*cos + rotate_half(x)*sin, softmax attention over each row's
  * own positions (and its sliding window), SiLU(gate)*up; the matmuls are
  * matmul.c's over bf16, int8 or fp8 weights. The KV cache is fp32, or e4m3fn bytes
- * (kv_cache_quant: each K/V value rounded as torch casts it, widened when read). Of the families' variations it handles biases on
+ * (kv_cache_quant: each K/V value rounded as torch casts it, widened when read), in lines
+ * of max_len positions or in blocks read through a block table (Model's block_size: the
+ * prefix-cached, chunked layout). Of the families' variations it handles biases on
  * q, k and v (Qwen2), the per-head RMSNorm of queries and keys (Qwen3) and experts
  * (Mixtral, Qwen3-MoE: llama.py's routing, experts added in index order); models with
  * other biases take the torch path. Rows may run LoRA adapters (lora.py's deltas on the
@@ -91,10 +93,23 @@ static void norm_head(float *v, const float *w, int d, float eps) {
         v[j] = w[j] * (v[j] * inv);
 }
 
+/* Where a KV head's values for ``pos`` start in the cache: in the row's line, or (block
+ * layout) in the block its table row gives ``pos``. */
+static long kv_at(const Model *md, long line, int kvh, long pos, const long *block_table,
+                  int table_width) {
+    int d = md->head_dim;
+    if (md->block_size == 0)
+        return ((line * md->kv_heads + kvh) * md->max_len + pos) * d;
+    long block = block_table[line * table_width + pos / md->block_size];
+    return ((block * md->block_size + pos % md->block_size) * md->kv_heads + kvh) * d;
+}
+
 /* Each query and key head in place: its bias, its norm and the rotary; the key and
- * value heads into the KV cache at (line, head, position). */
+ * value heads into the KV cache at (line, head, position), or at (the block of the
+ * position in the row's table, offset, head). */
 static void rotate_and_store(const Model *md, const Layer *ly, float *qkv, int m,
-                             const long *pos, const long *line) {
+                             const long *pos, const long *line, const long *block_table,
+                             int table_width) {
     int d = md->head_dim, half = d / 2, heads = md->heads + md->kv_heads, w = qkv_width(md);
     long v_offset = (long)md->kv_heads * d;  /* from a key head to its value head */
 #pragma omp for schedule(static)
@@ -117,7 +132,7 @@ static void rotate_and_store(const Model *md, const Layer *ly, float *qkv, int m
         }
         if (h >= md->heads) {
             int kvh = h - md->heads;
-            long at = ((line[r] * md->kv_heads + kvh) * md->max_len + pos[r]) * d;
+            long at = kv_at(md, line[r], kvh, pos[r], block_table, table_width);
             if (md->kv_fp8) {
                 for (int j = 0; j < d; j++) {
                     ((uint8_t *)ly->k_cache)[at + j] = fp8_from_float(v[j]);
@@ -147,12 +162,27 @@ dot_key(const float *q, const void *keys, long at, int d, int fp8) {
     return vsum(acc) * FP8_UNIT;
 }
 
+/* Blocked attention: positions this far ahead are prefetched (blocks are scattered, so
+ * the hardware prefetcher loses the stream at each block's end). */
+#define KV_AHEAD 8
+
+/* The cache lines of the head of ``bytes`` at ``p`` into L1. */
+static inline __attribute__((always_inline)) void prefetch_head(const char *p, int bytes) {
+    for (int b = 0; b < bytes; b += 64)
+        _mm_prefetch(p + b, _MM_HINT_T0);
+}
+
 /* One query head over positions [first, last] of its KV head: softmax(q . K^T * scale) . V.
  * Inlined with a constant ``d`` (64, 128) and cache format so the output stays in
- * registers. An fp8 cache's head_dim is a multiple of VW (checked in native.py). */
+ * registers. An fp8 cache's head_dim is a multiple of VW (checked in native.py).
+ * ``blocked`` (a constant too): the positions are in blocks of ``block_size`` through
+ * ``table`` (the row's block table), ``stride`` apart within a block (kv_heads * d); each
+ * chunk's offsets are found once, walking (block, offset) without a division per position.
+ * Otherwise positions are d apart from ``keys`` and ``values`` (the line's). */
 static inline __attribute__((always_inline)) void
 attend_head(const float *q, const void *keys, const void *values, float *out, long first,
-            long last, float scale, const int d, const int fp8) {
+            long last, float scale, const int d, const int fp8, const long *table,
+            int block_size, long stride, const int blocked) {
     vec acc[256 / VW];  /* d <= 256 */
     int vectors = (d + VW - 1) / VW;
     for (int v = 0; v < vectors; v++)
@@ -161,8 +191,25 @@ attend_head(const float *q, const void *keys, const void *values, float *out, lo
     for (long c0 = first; c0 <= last; c0 += CHUNK) {
         int len = last - c0 + 1 < CHUNK ? (int)(last - c0 + 1) : CHUNK;
         float chunk_top = -INFINITY;
+        long offsets[CHUNK];  /* blocked: each position's, from keys and values */
+        if (blocked) {
+            long block = c0 / block_size;
+            int in_block = (int)(c0 % block_size);
+            long start = table[block] * block_size;
+            for (int j = 0; j < len; j++, in_block++) {
+                if (in_block == block_size) {  /* the next block (read only if needed) */
+                    in_block = 0;
+                    start = table[++block] * block_size;
+                }
+                offsets[j] = (start + in_block) * stride;
+            }
+        }
         for (int j = 0; j < len; j++) {
-            s[j] = dot_key(q, keys, (c0 + j) * d, d, fp8) * scale;
+            if (blocked && j + KV_AHEAD < len)
+                prefetch_head(fp8 ? (const char *)keys + offsets[j + KV_AHEAD]
+                                  : (const char *)((const float *)keys + offsets[j + KV_AHEAD]),
+                              fp8 ? d : 4 * d);
+            s[j] = dot_key(q, keys, blocked ? offsets[j] : (c0 + j) * d, d, fp8) * scale;
             chunk_top = s[j] > chunk_top ? s[j] : chunk_top;
         }
         if (chunk_top > top) {
@@ -175,7 +222,11 @@ attend_head(const float *q, const void *keys, const void *values, float *out, lo
         for (int j = 0; j < len; j++) {
             float p = expf(s[j] - top);
             total += p;
-            long at = (c0 + j) * d;
+            long at = blocked ? offsets[j] : (c0 + j) * d;
+            if (blocked && j + KV_AHEAD < len)
+                prefetch_head(fp8 ? (const char *)values + offsets[j + KV_AHEAD]
+                                  : (const char *)((const float *)values + offsets[j + KV_AHEAD]),
+                              fp8 ? d : 4 * d);
             vec pb = vset1(p);
             for (int v = 0; v < vectors; v++)
                 acc[v] = vfma(pb, fp8 ? vwiden_fp8((const uint8_t *)values + at + VW * v)
@@ -188,36 +239,58 @@ attend_head(const float *q, const void *keys, const void *values, float *out, lo
         vstore_n(out + VW * v, vmul(acc[v], inv), d - VW * v);
 }
 
-/* Each (row, query head) over the row's own positions (and its sliding window). */
-static void attend(const Model *md, const Layer *ly, const float *qkv, float *out, int m,
-                   const long *pos, const long *line) {
+/* Each (row, query head) over the row's own positions (and its sliding window); inlined
+ * once per layout (``blocked``, a constant), so the lines' loop is what it was. */
+static inline __attribute__((always_inline)) void
+attend_rows(const Model *md, const Layer *ly, const float *qkv, float *out, int m,
+            const long *pos, const long *line, const long *block_table, int table_width,
+            const int blocked) {
     int d = md->head_dim, w = qkv_width(md), group = md->heads / md->kv_heads;
+    int bs = md->block_size;
+    long stride = (long)md->kv_heads * d;  /* blocked: from a position to the next */
 #pragma omp for schedule(static)
     for (int item = 0; item < m * md->heads; item++) {
         int r = item / md->heads, h = item % md->heads;
         long last = pos[r];
         long first = md->window > 0 && last - md->window + 1 > 0 ? last - md->window + 1 : 0;
-        long base = (line[r] * md->kv_heads + h / group) * (long)md->max_len * d;
+        long base = blocked ? (long)(h / group) * d
+                            : (line[r] * md->kv_heads + h / group) * (long)md->max_len * d;
+        const long *table = blocked ? block_table + line[r] * table_width : NULL;
         const float *q = qkv + (long)r * w + (long)h * d;
         float *o = out + (long)r * md->heads * d + (long)h * d;
         if (md->kv_fp8) {
             const uint8_t *keys = (const uint8_t *)ly->k_cache + base;
             const uint8_t *values = (const uint8_t *)ly->v_cache + base;
             switch (d) {
-            case 64: attend_head(q, keys, values, o, first, last, md->scale, 64, 1); break;
-            case 128: attend_head(q, keys, values, o, first, last, md->scale, 128, 1); break;
-            default: attend_head(q, keys, values, o, first, last, md->scale, d, 1); break;
+            case 64: attend_head(q, keys, values, o, first, last, md->scale, 64, 1, table, bs,
+                                 stride, blocked); break;
+            case 128: attend_head(q, keys, values, o, first, last, md->scale, 128, 1, table, bs,
+                                  stride, blocked); break;
+            default: attend_head(q, keys, values, o, first, last, md->scale, d, 1, table, bs,
+                                 stride, blocked); break;
             }
             continue;
         }
         const float *keys = (const float *)ly->k_cache + base;
         const float *values = (const float *)ly->v_cache + base;
         switch (d) {
-        case 64: attend_head(q, keys, values, o, first, last, md->scale, 64, 0); break;
-        case 128: attend_head(q, keys, values, o, first, last, md->scale, 128, 0); break;
-        default: attend_head(q, keys, values, o, first, last, md->scale, d, 0); break;
+        case 64: attend_head(q, keys, values, o, first, last, md->scale, 64, 0, table, bs,
+                             stride, blocked); break;
+        case 128: attend_head(q, keys, values, o, first, last, md->scale, 128, 0, table, bs,
+                              stride, blocked); break;
+        default: attend_head(q, keys, values, o, first, last, md->scale, d, 0, table, bs,
+                             stride, blocked); break;
         }
     }
+}
+
+static void attend(const Model *md, const Layer *ly, const float *qkv, float *out, int m,
+                   const long *pos, const long *line, const long *block_table,
+                   int table_width) {
+    if (md->block_size > 0)
+        attend_rows(md, ly, qkv, out, m, pos, line, block_table, table_width, 1);
+    else
+        attend_rows(md, ly, qkv, out, m, pos, line, NULL, 0, 0);
 }
 
 static void silu_times_up(const float *gate_up, float *out, int m, int n) {
@@ -452,14 +525,18 @@ static void lora_expand_rows(const Lora *table, const LoraGroup *groups, int n_g
  * out. pos and line: each row's position and KV line. Rows may share a line: every row's
  * K/V is stored before any row attends, so the rows of one prompt at positions 0..n-1 are
  * its prefill, and k rows of one line at p..p+k-1 a speculation's verify pass.
+ * block_table [lines, table_width]: with the block layout (md->block_size > 0), each
+ * sequence's blocks, ``line`` then a row's sequence in it; NULL otherwise. Native code
+ * trusts it: native.py checks every entry and position first.
  * row_slot: each row's adapter slot (0: the base model), or NULL (every row's base).
  * logits [n_out, vocab]: of rows out_rows[0..n_out) (each row, in order, when NULL);
  * n_out 0: no logits (a draft's step that only fills its KV).
  * aux_out [m, n_aux, hidden]: each row's hidden state entering layers aux_layers[0..n_aux)
  * (EAGLE3's features: vLLM's aux_hidden_states), or NULL with n_aux 0. */
 void decode_step(const Model *md, float *x, int m, const long *pos, const long *line,
-                 const int *row_slot, const long *out_rows, int n_out, float *scratch,
-                 float *logits, const int *aux_layers, int n_aux, float *aux_out) {
+                 const long *block_table, int table_width, const int *row_slot,
+                 const long *out_rows, int n_out, float *scratch, float *logits,
+                 const int *aux_layers, int n_aux, float *aux_out) {
     int hidden = md->hidden, inter = md->intermediate, q_size = md->heads * md->head_dim;
     float *h = scratch, *picked = h + (long)m * hidden, *qkv = picked + (long)m * hidden;
     float *att = qkv + (long)m * qkv_width(md);
@@ -490,8 +567,8 @@ void decode_step(const Model *md, float *x, int m, const long *pos, const long *
             lora_shrink_rows(ly->lora_qkv, groups, n_groups, h, hidden, t, rt);
             matmul_team(h, ly->qkv, qkv, m, 0);
             lora_expand_rows(ly->lora_qkv, groups, n_groups, t, rt, qkv, ly->qkv->n);
-            rotate_and_store(md, ly, qkv, m, pos, line);
-            attend(md, ly, qkv, att, m, pos, line);
+            rotate_and_store(md, ly, qkv, m, pos, line, block_table, table_width);
+            attend(md, ly, qkv, att, m, pos, line, block_table, table_width);
             lora_shrink_rows(ly->lora_o, groups, n_groups, att, q_size, t, rt);
             matmul_team(att, ly->o, x, m, 1);
             lora_expand_rows(ly->lora_o, groups, n_groups, t, rt, x, hidden);

@@ -44,7 +44,8 @@ enum { WEIGHT_BF16 = 0, WEIGHT_INT8 = 1, WEIGHT_FP8 = 2 };
     X(const struct Weight *, o)                                                           \
     X(const struct Weight *, gate_up)                                                     \
     X(const struct Weight *, down)                                                        \
-    X(void *, k_cache)             /* [lines, kv_heads, max_len, head_dim] fp32 or fp8 */ \
+    X(void *, k_cache)             /* [lines, kv_heads, max_len, head_dim] or [blocks, */ \
+                                   /* block_size, kv_heads, head_dim]; fp32 or fp8 */     \
     X(void *, v_cache)                                                                    \
     X(const float *, qkv_bias)     /* [q + k + v widths], or NULL (Qwen2) */              \
     X(const float *, q_norm)       /* [head_dim] per-head RMSNorm weights, or NULL */     \
@@ -63,6 +64,8 @@ enum { WEIGHT_BF16 = 0, WEIGHT_INT8 = 1, WEIGHT_FP8 = 2 };
     X(int, layers) X(int, max_len) X(int, window) X(int, vocab)                           \
     X(int, experts) X(int, experts_per_token) X(int, norm_topk) X(int, expert_size)       \
     X(int, kv_fp8)                 /* the KV cache holds e4m3fn bytes, not fp32 */        \
+    X(int, block_size)             /* > 0: the block layout, through a block table; */    \
+                                   /* 0: a line of max_len positions per sequence */      \
     X(int, lora_slots)             /* max_loras + 1 (0: no LoRA) */                       \
     X(int, lora_rank)              /* the widest fused rank a delta may have */           \
     X(float, eps) X(float, scale)                                                         \

@@ -325,7 +325,7 @@ class Model(ctypes.Structure):
                                             "head_dim", "layers", "max_len", "window",
                                             "vocab", "experts", "experts_per_token",
                                             "norm_topk", "expert_size", "kv_fp8",
-                                            "lora_slots", "lora_rank")],
+                                            "block_size", "lora_slots", "lora_rank")],
         ("eps", ctypes.c_float),
         ("scale", ctypes.c_float),
         *[(name, ctypes.c_void_p) for name in ("cos", "sin", "norm", "lm_head")],

@@ -12,6 +12,11 @@ same numerics. Models with biases other than q/k/v's, heads wider than 256, or a
 cache with heads not a whole number of vectors wide have no native path
 (``NativeStep.for_model`` is None).
 
+The KV cache is the model's: a line of ``max_len`` positions per sequence, or llama.py's
+block layout (``LlamaModel.blocks``: prefix caching, chunked prefill), where each call
+takes a block table and a row's "line" is its sequence's row in it; then only ``rows``
+runs it (``prefill`` and ``decode`` are the lines').
+
 LoRA (``enable_lora``): the step holds, per layer and fused matmul, one descriptor per
 adapter slot (kernels.h's ``Lora``); ``set_slot`` points a slot's descriptors at an
 adapter's tensors (or empties them) when the backend's AdapterSlots moves adapters, and
@@ -47,13 +52,28 @@ class DecodeStep:
     must outlive it."""
 
     __slots__ = ("_fn", "_lib", "_model", "_layers", "_lora", "_lora_held", "_scratch",
-                 "_weights", "max_rows", "hidden", "vocab", "max_len", "num_lines")
+                 "_weights", "max_rows", "hidden", "vocab", "max_len", "num_lines",
+                 "block_size", "num_blocks")
 
     def __init__(self, matmul: PackedMatmul, *, dims: dict[str, int], eps: float,
                  scale: float, tensors: dict[str, torch.Tensor | PackedWeight],
                  layers: list[dict[str, torch.Tensor | PackedWeight]], max_rows: int) -> None:
+        """``dims["block_size"]`` > 0: the block layout, each layer's caches
+        [num_blocks, block_size, kv_heads, head_dim]; else (0 or absent) KV lines,
+        [lines, kv_heads, max_len, head_dim]."""
         self._weights = []  # the weights' descriptors, alive as long as the step
         kv_dtype = torch.float8_e4m3fn if dims["kv_fp8"] else torch.float32
+        # Native code addresses the caches by these shapes: checked, as it trusts them.
+        self.block_size = dims.get("block_size", 0)
+        first = layers[0]["k_cache"].shape[0]
+        kv_heads, d, max_len = dims["kv_heads"], dims["head_dim"], dims["max_len"]
+        shape = (first, self.block_size, kv_heads, d) if self.block_size > 0 else \
+            (first, kv_heads, max_len, d)
+        if self.block_size < 0 or any(layer[name].shape != shape for layer in layers
+                                      for name in ("k_cache", "v_cache")):
+            raise ValueError(f"decode_step needs every layer's K/V caches {list(shape)}")
+        self.num_lines = 0 if self.block_size else first  # KV lines (lines' layout)
+        self.num_blocks = first if self.block_size else 0  # blocks (block layout)
 
         def ptr(t: torch.Tensor | PackedWeight | list | None) -> int | None:
             if t is None:  # an optional tensor the model does not have: NULL
@@ -81,13 +101,13 @@ class DecodeStep:
         lib.decode_scratch_floats.restype = ctypes.c_long
         self._fn = lib.decode_step
         self._fn.argtypes = [ctypes.POINTER(Model), ctypes.c_void_p, ctypes.c_int,
-                             ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p,
-                             ctypes.c_void_p, ctypes.c_int, ctypes.c_void_p, ctypes.c_void_p,
-                             ctypes.c_void_p, ctypes.c_int, ctypes.c_void_p]
+                             ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int,
+                             ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int, ctypes.c_void_p,
+                             ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int, ctypes.c_void_p]
         self._fn.restype = None
         self._lib = lib
         self.max_rows, self.hidden, self.vocab = max_rows, dims["hidden"], dims["vocab"]
-        self.max_len, self.num_lines = dims["max_len"], layers[0]["k_cache"].shape[0]
+        self.max_len = max_len
         # LoRA (enable_lora): per fused kind, each layer's descriptors by slot; what each
         # slot's descriptors point into (alive as long as they do).
         self._lora: dict[str, list] = {}
@@ -164,26 +184,30 @@ class DecodeStep:
     def __call__(self, x: torch.Tensor, positions: torch.Tensor, lines: torch.Tensor,
                  out_rows: torch.Tensor | None = None,
                  slots: torch.Tensor | None = None,
-                 aux_layers: tuple[int, ...] = ()) -> torch.Tensor:
+                 aux_layers: tuple[int, ...] = (),
+                 block_table: torch.Tensor | None = None) -> torch.Tensor:
         """x [m, hidden] fp32 (overwritten: each row's last hidden state, before the final
         norm), positions and lines [m] int64 -> logits of every row [m, vocab], or of
         ``out_rows`` only (none: an empty ``out_rows``). Rows of one line at positions
         0..n-1 are that line's prefill, k rows at p..p+k-1 a speculation's verify pass
         (decode_step.c). ``slots``: each row's adapter slot [m] (0: the base model; None:
         every row's). ``aux_layers``: also return the hidden states entering those layers,
-        [m, len(aux_layers) * hidden] (then the result is (logits, aux))."""
+        [m, len(aux_layers) * hidden] (then the result is (logits, aux)). ``block_table``:
+        the block layout's (and only its) int64 [n, W] of block ids, each row's line its
+        sequence's row in it; position p is in block ``block_table[line, p // block_size]``."""
         m = x.shape[0]
         if not 0 < m <= self.max_rows or x.shape != (m, self.hidden) or \
                 x.dtype is not torch.float32 or not x.is_contiguous():
             raise ValueError(f"decode_step takes [1..{self.max_rows}, {self.hidden}] fp32 rows")
         positions = positions.to(torch.int64).contiguous()
         lines = lines.to(torch.int64).contiguous()
+        table, width, num_lines, max_len = self._table(block_table)
         # Native code writes the KV cache at these: out of range would corrupt memory.
         if positions.shape != (m,) or lines.shape != (m,) or \
-                int(positions.min()) < 0 or int(positions.max()) >= self.max_len or \
-                int(lines.min()) < 0 or int(lines.max()) >= self.num_lines:
-            raise ValueError(f"decode_step takes positions in [0, {self.max_len}) and lines "
-                             f"in [0, {self.num_lines}), one of each per row")
+                int(positions.min()) < 0 or int(positions.max()) >= max_len or \
+                int(lines.min()) < 0 or int(lines.max()) >= num_lines:
+            raise ValueError(f"decode_step takes positions in [0, {max_len}) and lines "
+                             f"in [0, {num_lines}), one of each per row")
         rows_ptr, n_out = None, m
         if out_rows is not None:
             out_rows = out_rows.to(torch.int64).contiguous()
@@ -209,10 +233,35 @@ class DecodeStep:
             layers = torch.tensor(aux_layers, dtype=torch.int32)
             aux = torch.empty((m, len(aux_layers) * self.hidden), dtype=torch.float32)
         self._fn(ctypes.byref(self._model), x.data_ptr(), m, positions.data_ptr(),
-                 lines.data_ptr(), slots_ptr, rows_ptr, n_out, self._scratch.data_ptr(),
+                 lines.data_ptr(), None if table is None else table.data_ptr(), width,
+                 slots_ptr, rows_ptr, n_out, self._scratch.data_ptr(),
                  logits.data_ptr(), None if layers is None else layers.data_ptr(),
                  len(aux_layers), None if aux is None else aux.data_ptr())
         return logits if aux is None else (logits, aux)
+
+    def _table(self, block_table: torch.Tensor | None
+               ) -> tuple[torch.Tensor | None, int, int, int]:
+        """(the block table, its width, lines, positions) a call may use: the KV lines'
+        without one, and with one (the block layout) its rows and the positions its
+        blocks hold (and the rotary tables). Every entry must name one of the cache's
+        blocks: native code reads and writes where they point."""
+        if not self.block_size:
+            if block_table is not None:
+                raise ValueError("block_table is for the block KV layout; this step's cache "
+                                 "is in KV lines")
+            return None, 0, self.num_lines, self.max_len
+        if block_table is None:
+            raise ValueError("the block KV layout needs a block_table [sequences, width] "
+                             "for each call")
+        if block_table.dtype is not torch.int64 or block_table.dim() != 2 or \
+                not block_table.is_contiguous() or 0 in block_table.shape:
+            raise ValueError(f"block_table must be a contiguous int64 [sequences, width] "
+                             f"tensor, not {block_table.dtype} {list(block_table.shape)}")
+        if int(block_table.min()) < 0 or int(block_table.max()) >= self.num_blocks:
+            raise ValueError(f"block_table entries must be block ids in [0, "
+                             f"{self.num_blocks})")
+        n, width = block_table.shape
+        return block_table, width, n, min(self.max_len, width * self.block_size)
 
 
 class NativeStep:
@@ -235,7 +284,9 @@ class NativeStep:
     def for_model(cls, model: LlamaModel, matmul: PackedMatmul) -> NativeStep | None:
         """The native path of ``model``, or None where decode_step.c cannot run it: a
         weight not packed for the kernel, a bias other than q/k/v's, heads wider than it
-        handles, or an fp8 KV cache with heads not a whole number of vectors wide."""
+        handles, or an fp8 KV cache with heads not a whole number of vectors wide. A model
+        with ``blocks`` (llama.py's block layout) gets a step over its blocks (``rows``
+        with a block table)."""
         s, w = model.spec, model.w
         packed = [name for name in w if LlamaModel.is_matmul(name)]
         other_bias = any(name + "_bias" in w for name in packed if not name.endswith("qkv"))
@@ -261,7 +312,8 @@ class NativeStep:
                 "layers": s.num_layers, "max_len": model.max_len, "window": model.window or 0,
                 "vocab": s.vocab_size, "experts": s.num_experts,
                 "experts_per_token": s.experts_per_token, "norm_topk": int(s.norm_topk_prob),
-                "expert_size": s.expert_size, "kv_fp8": int(kv_fp8)}
+                "expert_size": s.expert_size, "kv_fp8": int(kv_fp8),
+                "block_size": model.blocks.block_size if model.blocks is not None else 0}
         tensors = {"cos": model.cos, "sin": model.sin, "norm": w["norm"],
                    "lm_head": w["lm_head"]}
         step = DecodeStep(matmul, dims=dims, eps=s.rms_norm_eps, scale=model.scale,
@@ -285,6 +337,7 @@ class NativeStep:
         prompts (a prompt's rows attend to its line only) where the variant has no sgemm
         threshold. ``capture`` gets every position's hidden states, [n, width, ...] (zero
         past each prompt)."""
+        self._lines_only("prefill")
         limit = lengths.max() if self.split_prefills else lengths.sum()
         if int(limit) >= self.prefill_rows:
             return None
@@ -329,20 +382,28 @@ class NativeStep:
                slots: torch.Tensor | None = None) -> torch.Tensor | None:
         """Logits [m, vocab] of one token per row (``slots``: each row's adapter slot), or
         None past ``max_rows`` rows."""
+        self._lines_only("decode")
         if input_ids.shape[0] > self.step.max_rows:
             return None
         return self.step(self.model.embed(input_ids), positions, seq_ids, None, slots)
 
+    def _lines_only(self, what: str) -> None:
+        if self.model.blocks is not None:
+            raise ValueError(f"NativeStep.{what} runs KV lines; this model has the block KV "
+                             "layout: run its rows (NativeStep.rows) with a block table")
+
     def rows(self, input_ids: torch.Tensor, positions: torch.Tensor, lines: torch.Tensor,
              out_rows: torch.Tensor | None = None, slots: torch.Tensor | None = None,
-             aux_layers: tuple[int, ...] = ()
+             aux_layers: tuple[int, ...] = (), block_table: torch.Tensor | None = None
              ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
         """Any number of rows [r] (tokens, positions, KV lines; ``slots``: adapter slots),
         as one native step or several of ``max_rows`` in row order: a row may attend to
         the K/V of rows before it in the order (a line's rows by position: a verify pass,
-        a draft's catch-up). Returns (logits of ``out_rows``, ascending, or of every row
-        (None); hidden states [r, hidden] before the final norm; the ``aux_layers``'
-        entering states [r, len * hidden] or None)."""
+        a draft's catch-up, a prompt's chunk). The block layout's model takes its
+        ``block_table`` [n, W] (``DecodeStep``), ``lines`` then each row's sequence in
+        it. Returns (logits of ``out_rows``, ascending, or of every row (None); hidden
+        states [r, hidden] before the final norm; the ``aux_layers``' entering states
+        [r, len * hidden] or None)."""
         r, most = input_ids.shape[0], self.step.max_rows
         x = self.model.embed(input_ids)
         logits, aux = [], []
@@ -353,7 +414,7 @@ class NativeStep:
             else:
                 chunk_out = out_rows[(out_rows >= a) & (out_rows < b)] - a
             out = self.step(x[a:b], positions[a:b], lines[a:b], chunk_out,
-                            None if slots is None else slots[a:b], aux_layers)
+                            None if slots is None else slots[a:b], aux_layers, block_table)
             if aux_layers:
                 out, chunk_aux = out
                 aux.append(chunk_aux)
