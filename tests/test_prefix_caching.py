@@ -171,3 +171,30 @@ def test_the_contiguous_layout_stays_the_default(tiny_llama):
     assert "is_block_kv_layout" not in cfg
     assert config.cache_config.block_size == MAX_LEN
     assert config.cache_config.enable_prefix_caching is False
+
+
+def test_the_native_step_serves_hits_chunks_and_decodes_equal_to_hf(tiny_llama, in_process):
+    """bf16 weights on the native step (as on a CPU without bf16 units): prefills over
+    cached prefixes, prompt chunks beside decodes, and decodes, all through block tables."""
+    import torch
+
+    import vllm_neuronx.backends.cpu.backend as cpu
+
+    mp = pytest.MonkeyPatch()
+    mp.setattr(cpu, "native_bf16", lambda: False)
+    try:
+        llm = make_llm(tiny_llama, dtype="bfloat16", enable_chunked_prefill=True,
+                       max_num_batched_tokens=48)
+        (kernel,) = llm.collective_rpc(lambda self: self.model_runner.backend.kernel)
+        assert kernel != "torch"
+        rng = random.Random(4)
+        system = prompt(rng, 37)
+        prompts = [system + prompt(rng, rng.randint(1, 90)) for _ in range(6)]
+        max_tokens = [rng.randint(4, 16) for _ in prompts]
+        expected = hf_greedy(tiny_llama, prompts, max_tokens, weights_in=torch.bfloat16)
+        assert generate(llm, prompts, max_tokens)[0] == expected
+        again, cached = generate(llm, prompts, max_tokens)
+        assert again == expected and min(cached) >= 32
+        del llm
+    finally:
+        mp.undo()
