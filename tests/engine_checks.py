@@ -92,6 +92,25 @@ def leave_in_process_engine_env(mp: pytest.MonkeyPatch) -> None:
     envs.disable_envs_cache()
 
 
+def in_process_engines():
+    """Generator for a module fixture: this module's engines run in this process."""
+    mp = pytest.MonkeyPatch()
+    in_process_engine_env(mp)
+    try:
+        yield
+    finally:
+        leave_in_process_engine_env(mp)
+
+
+def nxdi_simulator_server_env(tmp_path_factory) -> dict[str, str]:
+    """The environment of a server (a process of its own) on the NxDI backend over its
+    simulator, compiling into a folder of this test session."""
+    return {"PYTHONPATH": os.pathsep.join(filter(None, [SIMULATORS,
+                                                        os.environ.get("PYTHONPATH")])),
+            "VLLM_NEURONX_FORCE_BACKEND": "nxdi",
+            "NEURON_COMPILED_ARTIFACTS": str(tmp_path_factory.mktemp("nxdi") / "compiled")}
+
+
 def use_simulator(package: str, backend: str, **env: str):
     """Generator for a module fixture: the simulator of ``package`` is importable, the
     platform routes through ``backend`` and the engine runs in this process."""

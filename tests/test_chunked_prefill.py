@@ -12,17 +12,12 @@ from vllm import LLM, SamplingParams
 from vllm.engine.arg_utils import EngineArgs
 
 from tests.conftest import hf_greedy
-from tests.engine_checks import in_process_engine_env, leave_in_process_engine_env
+from tests.engine_checks import in_process_engines
 
 BUDGET = 40  # tokens per step: prompts of up to 200 take several steps
 
 
-@pytest.fixture(scope="module")
-def in_process():
-    mp = pytest.MonkeyPatch()
-    in_process_engine_env(mp)
-    yield
-    leave_in_process_engine_env(mp)
+in_process = pytest.fixture(scope="module")(in_process_engines)
 
 
 def make_llm(model: str, **kwargs) -> LLM:

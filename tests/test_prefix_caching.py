@@ -12,18 +12,13 @@ from vllm import LLM, SamplingParams
 from vllm.engine.arg_utils import EngineArgs
 
 from tests.conftest import hf_greedy
-from tests.engine_checks import in_process_engine_env, leave_in_process_engine_env
+from tests.engine_checks import check_aborts_free_lines, in_process_engines
 
 BLOCK = 16
 MAX_LEN = 256
 
 
-@pytest.fixture(scope="module")
-def in_process():
-    mp = pytest.MonkeyPatch()
-    in_process_engine_env(mp)
-    yield
-    leave_in_process_engine_env(mp)
+in_process = pytest.fixture(scope="module")(in_process_engines)
 
 
 def make_llm(model: str, **kwargs) -> LLM:
@@ -110,24 +105,10 @@ def test_hit_counters_count_the_cached_tokens(llm):
 
 
 def test_aborts_give_every_block_back(llm):
-    engine, pool = llm.llm_engine, block_pool(llm)
+    pool = block_pool(llm)
     free = pool.get_num_free_blocks()
-    params = SamplingParams(temperature=0, max_tokens=40, ignore_eos=True, detokenize=False)
-    ids = [f"abort-{i}" for i in range(11)]
-    for i, req_id in enumerate(ids):
-        engine.add_request(req_id, {"prompt_token_ids": [3 + i] * 30}, params)
-    for _ in range(4):
-        engine.step()
-    assert pool.get_num_free_blocks() < free
-    aborted = {ids[0], ids[1], ids[-1]}  # two running, one still waiting
-    engine.abort_request(sorted(aborted))
-    finished = set()
-    while engine.has_unfinished_requests():
-        finished |= {o.request_id for o in engine.step() if o.finished}
-    assert finished == set(ids) - aborted
-    engine.step()  # the runner hears of the last finished requests
+    check_aborts_free_lines(llm, 8)
     assert pool.get_num_free_blocks() == free
-    assert llm.collective_rpc("kv_lines_in_use") == [0]
 
 
 def test_eviction_and_preemption_under_memory_pressure_keep_outputs_equal(tiny_llama,
@@ -198,3 +179,30 @@ def test_the_native_step_serves_hits_chunks_and_decodes_equal_to_hf(tiny_llama, 
         del llm
     finally:
         mp.undo()
+
+
+def test_lora_adapters_with_prefix_caching_equal_peft(tiny_llama, in_process, tmp_path):
+    """A shared prefix cached per adapter (vLLM hashes blocks with the adapter): each
+    request's tokens equal PEFT's, the base model's rows beside them equal HF's."""
+    from vllm.lora.request import LoRARequest
+
+    from tests.lora_utils import make_peft_adapter, peft_greedy
+
+    adapter = make_peft_adapter(tiny_llama, tmp_path / "a1", seed=5)
+    llm = make_llm(tiny_llama, enable_lora=True, max_loras=2, max_lora_rank=8)
+    rng = random.Random(6)
+    system = prompt(rng, 40)
+    prompts = [system + prompt(rng, rng.randint(1, 30)) for _ in range(4)]
+    loras = [LoRARequest("a1", 1, adapter), None, LoRARequest("a1", 1, adapter), None]
+    expected = [peft_greedy(tiny_llama, adapter if lr else None, [p], 8)[0]
+                for p, lr in zip(prompts, loras, strict=True)]
+    for _ in range(2):  # cold, then every prefix cached
+        outs = llm.generate([{"prompt_token_ids": p} for p in prompts], greedy_params(8),
+                            lora_request=loras, use_tqdm=False)
+        assert [list(o.outputs[0].token_ids) for o in outs] == expected
+    assert min(o.num_cached_tokens for o in outs) >= 32
+    del llm
+
+
+def greedy_params(n: int):
+    return SamplingParams(temperature=0, max_tokens=n, ignore_eos=True, detokenize=False)

@@ -8,12 +8,11 @@ Tokens are checked against HF transformers with PEFT's unmerged adapter."""
 from __future__ import annotations
 
 import concurrent.futures
-import os
 
 import pytest
 import requests
 
-from tests.engine_checks import SIMULATORS
+from tests.engine_checks import nxdi_simulator_server_env
 from tests.lora_utils import make_peft_adapter, peft_greedy
 from tests.server_utils import Server, api_server_argv
 
@@ -45,10 +44,7 @@ def server(request, tiny_chat_server, adapters, tmp_path_factory):
     LoRA id rules, caches and line bindings; tests/simulators), in a process of its own."""
     env = dict(RUNTIME)
     if request.param == "nxdi-simulator":
-        env |= {"PYTHONPATH": os.pathsep.join(filter(None, [SIMULATORS,
-                                                             os.environ.get("PYTHONPATH")])),
-                "VLLM_NEURONX_FORCE_BACKEND": "nxdi",
-                "NEURON_COMPILED_ARTIFACTS": str(tmp_path_factory.mktemp("nxdi") / "compiled")}
+        env |= nxdi_simulator_server_env(tmp_path_factory)
     return tiny_chat_server(*SERVER_ARGS, "--lora-modules", f"a1={adapters['a1']}",
                             f"a2={adapters['a2']}", env=env)
 

@@ -7,13 +7,12 @@ budget is served whole and equal; prompt_logprobs get HTTP 400 naming why."""
 from __future__ import annotations
 
 import concurrent.futures
-import os
 
 import pytest
 import requests
 
 from tests.conftest import hf_greedy
-from tests.engine_checks import SIMULATORS
+from tests.engine_checks import nxdi_simulator_server_env
 
 SHARED = [1] + [20 + i for i in range(40)]
 
@@ -24,10 +23,7 @@ def server(request, tiny_chat, tiny_chat_server, tmp_path_factory):
              "--enable-prefix-caching", "--block-size=16"]
     env = {}
     if request.param == "nxdi-simulator":
-        env |= {"PYTHONPATH": os.pathsep.join(filter(None, [SIMULATORS,
-                                                             os.environ.get("PYTHONPATH")])),
-                "VLLM_NEURONX_FORCE_BACKEND": "nxdi",
-                "NEURON_COMPILED_ARTIFACTS": str(tmp_path_factory.mktemp("nxdi") / "compiled")}
+        env |= nxdi_simulator_server_env(tmp_path_factory)
     else:
         flags += ["--enable-chunked-prefill", "--max-num-batched-tokens=48"]
     running = tiny_chat_server(*flags, env=env)

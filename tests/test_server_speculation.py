@@ -10,14 +10,13 @@ from __future__ import annotations
 
 import concurrent.futures
 import json
-import os
 import shutil
 
 import pytest
 import requests
 
 from tests.conftest import hf_greedy
-from tests.engine_checks import SIMULATORS
+from tests.engine_checks import nxdi_simulator_server_env
 
 PROMPT = [1, 504, 3202, 314, 4649, 314]
 N = 3
@@ -28,10 +27,7 @@ def server(request, tiny_chat, tiny_chat_server, tmp_path_factory):
     draft = shutil.copytree(tiny_chat, tmp_path_factory.mktemp("draft") / "self")
     env = {}
     if request.param == "nxdi-simulator":
-        env |= {"PYTHONPATH": os.pathsep.join(filter(None, [SIMULATORS,
-                                                             os.environ.get("PYTHONPATH")])),
-                "VLLM_NEURONX_FORCE_BACKEND": "nxdi",
-                "NEURON_COMPILED_ARTIFACTS": str(tmp_path_factory.mktemp("nxdi") / "compiled")}
+        env |= nxdi_simulator_server_env(tmp_path_factory)
     spec = json.dumps({"model": str(draft), "num_speculative_tokens": N})
     running = tiny_chat_server("--max-num-seqs=4", "--max-model-len=128", "--dtype=float32",
                                "--speculative-config", spec, env=env)

@@ -512,11 +512,7 @@ class NeuronBaseForCausalLM(NeuronApplicationBase):
             blocks = self._sim_block_args(n, *block_args)
             record.update({k: v.clone() for k, v in blocks.items()})
             if prefill:
-                adapters = [None] * n
-                if nc.lora_config is not None:
-                    slots = self._sim_adapter_slots(input_ids, adapter_ids)
-                    record["adapter_slots"] = slots.clone()
-                    adapters = [self._lora_slots[int(s)] for s in slots]
+                adapters = self._sim_prefill_adapters(input_ids, adapter_ids, record)
                 logits = self._sim_block_context_encoding(
                     input_ids, position_ids, lines, adapters, blocks, record)
             else:
@@ -526,15 +522,19 @@ class NeuronBaseForCausalLM(NeuronApplicationBase):
         if self._draft is not None:
             return self._sim_fused(input_ids, position_ids, lines, sampling_params, record)
         if prefill:
-            adapters = [None] * n
-            if nc.lora_config is not None:
-                slots = self._sim_adapter_slots(input_ids, adapter_ids)
-                record["adapter_slots"] = slots.clone()
-                adapters = [self._lora_slots[int(s)] for s in slots]
+            adapters = self._sim_prefill_adapters(input_ids, adapter_ids, record)
             logits = self._sim_context_encoding(input_ids, position_ids, lines, adapters)
         else:
             logits = self._sim_token_generation(input_ids, position_ids, lines)
         return self._sim_output(logits, sampling_params)
+
+    def _sim_prefill_adapters(self, input_ids, adapter_ids, record) -> list:
+        """Each prefill row's adapter (None: the base model), its slot recorded."""
+        if self.neuron_config.lora_config is None:
+            return [None] * input_ids.shape[0]
+        slots = self._sim_adapter_slots(input_ids, adapter_ids)
+        record["adapter_slots"] = slots.clone()
+        return [self._lora_slots[int(s)] for s in slots]
 
     def _sim_adapter_slots(self, input_ids, adapter_ids) -> torch.Tensor:
         """A context encoding's adapter_ids -> device slots, NxDI's way."""
