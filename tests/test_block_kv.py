@@ -114,7 +114,7 @@ def test_chunked_inputs_flatten_chunks_and_decodes():
     (lambda b: b.block_table.__setitem__((0, 0), 20), r"block ids in \[0, 20\)"),
     (lambda b: b.block_table.__setitem__((1, 0), 0), "not the null block"),
     (lambda b: b.slot_mapping.__setitem__((0, 0), 37), "slots of positions 8..9"),
-    (lambda b: b.slot_mapping.__setitem__((0, 2), 5), "-1 past its 2 slots"),
+    (lambda b: b.slot_mapping.__setitem__((0, 2), 5), "through its block_table, then -1"),
     (lambda b: b.computed_context_lens.__setitem__(0, 6), "whole blocks of 4"),
     (lambda b: b.full_context_lens.__setitem__(1, 4), "each prefill row's length"),
 ])

@@ -380,11 +380,11 @@ class NeuronBackend(abc.ABC):
         if blocks.slot_mapping.shape != input_ids.shape:
             raise ValueError("slot_mapping must be [1, tokens]: each token's slot")
         check_table(blocks.block_table, self.block_layout, n, self.max_length)
-        offsets = [0] + counts.cumsum(0).tolist()
-        for r, (c, f) in enumerate(zip(computed.tolist(), full.tolist(), strict=True)):
-            check_slots(r, blocks.block_table[r], c, f,
-                        blocks.slot_mapping[0, offsets[r]:offsets[r + 1]],
-                        self.block_layout.block_size)
+        # Each sequence's slots as a row of their own, then -1: the prefill rows' check.
+        real = torch.arange(int(counts.max()))[None, :] < counts[:, None]
+        rows = torch.full(real.shape, -1, dtype=torch.int64)
+        rows[real] = blocks.slot_mapping[0].to(torch.int64)
+        check_rows_slots(blocks.block_table, computed, full, rows, self.block_layout.block_size)
         return Batch(input_ids, position_ids, seq_ids, sampling_params, False, None, None,
                      blocks, chunked=True)
 
@@ -469,14 +469,10 @@ def check_blocks(blocks: BlockInputs | None, layout: block_kv.BlockLayout,
     elif not bool((full == last + 1).all() & (computed == last).all()):
         raise ValueError("a decode row's full_context_lens is its position + 1 and its "
                          "computed_context_lens its position")
-    rows_full, rows_computed = full.tolist(), computed.tolist()
-    if slot_mapping.shape[1] < max(f - c for f, c in zip(rows_full, rows_computed, strict=True)):
+    counts = full - computed
+    if slot_mapping.shape[1] < int(counts.max()):
         raise ValueError("slot_mapping must hold a slot for every position computed")
-    for r, (f, c) in enumerate(zip(rows_full, rows_computed, strict=True)):
-        got = slot_mapping[r]
-        check_slots(r, blocks.block_table[r], c, f, got[:f - c], bs)
-        if bool((got[f - c:] != -1).any()):
-            raise ValueError(f"row {r}: slot_mapping must be -1 past its {f - c} slots")
+    check_rows_slots(blocks.block_table, computed, full, slot_mapping, bs)
 
 
 def check_table(table: torch.Tensor, layout: block_kv.BlockLayout, n: int,
@@ -491,15 +487,27 @@ def check_table(table: torch.Tensor, layout: block_kv.BlockLayout, n: int,
                          f"{layout.num_blocks}) (0: padding, the null block)")
 
 
-def check_slots(r: int, table_row: torch.Tensor, computed: int, full: int,
-                slots: torch.Tensor, block_size: int) -> None:
-    """Row ``r`` owns a block (never the null block 0) for each of its ``full`` positions,
-    and ``slots`` are those of positions computed..full-1 through its table."""
-    owned = table_row[:-(-full // block_size)]
-    if bool((owned <= 0).any()):
+def check_rows_slots(table: torch.Tensor, computed: torch.Tensor, full: torch.Tensor,
+                     slot_mapping: torch.Tensor, block_size: int) -> None:
+    """Each row owns a block (never the null block 0) for each of its ``full`` positions,
+    and its slot_mapping row holds the slots of positions computed..full-1 through its
+    table, then -1 (one vectorised pass: it runs on every decode step)."""
+    n, width = slot_mapping.shape
+    table = table.to(torch.int64)
+    owned = torch.arange(table.shape[1])[None, :] < (-(-full // block_size))[:, None]
+    bad = ((table <= 0) & owned).any(dim=1)
+    if bool(bad.any()):
+        r = int(bad.nonzero()[0])
         raise ValueError(f"row {r}: block_table must name a block (not the null block 0) "
-                         f"for each of its {full} positions")
-    expected = torch.tensor(block_kv.slots(owned.tolist(), computed, full, block_size))
-    if not torch.equal(slots.to(torch.int64), expected):
-        raise ValueError(f"row {r}: slot_mapping must be the slots of positions {computed}.."
-                         f"{full - 1} through its block_table")
+                         f"for each of its {int(full[r])} positions")
+    offsets = torch.arange(width)[None, :]
+    real = offsets < (full - computed)[:, None]
+    positions = torch.where(real, computed[:, None] + offsets, 0)
+    expected = table.gather(1, positions // block_size) * block_size + positions % block_size
+    expected = torch.where(real, expected, -1)
+    wrong = (slot_mapping.to(torch.int64) != expected).any(dim=1)
+    if bool(wrong.any()):
+        r = int(wrong.nonzero()[0])
+        raise ValueError(f"row {r}: slot_mapping must be the slots of positions "
+                         f"{int(computed[r])}..{int(full[r]) - 1} through its block_table, "
+                         "then -1")

@@ -450,22 +450,11 @@ class CpuBackend(NeuronBackend):
             raise ValueError("prompt logits need the whole prompt computed: vLLM reads no "
                              "cached prefix for requests with prompt_logprobs")
         n, counts = batch.size, [f - c for f, c in zip(full, computed, strict=True)]
-        width = max(counts)
-        ids = torch.zeros((n, width), dtype=torch.long)
-        positions = torch.zeros((n, width), dtype=torch.long)
-        slots = torch.full((n, width), -1, dtype=torch.long)
-        first = 0  # a chunked step's tokens: sequence after sequence in row 0
-        for r, (f, c) in enumerate(zip(full, computed, strict=True)):
-            if batch.chunked:
-                ids[r, :f - c] = batch.input_ids[0, first:first + f - c]
-                slots[r, :f - c] = b.slot_mapping[0, first:first + f - c]
-                first += f - c
-            else:
-                ids[r, :f - c] = batch.input_ids[r, c:f] if batch.is_prefill else \
-                    batch.input_ids[r]
-                slots[r, :f - c] = b.slot_mapping[r, :f - c]
-            positions[r, :f - c] = torch.arange(c, f)
-            positions[r, f - c:] = f - 1  # padding attends where the row's last token does
+        if not (batch.is_prefill or batch.chunked):  # a decode: one token a row, as given
+            ids, positions = batch.input_ids, batch.position_ids
+            slots = b.slot_mapping[:, :1].to(torch.long)
+        else:
+            ids, positions, slots = self._block_rows_of(batch, full, computed)
         table = b.block_table.to(torch.int64).contiguous()
         if self.adapters is not None:
             lora = (self.adapters.bind(batch.seq_ids, batch.adapter_ids) if batch.is_prefill
@@ -478,6 +467,7 @@ class CpuBackend(NeuronBackend):
         tokens = sum(counts)
         if native is not None and not prompt_rows and (lora is None or lora.slots is not None) \
                 and (native.split_prefills or tokens < native.prefill_rows):
+            width = ids.shape[1]
             real = torch.arange(width)[None, :] < torch.tensor(counts)[:, None]
             row_of = torch.arange(n)[:, None].expand(n, width)[real]
             logits, _, _ = native.rows(
@@ -492,6 +482,27 @@ class CpuBackend(NeuronBackend):
             prompt = [self.model.logits(hidden[r, :counts[r]]) if r in prompt_rows else None
                       for r in range(n)]
         return self._sampled(self.model.logits(last), batch, prompt)
+
+    @staticmethod
+    def _block_rows_of(batch: Batch, full: list[int], computed: list[int]):
+        """A prefill's or a chunked step's (tokens, positions, slots) [n, widest], each
+        sequence's positions computed..full-1 from column 0, padding past them."""
+        n, width = batch.size, max(f - c for f, c in zip(full, computed, strict=True))
+        ids = torch.zeros((n, width), dtype=torch.long)
+        positions = torch.zeros((n, width), dtype=torch.long)
+        slots = torch.full((n, width), -1, dtype=torch.long)
+        first = 0  # a chunked step's tokens: sequence after sequence in row 0
+        for r, (f, c) in enumerate(zip(full, computed, strict=True)):
+            if batch.chunked:
+                ids[r, :f - c] = batch.input_ids[0, first:first + f - c]
+                slots[r, :f - c] = batch.blocks.slot_mapping[0, first:first + f - c]
+                first += f - c
+            else:
+                ids[r, :f - c] = batch.input_ids[r, c:f]
+                slots[r, :f - c] = batch.blocks.slot_mapping[r, :f - c]
+            positions[r, :f - c] = torch.arange(c, f)
+            positions[r, f - c:] = f - 1  # padding attends where the row's last token does
+        return ids, positions, slots
 
     def _sampled(self, logits, batch: Batch, prompt=None) -> ForwardOutput:
         """The step's logits, and the tokens sampled from them "on the device"."""
