@@ -93,11 +93,11 @@ def with_blocks(step: StepInputs, rows: Sequence[SequenceRow],
                                                                         strict=True)]
     slots = [block_kv.slots(r.blocks, c, n, bs) for r, c, n in zip(rows, computed, full,
                                                                   strict=True)]
-    slot_mapping = torch.full((len(rows), max(len(s) for s in slots)), -1, dtype=torch.long)
-    table = torch.zeros((len(rows), width), dtype=torch.long)
-    for i, (r, s) in enumerate(zip(rows, slots, strict=True)):
-        slot_mapping[i, :len(s)] = torch.tensor(s, dtype=torch.long)
-        table[i, :len(r.blocks)] = torch.tensor(r.blocks, dtype=torch.long)
+    most = max(len(s) for s in slots)
+    # One tensor from padded lists: a decode step builds these for every row.
+    slot_mapping = torch.tensor([s + [-1] * (most - len(s)) for s in slots], dtype=torch.long)
+    table = torch.tensor([r.blocks + [0] * (width - len(r.blocks)) for r in rows],
+                         dtype=torch.long)
     step.blocks = BlockInputs(slot_mapping, table, torch.tensor(full, dtype=torch.long),
                               torch.tensor(computed, dtype=torch.long))
     return step
