@@ -239,6 +239,21 @@ attend_head(const float *q, const void *keys, const void *values, float *out, lo
         vstore_n(out + VW * v, vmul(acc[v], inv), d - VW * v);
 }
 
+/* attend_head with the head size a constant where it is a common one (64, 128). */
+static inline __attribute__((always_inline)) void
+attend_head_sized(const float *q, const void *keys, const void *values, float *out,
+                  long first, long last, float scale, int d, const int fp8, const long *table,
+                  int block_size, long stride, const int blocked) {
+    switch (d) {
+    case 64: attend_head(q, keys, values, out, first, last, scale, 64, fp8, table,
+                         block_size, stride, blocked); break;
+    case 128: attend_head(q, keys, values, out, first, last, scale, 128, fp8, table,
+                          block_size, stride, blocked); break;
+    default: attend_head(q, keys, values, out, first, last, scale, d, fp8, table,
+                         block_size, stride, blocked); break;
+    }
+}
+
 /* Each (row, query head) over the row's own positions (and its sliding window); inlined
  * once per layout (``blocked``, a constant), so the lines' loop is what it was. */
 static inline __attribute__((always_inline)) void
@@ -258,29 +273,15 @@ attend_rows(const Model *md, const Layer *ly, const float *qkv, float *out, int 
         const long *table = blocked ? block_table + line[r] * table_width : NULL;
         const float *q = qkv + (long)r * w + (long)h * d;
         float *o = out + (long)r * md->heads * d + (long)h * d;
-        if (md->kv_fp8) {
-            const uint8_t *keys = (const uint8_t *)ly->k_cache + base;
-            const uint8_t *values = (const uint8_t *)ly->v_cache + base;
-            switch (d) {
-            case 64: attend_head(q, keys, values, o, first, last, md->scale, 64, 1, table, bs,
-                                 stride, blocked); break;
-            case 128: attend_head(q, keys, values, o, first, last, md->scale, 128, 1, table, bs,
-                                  stride, blocked); break;
-            default: attend_head(q, keys, values, o, first, last, md->scale, d, 1, table, bs,
-                                 stride, blocked); break;
-            }
-            continue;
-        }
-        const float *keys = (const float *)ly->k_cache + base;
-        const float *values = (const float *)ly->v_cache + base;
-        switch (d) {
-        case 64: attend_head(q, keys, values, o, first, last, md->scale, 64, 0, table, bs,
-                             stride, blocked); break;
-        case 128: attend_head(q, keys, values, o, first, last, md->scale, 128, 0, table, bs,
-                              stride, blocked); break;
-        default: attend_head(q, keys, values, o, first, last, md->scale, d, 0, table, bs,
-                             stride, blocked); break;
-        }
+        long unit = md->kv_fp8 ? 1 : (long)sizeof(float);  /* bytes per cached value */
+        const char *keys = (const char *)ly->k_cache + base * unit;
+        const char *values = (const char *)ly->v_cache + base * unit;
+        if (md->kv_fp8)
+            attend_head_sized(q, keys, values, o, first, last, md->scale, d, 1, table, bs,
+                              stride, blocked);
+        else
+            attend_head_sized(q, keys, values, o, first, last, md->scale, d, 0, table, bs,
+                              stride, blocked);
     }
 }
 
