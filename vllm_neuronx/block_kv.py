@@ -25,6 +25,8 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
+from vllm_neuronx import neuron_config as nc
+
 # NxDI's recommended pa_block_size.
 DEFAULT_BLOCK_SIZE = 32
 # The neuron-config keys this module owns: set from vLLM's settings, and checked against
@@ -47,10 +49,6 @@ class BlockLayout:
     chunked_prefill: bool
 
 
-def _flag(value: Any) -> bool:
-    return value not in (None, False, 0, "", {}, [])
-
-
 def resolve(overrides: Mapping[str, Any], *, prefix_caching: bool | None,
             chunked_prefill: bool | None, block_size: int | None, num_blocks: int | None,
             max_num_seqs: int, seq_len: int) -> BlockLayout | None:
@@ -61,21 +59,21 @@ def resolve(overrides: Mapping[str, Any], *, prefix_caching: bool | None,
     them (None otherwise). The NxDI keys may say the same again; saying otherwise is an
     error naming both."""
     keyed_prefix = overrides.get("is_prefix_caching")
-    keyed_chunked = _flag(overrides.get("chunked_prefill_config"))
+    keyed_chunked = nc.asks_for(overrides.get("chunked_prefill_config"))
     _agree("is_prefix_caching", keyed_prefix, "enable_prefix_caching", prefix_caching)
     if keyed_chunked and chunked_prefill is False:
         raise BlockLayoutError(
             "override_neuron_config asks for chunked prefill (chunked_prefill_config) but "
             "enable_chunked_prefill is off; turn it on (--enable-chunked-prefill) or drop "
             "the key")
-    prefix = bool(prefix_caching) or _flag(keyed_prefix)
+    prefix = bool(prefix_caching) or nc.asks_for(keyed_prefix)
     chunked = bool(chunked_prefill) or keyed_chunked
     keyed_layout = overrides.get("is_block_kv_layout")
     if keyed_layout is False and (prefix or chunked):
         raise BlockLayoutError(
             "is_block_kv_layout=false contradicts prefix caching / chunked prefill, which "
             "run on the block KV layout; drop is_block_kv_layout")
-    if not (prefix or chunked or _flag(keyed_layout)):
+    if not (prefix or chunked or nc.asks_for(keyed_layout)):
         for key in ("pa_num_blocks", "pa_block_size"):
             if overrides.get(key) is not None:
                 raise BlockLayoutError(
@@ -144,7 +142,7 @@ def of(cfg: Mapping[str, Any]) -> BlockLayout | None:
         return None
     return BlockLayout(int(cfg["pa_block_size"]), int(cfg["pa_num_blocks"]),
                        bool(cfg.get("is_prefix_caching")),
-                       _flag(cfg.get("chunked_prefill_config")))
+                       nc.asks_for(cfg.get("chunked_prefill_config")))
 
 
 def slots(blocks: list[int], start: int, stop: int, block_size: int) -> list[int]:

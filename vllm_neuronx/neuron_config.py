@@ -335,6 +335,11 @@ def resolve_neuron_config(
     return cfg
 
 
+def asks_for(value: Any) -> bool:
+    """Whether a key's value turns its feature on: False, None, 0 and empty do not."""
+    return value not in (None, False, 0, "", [], {})
+
+
 def global_topk(cfg: Mapping[str, Any]) -> int | None:
     """The first-stage candidate count of on-device sampling (None when it is off)."""
     ods = cfg.get("on_device_sampling_config")

@@ -93,15 +93,10 @@ _FEATURES = {
 MULTIMODAL = Unserved("multimodal input (images)", ALL_BACKENDS, None)
 
 
-def _asks_for(value: Any) -> bool:
-    """Whether a key's value turns its feature on: False, None, 0 and empty do not."""
-    return value not in (None, False, 0, "", [], {})
-
-
 def check_neuron_config(cfg: Mapping[str, Any], backend: str) -> None:
     """Refuse every override key ``backend`` does not serve yet, naming it."""
     refused = [(key, entry) for key, entry in UNSERVED_KEYS.items()
-               if backend in entry.backends and _asks_for(cfg.get(key))]
+               if backend in entry.backends and nc.asks_for(cfg.get(key))]
     if refused:
         key, entry = refused[0]
         others = [k for k, _ in refused[1:]]
