@@ -102,13 +102,14 @@ def in_process_engines():
         leave_in_process_engine_env(mp)
 
 
-def nxdi_simulator_server_env(tmp_path_factory) -> dict[str, str]:
+def nxdi_simulator_server_env(tmp_path_factory=None, folder=None) -> dict[str, str]:
     """The environment of a server (a process of its own) on the NxDI backend over its
-    simulator, compiling into a folder of this test session."""
+    simulator, compiling into ``folder`` or a new folder of this test session."""
+    if folder is None:
+        folder = tmp_path_factory.mktemp("nxdi") / "compiled"
     return {"PYTHONPATH": os.pathsep.join(filter(None, [SIMULATORS,
                                                         os.environ.get("PYTHONPATH")])),
-            "VLLM_NEURONX_FORCE_BACKEND": "nxdi",
-            "NEURON_COMPILED_ARTIFACTS": str(tmp_path_factory.mktemp("nxdi") / "compiled")}
+            "VLLM_NEURONX_FORCE_BACKEND": "nxdi", "NEURON_COMPILED_ARTIFACTS": str(folder)}
 
 
 def use_simulator(package: str, backend: str, **env: str):

@@ -152,3 +152,25 @@ def test_speculating_peers_report_one_runs_acceptance_from_the_servers_counters(
     assert run.acceptance(before, run.parse_spec_counters(text)) == {
         "acceptance": 0.4, "accepted_per_step": 1.2}
     assert run.acceptance(before, before) == {"acceptance": None, "accepted_per_step": None}
+
+
+def test_host_overhead_runs_and_reports_the_exposed_host_time(tmp_path):
+    """The benchmark itself (a short run): it broke once when the protocol changed."""
+    import json
+    import os
+    import subprocess
+    import sys
+
+    script = os.path.join(os.path.dirname(__file__), "..", "benchmarks", "host_overhead.py")
+    env = {k: v for k, v in os.environ.items() if k != "VLLM_ENABLE_V1_MULTIPROCESSING"}
+    out = str(tmp_path / "host_overhead.json")
+    proc = subprocess.run([sys.executable, script, "--steps", "12", "--batches", "2",
+                           "--device-ms", "0", "2", "--out", out], capture_output=True,
+                          text=True, timeout=300, env=env)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    rows = json.load(open(out))["rows"]
+    assert [(r["device_ms"], r["batch"], r["scheduling"]) for r in rows] == [
+        (0.0, 2, "sync"), (0.0, 2, "async"), (2.0, 2, "sync"), (2.0, 2, "async")]
+    for r in rows[2:]:
+        assert r["backend_us"] >= 2000  # the device's time is in every step
+        assert r["exposed_host_us"] == pytest.approx(r["period_us"] - 2000)

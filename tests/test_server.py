@@ -49,7 +49,7 @@ def server():
         api_server_argv(
             default_model_path(),
             f"--max-num-seqs={MAX_NUM_SEQS}", f"--max-model-len={MAX_MODEL_LEN}",
-            "--tensor-parallel-size=8", "--device", "neuron",
+            "--tensor-parallel-size=2", "--device", "neuron",
             "--override-neuron-config", '{"enable_bucketing":false}', "--api-key", API_KEY,
             "--enable-log-requests",  # "Aborted request": a hang-up reached the engine
         ),
@@ -148,7 +148,7 @@ def test_greedy_equals_offline_llm(client, model):
     online = client.completions.create(model=model, prompt=prompt, max_tokens=24, temperature=0,
                                        extra_body={"ignore_eos": True})
     llm = LLM(model=model, device="neuron", max_num_seqs=MAX_NUM_SEQS,
-              max_model_len=MAX_MODEL_LEN, tensor_parallel_size=8,
+              max_model_len=MAX_MODEL_LEN, tensor_parallel_size=2,
               override_neuron_config={"enable_bucketing": False})
     offline = llm.generate([prompt], SamplingParams(temperature=0, max_tokens=24,
                                                     ignore_eos=True))

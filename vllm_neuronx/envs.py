@@ -40,6 +40,15 @@ _VARS: dict[str, Callable[[], Any]] = {
     # The CPU backend's native kernel: avx512, avx2, torch (none), or auto (default:
     # the best this CPU runs). For tests and benchmarks; part of the artifacts' key.
     "VLLM_NEURONX_CPU_KERNEL": _str("VLLM_NEURONX_CPU_KERNEL"),
+    # The rank group (vllm_neuronx/distributed): the processes that run one model, rank 0
+    # being vLLM's. Set by the multi-node launcher (examples/neuron/multi_node/launch.py),
+    # or by the leader for the CPU backend's ranks it starts itself.
+    "VLLM_NEURONX_RANK": _str("VLLM_NEURONX_RANK"),
+    "VLLM_NEURONX_WORLD_SIZE": _str("VLLM_NEURONX_WORLD_SIZE"),
+    "VLLM_NEURONX_MASTER": _str("VLLM_NEURONX_MASTER"),  # host:port of rank 0's store
+    # Seconds a rank may keep the others waiting inside a step (or at start-up, times
+    # ten) before they fail: a follower that hangs fails the leader's requests within it.
+    "VLLM_NEURONX_RANK_TIMEOUT": _str("VLLM_NEURONX_RANK_TIMEOUT", "120"),
 }
 
 

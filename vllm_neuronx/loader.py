@@ -10,12 +10,15 @@ from vllm_neuronx.platform_config import NeuronSettings
 
 
 def load_backend(
-    model_path: str, settings: NeuronSettings, *, seed: int = 0
+    model_path: str, settings: NeuronSettings, *, seed: int = 0, ranks=None
 ) -> tuple[NeuronBackend, artifacts.CacheResult]:
     """Construct the backend, then load its artifacts or compile and store them
-    (or, when the cache cannot be written, compile and serve from memory)."""
+    (or, when the cache cannot be written, compile and serve from memory). ``ranks``: the
+    rank group (distributed/) whose collectives a tensor-parallel CPU backend shards over."""
     cls = backend_class(settings.backend)
     backend = cls(model_path, settings.neuron_config, seed=seed, draft=settings.draft)
+    if ranks is not None and hasattr(backend, "ranks"):
+        backend.ranks = ranks
     key = artifacts.artifact_key(
         settings.neuron_config, settings.backend, cls.version(), model_path, settings.draft
     )

@@ -4,7 +4,8 @@ vLLM builds CPU tensors (device_type "cpu"); the backend moves them to the
 device, as NxDI expects. check_and_update_config turns vLLM's settings into
 Neuron's: one KV block of max_model_len tokens per sequence, max_num_seqs blocks, no
 chunked prefill, no prefix caching (unless the user asks: then the block KV layout's
-blocks, block_kv.py), no async scheduling, no vLLM compilation,
+blocks, block_kv.py), async scheduling only where asked (platform_config.async_scheduling),
+no vLLM compilation,
 world size 1 (tensor parallelism runs inside the backend), our worker and
 scheduler. Requests the device cannot serve are refused in validate_request.
 """
@@ -20,7 +21,7 @@ from vllm.platforms.interface import Platform, PlatformEnum
 
 from vllm_neuronx import envs
 from vllm_neuronx.log import get_logger
-from vllm_neuronx.platform_config import NeuronSettings
+from vllm_neuronx.platform_config import NeuronSettings, async_scheduling
 
 if TYPE_CHECKING:
     from vllm.config import VllmConfig
@@ -29,6 +30,7 @@ logger = get_logger(__name__)
 
 WORKER_CLS = "vllm_neuronx.worker.worker.NeuronWorker"
 SCHEDULER_CLS = "vllm_neuronx.scheduler.NeuronScheduler"
+ASYNC_SCHEDULER_CLS = "vllm_neuronx.scheduler.NeuronAsyncScheduler"
 
 
 class NeuronPlatform(Platform):
@@ -107,8 +109,8 @@ class NeuronPlatform(Platform):
         sched = vllm_config.scheduler_config
         block = settings.block_layout
         cache.user_specified_block_size = True
-        sched.scheduler_cls = SCHEDULER_CLS
-        sched.async_scheduling = False
+        sched.async_scheduling = async_scheduling(settings, vllm_config)
+        sched.scheduler_cls = ASYNC_SCHEDULER_CLS if sched.async_scheduling else SCHEDULER_CLS
         if block is None:  # one line of max_model_len per sequence
             cache.block_size = max_len
             cache.enable_prefix_caching = False

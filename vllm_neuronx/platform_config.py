@@ -18,6 +18,7 @@ from typing import Any
 from vllm_neuronx import block_kv, envs, framework, speculation, unserved
 from vllm_neuronx import neuron_config as nc
 from vllm_neuronx.backends.protocol import SamplingCapabilities
+from vllm_neuronx.distributed import topology
 from vllm_neuronx.lora.config import check_lora_config
 
 SETTINGS_KEY = "neuron_settings"
@@ -83,6 +84,9 @@ class NeuronSettings:
         found = artifacts.precompiled_config(choice.backend, backend.stored_config)
         if found is not None:
             folder, stored = found
+            # A node's own place among the ranks stays its own: the folder may be another
+            # node's (NxDI gives start_rank_id at load; the graphs do not depend on it).
+            stored = {**stored, **{k: cfg[k] for k in topology.PER_NODE_KEYS if k in cfg}}
             diffs = artifacts.config_differences(cfg, stored)
             if diffs:
                 changes = ", ".join(f"{k}: {a!r} -> {b!r}" for k, (a, b) in diffs.items())
@@ -101,6 +105,7 @@ class NeuronSettings:
         quantization = vllm_config.model_config.quantization
         backend.validate(cfg, quantization=quantization)
         unserved.check_neuron_config(cfg, choice.backend)
+        topology.check_served(choice.backend, cfg, draft=draft is not None)
         check_lora_config(vllm_config.lora_config, vllm_config.model_config.dtype,
                           choice.backend)
         if quantization == "neuron_quant":  # the framework quantizes (and the cache key says so)
@@ -130,12 +135,17 @@ class NeuronSettings:
                 "configure this engine (is the vllm_neuronx plugin loaded? check "
                 "VLLM_PLUGINS)"
             )
+        _CURRENT = cls.from_dict(stored)
+        return _CURRENT
+
+    @classmethod
+    def from_dict(cls, stored: dict[str, Any]) -> NeuronSettings:
+        """Settings from ``asdict`` (``publish``'s form, also what a rank's follower gets)."""
         stored = dict(stored)
         stored["sampling"] = SamplingCapabilities(**stored.get("sampling", {}))
         if stored.get("draft") is not None:
             stored["draft"] = speculation.Draft(**stored["draft"])
-        _CURRENT = cls(**stored)
-        return _CURRENT
+        return cls(**stored)
 
     @property
     def max_model_len(self) -> int:
@@ -151,6 +161,27 @@ class NeuronSettings:
         """Make vLLM's scheduler match what was compiled (precompiled artifacts may differ)."""
         vllm_config.scheduler_config.max_num_seqs = self.neuron_config["batch_size"]
         vllm_config.model_config.max_model_len = self.max_model_len
+
+
+def async_scheduling(settings: NeuronSettings, vllm_config) -> bool:
+    """Whether step N+1 is scheduled while step N runs (vLLM's async scheduling): where the
+    user asks (--async-scheduling). Not by default, although vLLM turns it on: behind a
+    5 ms device step it hid host time at batch 32 (1.17 against 1.77 ms exposed) but cost
+    more at batch 1 and 8 (0.97 against 0.72, 1.06 against 0.96 ms: the hand-offs between
+    threads, benchmarks/host_overhead.py on 2 cores). Not with fused speculation (the runner
+    hands vLLM its placeholder drafts after each step) nor with the block KV layout (a
+    preemption while a step is in flight is not handled yet)."""
+    asked = (vllm_config.additional_config or {}).get(ASKED_KEY, {}).get("async_scheduling")
+    blockers = [why for why, present in (
+        ("fused speculation (speculative_config)", settings.draft is not None),
+        ("the block KV layout (prefix caching, chunked prefill)",
+         settings.block_layout is not None)) if present]
+    if blockers:
+        if asked:
+            raise nc.NeuronConfigError(
+                f"--async-scheduling is not served with {blockers[0]} on Neuron; drop one")
+        return False
+    return bool(asked)
 
 
 def _draft(vllm_config) -> speculation.Draft | None:

@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import functools
 
+from vllm.v1.core.sched.async_scheduler import AsyncScheduler
 from vllm.v1.core.sched.request_queue import create_request_queue
 from vllm.v1.core.sched.scheduler import Scheduler
 from vllm.v1.request import RequestStatus
@@ -142,3 +143,10 @@ class NeuronScheduler(Scheduler):
         if not kw and request.num_computed_tokens + num_new_tokens <= self.max_model_len:
             return self.kv_cache_manager.empty_kv_cache_blocks
         return allocate(request, num_new_tokens, num_lookahead_tokens=num_lookahead_tokens, **kw)
+
+
+class NeuronAsyncScheduler(NeuronScheduler, AsyncScheduler):
+    """The same rules, with vLLM's asynchronous scheduling: step N+1 is scheduled while
+    step N runs on the device, upstream's AsyncScheduler counting step N's token as a
+    placeholder until it arrives (the runner waits for it before building N+1's inputs)."""
+

@@ -52,7 +52,17 @@ _CHUNKED_PREFILL = Unserved(
     why=(("nxdi", "NxDI removed it in Neuron SDK 2.28 (NeuronBaseForCausalLM raises "
                   "NotImplementedError); long prompts prefill whole, in their context "
                   "bucket"),))
-_ASYNC = Unserved("async mode", ALL_BACKENDS, 23)
+# NxDI's async_mode runs each decode ahead from the device's own token, ignoring the inputs
+# given (modules/async_execution.py at 4bcdc54), and leans on the runtime's implicit async
+# execution, which Neuron SDK 2.31 removed. Host time is hidden by vLLM's asynchronous
+# scheduling instead (--async-scheduling; model_runner.py).
+_ASYNC_WHY = ("it continues each decode from the device's own token, ignoring the runner's "
+              "inputs, which host-sampled requests (logprobs, penalties, seeds, structured "
+              "output) and fused speculation need, and it relies on the runtime's implicit "
+              "async execution, which Neuron SDK 2.31 removed; vLLM's --async-scheduling "
+              "hides the host's time instead")
+_ASYNC = Unserved("NxDI's async_mode", ALL_BACKENDS, None,
+                  why=tuple((b, _ASYNC_WHY) for b in sorted(ALL_BACKENDS)))
 # LoRA is served on nxdi and cpu through vLLM's own settings (enable_lora, max_loras...,
 # --lora-modules, LoRARequest). transformers-neuronx's LoRA never took per-request adapters.
 _LORA = Unserved("LoRA adapters", frozenset({"tnx"}), None)

@@ -36,6 +36,13 @@ Prefix caching is NxDI's own on its block KV layout (``is_block_kv_layout``,
 picks a [prefill, prefix] bucket per prompt and asserts when the cached prefix it would read
 exceeds its largest prefix bucket; such a prompt is told of fewer cached blocks instead
 (``PrefixBuckets.fit``). What NxDI cannot compile with it is refused at start-up by name.
+
+Multi-node is NxDI's own: one process per node, each calling forward with the same inputs;
+``tp_degree`` is the total of ranks, ``local_ranks_size`` this node's share of them and
+``start_rank_id`` its first (node * local_ranks_size). The keys go to NxDI's NeuronConfig
+as given (NxDI's defaults, the whole world from rank 0, where they are left out), are
+checked by name (``RankLayout``), and a node holding part of the ranks needs the runtime's
+NEURON_RT_ROOT_COMM_ID=host:port to meet the others.
 """
 
 from __future__ import annotations
@@ -48,6 +55,7 @@ import itertools
 import json
 import math
 import os
+import re
 from collections.abc import Collection, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -55,7 +63,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from vllm_neuronx import block_kv, nxdi_keys, speculation
+from vllm_neuronx import block_kv, envs, nxdi_keys, speculation
 from vllm_neuronx import neuron_config as nc
 from vllm_neuronx.backends.protocol import (
     Batch,
@@ -292,6 +300,104 @@ class PrefixBuckets:
             f"encoding buckets (prefill {list(self.prefill)}, prefix {list(self.prefix)})")
 
 
+# -- multi-node: which of NxDI's ranks this process runs -----------------------------------------
+# The Neuron runtime's rendezvous when the ranks span processes: NxDI's multi-node examples set
+# it on every node (examples/multi_node.md), its launcher defaults it to the first host
+# (scripts/nxdi_distributed_launcher.py 38-39).
+ROOT_COMM_ENV = "NEURON_RT_ROOT_COMM_ID"
+_HOST_PORT = re.compile(r"(\[[0-9a-fA-F:.]+\]|[^\s:]+):(\d{1,5})")
+
+
+def _count(cfg: Mapping[str, Any], key: str, default: int, least: int) -> int:
+    value = cfg.get(key)
+    if value is None:
+        return default
+    if not isinstance(value, int) or isinstance(value, bool) or value < least:
+        what = "a positive" if least else "a non-negative"
+        raise nc.NeuronConfigError(f"{key}={value!r} must be {what} integer")
+    return value
+
+
+@dataclass(frozen=True, slots=True)
+class RankLayout:
+    """NxDI's ranks and this process's share of them (one process per node)."""
+
+    world_size: int  # every rank over all nodes: tp_degree (* pp_degree * ep_degree)
+    local_ranks_size: int  # this node's ranks
+    start_rank_id: int  # this node's first rank
+
+    @classmethod
+    def of(cls, cfg: Mapping[str, Any]) -> RankLayout:
+        """The keys of ``cfg`` with NxDI's defaults (models/config.py 382-390: world_size
+        tp * pp * ep, start_rank_id 0, local_ranks_size the world), refused by name where
+        NxD could not shard or connect the ranks."""
+        tp = _count(cfg, "tp_degree", 1, 1)
+        parallel = tp * _count(cfg, "pp_degree", 1, 1) * _count(cfg, "ep_degree", 1, 1)
+        world = _count(cfg, "world_size", parallel, 1)
+        if world != parallel:  # more would be data parallelism inside NxDI
+            raise nc.NeuronConfigError(
+                f"world_size={world} with tp_degree={tp}: NxDI's ranks are tp_degree * "
+                f"pp_degree * ep_degree = {parallel} over all nodes; leave world_size out "
+                "(tp_degree is the total, local_ranks_size each node's share)")
+        local = _count(cfg, "local_ranks_size", world, 1)
+        start = _count(cfg, "start_rank_id", 0, 0)
+        left_out = ("" if cfg.get("local_ranks_size") is not None else
+                    " (local_ranks_size was left out: NxDI's default is every rank, one node)")
+        if world % local:
+            raise nc.NeuronConfigError(
+                f"local_ranks_size={local} does not divide tp_degree={tp} (world_size "
+                f"{world}, the ranks over all nodes): each node runs local_ranks_size ranks, "
+                "so some ranks would run on no node")
+        if start % local:
+            raise nc.NeuronConfigError(
+                f"start_rank_id={start} is not a multiple of local_ranks_size={local}: node n "
+                f"starts at rank n * local_ranks_size (NxDI's examples/multi_node.md){left_out}")
+        if start + local > world:
+            raise nc.NeuronConfigError(
+                f"start_rank_id={start} with local_ranks_size={local} runs ranks {start}.."
+                f"{start + local - 1}, past the last rank {world - 1} of tp_degree={tp}"
+                f"{left_out}")
+        return cls(world, local, start)
+
+    @property
+    def nodes(self) -> int:
+        return self.world_size // self.local_ranks_size
+
+    @property
+    def node(self) -> int:
+        return self.start_rank_id // self.local_ranks_size
+
+    def check_process(self, rank: int, processes: int) -> None:
+        """For a launcher: process ``rank`` of ``processes`` (one per node) must be node
+        ``rank`` of as many nodes, or the ranks it loads are another node's (or nobody's)."""
+        if (self.node, self.nodes) == (rank, processes):
+            return
+        where = (f"process {rank} of {processes} has start_rank_id={self.start_rank_id} and "
+                 f"local_ranks_size={self.local_ranks_size} of tp_degree={self.world_size}, "
+                 f"i.e. node {self.node} of {self.nodes}")
+        if processes < 1 or self.world_size % processes:
+            raise nc.NeuronConfigError(
+                f"{where}: tp_degree={self.world_size} is not a multiple of {processes} nodes")
+        local = self.world_size // processes
+        raise nc.NeuronConfigError(
+            f"{where}: set start_rank_id={rank * local} and local_ranks_size={local}")
+
+    def check_root_comm(self) -> str | None:
+        """NEURON_RT_ROOT_COMM_ID, which a node holding part of the ranks needs (None on a
+        single node, where it is not read)."""
+        if self.nodes == 1:
+            return None
+        value = os.environ.get(ROOT_COMM_ENV, "")
+        match = _HOST_PORT.fullmatch(value)
+        if not match or not 0 < int(match.group(2)) < 65536:
+            raise nc.NeuronConfigError(
+                f"{ROOT_COMM_ENV}={value!r}: this node runs ranks {self.start_rank_id}.."
+                f"{self.start_rank_id + self.local_ranks_size - 1} of {self.world_size} "
+                f"(local_ranks_size < tp_degree), so the Neuron runtime needs "
+                f"{ROOT_COMM_ENV}=host:port of node 0, the same on every node")
+        return value
+
+
 def read_hf_config(model_path: str) -> dict[str, Any]:
     with open(os.path.join(model_path, "config.json")) as f:
         return json.load(f)
@@ -493,6 +599,10 @@ class NxdiBackend(NeuronBackend):
                  draft: Draft | None = None) -> None:
         super().__init__(model_path, neuron_config, seed=seed, draft=draft)
         self.validate(neuron_config)
+        self.rank_layout = RankLayout.of(neuron_config)
+        if envs.VLLM_NEURONX_WORLD_SIZE:  # one process of a rank group: one node each
+            self.rank_layout.check_process(int(envs.VLLM_NEURONX_RANK or 0),
+                                           int(envs.VLLM_NEURONX_WORLD_SIZE))
         self.quant = QuantConfig.from_neuron_config(neuron_config)
         self.hf_config = read_hf_config(model_path)
         self.architecture, module, name = model_class_path(self.hf_config)
@@ -542,6 +652,7 @@ class NxdiBackend(NeuronBackend):
                 "artifacts folder unless quantized_checkpoints_path names a folder or .pt file)"
             )
         QuantConfig.from_neuron_config(neuron_config)
+        RankLayout.of(neuron_config)
         tp = neuron_config.get("tp_degree")
         if isinstance(tp, bool) or tp not in SUPPORTED_TP_DEGREES:
             raise nc.NeuronConfigError(
@@ -891,6 +1002,13 @@ class NxdiBackend(NeuronBackend):
             theirs, ours = block_kv.of(stored), self.block_layout
             if theirs != ours:  # the KV cache's blocks: vLLM's block ids index them
                 differ["block KV layout"] = (theirs, ours)
+            # NxD builds the compiled SPMD models for world_size ranks, local_ranks_size of
+            # them per process (neuronx-distributed trace/model_builder.py 1064); the node's
+            # start_rank_id is given at load (application_base.py 414-415)
+            theirs_ranks = RankLayout.of(stored)
+            for key in ("world_size", "local_ranks_size"):
+                if getattr(theirs_ranks, key) != getattr(self.rank_layout, key):
+                    differ[key] = (getattr(theirs_ranks, key), getattr(self.rank_layout, key))
             if differ:
                 raise ValueError(
                     f"NxDI artifacts in {folder} were compiled for another shape "
@@ -899,8 +1017,16 @@ class NxdiBackend(NeuronBackend):
         self._set_fp8_env()
         if self.quant.weights:
             self._point_at_checkpoint(folder)
+        root = self.rank_layout.check_root_comm()
         if self.model is None:  # compiled by an earlier process
             self.model = self.model_cls(self.model_path, self.config)
+        if root is not None:
+            ranks = self.rank_layout
+            logger.info("NxDI: node %d of %d, ranks %d..%d of tp_degree %d (%s=%s)",
+                        ranks.node, ranks.nodes, ranks.start_rank_id,
+                        ranks.start_rank_id + ranks.local_ranks_size - 1,
+                        ranks.world_size, ROOT_COMM_ENV, root)
+        # NxDI's load reads start_rank_id and local_ranks_size from the NeuronConfig
         self.model.load(folder)
 
     # -- quantization ---------------------------------------------------------------------------

@@ -15,9 +15,10 @@ NotImplementedError ("Unsupported speculative method: 'None'") for a plain draft
 although its own comment says an undetected model is a draft model (later releases do
 so). Heads it detects keep no method, so it still detects them.
 
-vLLM turns prefix caching and chunked prefill on unless told otherwise; on Neuron they
-select the block KV layout (``block_kv``), so only the user's own word counts: what the
-user gave (None: nothing) travels in ``additional_config["vllm_flags_asked"]``.
+vLLM turns prefix caching, chunked prefill and async scheduling on unless told otherwise;
+on Neuron the first two select the block KV layout (``block_kv``) and the third pays only
+where a device runs the steps, so only the user's own word counts: what the user gave
+(None: nothing) travels in ``additional_config["vllm_flags_asked"]``.
 """
 
 from __future__ import annotations
@@ -54,7 +55,7 @@ def neuronize(engine_args, device: Any = None, overrides: Any = None) -> None:
     if merged:
         additional[OVERRIDES_KEY] = merged
     asked = additional.setdefault(ASKED_KEY, {})
-    for flag in ("enable_prefix_caching", "enable_chunked_prefill"):
+    for flag in ("enable_prefix_caching", "enable_chunked_prefill", "async_scheduling"):
         if getattr(engine_args, flag) is not None:
             asked[flag] = bool(getattr(engine_args, flag))
     engine_args.additional_config = additional

@@ -5,9 +5,9 @@ logprobs, penalties, seeds, min_p, logit_bias, allowed_token_ids, bad_words,
 min_tokens, structured output) are sampled here; the others stay on the device.
 Nothing is reimplemented: upstream's ``InputBatch`` turns the requests of one
 step into ``SamplingMetadata`` (with its logits processors: min_p, logit_bias,
-min_tokens and any ``--logits-processors``), upstream's ``apply_grammar_bitmask``
-applies structured output, and upstream's ``Sampler`` samples and gathers the
-logprobs. As upstream's GPU runner does, the batch holds exactly the requests
+min_tokens and any ``--logits-processors``), xgrammar applies the scheduler's
+structured-output bitmasks (``_apply_bitmasks``), and upstream's ``Sampler`` samples and
+gathers the logprobs. As upstream's GPU runner does, the batch holds exactly the requests
 sampled in this step (requests not in the step leave it and come back later with
 their state), so a seeded request draws from its own generator once per token,
 whatever else runs beside it.
@@ -16,7 +16,6 @@ whatever else runs beside it.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from types import SimpleNamespace
 
 import numpy as np
 import torch
@@ -24,14 +23,11 @@ from vllm.sampling_params import SamplingParams, SamplingType
 from vllm.v1.outputs import LogprobsLists, LogprobsTensors
 from vllm.v1.sample.logits_processor import BUILTIN_LOGITS_PROCESSORS, build_logitsprocs
 from vllm.v1.sample.sampler import Sampler
-from vllm.v1.structured_output.utils import apply_grammar_bitmask
 from vllm.v1.worker.gpu_input_batch import CachedRequestState, InputBatch
 
 from vllm_neuronx import sampling
 
 _CPU = torch.device("cpu")
-# apply_grammar_bitmask reads only the scheduler output's draft tokens: never any on Neuron.
-_NO_SPEC_TOKENS = SimpleNamespace(scheduled_spec_decode_tokens={})
 
 
 class _HostTorchSampler(Sampler):
@@ -134,7 +130,7 @@ class HostSampler:
         # In the batch's order, and a copy: the sampler works in place.
         batch_logits = logits.index_select(0, order).to(torch.float32)
         if grammar_output is not None and grammar_output.structured_output_request_ids:
-            apply_grammar_bitmask(_NO_SPEC_TOKENS, grammar_output, batch, batch_logits)
+            _apply_bitmasks(grammar_output, batch.req_ids, batch_logits)
         out = self.sampler(batch_logits, batch.sampling_metadata)
         sampled = out.sampled_token_ids[:, 0].tolist()
         for index, (req_id, token) in enumerate(zip(batch.req_ids, sampled, strict=True)):
@@ -185,3 +181,27 @@ def merge_logprobs(num_rows: int, rows: list[int], host: LogprobsTensors | None)
     logprobs[rows] = host.logprobs.numpy()
     ranks[rows] = host.selected_token_ranks.numpy()
     return LogprobsLists(token_ids, logprobs, ranks)
+
+
+def _apply_bitmasks(grammar_output, req_ids: list[str], logits: torch.Tensor) -> None:
+    """Mask each structured-output row of ``logits`` (rows in ``req_ids`` order) with its
+    grammar's bitmask, in place. The scheduler's bitmasks come in its own order, and may
+    name requests that are not in this step (sampled on the device, or finished). Rows
+    without a grammar get an all-allowed mask, so xgrammar takes one full batch: upstream's
+    ``apply_grammar_bitmask`` passes the rows' indices in pinned memory instead, which a
+    CPU-only torch cannot allocate."""
+    import xgrammar
+
+    row_of = {req_id: i for i, req_id in enumerate(req_ids)}
+    rows, masks = [], []
+    for k, req_id in enumerate(grammar_output.structured_output_request_ids):
+        if req_id in row_of:
+            rows.append(row_of[req_id])
+            masks.append(k)
+    if not rows:
+        return
+    given = torch.from_numpy(np.asarray(grammar_output.grammar_bitmask)[masks])
+    bitmask = torch.full((logits.shape[0], given.shape[1]), -1, dtype=given.dtype)
+    bitmask[rows] = given
+    xgrammar.apply_token_bitmask_inplace(logits, bitmask)
+

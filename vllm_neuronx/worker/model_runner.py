@@ -27,12 +27,28 @@ resumed request, a prefill of everything it has, over its cached prefix.
 With LoRA on, each request's adapter is taken from the host pool (``lora.pool``) when it
 is admitted and given back when it finishes; a prefill step tells the backend each row's
 adapter (``adapter_indices``), which binds it to the row's KV line for the decode steps.
+
+With vLLM's asynchronous scheduling the runner's work runs on a thread of its own (the
+step thread), in the order vLLM asks for it: ``execute_model`` and ``sample_tokens`` queue
+their work and return at once, so vLLM schedules step N+1 and handles step N's output
+while step N runs. The step thread takes N+1 up the moment N ends: by then N's tokens
+(N+1's inputs), its host rows' sampling state (penalties, logprobs, grammars) and the KV
+lines are current, as in the synchronous order. Every backend call stays on that one
+thread (adapter loads too: ``serialized``), so a backend never sees two at once.
 """
 
 from __future__ import annotations
 
+import sys
+from concurrent.futures import Future, ThreadPoolExecutor
+
 import torch
-from vllm.v1.outputs import EMPTY_MODEL_RUNNER_OUTPUT, DraftTokenIds, ModelRunnerOutput
+from vllm.v1.outputs import (
+    EMPTY_MODEL_RUNNER_OUTPUT,
+    AsyncModelRunnerOutput,
+    DraftTokenIds,
+    ModelRunnerOutput,
+)
 
 from vllm_neuronx import sampling
 from vllm_neuronx.backends import NeuronBackend
@@ -53,6 +69,9 @@ from vllm_neuronx.worker.step_times import StepTimes
 
 logger = get_logger(__name__)
 
+# Python's GIL switch interval with asynchronous scheduling (see NeuronModelRunner).
+STEP_THREAD_SWITCH_S = 50e-6
+
 
 class NeuronModelRunner:
     def __init__(self, backend: NeuronBackend, vllm_config) -> None:
@@ -62,6 +81,16 @@ class NeuronModelRunner:
         self.block_layout = backend.block_layout
         self.requests: dict[str, SequenceRow] = {}
         self._pending: StepInputs | None = None
+        # Asynchronous scheduling: the step thread, and an error of a queued execute_model
+        # (raised by the sample_tokens after it, whose output vLLM waits for).
+        self._steps = ThreadPoolExecutor(1, thread_name_prefix="NeuronStep") \
+            if vllm_config.scheduler_config.async_scheduling else None
+        self._staging_error: BaseException | None = None
+        if self._steps is not None:
+            # The step thread must go on the moment its device call returns, not when the
+            # engine's thread next lets go of the GIL: with Python's default 5 ms switch
+            # interval it waited about 1 ms behind vLLM's output handling, every step.
+            sys.setswitchinterval(min(sys.getswitchinterval(), STEP_THREAD_SWITCH_S))
         self.step_times = StepTimes()
         # Fused speculation: vLLM's n (placeholder drafts per row), and the rows of the last
         # step that get them (take_draft_token_ids).
@@ -165,7 +194,27 @@ class NeuronModelRunner:
             self.lines.release(req_id)
 
     def execute_model(self, scheduler_output) -> ModelRunnerOutput | None:
-        """Admit new requests, free finished ones, and stage this step's inputs."""
+        """Admit new requests, free finished ones, and stage this step's inputs (queued on
+        the step thread with asynchronous scheduling)."""
+        if self._steps is None:
+            return self._stage(scheduler_output)
+        self._steps.submit(self._stage_queued, scheduler_output)
+        return EMPTY_MODEL_RUNNER_OUTPUT if not scheduler_output.total_num_scheduled_tokens \
+            else None
+
+    def _stage_queued(self, scheduler_output) -> None:
+        try:
+            self._stage(scheduler_output)
+        except BaseException as e:
+            self._pending, self._staging_error = None, e
+
+    def serialized(self, fn, *args):
+        """``fn(*args)`` in order with the steps (on the step thread, where there is one)."""
+        if self._steps is None:
+            return fn(*args)
+        return self._steps.submit(fn, *args).result()
+
+    def _stage(self, scheduler_output) -> ModelRunnerOutput | None:
         for req_id in scheduler_output.finished_req_ids:
             self._forget(req_id)
         self._preempted(scheduler_output.preempted_req_ids)
@@ -211,7 +260,8 @@ class NeuronModelRunner:
         if self._pending is not None and self.block_layout is not None:
             ordered = [self.requests[r] for r in self._pending.req_ids]
             with_blocks(self._pending, ordered, self.block_layout, self.backend.max_length)
-        return None
+        # Nothing to run: the step's output now (asynchronous scheduling samples no such step).
+        return EMPTY_MODEL_RUNNER_OUTPUT if self._pending is None else None
 
     def _chunked_step(self, scheduler_output) -> StepInputs:
         """A step of upstream's own scheduling (chunked prefill): new requests' first
@@ -274,8 +324,17 @@ class NeuronModelRunner:
                 live[id(row.adapter)] = row.adapter
         return self.backend.adapter_indices([r.adapter for r in rows], list(live.values()))
 
-    def sample_tokens(self, grammar_output=None) -> ModelRunnerOutput:
-        """Run the staged step on the backend; one new token per request."""
+    def sample_tokens(self, grammar_output=None) -> ModelRunnerOutput | AsyncModelRunnerOutput:
+        """Run the staged step on the backend; one new token per request. With
+        asynchronous scheduling it is queued on the step thread and this returns at once."""
+        if self._steps is None:
+            return self._sample(grammar_output)
+        return _StepInFlight(self._steps.submit(self._sample, grammar_output))
+
+    def _sample(self, grammar_output) -> ModelRunnerOutput:
+        error, self._staging_error = self._staging_error, None
+        if error is not None:
+            raise error
         step, self._pending = self._pending, None
         if step is None:
             return EMPTY_MODEL_RUNNER_OUTPUT
@@ -381,3 +440,18 @@ class NeuronModelRunner:
     @property
     def lines_in_use(self) -> int:
         return self.lines.in_use
+
+    def shutdown(self) -> None:
+        if self._steps is not None:
+            self._steps.shutdown(wait=True)
+
+
+class _StepInFlight(AsyncModelRunnerOutput):
+    """A step on the device thread, as vLLM's engine waits for it."""
+
+    def __init__(self, future: Future) -> None:
+        self.future = future
+
+    def get_output(self) -> ModelRunnerOutput:
+        return self.future.result()
+

@@ -16,7 +16,7 @@ import torch
 from vllm.v1.kv_cache_interface import FullAttentionSpec, KVCacheSpec
 from vllm.v1.worker.worker_base import WorkerBase
 
-from vllm_neuronx.loader import load_backend
+from vllm_neuronx.distributed.leader import Leader, load_ranks
 from vllm_neuronx.log import get_logger
 from vllm_neuronx.platform_config import NeuronSettings
 from vllm_neuronx.worker.model_runner import NeuronModelRunner
@@ -49,12 +49,12 @@ class NeuronWorker(WorkerBase):
     def load_model(self, *, load_dummy_weights: bool = False) -> None:
         settings = self.settings
         model_path = resolve_model_folder(self.model_config.model, self.model_config.revision)
-        backend, result = load_backend(model_path, settings, seed=self.model_config.seed or 0)
+        backend, result = load_ranks(model_path, settings, seed=self.model_config.seed or 0)
         self.model_runner = NeuronModelRunner(backend, self.vllm_config)
         block = settings.block_layout
         logger.info(
             "Neuron ready: framework=%s backend=%s device=%s context buckets=%s "
-            "token buckets=%s KV %s dtype=%s kernel=%s%s artifacts=%s (%s)",
+            "token buckets=%s KV %s dtype=%s kernel=%s%s%s artifacts=%s (%s)",
             settings.framework,
             settings.backend,
             settings.device,
@@ -69,6 +69,8 @@ class NeuronWorker(WorkerBase):
             backend.kernel,
             f" speculation={settings.draft.method} k={backend.speculation_length} "
             f"({settings.draft.path})" if settings.draft else "",
+            f" ranks={backend.group.world} processes ({backend.group.transport})"
+            if isinstance(backend, Leader) else "",
             result.folder,
             "compiled" if result.compiled else "loaded",
         )
@@ -127,21 +129,26 @@ class NeuronWorker(WorkerBase):
                              "(--enable-lora)")
         return pool
 
+    # With asynchronous scheduling they run in order with the steps (model_runner.py).
     def add_lora(self, lora_request) -> bool:
-        return self._adapters().add(lora_request)
+        pool = self._adapters()
+        return self.model_runner.serialized(pool.add, lora_request)
 
     def remove_lora(self, lora_id: int) -> bool:
-        return self._adapters().remove(lora_id)
+        pool = self._adapters()
+        return self.model_runner.serialized(pool.remove, lora_id)
 
     def pin_lora(self, lora_id: int) -> bool:
-        return self._adapters().pin(lora_id)
+        pool = self._adapters()
+        return self.model_runner.serialized(pool.pin, lora_id)
 
     def list_loras(self) -> set[int]:
         return self._adapters().list()
 
     def kv_lines_in_use(self) -> int:
-        """KV lines held by running requests (0 once everything finished or aborted)."""
-        return self.model_runner.lines_in_use
+        """KV lines held by running requests (0 once everything finished or aborted), as
+        of the last step vLLM handed the runner."""
+        return self.model_runner.serialized(lambda: self.model_runner.lines_in_use)
 
     def step_times(self) -> list[dict]:
         """Backend ms and the engine's ms between steps, per phase and batch size
@@ -158,6 +165,10 @@ class NeuronWorker(WorkerBase):
         runner = getattr(self, "model_runner", None)
         if runner is not None and runner.step_times.tallies:
             logger.info("Neuron steps: %s", runner.step_times.describe())
+        if runner is not None:
+            runner.shutdown()  # the step in flight, if any, ends first
+        if runner is not None and isinstance(runner.backend, Leader):
+            runner.backend.close()  # every follower stops with this engine
 
 
 class _BackendView(torch.nn.Module):
@@ -165,7 +176,7 @@ class _BackendView(torch.nn.Module):
 
     def __init__(self, backend) -> None:
         super().__init__()
-        self.backend_name = type(backend).__name__
+        self.backend_name = type(getattr(backend, "backend", backend)).__name__
         self.framework = backend.framework
 
     def extra_repr(self) -> str:

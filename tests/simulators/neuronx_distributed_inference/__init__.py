@@ -28,9 +28,14 @@ SIM_CALLS: dict[str, int] = {
 #: The most recent forward calls, oldest first: what reached "the device".
 SIM_FORWARDS: deque[dict] = deque(maxlen=4096)
 
+#: Each load in this process, oldest first: the ranks it put on "this node" (tp_degree,
+#: world_size, local_ranks_size, start_rank_id, ranks, and NEURON_RT_ROOT_COMM_ID).
+SIM_LOADS: list[dict] = []
+
 
 def reset_simulator() -> None:
     """Zero the counters and forget recorded forward calls."""
     for key in SIM_CALLS:
         SIM_CALLS[key] = 0
     SIM_FORWARDS.clear()
+    SIM_LOADS.clear()

@@ -22,6 +22,11 @@ With the block KV layout (prefix caching: block_kv.py) the cache is vLLM's block
 ``[pa_num_blocks, pa_block_size, kv_heads, head_dim]`` per layer, and every step is the
 layout's one graph (llama.py's ``block_rows``, natively ``NativeStep.rows``): a prefill
 computes each sequence past its cached prefix only.
+With ``tp_degree`` N > 1 the backend is one of N tensor-parallel ranks (one process each,
+joined by the loader through ``ranks``): it loads its shard of the weights and a KV cache
+of its KV heads (tensor_parallel.py), and runs every step on the torch path, whose
+all-reduces the native step does not have; a LoRA adapter is cut as the weights are.
+Speculation runs with one rank only.
 """
 
 from __future__ import annotations
@@ -52,6 +57,12 @@ from vllm_neuronx.backends.cpu.llama import (
 from vllm_neuronx.backends.cpu.lora import AdapterSlots, LoraWeights
 from vllm_neuronx.backends.cpu.native import NativeStep
 from vllm_neuronx.backends.cpu.quantize import QuantizedWeight, quantize_parts
+from vllm_neuronx.backends.cpu.tensor_parallel import (
+    Collective,
+    ShardPlan,
+    shard_adapter,
+    shard_weights,
+)
 from vllm_neuronx.backends.protocol import (
     Batch,
     ForwardOutput,
@@ -107,7 +118,7 @@ def read_hf_checkpoint(model_path: str) -> dict[str, torch.Tensor]:
     return read_safetensors(files, "Compiling: reading the checkpoint")
 
 
-def cpu_threads() -> int:
+def cpu_threads(share: int = 1) -> int:
     """The cores this process may run on, unless the user says otherwise.
 
     An OpenMP team waits at every op for its slowest thread: on cores shared with
@@ -115,13 +126,16 @@ def cpu_threads() -> int:
     60 ms with 1. On a machine of its own (the API server and the benchmark client
     beside it), all cores won: 28.1 against 16.7 tok/s at concurrency 1, 213 against
     121 at 32. So all cores by default; VLLM_NEURONX_CPU_THREADS for shared machines.
+    ``share``: processes sharing this machine's cores (tensor-parallel ranks on one node),
+    each getting its part, for the same reason.
     """
     if envs.VLLM_NEURONX_CPU_THREADS:
         return max(1, int(envs.VLLM_NEURONX_CPU_THREADS))
     try:
-        return max(1, len(os.sched_getaffinity(0)))
+        cores = len(os.sched_getaffinity(0))
     except AttributeError:  # not Linux
-        return max(1, os.cpu_count() or 1)
+        cores = os.cpu_count() or 1
+    return max(1, cores // share)
 
 
 @functools.cache
@@ -130,6 +144,13 @@ def _note_device_only(keys: tuple[str, ...]) -> None:
     logger.info(
         "CPU backend: override_neuron_config keys %s only change how a Neuron device "
         "compiles or runs the model; they have no effect on the CPU", ", ".join(keys))
+
+
+def _dims(s: LlamaSpec) -> peft.ModelDims:
+    """A model's projection sizes, as LoRA adapters see them."""
+    return peft.ModelDims(hidden=s.hidden_size, heads=s.num_heads, kv_heads=s.num_kv_heads,
+                          head_dim=s.head_dim, intermediate=s.intermediate_size,
+                          layers=s.num_layers, moe_layers=frozenset(s.moe_layers))
 
 
 class CpuBackend(NeuronBackend):
@@ -164,7 +185,16 @@ class CpuBackend(NeuronBackend):
         self.max_lora_rank = 0
         # Fused speculation (speculation.py): the proposer and the fused step, from load.
         self.speculation: cpu_spec.FusedSpeculation | None = None
+        # Tensor parallelism: this process's rank among tp_degree (set by the loader
+        # before load; unused with tp_degree 1).
+        self.tp_degree = int(neuron_config.get("tp_degree") or 1)
+        self.ranks: Collective | None = None
         if draft is not None:
+            if self.tp_degree > 1:
+                raise ValueError(
+                    f"speculation (a {draft.method} draft) with tp_degree={self.tp_degree}: "
+                    "the CPU backend's fused speculation runs on one rank only; set "
+                    "tensor_parallel_size=1 or drop the speculative config")
             cpu_spec.check_draft(draft, self.spec)
             if self.block_layout is not None:
                 raise ValueError("fused speculation runs on KV lines, not on the block KV "
@@ -277,24 +307,45 @@ class CpuBackend(NeuronBackend):
 
     @property
     def kernel(self) -> str:
-        return self.variant.name if self.matmul is not None else kernels.TORCH
+        name = self.variant.name if self.matmul is not None else kernels.TORCH
+        return name if self.tp_degree == 1 else f"{name} (tp {self.tp_degree})"
+
+    def _collective(self) -> Collective | None:
+        """The tensor-parallel ranks to shard over (None with tp_degree 1), checked."""
+        tp, ranks = self.tp_degree, self.ranks
+        if tp == 1:
+            return None
+        if ranks is None:
+            raise RuntimeError(
+                f"tp_degree={tp}: the CPU backend runs one process per tensor-parallel "
+                "rank, and this one was given no ranks to join (backend.ranks is unset)")
+        if ranks.world != tp or not 0 <= ranks.rank < ranks.world:
+            raise RuntimeError(
+                f"tp_degree={tp}, but this backend's ranks are rank {ranks.rank} of "
+                f"{ranks.world}: the CPU backend needs one rank per tensor-parallel shard")
+        return ranks
 
     def _load(self, folder: str) -> None:
-        torch.set_num_threads(cpu_threads())
+        ranks = self._collective()
+        local = int(self.neuron_config.get("local_ranks_size") or self.tp_degree)
+        torch.set_num_threads(cpu_threads(share=1 if ranks is None else local))
         matmul = kernels.load(folder, self.variant) if self.uses_kernel() else None
         self.model, self.native = self.build_model(os.path.join(folder, WEIGHTS_FILE),
-                                                   self.spec, matmul)
+                                                   self.spec, matmul, ranks=ranks)
         self.matmul = matmul
         self.speculation = None
         if self.draft is not None:
             self.speculation = cpu_spec.FusedSpeculation.load(self, folder)
 
     def build_model(self, path: str, spec: LlamaSpec, matmul: kernels.PackedMatmul | None,
-                    kv: tuple[torch.Tensor, torch.Tensor] | None = None
+                    kv: tuple[torch.Tensor, torch.Tensor] | None = None,
+                    ranks: Collective | None = None
                     ) -> tuple[LlamaModel, NativeStep | None]:
         """A model of ``spec`` from its converted weights (``convert``) with KV lines of its
         own (or ``kv``, another model's K and V caches of the same shape), and its native
-        step where one runs."""
+        step where one runs. With ``ranks``, the model is this rank's shard (its weights
+        cut before they are packed for the kernel, which multiplies the shard) and runs
+        on the torch path only."""
         weights = read_safetensors([path], "Loading artifacts", skip={"embed"})
         # Looked up a few rows a step: mapped, so only the rows of tokens seen are resident.
         weights["embed"] = mapped = memory.mapped_tensor(path, "embed")
@@ -303,6 +354,9 @@ class CpuBackend(NeuronBackend):
             scale = weights.pop(name)
             weights[name.removesuffix(SCALE)] = QuantizedWeight(
                 weights[name.removesuffix(SCALE)], scale)
+        if ranks is not None:
+            weights, spec = shard_weights(weights, spec,
+                                          ShardPlan.of(spec, ranks.world, ranks.rank))
         if matmul is not None:
             packed = matmul.pack_all(  # fp32 weights (not converted) stay torch's
                 {n: w for n, w in weights.items() if LlamaModel.is_matmul(n)
@@ -329,8 +383,11 @@ class CpuBackend(NeuronBackend):
             kv_fp8=self.quant.kv_fp8,
             kv=kv,
             blocks=None if layout is None else BlockKV(layout.num_blocks, layout.block_size),
+            collective=ranks,
         )
-        native = NativeStep.for_model(model, matmul) if matmul is not None else None
+        native = None
+        if matmul is not None and ranks is None:  # its whole-layer step has no all-reduce
+            native = NativeStep.for_model(model, matmul)
         memory.drop_pages(mapped)  # a tied head was packed (or widened) from all of it
         return model, native
 
@@ -351,19 +408,22 @@ class CpuBackend(NeuronBackend):
 
     @property
     def dims(self) -> peft.ModelDims:
-        s = self.spec
-        return peft.ModelDims(hidden=s.hidden_size, heads=s.num_heads, kv_heads=s.num_kv_heads,
-                              head_dim=s.head_dim, intermediate=s.intermediate_size,
-                              layers=s.num_layers, moe_layers=frozenset(s.moe_layers))
+        """The whole model's (an adapter is checked against it on every rank)."""
+        return _dims(self.spec)
 
     def prepare_adapter(self, spec: peft.AdapterSpec) -> LoraWeights:
-        """The adapter's weights in our fused layout, scaled, in the compute dtype."""
+        """The adapter's weights in our fused layout, scaled, in the compute dtype; with
+        tensor-parallel ranks, this rank's shard of them (tensor_parallel.shard_adapter)."""
         if self.adapters is None:
             raise RuntimeError("init_lora() must run before prepare_adapter()")
         if spec.max_rank > self.max_lora_rank:
             raise peft.AdapterError(spec.name, spec.path, f"rank {spec.max_rank} is greater "
                                     f"than max_lora_rank {self.max_lora_rank}")
-        return LoraWeights.prepare(peft.load(spec), spec, self.dims, self.dtype)
+        loaded, ranks = peft.load(spec), self.model.collective
+        if ranks is not None:
+            loaded = shard_adapter(loaded, self.spec,
+                                   ShardPlan.of(self.spec, ranks.world, ranks.rank))
+        return LoraWeights.prepare(loaded, spec, _dims(self.model.spec), self.dtype)
 
     def release_adapter(self, handle: object) -> None:
         if self.adapters is not None and isinstance(handle, LoraWeights):

@@ -14,6 +14,8 @@ allocated (``zeros``); native.py runs whole steps natively beside this file.
 Either graph takes a step's LoRA adapters (lora.py): their deltas are added to the
 fused projections' outputs where PEFT adds them (qkv before the q/k norms and the
 rotary, o, and a dense layer's gate_up and down; experts take none).
+With a ``collective`` the model is one tensor-parallel rank's shard (tensor_parallel.py):
+it all-reduces the attention's and the MLP's outputs and gathers the LM head's logits.
 """
 
 from __future__ import annotations
@@ -32,6 +34,7 @@ from vllm_neuronx.backends.cpu.quantize import FP8_DTYPE, fp8_kv
 
 if TYPE_CHECKING:
     from vllm_neuronx.backends.cpu.lora import LoraStep
+    from vllm_neuronx.backends.cpu.tensor_parallel import Collective
 
 SUPPORTED_ARCHITECTURES = ("LlamaForCausalLM", "MistralForCausalLM", "Qwen2ForCausalLM",
                            "Qwen3ForCausalLM", "MixtralForCausalLM", "Qwen3MoeForCausalLM")
@@ -262,11 +265,15 @@ class LlamaModel:
         kv_fp8: bool = False,
         kv: tuple[torch.Tensor, torch.Tensor] | None = None,
         blocks: BlockKV | None = None,
+        collective: Collective | None = None,
     ) -> None:
         """``kv``: K and V caches to share (another model's of this shape: a draft reading
         the target's), instead of allocating them with ``zeros``. ``blocks``: the block KV
-        layout instead of one line of ``max_len`` per sequence (``block_rows`` runs it)."""
+        layout instead of one line of ``max_len`` per sequence (``block_rows`` runs it).
+        ``collective``: the tensor-parallel ranks this model is one shard of (``spec``
+        and ``weights`` the rank's: tensor_parallel.shard_weights), or None."""
         self.spec = spec
+        self.collective = collective
         self.dtype = dtype
         self.max_len = max_len
         # Our layout (convert_hf_weights); a matmul weight is whatever ``linear`` takes.
@@ -379,6 +386,10 @@ class LlamaModel:
         """x @ weight^T + bias."""
         return self.linear(x, self.w[name], self.w.get(name + "_bias"))
 
+    def _reduce(self, x: torch.Tensor) -> torch.Tensor:
+        """A row-parallel output summed over the tensor-parallel ranks."""
+        return x if self.collective is None else self.collective.all_reduce(x)
+
     def embed(self, input_ids: torch.Tensor) -> torch.Tensor:
         # The table may stay in bf16 when compute is fp32: rows widen exactly.
         return F.embedding(input_ids, self.w["embed"]).to(self.dtype)
@@ -407,11 +418,11 @@ class LlamaModel:
         o = self._linear(attn, p + "o")
         if lora is not None:
             lora.apply(i, "o", attn, o)
-        x = x + o
+        x = x + self._reduce(o)
         h = rms_norm(x, w[p + "ln2"], s.rms_norm_eps)
         if s.is_moe(i):
-            return x + self._experts(p, h)
-        return x + self._mlp(p, h, lora, i)
+            return x + self._reduce(self._experts(p, h))
+        return x + self._reduce(self._mlp(p, h, lora, i))
 
     def _mlp(self, prefix: str, h: torch.Tensor, lora: LoraStep | None = None,
              layer: int = 0) -> torch.Tensor:
@@ -444,7 +455,10 @@ class LlamaModel:
 
     def _logits(self, h: torch.Tensor) -> torch.Tensor:
         h = rms_norm(h, self.w["norm"], self.spec.rms_norm_eps)
-        return self._linear(h, "lm_head").float()
+        logits = self._linear(h, "lm_head")
+        if self.collective is not None:  # each rank's vocabulary slice, padded at the end
+            logits = self.collective.all_gather(logits)[..., :self.spec.vocab_size].contiguous()
+        return logits.float()
 
     def logits(self, h: torch.Tensor) -> torch.Tensor:
         """fp32 logits of last hidden states (before the final norm) [..., hidden]."""

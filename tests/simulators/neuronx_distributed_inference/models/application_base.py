@@ -14,12 +14,21 @@ the tokens are the quantized model's.
 With a ``lora_config``, the application holds NxDI's ``lora_model_manager`` from its
 construction (modules/lora_serving/lora_model.py); load puts the configured adapters in
 it and in the device slots, and lets it stream more.
+
+Multi-node, as NxDI and its runtime: the model runs ``tp_degree`` ranks (``world_size``,
+tp_degree * pp_degree * ep_degree by default), ``local_ranks_size`` of them in this
+process from ``start_rank_id`` (one process per node); the ranks are checked at compile
+and load (``_sim_check_ranks``), a load of part of the ranks needs the runtime's
+NEURON_RT_ROOT_COMM_ID=host:port, and each load is recorded in ``SIM_LOADS``. Every node
+computes the whole model (the simulator shards nothing), as every node returns the same
+outputs on a device.
 """
 
 from __future__ import annotations
 
 import glob
 import os
+import re
 
 import torch
 from safetensors.torch import load_file, save_file
@@ -45,6 +54,10 @@ COMPILED_SHAPE_FIELDS = (
     "max_context_length",
     "max_length",
     "tp_degree",
+    # NxD's SPMD models are built for world_size ranks, local_ranks_size of them per
+    # process (model_builder.py 1064); start_rank_id is a load argument (spmd.py 181-184)
+    "world_size",
+    "local_ranks_size",
     "torch_dtype",
     "enable_bucketing",
     "context_encoding_buckets",
@@ -71,6 +84,12 @@ COMPILED_SHAPE_FIELDS = (
     "is_eagle3",
     "is_eagle_draft",
 )
+
+# What NxDI's multi-node examples set on every node (examples/multi_node.md, and
+# scripts/nxdi_distributed_launcher.py defaults it to the first host): the address the
+# Neuron runtime's collectives meet at when the ranks span processes.
+ROOT_COMM_ENV = "NEURON_RT_ROOT_COMM_ID"
+SHARDED_CHECKPOINT = "weights/tp{rank}_sharded_checkpoint.safetensors"
 
 PER_TENSOR, PER_CHANNEL = "per_tensor_symmetric", "per_channel_symmetric"
 FP8_MAX = {torch.float8_e4m3fn: 240.0,  # NxD's DtypeBound: Neuron's e4m3 stops at 240
@@ -146,6 +165,72 @@ def _draft_signature(config: InferenceConfig) -> dict | None:
     }
 
 
+def _is_count(value, least: int) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value >= least
+
+
+def _sim_check_ranks(nc: NeuronConfig, start_rank_id, local_ranks_size) -> list[int]:
+    """The ranks this process runs, start_rank_id .. start_rank_id + local_ranks_size - 1,
+    refused where NxD could not shard or connect them (a device would fail or hang):
+
+    * world_size must be a multiple of tp * pp * cp and of tp * pp * ep (NxD's
+      parallel_state.initialize_model_parallel raises this RuntimeError, 572-589); the
+      simulator models no data parallelism, so world_size is tp * pp * ep;
+    * start_rank_id a multiple of local_ranks_size (examples/multi_node.md: "Please
+      ensure --start_rank_id is multiple of --local_ranks_size"; inference_demo.py 795
+      sets it to node_rank * local_ranks_size);
+    * the ranks inside the world (NxD shards ranks 0 .. world_size - 1 only), and
+      local_ranks_size a divisor of world_size: each node runs local_ranks_size ranks,
+      so any other value leaves ranks that no node loads and the collectives wait on.
+    """
+    world, tp = nc.world_size, nc.tp_degree
+    if not _is_count(world, 1) or not _is_count(tp, 1):
+        raise ValueError(f"world_size={world!r} and tp_degree={tp!r} must be positive integers")
+    for parallel, what in ((tp * nc.pp_degree * nc.cp_degree, "context_parallel_size"),
+                           (tp * nc.pp_degree * nc.ep_degree, "expert_model_parallel_size")):
+        if world % parallel:
+            raise RuntimeError(
+                f"invalid implied data parallel degree: `world_size` ({world}) is not "
+                f"divisible by tensor_model_parallel_size ({tp}) x "
+                f"pipeline_model_parallel_size ({nc.pp_degree}) x {what}")
+    if world != tp * nc.pp_degree * nc.ep_degree:
+        raise NotImplementedError(
+            f"the simulator models world_size = tp_degree * pp_degree * ep_degree only, got "
+            f"world_size={world} (no data parallelism)")
+    if not _is_count(local_ranks_size, 1):
+        raise ValueError(f"local_ranks_size={local_ranks_size!r} must be a positive integer")
+    if not _is_count(start_rank_id, 0):
+        raise ValueError(f"start_rank_id={start_rank_id!r} must be a non-negative integer")
+    if world % local_ranks_size:
+        raise ValueError(
+            f"local_ranks_size={local_ranks_size} does not divide world_size={world} "
+            f"(tp_degree={tp}): every node runs local_ranks_size ranks, so some ranks would "
+            "be loaded by no node")
+    if start_rank_id % local_ranks_size:
+        raise ValueError(
+            f"start_rank_id={start_rank_id} is not a multiple of local_ranks_size="
+            f"{local_ranks_size} (node * local_ranks_size)")
+    if start_rank_id + local_ranks_size > world:
+        raise ValueError(
+            f"start_rank_id={start_rank_id} + local_ranks_size={local_ranks_size} goes past "
+            f"world_size={world}: ranks {start_rank_id}..{start_rank_id + local_ranks_size - 1}"
+            f" do not all exist")
+    return list(range(start_rank_id, start_rank_id + local_ranks_size))
+
+
+def _sim_root_comm_id() -> str:
+    """The runtime's rendezvous for ranks that span processes: NEURON_RT_ROOT_COMM_ID,
+    host:port. Without it a device's collectives cannot find the other nodes."""
+    value = os.environ.get(ROOT_COMM_ENV, "")
+    match = re.fullmatch(r"(\[[0-9a-fA-F:.]+\]|[^\s:]+):(\d{1,5})", value)
+    if not match or not 0 < int(match.group(2)) < 65536:
+        raise RuntimeError(
+            f"{ROOT_COMM_ENV}={value!r}: this process loads part of the ranks "
+            "(local_ranks_size < world_size), so the Neuron runtime needs "
+            f"{ROOT_COMM_ENV}=host:port of the first node, the same on every node")
+    return value
+
+
 class NeuronApplicationBase(torch.nn.Module):
     def __init__(
         self,
@@ -186,11 +271,19 @@ class NeuronApplicationBase(torch.nn.Module):
     def compile(self, compiled_model_path, debug=False, pre_shard_weights_hook=None,
                 dry_run=False):
         sim.SIM_CALLS["compile"] += 1
+        nc = self.neuron_config
+        # NxDI's ModelBuilder gets the config's ranks (application_base.py 148-163)
+        ranks = _sim_check_ranks(nc, nc.start_rank_id, nc.local_ranks_size)
         self._sim_check_compilable()
         self._sim_check_quantized()
         self.config.save(compiled_model_path)
         if dry_run:
             return
+        if nc.save_sharded_checkpoint:  # this node's ranks only (model_builder.py 852)
+            for rank in ranks:
+                path = os.path.join(compiled_model_path, SHARDED_CHECKPOINT.format(rank=rank))
+                os.makedirs(os.path.dirname(path), exist_ok=True)
+                save_file({"rank": torch.tensor([rank])}, path)
         graphs = {
             "model_cls": type(self).__name__,
             "neuron_config": _compiled_signature(self.neuron_config),
@@ -220,8 +313,43 @@ class NeuronApplicationBase(torch.nn.Module):
                 f"{compiled_model_path} was compiled for a different model or config "
                 f"(field: (compiled, this instance)): {diff or graphs['model_cls']}"
             )
+        ranks = self._sim_load_ranks(compiled_model_path, start_rank_id, local_ranks_size)
         self._sim_initialize(self._sim_state_dict())
         self.is_loaded_to_neuron = True
+        nc = self.neuron_config
+        sim.SIM_LOADS.append({
+            "tp_degree": nc.tp_degree, "world_size": nc.world_size,
+            "local_ranks_size": len(ranks), "start_rank_id": ranks[0], "ranks": ranks,
+            ROOT_COMM_ENV: os.environ.get(ROOT_COMM_ENV),
+        })
+
+    def _sim_load_ranks(self, compiled_model_path, start_rank_id, local_ranks_size) -> list[int]:
+        """NxDI's load_weights: the arguments default to the config's (application_base.py
+        382-385); the ranks are checked as at compile, then what a device needs of them."""
+        nc = self.neuron_config
+        start = nc.start_rank_id if start_rank_id is None else start_rank_id
+        local = nc.local_ranks_size if local_ranks_size is None else local_ranks_size
+        ranks = _sim_check_ranks(nc, start, local)
+        if local != nc.local_ranks_size:
+            raise ValueError(
+                f"load(local_ranks_size={local}) but the model was compiled with "
+                f"local_ranks_size={nc.local_ranks_size}: its SPMD models run that many ranks")
+        if nc.save_sharded_checkpoint:  # the compile's shards of these ranks
+            for rank in ranks:
+                path = os.path.join(compiled_model_path, SHARDED_CHECKPOINT.format(rank=rank))
+                if not os.path.isfile(path):
+                    raise FileNotFoundError(
+                        f"No such file: {path} (save_sharded_checkpoint keeps the shards of "
+                        "the ranks the compiling node ran; compile on this node)")
+        elif start != nc.start_rank_id:
+            # Sharding on load shards the config's ranks (ModelBuilder.shard_checkpoint)
+            # but initializes from the argument's: the wrong weights on a device.
+            raise ValueError(
+                f"load(start_rank_id={start}) differs from the config's start_rank_id="
+                f"{nc.start_rank_id}: the weights are sharded on load for the config's ranks")
+        if local < nc.world_size:
+            _sim_root_comm_id()
+        return ranks
 
     def reset(self) -> None:
         """NxDI marks the KV cache as unpopulated; the simulator's lines start empty."""

@@ -1,0 +1,138 @@
+"""vLLM's asynchronous scheduling on the Neuron platform (issue 23): step N+1 scheduled
+while step N runs on the runner's step thread. Greedy tokens against HF run in the same
+test; continuous batching, aborts, stops, host-sampled rows beside device-sampled ones,
+n > 1 and structured output keep their exact results, and every KV line comes back."""
+
+from __future__ import annotations
+
+import random
+import re
+import types
+
+import pytest
+from vllm import LLM, EngineArgs, SamplingParams
+from vllm.sampling_params import StructuredOutputsParams
+
+from tests.conftest import hf_greedy
+from tests.engine_checks import (
+    check_aborts_free_lines,
+    check_greedy_matches_hf,
+    in_process_engines,
+    lines_in_use,
+)
+from vllm_neuronx import neuron_config as nc
+from vllm_neuronx.platform_config import ASKED_KEY, async_scheduling
+
+MAX_NUM_SEQS = 4
+
+
+# -- when it is on (pure) ----------------------------------------------------------------
+def settings(device="cpu", draft=None, neuron_config=None):
+    return types.SimpleNamespace(device=device, draft=draft,
+                                 block_layout=None if neuron_config is None else "blocks")
+
+
+def asked(value):
+    return types.SimpleNamespace(additional_config={ASKED_KEY: {"async_scheduling": value}})
+
+
+def test_on_where_the_user_asks_only():
+    for device in ("neuron", "cpu"):  # vLLM's default (on) does not count: not asked
+        assert async_scheduling(settings(device), asked(None)) is False
+        assert async_scheduling(settings(device), asked(True)) is True
+        assert async_scheduling(settings(device), asked(False)) is False
+
+
+def test_speculation_and_the_block_layout_keep_it_off_and_refuse_it_by_name():
+    assert async_scheduling(settings("neuron", draft="draft"), asked(None)) is False
+    with pytest.raises(nc.NeuronConfigError, match="fused speculation"):
+        async_scheduling(settings("cpu", draft="draft"), asked(True))
+    with pytest.raises(nc.NeuronConfigError, match="block KV layout"):
+        async_scheduling(settings("cpu", neuron_config={}), asked(True))
+
+
+def test_the_flags_reach_the_scheduler(tiny_llama):
+    for flag, cls in ((True, "NeuronAsyncScheduler"), (False, "NeuronScheduler"),
+                      (None, "NeuronScheduler")):  # off unless asked
+        cfg = EngineArgs(model=tiny_llama, device="neuron", max_num_seqs=2, max_model_len=128,
+                         skip_tokenizer_init=True, async_scheduling=flag
+                         ).create_engine_config()
+        assert cfg.scheduler_config.async_scheduling is bool(flag)
+        assert cfg.scheduler_config.scheduler_cls.endswith(cls)
+
+
+# -- the CPU backend with it on --------------------------------------------------------------
+in_process = pytest.fixture(scope="module", autouse=True)(in_process_engines)
+
+
+@pytest.fixture(scope="module")
+def llm(tiny_llama):
+    llm = LLM(model=tiny_llama, device="neuron", max_num_seqs=MAX_NUM_SEQS, max_model_len=256,
+              skip_tokenizer_init=True, dtype="float32", async_scheduling=True)
+    assert llm.llm_engine.vllm_config.scheduler_config.async_scheduling
+    yield llm
+    llm.llm_engine.engine_core.shutdown()
+
+
+def test_greedy_equals_hf_with_continuous_batching(llm, tiny_llama):
+    rng = random.Random(3)
+    prompts = [[rng.randrange(3, 512) for _ in range(rng.randint(1, 120))] for _ in range(9)]
+    max_tokens = [rng.randint(1, 30) for _ in prompts]
+    check_greedy_matches_hf(llm, tiny_llama, prompts, max_tokens)
+    assert lines_in_use(llm) == 0
+
+
+def test_aborts_free_every_line(llm):
+    check_aborts_free_lines(llm, MAX_NUM_SEQS, prefix="async-abort")
+
+
+def test_stop_tokens_end_each_request_where_greedy_says(llm, tiny_llama):
+    prompts = [[1, 40, 41, 42], [1, 7, 8]]
+    full = hf_greedy(tiny_llama, prompts, [20, 20])
+    stops = [full[0][5], full[1][2]]  # each request's 6th and 3rd tokens stop it
+    params = [SamplingParams(temperature=0, max_tokens=20, stop_token_ids=[s],
+                             detokenize=False) for s in stops]
+    outs = llm.generate([{"prompt_token_ids": p} for p in prompts], params)
+    got = [list(o.outputs[0].token_ids) for o in outs]
+    assert got == [f[:f.index(s) + 1] for f, s in zip(full, stops, strict=True)]
+    assert lines_in_use(llm) == 0
+
+
+def test_host_sampled_rows_beside_device_sampled_ones(llm, tiny_llama):
+    prompts = [[1, 11, 12], [1, 13], [1, 14, 15, 16]]
+    plain = SamplingParams(temperature=0, max_tokens=12, ignore_eos=True, detokenize=False)
+    host = SamplingParams(temperature=0, max_tokens=12, ignore_eos=True, detokenize=False,
+                          logprobs=2, repetition_penalty=1.0)
+    outs = llm.generate([{"prompt_token_ids": p} for p in prompts], [plain, host, plain])
+    assert [list(o.outputs[0].token_ids) for o in outs] == hf_greedy(tiny_llama, prompts,
+                                                                      [12] * 3)
+    logprobs = outs[1].outputs[0].logprobs
+    assert len(logprobs) == 12 and all(len(step) >= 2 for step in logprobs)
+
+
+def test_n_children_each_get_a_line(llm):
+    params = SamplingParams(n=3, temperature=1.0, seed=7, max_tokens=10, ignore_eos=True,
+                            detokenize=False)
+    (out,) = llm.generate([{"prompt_token_ids": [1, 2, 3]}], params)
+    assert len(out.outputs) == 3 and all(len(c.token_ids) == 10 for c in out.outputs)
+    again = llm.generate([{"prompt_token_ids": [1, 2, 3]}], params)[0]
+    assert [c.token_ids for c in again.outputs] == [c.token_ids for c in out.outputs]
+    assert lines_in_use(llm) == 0
+
+
+def test_structured_output_beside_a_row_without_a_grammar(tiny_chat):
+    llm = LLM(model=tiny_chat, device="neuron", max_num_seqs=2, max_model_len=256,
+              dtype="float32", async_scheduling=True)
+    try:
+        params = [SamplingParams(temperature=0, max_tokens=8,
+                                 structured_outputs=StructuredOutputsParams(regex=r"[0-9]{3}")),
+                  SamplingParams(temperature=0, max_tokens=8,
+                                 structured_outputs=StructuredOutputsParams(
+                                     choice=["yes", "no"])),
+                  SamplingParams(temperature=0, max_tokens=8, logprobs=1)]  # no grammar
+        outs = llm.generate(["A number:", "Yes or no?", "Hello"], params)
+        assert re.fullmatch(r"[0-9]{3}", outs[0].outputs[0].text), outs[0].outputs[0].text
+        assert outs[1].outputs[0].text in ("yes", "no")
+        assert len(outs[2].outputs[0].token_ids) == 8
+    finally:
+        llm.llm_engine.engine_core.shutdown()
