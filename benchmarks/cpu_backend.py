@@ -213,7 +213,7 @@ def main() -> None:
     result = {
         "model": f"random {args.family}" if args.family else os.path.basename(model),
         "dtype": args.dtype,
-        "compute_dtype": str(compute_dtype(getattr(torch, args.dtype))),
+        "compute_dtype": str(compute_dtype(getattr(torch, args.dtype), kernels.chosen())),
         "threads": torch.get_num_threads(),
         "cpu": kernels.cpu_model(),
         "isa": flags,

@@ -7,7 +7,7 @@ from __future__ import annotations
 import os
 import platform
 
-from vllm_neuronx.backends.cpu.kernels import chosen_name, cpu_model, vector_flags
+from vllm_neuronx.backends.cpu.kernels import chosen_name, cpu_class, cpu_model, vector_flags
 
 # (label, key in a result, format); the first two are better when higher.
 COLUMNS = (
@@ -98,7 +98,8 @@ def machine_info() -> dict:
         "cpu": cpu_model(),
         "cores": len(os.sched_getaffinity(0)),
         "isa": vector_flags(),
-        "cpu_kernel_variant": chosen_name(),  # ours: VLLM_NEURONX_CPU_KERNEL, else the best here
+        "cpu_class": getattr(cpu_class(), "name", None),  # kernels.CPU_CLASSES
+        "cpu_kernel_variant": chosen_name(),  # ours: VLLM_NEURONX_CPU_KERNEL, else the class's
         "memory_gb": round(mem_kb / 1e6, 1),
         "kernel": platform.release(),
         "python": platform.python_version(),

@@ -62,6 +62,17 @@ def tiny_llama(tmp_path_factory) -> str:
     return make_tiny_llama(tmp_path_factory.mktemp("tiny-llama"))
 
 
+def close_to(kernel: str, rtol: float, atol: float, kv_fp8: bool = False) -> dict[str, float]:
+    """assert_close's tolerances for values from ``kernel`` (a variant's name, or what
+    ``CpuBackend.kernel`` says) where fp32 sums would be held to ``rtol`` and ``atol``:
+    the amx kernel multiplies each input of 16 rows or more as two bf16 halves (about
+    2^-17 of it lost, not fp32's 2^-24: matmul.c), ten times looser; over an fp8 KV cache
+    (``kv_fp8``), where such a difference can flip a value's e4m3 rounding (a step of 1/16
+    of it), a hundred."""
+    loose = 1 if kernel.split()[0] != "amx" else 100 if kv_fp8 else 10
+    return {"rtol": rtol * loose, "atol": atol * loose}
+
+
 def hf_greedy(model_path: str, prompts: list[list[int]], max_new_tokens: list[int],
               dtype=torch.float32, weights_in=None) -> list[list[int]]:
     """Greedy continuations from Hugging Face transformers, one prompt at a time.

@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from tests.conftest import hf_greedy
+from tests.conftest import close_to, hf_greedy
 from tests.engine_checks import prefill_args
 from vllm_neuronx import neuron_config as nc
 from vllm_neuronx.backends.cpu import CpuBackend, kernels
@@ -109,14 +109,19 @@ def test_logits_when_on_device_sampling_is_off(tiny_llama, tmp_path):
     assert out.logits.dtype == torch.float32
 
 
-def test_bf16_is_computed_in_fp32_only_without_bf16_units(monkeypatch):
+def test_bf16_runs_in_fp32_activations_except_torch_on_bf16_units(monkeypatch):
+    """A kernel variant multiplies bf16 weights as stored (fp32 activations); the torch
+    path computes bf16 only where the CPU has bf16 units."""
     import vllm_neuronx.backends.cpu.backend as cpu
 
+    variant = kernels.VARIANTS[0]
+    for units in (False, True):
+        monkeypatch.setattr(cpu, "native_bf16", lambda units=units: units)
+        assert cpu.compute_dtype(torch.bfloat16, variant) is torch.float32
+        assert cpu.compute_dtype(torch.float32, None) is torch.float32
+    assert cpu.compute_dtype(torch.bfloat16, None) is torch.bfloat16
     monkeypatch.setattr(cpu, "native_bf16", lambda: False)
-    assert cpu.compute_dtype(torch.bfloat16) is torch.float32
-    assert cpu.compute_dtype(torch.float32) is torch.float32
-    monkeypatch.setattr(cpu, "native_bf16", lambda: True)
-    assert cpu.compute_dtype(torch.bfloat16) is torch.bfloat16
+    assert cpu.compute_dtype(torch.bfloat16, None) is torch.float32
 
 
 def use_kernel(monkeypatch, name: str):
@@ -148,7 +153,7 @@ def test_bf16_kernel_computes_fp32_matmul_of_bf16_weights(monkeypatch, name):
         w = torch.randn(n, k).bfloat16()
         x = torch.randn(m, k)
         got = matmul(x, matmul.pack(w))
-        torch.testing.assert_close(got, x @ w.float().T, rtol=1e-5, atol=1e-4)
+        torch.testing.assert_close(got, x @ w.float().T, **close_to(name, 1e-5, 1e-4))
     with pytest.raises(ValueError, match="columns"):
         matmul(torch.randn(2, 8), matmul.pack(torch.randn(4, 16).bfloat16()))
 
@@ -225,9 +230,9 @@ def check_native_decode_matches_torch(b) -> None:
     m.k_cache.copy_(cache[0])
     m.v_cache.copy_(cache[1])
     reference = m.token_generate(ids, positions, torch.tensor(lines), 128)
-    torch.testing.assert_close(native, reference, rtol=1e-4, atol=1e-4)
-    torch.testing.assert_close(native_cache[0], m.k_cache, rtol=1e-5, atol=1e-5)
-    torch.testing.assert_close(native_cache[1], m.v_cache, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(native, reference, **close_to(b.kernel, 1e-4, 1e-4))
+    torch.testing.assert_close(native_cache[0], m.k_cache, **close_to(b.kernel, 1e-5, 1e-5))
+    torch.testing.assert_close(native_cache[1], m.v_cache, **close_to(b.kernel, 1e-5, 1e-5))
 
 
 @pytest.mark.parametrize("kernel", NATIVE)
@@ -281,11 +286,11 @@ def test_native_prefill_matches_the_torch_prefill(tmp_path, monkeypatch, kernel)
     m.v_cache.zero_()
     reference, _ = m.context_encode(ids, lengths, lines)
     step = b.native.step
-    torch.testing.assert_close(native, reference, rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(native, reference, **close_to(kernel, 1e-4, 1e-4))
     for line, n in zip(lines.tolist(), lengths.tolist(), strict=True):  # the real positions
         for cache, ref in zip(native_cache, (m.k_cache, m.v_cache), strict=True):
             torch.testing.assert_close(cache[:, line, :, :n], ref[:, line, :, :n],
-                                       rtol=1e-5, atol=1e-5)
+                                       **close_to(kernel, 1e-5, 1e-5))
     with pytest.raises(ValueError, match="out_rows"):
         step(torch.zeros(2, 256), torch.tensor([0, 1]), torch.tensor([0, 0]), torch.tensor([2]))
 
@@ -306,11 +311,11 @@ def test_native_prefill_matches_the_torch_prefill(tmp_path, monkeypatch, kernel)
     m.k_cache.zero_()
     m.v_cache.zero_()
     reference, _ = m.context_encode(ids, lengths, lines)
-    torch.testing.assert_close(native, reference, rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(native, reference, **close_to(kernel, 1e-4, 1e-4))
     for line, n in zip(lines.tolist(), lengths.tolist(), strict=True):
         for cache, ref in zip(native_cache, (m.k_cache, m.v_cache), strict=True):
             torch.testing.assert_close(cache[:, line, :, :n], ref[:, line, :, :n],
-                                       rtol=1e-5, atol=1e-5)
+                                       **close_to(kernel, 1e-5, 1e-5))
     assert b.native.prefill(ids[:1].repeat(1, 2), torch.tensor([40]), lines[:1]) is None
 
 
@@ -416,7 +421,13 @@ def test_the_kernel_variant_follows_the_cpu_flags_and_the_variable(monkeypatch):
     def cpu(*flags):
         monkeypatch.setattr(kernels, "cpu_flags", lambda: frozenset(flags))
 
-    cpu("sse4_2", "avx2", "fma", "avx512f", "avx512bw")
+    avx512 = ("sse4_2", "avx2", "fma", "f16c", "avx512f", "avx512bw")
+    cpu(*avx512, "avx512_bf16", "amx_bf16", "amx_tile")  # Sapphire Rapids
+    assert kernels.chosen().name == "amx"
+    assert kernels.cpu_class().name.startswith("AMX")
+    cpu(*avx512, "avx512_bf16")  # Zen 4: the torch path, until its serving is understood
+    assert kernels.chosen() is None
+    cpu(*avx512)
     assert kernels.chosen().name == "avx512"
     cpu("sse4_2", "avx2", "fma", "f16c")
     assert kernels.chosen().name == "avx2"
@@ -431,8 +442,13 @@ def test_the_kernel_variant_follows_the_cpu_flags_and_the_variable(monkeypatch):
     lacks = "lacks avx512bw, avx512f; it runs avx2, torch"
     with pytest.raises(kernels.KernelChoiceError, match=lacks):
         kernels.chosen()
+    monkeypatch.setenv("VLLM_NEURONX_CPU_KERNEL", "amx")
+    cpu(*avx512, "avx512_bf16")
+    lacks = "lacks amx_bf16, amx_tile; it runs avx512, avx2, torch"
+    with pytest.raises(kernels.KernelChoiceError, match=lacks):
+        kernels.chosen()
     monkeypatch.setenv("VLLM_NEURONX_CPU_KERNEL", "neon")
     cfg = nc.resolve_neuron_config(tp_degree=1, max_num_seqs=2, max_model_len=128,
                                    dtype="bfloat16")
-    with pytest.raises(nc.NeuronConfigError, match="choose one of avx512, avx2, torch"):
+    with pytest.raises(nc.NeuronConfigError, match="choose one of amx, avx512, avx2, torch"):
         CpuBackend.validate(cfg)

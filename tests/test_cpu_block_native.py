@@ -11,7 +11,7 @@ import pytest
 import torch
 
 import vllm_neuronx.backends.cpu.backend as cpu_backend
-from tests.conftest import make_tiny_llama
+from tests.conftest import close_to, make_tiny_llama
 from vllm_neuronx import neuron_config as nc
 from vllm_neuronx.backends.cpu import CpuBackend, kernels
 from vllm_neuronx.backends.cpu.llama import BlockKV, LlamaModel
@@ -118,14 +118,14 @@ def torch_rows(model: LlamaModel, tokens, starts, table: torch.Tensor) -> torch.
     return model.logits(h[torch.arange(n), lengths - 1])
 
 
-def check_caches(native: LlamaModel, reference: LlamaModel) -> None:
+def check_caches(native: LlamaModel, reference: LlamaModel, kernel: str) -> None:
     """The K/V the native step wrote where block_rows wrote them (fp8: the same bytes but
     where a value sat within rounding noise of a rounding edge)."""
     for mine, ref in ((native.k_cache, reference.k_cache), (native.v_cache, reference.v_cache)):
         if native.kv_fp8:
             assert (mine.view(torch.uint8) != ref.view(torch.uint8)).float().mean() < 1e-3
         else:
-            torch.testing.assert_close(mine, ref, rtol=1e-5, atol=1e-5)
+            torch.testing.assert_close(mine, ref, **close_to(kernel, 1e-5, 1e-5))
 
 
 @pytest.mark.parametrize("name, block_size", [("d16", 8), ("d16", 16), ("d16", 12),
@@ -152,7 +152,7 @@ def test_native_block_layout_matches_kv_lines_and_torch(backend_of, name, block_
     def step(tokens, starts):
         got = native_rows(native, tokens, starts, range(3), table)
         over_lines = native_rows(b.native, tokens, starts, LINES)
-        torch.testing.assert_close(got, over_lines, rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(got, over_lines, **close_to(b.kernel, 1e-5, 1e-5))
         assert torch.equal(got.argmax(-1), over_lines.argmax(-1))  # greedy: the same tokens
         calls.append((tokens, starts, got))
         return got
@@ -169,8 +169,8 @@ def test_native_block_layout_matches_kv_lines_and_torch(backend_of, name, block_
 
     for tokens, starts, got in calls:
         torch.testing.assert_close(got, torch_rows(torch_model, tokens, starts, table),
-                                   rtol=1e-4, atol=1e-4)
-    check_caches(native_model, torch_model)
+                                   **close_to(b.kernel, 1e-4, 1e-4, ref.kv_fp8))
+    check_caches(native_model, torch_model, b.kernel)
 
 
 def test_block_table_is_checked_before_native_code(backend_of):

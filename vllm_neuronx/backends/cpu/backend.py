@@ -91,9 +91,12 @@ def native_bf16() -> bool:
     return "amx_bf16" in flags or "avx512_bf16" in flags
 
 
-def compute_dtype(requested: torch.dtype) -> torch.dtype:
-    """bf16 is computed in fp32 on CPUs without bf16 units (faster, and more precise)."""
-    if requested is torch.bfloat16 and not native_bf16():
+def compute_dtype(requested: torch.dtype, variant: kernels.Variant | None) -> torch.dtype:
+    """The activations' dtype. bf16 weights: fp32 wherever a kernel variant runs (it
+    multiplies the weights as stored, kernels.py), and on the torch path of CPUs without
+    bf16 units (oneDNN converts every bf16 matmul there: slower than fp32, and less
+    precise); bf16 on the torch path of CPUs with them."""
+    if requested is torch.bfloat16 and (variant is not None or not native_bf16()):
         return torch.float32
     return requested
 
@@ -166,15 +169,10 @@ class CpuBackend(NeuronBackend):
         # A draft model's weights: quantized as NxDI quantizes a fused draft.
         self.draft_quant = QuantConfig.for_draft(neuron_config)
         requested = self.stored_dtype = _DTYPES[neuron_config["torch_dtype"]]
-        # Quantized weights are widened to fp32 (by the kernel, or once at load).
-        self.dtype = torch.float32 if self.quant.weights else compute_dtype(requested)
-        if self.dtype is not requested:
-            logger.info(
-                "CPU backend: %s requested, computing in %s (this CPU has no bf16 units)",
-                requested,
-                self.dtype,
-            )
         self.variant = kernels.chosen()
+        # Quantized weights are widened to fp32 (by the kernel, or once at load).
+        self.dtype = torch.float32 if self.quant.weights else \
+            compute_dtype(requested, self.variant)
         self.model: LlamaModel | None = None
         # The packed-weight kernel (kernels.py) and the native step (native.py), where they run.
         self.matmul: kernels.PackedMatmul | None = None

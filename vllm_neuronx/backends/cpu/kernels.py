@@ -1,17 +1,17 @@
 """The CPU backend's native library, compiled into the artifacts like a device's.
 
 The matmul over packed bf16, int8 or fp8 weights (``matmul.c``, wrapped here as
-``PackedMatmul``; for CPUs without bf16 units, and for quantized weights on every
-CPU) and a whole decode step built on it (``decode_step.c``, driven by native.py);
-see why in each. ``build`` runs the system C compiler at
-compile time and stores the shared library beside the weights; ``load`` maps it
-back when this CPU can run it, after checking that the structs it shares with
-Python (declared once, in kernels.h) have the layout Python's ctypes view gives
-them. One source builds per instruction set (``VARIANTS``: AVX-512, AVX2 + FMA;
-simd.h); ``chosen`` picks the best this CPU runs, or the one
-``VLLM_NEURONX_CPU_KERNEL`` names. Without a compiler or a variant (or with
-``VLLM_NEURONX_CPU_KERNEL=torch``) the backend widens the weights to fp32 and uses
-torch's matmuls: more memory and slower, the same tokens.
+``PackedMatmul``) and a whole decode step built on it (``decode_step.c``, driven by
+native.py); see why in each. ``build`` runs the system C compiler at compile time and
+stores the shared library beside the weights; ``load`` maps it back when this CPU can
+run it, after checking that the structs it shares with Python (declared once, in
+kernels.h) have the layout Python's ctypes view gives them. One source builds per
+instruction set (``VARIANTS``: AMX, AVX-512, AVX2 + FMA; simd.h). ``chosen`` picks the
+variant ``CPU_CLASSES`` gives this CPU (one table, with the measurement behind each row),
+or the one ``VLLM_NEURONX_CPU_KERNEL`` names.
+Without a compiler or a variant (or with ``VLLM_NEURONX_CPU_KERNEL=torch``) the backend
+runs torch's matmuls: bf16 where the CPU has bf16 units, else over weights widened to
+fp32 (more memory and slower, the same tokens).
 """
 
 from __future__ import annotations
@@ -54,23 +54,59 @@ class Variant:
     # From this many rows (a prefill) torch's fp32 sgemm, over the weight widened for
     # the call, beats the kernel; smaller prefills run natively (native.py). None: never.
     widen_rows: int | None
+    # On CPUs with AMX (amx_bf16): bf16 weights through AMX tiles from this many rows
+    # (matmul.c); None: never.
+    amx_rows: int | None = None
 
     @property
     def library(self) -> str:
         return f"cpu_kernels-{self.name}.so"
 
 
-# Best first: without VLLM_NEURONX_CPU_KERNEL, the first one this CPU runs.
 VARIANTS = (
-    # SmolLM2, 32 prompts of 128 prefilled 8 at a time: 5.4 s in the kernel, 5.0 s
-    # widened through MKL (Xeon, 2 cores, interleaved, best of 4).
+    # bf16 weights multiplied as stored by AMX tiles, each row of x split into two bf16
+    # halves so the sums are fp32's to about 2^-17 (matmul.c); from amx_rows rows, fewer
+    # through vdpbf16ps on the same halves.
+    Variant("amx", ("avx512f", "avx512bw", "avx512_bf16", "amx_bf16", "amx_tile"),
+            ("-mavx512f", "-mavx512bw", "-mavx512bf16", "-mamx-tile", "-mamx-bf16"),
+            widen_rows=None, amx_rows=16),
+    # bf16, int8 or fp8 weights widened to fp32 in registers; from widen_rows rows, MKL's
+    # sgemm over the weight widened for the call.
     Variant("avx512", ("avx512f", "avx512bw"), ("-mavx512f", "-mavx512bw"), widen_rows=256),
-    # SmolLM2's matmuls at 64-256 rows: 165-183 GFLOP/s in the kernel (panels widened
-    # once per slab, matmul.c), 96-140 through sgemm (AVX2-only EPYC, 2 cores;
-    # benchmarks/README.md, issue 15).
     Variant("avx2", ("avx2", "fma", "f16c"), ("-mavx2", "-mfma", "-mf16c"), widen_rows=None),
 )
 CHOICES = (*(v.name for v in VARIANTS), TORCH)
+
+
+@dataclass(frozen=True, slots=True)
+class CpuClass:
+    """A class of x86-64 CPU and the variant it runs for every phase (decode and prefill),
+    with the measurement that chose it."""
+
+    name: str
+    needs: tuple[str, ...]  # /proc/cpuinfo flags
+    variant: str  # a VARIANTS name, or TORCH
+    measured: str
+
+
+# The choice table, first match wins (without VLLM_NEURONX_CPU_KERNEL). Figures: 2 cores
+# (benchmarks/README.md, "Kernel variants per CPU class").
+CPU_CLASSES = (
+    CpuClass("AMX (Xeon Sapphire Rapids and later)", ("amx_bf16", "amx_tile", "avx512_bf16"),
+             "amx", "SmolLM2's 120 matmuls: AMX 430 GFLOP/s at 32 rows against 54-118 for "
+             "avx512's fp32 FMAs and 109-139 for torch (oneDNN bf16 on AMX); 347 at 512 "
+             "rows against 68-96 and 211-527; memory-bound at 1 row"),
+    CpuClass("AVX512-BF16 without AMX (AMD Zen 4, Intel Cooper Lake)", ("avx512_bf16",),
+             TORCH, "Zen 4 (issue 15): served 24.7 / 278.5 tok/s at c1 / c32 on the torch "
+             "path (oneDNN bf16) against 16.6 / 132.0 with avx512 forced, although that step "
+             "alone is 3.9x faster (9.1 against 35.5 ms); on the AMX Xeon vdpbf16ps ran "
+             "below fp32 FMAs. Kept until a Zen 4 run explains the serving figures"),
+    CpuClass("AVX-512", ("avx512f", "avx512bw"), "avx512",
+             "Xeon without bf16 units: decode b=1 11-13 ms against 24 through torch"),
+    CpuClass("AVX2 + FMA", ("avx2", "fma", "f16c"), "avx2",
+             "AMD EPYC, AVX2 only: decode b=1 13.4 ms against 59.7 through torch, c1 "
+             "serving 4.2x"),
+)
 
 
 def _cpuinfo(field: str) -> str | None:
@@ -116,6 +152,12 @@ def runs_here(variant: Variant) -> bool:
     return all(flag in cpu_flags() for flag in variant.needs)
 
 
+def cpu_class() -> CpuClass | None:
+    """This CPU's row of CPU_CLASSES; None: no variant runs (not x86-64 with AVX2)."""
+    flags = cpu_flags()
+    return next((c for c in CPU_CLASSES if all(f in flags for f in c.needs)), None)
+
+
 class KernelChoiceError(ValueError):
     """VLLM_NEURONX_CPU_KERNEL names no variant, or one this CPU cannot run."""
 
@@ -124,11 +166,12 @@ def chosen() -> Variant | None:
     """The variant VLLM_NEURONX_CPU_KERNEL names, else the best this CPU runs; None
     means the torch path (no native code)."""
     want = (envs.VLLM_NEURONX_CPU_KERNEL or "auto").strip().lower()
+    by_name = {v.name: v for v in VARIANTS}
     if want == "auto":
-        return next((v for v in VARIANTS if runs_here(v)), None)
+        row = cpu_class()
+        return by_name.get(row.variant) if row is not None else None
     if want == TORCH:
         return None
-    by_name = {v.name: v for v in VARIANTS}
     if want not in by_name:
         raise KernelChoiceError(
             f"VLLM_NEURONX_CPU_KERNEL={want!r}: choose one of {', '.join(CHOICES)} (or auto)")
@@ -202,23 +245,30 @@ class PackedWeight:
     """A [n, k] weight in the kernel's panel layout: bf16 values, or int8 / fp8 values
     with the scale of each output column."""
 
-    data: torch.Tensor  # [panels, k, panel] bf16, int8 or float8_e4m3fn
+    # [panels, k, panel] bf16, int8 or float8_e4m3fn; bf16 on the avx512bf16 build:
+    # [panels, kpad / 2, panel, 2] (pairs along k, k padded with zeros; matmul.c)
+    data: torch.Tensor
     n: int
+    k: int
     scale: torch.Tensor | None = None  # [n] fp32 (quantized weights)
 
     def describe(self) -> Weight:
         """The descriptor matmul.c reads (pointers into this weight's tensors)."""
         return Weight(self.data.data_ptr(),
                       None if self.scale is None else self.scale.data_ptr(),
-                      WEIGHT_KINDS[self.data.dtype], self.n, self.data.shape[1])
+                      WEIGHT_KINDS[self.data.dtype], self.n, self.k)
+
+    @property
+    def paired(self) -> bool:
+        return self.data.dim() == 4
 
 
 class PackedMatmul:
     """``x [m, k] fp32 @ w[n, k]^T`` over weights packed by ``pack_all``."""
 
-    __slots__ = ("_fn", "_widen", "lib", "panel", "widen_rows")
+    __slots__ = ("_fn", "_widen", "amx_rows", "k_align", "lib", "panel", "widen_rows")
 
-    def __init__(self, path: str, widen_rows: int | None) -> None:
+    def __init__(self, path: str, widen_rows: int | None, amx_rows: int | None = None) -> None:
         self.widen_rows = widen_rows
         lib = self.lib = ctypes.CDLL(path)
         self._fn = lib.matmul
@@ -229,6 +279,14 @@ class PackedMatmul:
         self._widen.argtypes = [ctypes.POINTER(Weight), ctypes.c_void_p]
         self._widen.restype = None
         self.panel = int(lib.matmul_panel())
+        # > 1: bf16 weights packed in pairs along k, k padded to a multiple of it
+        self.k_align = int(lib.matmul_k_align())
+        # AMX from this many rows, where the CPU has it and Linux grants its tile state
+        self.amx_rows = None
+        if amx_rows and "amx_bf16" in cpu_flags():
+            use = lib.matmul_use_amx
+            use.argtypes, use.restype = [ctypes.c_int], ctypes.c_int
+            self.amx_rows = use(amx_rows) or None
 
     def pack(self, weight) -> PackedWeight:
         return self.pack_all({"w": weight})["w"]
@@ -240,34 +298,45 @@ class PackedMatmul:
         panel = self.panel
         values = {name: w if isinstance(w, torch.Tensor) else w.values
                   for name, w in weights.items()}
+
+        def rows(w: torch.Tensor) -> int:  # k as packed: padded where bf16 comes in pairs
+            paired = self.k_align > 1 and w.dtype is torch.bfloat16
+            return round_up(w.shape[1], self.k_align) if paired else w.shape[1]
+
         # Each weight's bytes rounded up to whole cache lines, so the next starts on one.
-        sizes = {name: round_up(round_up(w.shape[0], panel) * w.shape[1] * w.itemsize, 64)
+        sizes = {name: round_up(round_up(w.shape[0], panel) * rows(w) * w.itemsize, 64)
                  for name, w in values.items()}
         buffer = memory.huge_page_bytes(sum(sizes.values()))
         packed, offset = {}, 0
         for name, weight in values.items():
             n, k = weight.shape
-            panels, full = -(-n // panel), n // panel
+            kpad, paired = rows(weight), self.k_align > 1 and weight.dtype is torch.bfloat16
+            panels = -(-n // panel)
             data = buffer[offset:offset + sizes[name]].view(weight.dtype)
-            data = data[:panels * k * panel].view(panels, k, panel)
+            data = data[:panels * kpad * panel]
             offset += sizes[name]
-            if full:
-                data[:full].copy_(weight[:full * panel].view(full, panel, k).transpose(1, 2))
-            if full < panels:
-                data[full].view(torch.uint8 if weight.itemsize == 1 else torch.int16).zero_()
-                data[full, :, :n - full * panel].copy_(weight[full * panel:].T)
+            # [n, kpad] zero-padded to whole panels, then each panel's columns innermost
+            whole = torch.zeros((panels * panel, kpad), dtype=weight.dtype)
+            whole[:n, :k] = weight
+            if paired:
+                # pairs along k: [panels, kpad / 2, panel, 2]
+                data = data.view(panels, kpad // 2, panel, 2)
+                data.copy_(whole.view(panels, panel, kpad // 2, 2).transpose(1, 2))
+            else:
+                data = data.view(panels, k, panel)
+                data.copy_(whole.view(panels, panel, k).transpose(1, 2))
             given = weights[name]
             scale = None if isinstance(given, torch.Tensor) else given.scale.float().contiguous()
-            packed[name] = PackedWeight(data, n, scale)
+            packed[name] = PackedWeight(data, n, k, scale)
         return packed
 
     def __call__(self, x: torch.Tensor, weight: PackedWeight) -> torch.Tensor:
         """x [m, k] -> [m, n] fp32."""
         x = x.float().contiguous()
         m, k = x.shape
-        if weight.data.shape[1] != k:
-            raise ValueError(f"x has {k} columns, the weight {weight.data.shape[1]}")
-        if self.widen_rows is not None and m >= self.widen_rows:
+        if weight.k != k:
+            raise ValueError(f"x has {k} columns, the weight {weight.k}")
+        if self.widen_rows is not None and m >= self.widen_rows and not weight.paired:
             # MKL's sgemm, over the weight widened to [k, n] fp32
             panels = weight.data.shape[0]
             wide = torch.empty((k, panels * self.panel), dtype=torch.float32)
@@ -372,7 +441,7 @@ def load(folder: str, variant: Variant) -> PackedMatmul | None:
     if not os.path.exists(path) or not runs_here(variant):
         return None
     try:
-        matmul = PackedMatmul(path, variant.widen_rows)
+        matmul = PackedMatmul(path, variant.widen_rows, variant.amx_rows)
     except OSError as e:  # e.g. a folder on a noexec mount (Docker's /dev/shm)
         logger.warning(
             "CPU backend: cannot load the kernel from %s (%s); the weights are "

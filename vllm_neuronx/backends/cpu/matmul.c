@@ -22,6 +22,14 @@
  * Quantized weights (int8, fp8 e4m3fn: one byte each) halve the bytes again: the block
  * sums x . value over k and multiplies each column's sum by its scale once at the end,
  * so a weight costs one or two instructions more to widen than a bf16 and no multiply.
+ * On CPUs with AMX (the amx build) bf16 weights are packed in pairs along k
+ * ([k/2, PANEL, 2], k padded to K_ALIGN) and multiplied as they are stored, by AMX tiles
+ * of 16 rows x 32 k (`tdpbf16ps`) from ``amx_rows`` rows, and under that by fp32 FMAs
+ * (a pair widens with a shift and a mask). AMX multiplies bf16 by bf16, so each row of x
+ * is split into two bf16 halves, x = hi + lo (hi = x rounded, lo = the rest rounded):
+ * x . w = hi . w + lo . w keeps 16 of x's 24 bits (relative error about 2^-17, against
+ * bf16's 2^-9), so the results match the fp32 kernels' (and HF's fp32 over the same
+ * weights) to within their own rounding, at twice the tile work, which AMX has to spare.
  * Threads (torch's own OpenMP runtime: the same library, the same team) split panels.
  * ``matmul_team`` shares out its panels to the team it is called from, so the fused
  * decode step (decode_step.c) runs its matmuls inside one parallel region.
@@ -29,6 +37,8 @@
 #include <math.h>
 #include <stdlib.h>
 #include <string.h>
+#include <sys/syscall.h>
+#include <unistd.h>
 
 #include "kernels.h"
 #include "simd.h"
@@ -52,6 +62,15 @@
 #define PREFETCH_BYTES 8192
 
 int matmul_panel(void) { return PANEL; }
+
+#if defined(__AVX512BF16__)
+/* bf16 weights packed in k-pairs, k padded to a whole AMX tile's depth (32) */
+#define K_ALIGN 32
+#else
+#define K_ALIGN 1 /* bf16 weights [k, PANEL] per panel, widened to fp32 */
+#endif
+/* Python packs bf16 weights by this (kernels.PackedMatmul): 1, or the paired layout's. */
+int matmul_k_align(void) { return K_ALIGN; }
 
 /* Internal to this file: a panel already widened and scaled (fp32, no scale to apply). */
 #define WEIGHT_FP32 (-1)
@@ -175,9 +194,232 @@ static float *thread_panel(long floats) {
     return panel_buffer;
 }
 
+#if defined(__AVX512BF16__)
+/* AMX from this many rows (0: never); set by matmul_use_amx once Linux lets this
+ * process use the tile registers (kernels.py's table says from how many rows). */
+static int amx_rows;
+
+/* The calling thread's bf16 halves of a slab of x, hi then lo, each [rows rounded up to
+ * 16, kpad] (zeros past k and past the rows: an AMX tile reads 16 rows), kept for the
+ * thread's life. */
+static __thread uint16_t *xbf_buffer;
+static __thread long xbf_elems;
+
+static uint16_t *thread_xbf(long elems) {
+    if (elems > xbf_elems) {
+        free(xbf_buffer);
+        xbf_buffer = aligned_alloc(64, (elems * sizeof(uint16_t) + 63) / 64 * 64);
+        xbf_elems = xbf_buffer ? elems : 0;
+    }
+    return xbf_buffer;
+}
+
+/* Rows of x [., k] fp32 -> hi [rows16, kpad] bf16 (rounded to nearest even) and lo (the
+ * remainder x - hi, rounded) at hi + rows16 * kpad. */
+static void rows_to_bf16(const float *x, int k, int kpad, int rows, int rows16, uint16_t *hi) {
+    uint16_t *lo = hi + (long)rows16 * kpad;
+    for (int r = 0; r < rows16; r++)
+        for (int c = 0; c < kpad; c += 16) {
+            int left = r < rows ? k - c : 0;
+            __m512 v = left > 0 ? vload_n(x + (long)r * k + c, left) : vzero();
+            __m256i h = (__m256i)_mm512_cvtneps_pbh(v);
+            __m512 rest = _mm512_sub_ps(v, _mm512_castsi512_ps(
+                                               _mm512_slli_epi32(_mm512_cvtepu16_epi32(h), 16)));
+            _mm256_storeu_si256((__m256i *)(hi + (long)r * kpad + c), h);
+            _mm256_storeu_si256((__m256i *)(lo + (long)r * kpad + c),
+                                (__m256i)_mm512_cvtneps_pbh(rest));
+        }
+}
+
+/* ``rows`` (at most ROWS) fp32 rows of x against a paired panel, with fp32 FMAs in the
+ * order of ``block`` (so with the same sums as the avx512 build): each 64 bytes hold k
+ * pairs of 16 columns, whose even and odd k widen with one shift and one mask. */
+static inline __attribute__((always_inline)) void
+block_pairs(const float *restrict x, const uint16_t *restrict panel, float *restrict y,
+            int rows, int cols, int n, int k, int prefetch, int add) {
+    const __m512i odd = _mm512_set1_epi32((int)0xFFFF0000u);
+    vec acc[ROWS][3];
+    for (int r = 0; r < rows; r++)
+        for (int s = 0; s < 3; s++)
+            acc[r][s] = vzero();
+    for (int i = 0; 2 * i < k; i++) {
+        const uint16_t *at = panel + (long)i * 2 * PANEL;
+        if (prefetch) { /* each pair of k is 192 bytes: three lines */
+            const char *next = (const char *)at + PREFETCH_BYTES;
+            _mm_prefetch(next, _MM_HINT_T1);
+            _mm_prefetch(next + 64, _MM_HINT_T1);
+            _mm_prefetch(next + 128, _MM_HINT_T1);
+        }
+        __m512i v[3] = {_mm512_loadu_si512(at), _mm512_loadu_si512(at + 32),
+                        _mm512_loadu_si512(at + 64)};
+        vec even[3], odds[3];
+        for (int s = 0; s < 3; s++) {
+            even[s] = _mm512_castsi512_ps(_mm512_slli_epi32(v[s], 16));
+            odds[s] = _mm512_castsi512_ps(_mm512_and_si512(v[s], odd));
+        }
+        int both = 2 * i + 1 < k; /* odd k: the last pair's second half is padding */
+        for (int r = 0; r < rows; r++) {
+            const float *xr = x + (long)r * k + 2 * i;
+            vec xe = vset1(xr[0]);
+            for (int s = 0; s < 3; s++)
+                acc[r][s] = vfma(xe, even[s], acc[r][s]);
+            if (both) {
+                vec xo = vset1(xr[1]);
+                for (int s = 0; s < 3; s++)
+                    acc[r][s] = vfma(xo, odds[s], acc[r][s]);
+            }
+        }
+    }
+    for (int r = 0; r < rows; r++) {
+        float *yr = y + (long)r * n;
+        for (int s = 0; s < 3; s++) {
+            int left = cols - VW * s;
+            if (left <= 0)
+                break;
+            vec out = add ? vadd(acc[r][s], vload_n(yr + VW * s, left)) : acc[r][s];
+            vstore_n(yr + VW * s, out, left);
+        }
+    }
+}
+
+static void rows_of_paired_panel(const float *x, const uint16_t *panel, float *y, int rows,
+                                 int cols, int n, int k, int first, int add) {
+    switch (rows) {
+    case 8: block_pairs(x, panel, y, 8, cols, n, k, first, add); break;
+    case 7: block_pairs(x, panel, y, 7, cols, n, k, first, add); break;
+    case 6: block_pairs(x, panel, y, 6, cols, n, k, first, add); break;
+    case 5: block_pairs(x, panel, y, 5, cols, n, k, first, add); break;
+    case 4: block_pairs(x, panel, y, 4, cols, n, k, first, add); break;
+    case 3: block_pairs(x, panel, y, 3, cols, n, k, first, add); break;
+    case 2: block_pairs(x, panel, y, 2, cols, n, k, first, add); break;
+    default: block_pairs(x, panel, y, 1, cols, n, k, first, add); break;
+    }
+}
+
+#if defined(__AMX_BF16__)
+/* Tiles 0-2: sums, 16 rows x 16 columns fp32 each (a panel's 48); 3: 16 rows of x by 32
+ * k; 4-6: the panel's 32 k (16 pairs) by its three groups of 16 columns. */
+typedef struct {
+    uint8_t palette, start_row, reserved[14];
+    uint16_t colsb[16];
+    uint8_t rows[16];
+} TileConfig;
+
+static void load_tile_config(void) {
+    TileConfig cfg;
+    memset(&cfg, 0, sizeof cfg);
+    cfg.palette = 1;
+    for (int t = 0; t < 7; t++) {
+        cfg.rows[t] = 16;
+        cfg.colsb[t] = 64;
+    }
+    _tile_loadconfig(&cfg);
+}
+
+/* 16 rows of x (bf16 halves: ``xb``, ``xb + lo``; ``rows`` of them real) against a
+ * paired panel: each B tile loaded once serves both halves. */
+static void tiles_of_panel(const uint16_t *xb, long lo, const uint16_t *panel, float *y,
+                           int rows, int cols, int n, int kpad, int add) {
+    float out[16 * PANEL] __attribute__((aligned(64)));
+    _tile_zero(0);
+    _tile_zero(1);
+    _tile_zero(2);
+    for (int kb = 0; kb < kpad; kb += 32) {
+        const uint16_t *b = panel + (long)kb * PANEL; /* pair kb/2: (kb/2) * 2 * PANEL */
+        _tile_loadd(3, xb + kb, kpad * 2);
+        _tile_loadd(4, b, PANEL * 4);
+        _tile_loadd(5, b + 32, PANEL * 4);
+        _tile_loadd(6, b + 64, PANEL * 4);
+        _tile_dpbf16ps(0, 3, 4);
+        _tile_dpbf16ps(1, 3, 5);
+        _tile_dpbf16ps(2, 3, 6);
+        _tile_loadd(3, xb + lo + kb, kpad * 2);
+        _tile_dpbf16ps(0, 3, 4);
+        _tile_dpbf16ps(1, 3, 5);
+        _tile_dpbf16ps(2, 3, 6);
+    }
+    _tile_stored(0, out, PANEL * 4);
+    _tile_stored(1, out + 16, PANEL * 4);
+    _tile_stored(2, out + 32, PANEL * 4);
+    for (int r = 0; r < rows; r++) {
+        float *yr = y + (long)r * n;
+        for (int s = 0; s < 3; s++) {
+            int left = cols - VW * s;
+            if (left <= 0)
+                break;
+            vec v = vload_n(out + r * PANEL + VW * s, VW);
+            vstore_n(yr + VW * s, add ? vadd(v, vload_n(yr + VW * s, left)) : v, left);
+        }
+    }
+}
+
+/* Ask Linux for the AMX tile state (arch_prctl ARCH_REQ_XCOMP_PERM, XTILEDATA) and use
+ * tiles from ``rows`` rows; 0 where it refuses (or rows <= 0: never). */
+int matmul_use_amx(int rows) {
+    amx_rows = 0;
+    if (rows > 0 && syscall(SYS_arch_prctl, 0x1023, 18) == 0)
+        amx_rows = rows;
+    return amx_rows;
+}
+#else
+int matmul_use_amx(int rows) { (void)rows; return 0; }
+#endif
+
+/* matmul_team for bf16 weights in the paired layout: AMX tiles from amx_rows rows, fp32
+ * FMAs under. */
+static void matmul_pairs(const float *restrict x, const Weight *w, float *restrict y, int m,
+                         int add) {
+    int panels = (w->n + PANEL - 1) / PANEL, n = w->n, k = w->k;
+    int kpad = (k + K_ALIGN - 1) / K_ALIGN * K_ALIGN;
+    for (int slab = 0; slab < m; slab += SLAB_ROWS) {
+        int rows = m - slab < SLAB_ROWS ? m - slab : SLAB_ROWS, rows16 = (rows + 15) / 16 * 16;
+        const float *xs = x + (long)slab * k;
+        uint16_t *xb = NULL;
+        long lo = (long)rows16 * kpad;
+#if defined(__AMX_BF16__)
+        if (amx_rows > 0 && rows >= amx_rows) {
+            /* each thread splits the slab for itself: m * k conversions against
+             * m * k * n / threads products */
+            xb = thread_xbf(2 * lo);
+            if (xb == NULL)
+                abort();
+            rows_to_bf16(xs, k, kpad, rows, rows16, xb);
+            load_tile_config(); /* per call: oneDNN may have loaded its own on this thread */
+        }
+#endif
+#pragma omp for schedule(static)
+        for (int p = 0; p < panels; p++) {
+            const uint16_t *panel = (const uint16_t *)w->data + (long)p * kpad * PANEL;
+            int cols = n - p * PANEL < PANEL ? n - p * PANEL : PANEL;
+            float *yp = y + (long)slab * n + p * PANEL;
+#if defined(__AMX_BF16__)
+            if (xb != NULL) {
+                for (int r0 = 0; r0 < rows; r0 += 16)
+                    tiles_of_panel(xb + (long)r0 * kpad, lo, panel, yp + (long)r0 * n,
+                                   rows - r0 < 16 ? rows - r0 : 16, cols, n, kpad, add);
+                continue;
+            }
+#endif
+            for (int r0 = 0; r0 < rows; r0 += ROWS)
+                rows_of_paired_panel(xs + (long)r0 * k, panel, yp + (long)r0 * n,
+                                     rows - r0 < ROWS ? rows - r0 : ROWS, cols, n, k,
+                                     r0 == 0, add);
+        }
+    }
+}
+#else
+int matmul_use_amx(int rows) { (void)rows; return 0; }
+#endif
+
 /* y = x . w^T, or y += x . w^T with ``add``; panels shared out to the calling team
  * (serially outside a parallel region). Every thread of the team must call it. */
 void matmul_team(const float *restrict x, const Weight *w, float *restrict y, int m, int add) {
+#if defined(__AVX512BF16__)
+    if (w->kind == WEIGHT_BF16) {
+        matmul_pairs(x, w, y, m, add);
+        return;
+    }
+#endif
     int panels = (w->n + PANEL - 1) / PANEL;
     /* Rows in slabs that stay in L2 while every panel passes them (a prefill's 1024
      * rows do not: re-reading them from L3 for each panel cost 40% of its time). */
