@@ -95,7 +95,7 @@ def fresh_venv(venv: Path) -> Path:
 # Our rows: the model's bf16 weights, and the same quantized per channel through the
 # neuron config (quant_config.py), as a user would ask for it.
 OURS = {"ours": QUANT["none"], "ours-int8": QUANT["int8"], "ours-fp8": QUANT["fp8"],
-        "ours-lora4": QUANT["none"], "ours-spec": INT8_DRAFT}
+        "ours-lora4": QUANT["none"], "ours-spec": INT8_DRAFT, "ours-torch": QUANT["none"]}
 # ours-lora4: bf16 with LoRA on and every request on one of this many adapters, at random
 # (issue 19's target: c32 >= 0.7x of ours at c32).
 LORA_ADAPTERS = 4
@@ -294,6 +294,10 @@ def bench_peer(name: str, workload: Workload, model: str, cache: Path, out_dir: 
         spec = ours_lora(model, cache / "lora-adapters")
     elif name == "ours-spec":
         spec = ours_spec(model)
+    elif name == "ours-torch":  # no kernel variant: torch's matmuls (bf16 on bf16 units)
+        spec = ours(model, name)
+        spec.env["VLLM_NEURONX_CPU_KERNEL"] = "torch"
+        spec.config |= {"VLLM_NEURONX_CPU_KERNEL": "torch"}
     elif name in OURS:
         spec = ours(model, name)
     elif name == "vllm-cpu":
