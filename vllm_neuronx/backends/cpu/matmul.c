@@ -75,6 +75,18 @@ int matmul_k_align(void) { return K_ALIGN; }
 /* Internal to this file: a panel already widened and scaled (fp32, no scale to apply). */
 #define WEIGHT_FP32 (-1)
 
+/* One row's sums of a panel (three vectors) into its first ``cols`` columns of ``yr``,
+ * or added to them. */
+static inline __attribute__((always_inline)) void put_row(float *yr, const vec sums[3],
+                                                          int cols, int add) {
+    for (int s = 0; s < 3; s++) {
+        int left = cols - VW * s;
+        if (left <= 0)
+            break;
+        vstore_n(yr + VW * s, add ? vadd(sums[s], vload_n(yr + VW * s, left)) : sums[s], left);
+    }
+}
+
 static inline __attribute__((always_inline)) vec widen(const void *p, long at, int kind) {
     switch (kind) {
     case WEIGHT_FP32: return vload_n((const float *)p + at, VW);
@@ -121,16 +133,9 @@ block(const float *restrict x, const void *restrict panel, const float *scale,
                              : vzero();
     }
     for (int r = 0; r < rows; r++) {
-        float *yr = y + (long)r * n;
-        for (int s = 0; s < 3; s++) {
-            int left = cols - VW * s;
-            if (left <= 0)
-                break;
-            vec out = scaled ? vmul(acc[r][s], scales[s]) : acc[r][s];
-            if (add)
-                out = vadd(out, vload_n(yr + VW * s, left));
-            vstore_n(yr + VW * s, out, left);
-        }
+        for (int s = 0; s < 3 && scaled; s++)
+            acc[r][s] = vmul(acc[r][s], scales[s]);
+        put_row(y + (long)r * n, acc[r], cols, add);
     }
 }
 
@@ -180,18 +185,24 @@ static void widen_panel(const Weight *w, int p, float *restrict out, long stride
         }
 }
 
-/* The calling thread's buffer for one widened panel, grown to the largest asked for
- * (one per thread of the team, kept for its life); NULL if it cannot be had. */
-static __thread float *panel_buffer;
-static __thread long panel_buffer_floats;
+/* ``*buffer`` grown to at least ``bytes`` (64-byte aligned, kept until a bigger one is
+ * asked for); NULL if it cannot be had. */
+static void *grown(void **buffer, long *held, long bytes) {
+    if (bytes > *held) {
+        free(*buffer);
+        *buffer = aligned_alloc(64, (bytes + 63) / 64 * 64);
+        *held = *buffer ? bytes : 0;
+    }
+    return *buffer;
+}
+
+/* The calling thread's buffer for one widened panel (one per thread of the team, kept for
+ * its life). */
+static __thread void *panel_buffer;
+static __thread long panel_buffer_bytes;
 
 static float *thread_panel(long floats) {
-    if (floats > panel_buffer_floats) {
-        free(panel_buffer);
-        panel_buffer = aligned_alloc(64, (floats * sizeof(float) + 63) / 64 * 64);
-        panel_buffer_floats = panel_buffer ? floats : 0;
-    }
-    return panel_buffer;
+    return grown(&panel_buffer, &panel_buffer_bytes, floats * (long)sizeof(float));
 }
 
 #if defined(__AVX512BF16__)
@@ -202,16 +213,11 @@ static int amx_rows;
 /* The calling thread's bf16 halves of a slab of x, hi then lo, each [rows rounded up to
  * 16, kpad] (zeros past k and past the rows: an AMX tile reads 16 rows), kept for the
  * thread's life. */
-static __thread uint16_t *xbf_buffer;
-static __thread long xbf_elems;
+static __thread void *xbf_buffer;
+static __thread long xbf_bytes;
 
 static uint16_t *thread_xbf(long elems) {
-    if (elems > xbf_elems) {
-        free(xbf_buffer);
-        xbf_buffer = aligned_alloc(64, (elems * sizeof(uint16_t) + 63) / 64 * 64);
-        xbf_elems = xbf_buffer ? elems : 0;
-    }
-    return xbf_buffer;
+    return grown(&xbf_buffer, &xbf_bytes, elems * (long)sizeof(uint16_t));
 }
 
 /* Rows of x [., k] fp32 -> hi [rows16, kpad] bf16 (rounded to nearest even) and lo (the
@@ -270,16 +276,8 @@ block_pairs(const float *restrict x, const uint16_t *restrict panel, float *rest
             }
         }
     }
-    for (int r = 0; r < rows; r++) {
-        float *yr = y + (long)r * n;
-        for (int s = 0; s < 3; s++) {
-            int left = cols - VW * s;
-            if (left <= 0)
-                break;
-            vec out = add ? vadd(acc[r][s], vload_n(yr + VW * s, left)) : acc[r][s];
-            vstore_n(yr + VW * s, out, left);
-        }
-    }
+    for (int r = 0; r < rows; r++)
+        put_row(y + (long)r * n, acc[r], cols, add);
 }
 
 static void rows_of_paired_panel(const float *x, const uint16_t *panel, float *y, int rows,
@@ -342,14 +340,9 @@ static void tiles_of_panel(const uint16_t *xb, long lo, const uint16_t *panel, f
     _tile_stored(1, out + 16, PANEL * 4);
     _tile_stored(2, out + 32, PANEL * 4);
     for (int r = 0; r < rows; r++) {
-        float *yr = y + (long)r * n;
-        for (int s = 0; s < 3; s++) {
-            int left = cols - VW * s;
-            if (left <= 0)
-                break;
-            vec v = vload_n(out + r * PANEL + VW * s, VW);
-            vstore_n(yr + VW * s, add ? vadd(v, vload_n(yr + VW * s, left)) : v, left);
-        }
+        vec sums[3] = {vload_n(out + r * PANEL, VW), vload_n(out + r * PANEL + VW, VW),
+                       vload_n(out + r * PANEL + 2 * VW, VW)};
+        put_row(y + (long)r * n, sums, cols, add);
     }
 }
 
