@@ -363,6 +363,27 @@ def test_a_kernel_that_cannot_load_falls_back_to_widened_weights(tiny_llama, tmp
     assert out.tokens.shape == (1,)
 
 
+def test_a_kernel_built_once_is_copied_into_later_folders(tmp_path, monkeypatch):
+    """The second artifacts folder takes a copy of the first build (same sources, flags and
+    compiler) instead of compiling again; the copy loads."""
+    variant = kernels.chosen()
+    if variant is None:
+        pytest.skip("no kernel variant runs on this CPU")
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+    assert kernels.build(str(tmp_path), variant)
+    kept = list((tmp_path / "cache").rglob(variant.library))
+    assert len(kept) == 1
+
+    def no_compiler(*args, **kwargs):
+        raise AssertionError("compiled again")
+
+    monkeypatch.setattr(kernels.subprocess, "run", no_compiler)
+    again = tmp_path / "again"
+    again.mkdir()
+    assert kernels.build(str(again), variant)
+    assert kernels.load(str(again), variant) is not None
+
+
 @pytest.mark.parametrize("cc", ["/bin/false", "/nonexistent/cc"])
 def test_a_compiler_that_fails_leaves_no_kernel(tmp_path, monkeypatch, cc):
     variant = kernels.chosen()

@@ -194,13 +194,47 @@ def source_digest() -> str:
     return digest.hexdigest()[:12]
 
 
+def _built_before(compiler: str, variant: Variant) -> str:
+    """Where this user keeps ``variant`` as ``compiler`` builds the current sources: every
+    artifacts folder compiled for this model or another takes a copy instead of a new build
+    (gcc spends about 15 s on decode_step.c's specialisations). The key holds the sources
+    and flags (``source_digest``) and the compiler binary itself."""
+    from vllm_neuronx.default_model import cache_root
+
+    real = os.path.realpath(compiler)
+    stat = os.stat(real)
+    key = hashlib.sha256(f"{source_digest()} {' '.join(variant.flags)} {real} "
+                         f"{stat.st_size} {stat.st_mtime_ns}".encode()).hexdigest()[:16]
+    return os.path.join(cache_root().parent, "kernels", key, variant.library)
+
+
+def _keep(path: str, cached: str) -> None:
+    """A copy of the library just built at ``path`` for later builds (atomic; best effort:
+    a cache that cannot be written only means the next build compiles again)."""
+    try:
+        os.makedirs(os.path.dirname(cached), exist_ok=True)
+        partial = f"{cached}.{os.getpid()}.partial"
+        shutil.copyfile(path, partial)
+        os.replace(partial, cached)
+    except OSError as e:
+        logger.debug("CPU backend: not keeping the kernel in %s (%s)", cached, e)
+
+
 def build(folder: str, variant: Variant) -> bool:
-    """Compile ``variant`` into ``folder``; False (logged) where it cannot build."""
+    """Compile ``variant`` into ``folder`` (or copy the same build kept from before);
+    False (logged) where it cannot build."""
     compiler = shutil.which(os.environ.get("CC", "cc")) or shutil.which("gcc")
     if compiler is None:
         logger.warning("CPU backend: no C compiler; the weights are widened to fp32")
         return False
     out = os.path.join(folder, variant.library)
+    try:
+        cached = _built_before(compiler, variant)
+        if os.path.exists(cached):
+            shutil.copyfile(cached, out)
+            return True
+    except OSError:
+        cached = None
     try:
         result = subprocess.run(
             [compiler, *FLAGS, *variant.flags, *SOURCES, "-o", out, "-lm"],
@@ -218,6 +252,8 @@ def build(folder: str, variant: Variant) -> bool:
             result.stderr.strip(),
         )
         return False
+    if cached is not None:
+        _keep(out, cached)
     return True
 
 
