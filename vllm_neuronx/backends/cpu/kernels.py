@@ -64,9 +64,9 @@ class Variant:
 
 
 VARIANTS = (
-    # bf16 weights multiplied as stored by AMX tiles, each row of x split into two bf16
-    # halves so the sums are fp32's to about 2^-17 (matmul.c); from amx_rows rows, fewer
-    # through vdpbf16ps on the same halves.
+    # bf16 weights packed in k-pairs, multiplied as stored: by AMX tiles from amx_rows
+    # rows (each row of x split into two bf16 halves, so the sums are fp32's to about
+    # 2^-17), by fp32 FMAs under (matmul.c).
     Variant("amx", ("avx512f", "avx512bw", "avx512_bf16", "amx_bf16", "amx_tile"),
             ("-mavx512f", "-mavx512bw", "-mavx512bf16", "-mamx-tile", "-mamx-bf16"),
             widen_rows=None, amx_rows=16),
@@ -93,9 +93,10 @@ class CpuClass:
 # (benchmarks/README.md, "Kernel variants per CPU class").
 CPU_CLASSES = (
     CpuClass("AMX (Xeon Sapphire Rapids and later)", ("amx_bf16", "amx_tile", "avx512_bf16"),
-             "amx", "SmolLM2's 120 matmuls: AMX 430 GFLOP/s at 32 rows against 54-118 for "
-             "avx512's fp32 FMAs and 109-139 for torch (oneDNN bf16 on AMX); 347 at 512 "
-             "rows against 68-96 and 211-527; memory-bound at 1 row"),
+             "amx", "SmolLM2's matmuls (cpu_matmul.py): AMX tiles 278 GFLOP/s at 16 rows and "
+             "658 at 128 against 181 and 210 for avx512's fp32 FMAs and 150 and 611 for "
+             "oneDNN's bf16; under 16 rows all bound by the weights' bytes. Served 3.1x / "
+             "1.4x the torch path at c1 / c32"),
     CpuClass("AVX512-BF16 without AMX (AMD Zen 4, Intel Cooper Lake)", ("avx512_bf16",),
              TORCH, "Zen 4 (issue 15): served 24.7 / 278.5 tok/s at c1 / c32 on the torch "
              "path (oneDNN bf16) against 16.6 / 132.0 with avx512 forced, although that step "
@@ -163,8 +164,8 @@ class KernelChoiceError(ValueError):
 
 
 def chosen() -> Variant | None:
-    """The variant VLLM_NEURONX_CPU_KERNEL names, else the best this CPU runs; None
-    means the torch path (no native code)."""
+    """The variant VLLM_NEURONX_CPU_KERNEL names, else the one CPU_CLASSES gives this CPU;
+    None means the torch path (no native code)."""
     want = (envs.VLLM_NEURONX_CPU_KERNEL or "auto").strip().lower()
     by_name = {v.name: v for v in VARIANTS}
     if want == "auto":
