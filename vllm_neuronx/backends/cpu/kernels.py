@@ -336,9 +336,11 @@ class PackedMatmul:
         values = {name: w if isinstance(w, torch.Tensor) else w.values
                   for name, w in weights.items()}
 
-        def rows(w: torch.Tensor) -> int:  # k as packed: padded where bf16 comes in pairs
-            paired = self.k_align > 1 and w.dtype is torch.bfloat16
-            return round_up(w.shape[1], self.k_align) if paired else w.shape[1]
+        def paired(w: torch.Tensor) -> bool:  # bf16 in k-pairs (the amx build)
+            return self.k_align > 1 and w.dtype is torch.bfloat16
+
+        def rows(w: torch.Tensor) -> int:  # k as packed: padded where paired
+            return round_up(w.shape[1], self.k_align) if paired(w) else w.shape[1]
 
         # Each weight's bytes rounded up to whole cache lines, so the next starts on one.
         sizes = {name: round_up(round_up(w.shape[0], panel) * rows(w) * w.itemsize, 64)
@@ -347,7 +349,7 @@ class PackedMatmul:
         packed, offset = {}, 0
         for name, weight in values.items():
             n, k = weight.shape
-            kpad, paired = rows(weight), self.k_align > 1 and weight.dtype is torch.bfloat16
+            kpad = rows(weight)
             panels = -(-n // panel)
             data = buffer[offset:offset + sizes[name]].view(weight.dtype)
             data = data[:panels * kpad * panel]
@@ -355,7 +357,7 @@ class PackedMatmul:
             # [n, kpad] zero-padded to whole panels, then each panel's columns innermost
             whole = torch.zeros((panels * panel, kpad), dtype=weight.dtype)
             whole[:n, :k] = weight
-            if paired:
+            if paired(weight):
                 # pairs along k: [panels, kpad / 2, panel, 2]
                 data = data.view(panels, kpad // 2, panel, 2)
                 data.copy_(whole.view(panels, panel, kpad // 2, 2).transpose(1, 2))

@@ -63,10 +63,12 @@
 
 int matmul_panel(void) { return PANEL; }
 
-#if defined(__AVX512BF16__)
-/* bf16 weights packed in k-pairs, k padded to a whole AMX tile's depth (32) */
+#if defined(__AMX_BF16__) && defined(__AVX512BF16__)
+/* The amx build: bf16 weights packed in k-pairs, k padded to a whole AMX tile's depth */
+#define PAIRED_BF16 1
 #define K_ALIGN 32
 #else
+#define PAIRED_BF16 0
 #define K_ALIGN 1 /* bf16 weights [k, PANEL] per panel, widened to fp32 */
 #endif
 /* Python packs bf16 weights by this (kernels.PackedMatmul): 1, or the paired layout's. */
@@ -205,7 +207,7 @@ static float *thread_panel(long floats) {
     return grown(&panel_buffer, &panel_buffer_bytes, floats * (long)sizeof(float));
 }
 
-#if defined(__AVX512BF16__)
+#if PAIRED_BF16
 /* AMX from this many rows (0: never); set by matmul_use_amx once Linux lets this
  * process use the tile registers (kernels.py's table says from how many rows). */
 static int amx_rows;
@@ -294,7 +296,6 @@ static void rows_of_paired_panel(const float *x, const uint16_t *panel, float *y
     }
 }
 
-#if defined(__AMX_BF16__)
 /* Tiles 0-2: sums, 16 rows x 16 columns fp32 each (a panel's 48); 3: 16 rows of x by 32
  * k; 4-6: the panel's 32 k (16 pairs) by its three groups of 16 columns. */
 typedef struct {
@@ -354,9 +355,6 @@ int matmul_use_amx(int rows) {
         amx_rows = rows;
     return amx_rows;
 }
-#else
-int matmul_use_amx(int rows) { (void)rows; return 0; }
-#endif
 
 /* matmul_team for bf16 weights in the paired layout: AMX tiles from amx_rows rows, fp32
  * FMAs under. */
@@ -369,7 +367,6 @@ static void matmul_pairs(const float *restrict x, const Weight *w, float *restri
         const float *xs = x + (long)slab * k;
         uint16_t *xb = NULL;
         long lo = (long)rows16 * kpad;
-#if defined(__AMX_BF16__)
         if (amx_rows > 0 && rows >= amx_rows) {
             /* each thread splits the slab for itself: m * k conversions against
              * m * k * n / threads products */
@@ -379,20 +376,17 @@ static void matmul_pairs(const float *restrict x, const Weight *w, float *restri
             rows_to_bf16(xs, k, kpad, rows, rows16, xb);
             load_tile_config(); /* per call: oneDNN may have loaded its own on this thread */
         }
-#endif
 #pragma omp for schedule(static)
         for (int p = 0; p < panels; p++) {
             const uint16_t *panel = (const uint16_t *)w->data + (long)p * kpad * PANEL;
             int cols = n - p * PANEL < PANEL ? n - p * PANEL : PANEL;
             float *yp = y + (long)slab * n + p * PANEL;
-#if defined(__AMX_BF16__)
             if (xb != NULL) {
                 for (int r0 = 0; r0 < rows; r0 += 16)
                     tiles_of_panel(xb + (long)r0 * kpad, lo, panel, yp + (long)r0 * n,
                                    rows - r0 < 16 ? rows - r0 : 16, cols, n, kpad, add);
                 continue;
             }
-#endif
             for (int r0 = 0; r0 < rows; r0 += ROWS)
                 rows_of_paired_panel(xs + (long)r0 * k, panel, yp + (long)r0 * n,
                                      rows - r0 < ROWS ? rows - r0 : ROWS, cols, n, k,
@@ -407,7 +401,7 @@ int matmul_use_amx(int rows) { (void)rows; return 0; }
 /* y = x . w^T, or y += x . w^T with ``add``; panels shared out to the calling team
  * (serially outside a parallel region). Every thread of the team must call it. */
 void matmul_team(const float *restrict x, const Weight *w, float *restrict y, int m, int add) {
-#if defined(__AVX512BF16__)
+#if PAIRED_BF16
     if (w->kind == WEIGHT_BF16) {
         matmul_pairs(x, w, y, m, add);
         return;
