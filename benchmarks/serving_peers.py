@@ -95,7 +95,8 @@ def fresh_venv(venv: Path) -> Path:
 # Our rows: the model's bf16 weights, and the same quantized per channel through the
 # neuron config (quant_config.py), as a user would ask for it.
 OURS = {"ours": QUANT["none"], "ours-int8": QUANT["int8"], "ours-fp8": QUANT["fp8"],
-        "ours-lora4": QUANT["none"], "ours-spec": INT8_DRAFT, "ours-torch": QUANT["none"]}
+        "ours-lora4": QUANT["none"], "ours-spec": INT8_DRAFT, "ours-torch": QUANT["none"],
+        "ours-async": QUANT["none"]}
 # ours-lora4: bf16 with LoRA on and every request on one of this many adapters, at random
 # (issue 19's target: c32 >= 0.7x of ours at c32).
 LORA_ADAPTERS = 4
@@ -298,6 +299,10 @@ def bench_peer(name: str, workload: Workload, model: str, cache: Path, out_dir: 
         spec = ours(model, name)
         spec.env["VLLM_NEURONX_CPU_KERNEL"] = "torch"
         spec.config |= {"VLLM_NEURONX_CPU_KERNEL": "torch"}
+    elif name == "ours-async":  # vLLM's asynchronous scheduling (issue 23)
+        spec = ours(model, name)
+        spec.argv.append("--async-scheduling")
+        spec.config |= {"async_scheduling": True}
     elif name in OURS:
         spec = ours(model, name)
     elif name == "vllm-cpu":

@@ -1,5 +1,5 @@
 """vLLM's asynchronous scheduling on the Neuron platform (issue 23): step N+1 scheduled
-while step N runs on the runner's step thread. Greedy tokens against HF run in the same
+while step N runs on the runner's device thread. Greedy tokens against HF run in the same
 test; continuous batching, aborts, stops, host-sampled rows beside device-sampled ones,
 n > 1 and structured output keep their exact results, and every KV line comes back."""
 
@@ -36,9 +36,11 @@ def asked(value):
     return types.SimpleNamespace(additional_config={ASKED_KEY: {"async_scheduling": value}})
 
 
-def test_on_where_the_user_asks_only():
-    for device in ("neuron", "cpu"):  # vLLM's default (on) does not count: not asked
-        assert async_scheduling(settings(device), asked(None)) is False
+def test_on_by_default_on_a_neuron_device_and_where_the_user_asks():
+    # vLLM's own default (on) does not count as asked: the device decides.
+    assert async_scheduling(settings("neuron"), asked(None)) is True
+    assert async_scheduling(settings("cpu"), asked(None)) is False
+    for device in ("neuron", "cpu"):
         assert async_scheduling(settings(device), asked(True)) is True
         assert async_scheduling(settings(device), asked(False)) is False
 

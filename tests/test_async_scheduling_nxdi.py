@@ -1,4 +1,4 @@
-"""Asynchronous scheduling through the NxDI adapter, over its simulator: the step thread
+"""Asynchronous scheduling through the NxDI adapter, over its simulator: the device thread
 calls NxDI's forward as the engine's thread would, every call checked as on a device."""
 
 from __future__ import annotations

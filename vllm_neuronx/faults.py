@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import functools
 
-from vllm_neuronx.backends.protocol import NeuronBackend, is_prefill
+from vllm_neuronx.backends.protocol import NeuronBackend
 
 KINDS = ("forward", "prefill", "decode")
 
@@ -35,19 +35,20 @@ def parse(spec: str) -> tuple[str, int]:
 
 
 def inject(backend: NeuronBackend, spec: str) -> NeuronBackend:
-    """Make ``backend.forward`` raise at the call ``spec`` names."""
+    """Make the backend's checked call (``run``, which ``forward`` calls too) raise at the
+    call ``spec`` names."""
     kind, at = parse(spec)
-    forward = backend.forward
+    run = backend.run
     calls = 0
 
-    @functools.wraps(forward)
-    def failing_forward(input_ids, position_ids, *args, **kwargs):
+    @functools.wraps(run)
+    def failing_run(batch):
         nonlocal calls
-        if kind == "forward" or (kind == "prefill") == is_prefill(position_ids):
+        if kind == "forward" or (kind == "prefill") == batch.is_prefill:
             calls += 1
             if calls == at:
                 raise InjectedFault(f"injected fault: {kind} call {at} (VLLM_NEURONX_TEST_FAULT)")
-        return forward(input_ids, position_ids, *args, **kwargs)
+        return run(batch)
 
-    backend.forward = failing_forward
+    backend.run = failing_run
     return backend

@@ -164,13 +164,17 @@ class NeuronSettings:
 
 
 def async_scheduling(settings: NeuronSettings, vllm_config) -> bool:
-    """Whether step N+1 is scheduled while step N runs (vLLM's async scheduling): where the
-    user asks (--async-scheduling). Not by default, although vLLM turns it on: behind a
-    5 ms device step it hid host time at batch 32 (1.17 against 1.77 ms exposed) but cost
-    more at batch 1 and 8 (0.97 against 0.72, 1.06 against 0.96 ms: the hand-offs between
-    threads, benchmarks/host_overhead.py on 2 cores). Not with fused speculation (the runner
+    """Whether step N+1 is scheduled while step N runs (vLLM's async scheduling).
+
+    On by default on a Neuron device (NxDI, transformers-neuronx), where the host's work
+    per step is otherwise added to the device's: behind a 5 ms device step the host time
+    exposed per decode step fell from 1.1-2.1 ms to 0.14-0.17 ms at batch 1 to 32
+    (benchmarks/host_overhead.py, 2-core Xeon). Off by default on the CPU backend, whose
+    steps share the cores with the host's work (--async-scheduling turns it on); off
+    where the user says --no-async-scheduling. Not with fused speculation (the runner
     hands vLLM its placeholder drafts after each step) nor with the block KV layout (a
-    preemption while a step is in flight is not handled yet)."""
+    preemption while a step is in flight is not handled yet): refused by name if asked,
+    off by default."""
     asked = (vllm_config.additional_config or {}).get(ASKED_KEY, {}).get("async_scheduling")
     blockers = [why for why, present in (
         ("fused speculation (speculative_config)", settings.draft is not None),
@@ -181,7 +185,7 @@ def async_scheduling(settings: NeuronSettings, vllm_config) -> bool:
             raise nc.NeuronConfigError(
                 f"--async-scheduling is not served with {blockers[0]} on Neuron; drop one")
         return False
-    return bool(asked)
+    return settings.device == "neuron" if asked is None else bool(asked)
 
 
 def _draft(vllm_config) -> speculation.Draft | None:

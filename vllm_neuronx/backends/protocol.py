@@ -258,10 +258,15 @@ class NeuronBackend(abc.ABC):
 
         ``blocks``: the block KV layout's inputs, required there and refused elsewhere.
         """
-        batch = self.check_call(
+        return self.run(self.check_call(
             input_ids, position_ids, seq_ids, sampling_params, prompt_logits, adapter_ids,
             blocks,
-        )
+        ))
+
+    def run(self, batch: Batch) -> ForwardOutput:
+        """A checked call (``check_call``). The runner checks a step while the step before
+        it runs, and fills in a row's input token the step before computes (its tokens
+        are in the vocabulary by construction) before calling this."""
         if batch.chunked:
             return self.chunked(batch)
         return self.prefill(batch) if batch.is_prefill else self.decode(batch)

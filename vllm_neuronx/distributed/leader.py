@@ -119,7 +119,7 @@ class HandleRef:
 
 
 # The protocol's calls that change a backend's state: every rank runs them, in order.
-MIRRORED = ("forward", "init_lora", "prepare_adapter", "release_adapter", "adapter_indices")
+MIRRORED = ("forward", "run", "init_lora", "prepare_adapter", "release_adapter", "adapter_indices")
 
 
 class Leader:

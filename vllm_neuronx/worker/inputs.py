@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Collection, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -68,13 +68,20 @@ def prefill_inputs(rows: Sequence[SequenceRow]) -> StepInputs:
     )
 
 
-def decode_inputs(rows: Sequence[SequenceRow]) -> StepInputs:
-    """[m, 1] last tokens at position len-1, rows sorted by KV line as NxDI requires."""
+def decode_inputs(rows: Sequence[SequenceRow], ahead: Collection[str] = ()) -> StepInputs:
+    """[m, 1] last tokens at position len-1, rows sorted by KV line as NxDI requires.
+
+    ``ahead``: rows whose last token the step before is still computing (asynchronous
+    scheduling): their position is len, their input 0 until the runner fills it in."""
     rows = sorted(rows, key=lambda r: r.line)
+    late = [r.req_id in ahead for r in rows]
+    last = [0 if a else r.token_ids[-1] for r, a in zip(rows, late, strict=True)]
     return StepInputs(
         req_ids=[r.req_id for r in rows],
-        input_ids=torch.tensor([[r.token_ids[-1]] for r in rows], dtype=torch.long),
-        position_ids=torch.tensor([[len(r.token_ids) - 1] for r in rows], dtype=torch.long),
+        input_ids=torch.tensor(last, dtype=torch.long)[:, None],
+        position_ids=torch.tensor([len(r.token_ids) - (not a)
+                                   for r, a in zip(rows, late, strict=True)],
+                                  dtype=torch.long)[:, None],
         seq_ids=torch.tensor([r.line for r in rows], dtype=torch.long),
         sampling_params=sampling.sampling_tensor([r.sampling_row for r in rows]),
         is_prefill=False,

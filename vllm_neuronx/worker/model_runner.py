@@ -28,19 +28,26 @@ With LoRA on, each request's adapter is taken from the host pool (``lora.pool``)
 is admitted and given back when it finishes; a prefill step tells the backend each row's
 adapter (``adapter_indices``), which binds it to the row's KV line for the decode steps.
 
-With vLLM's asynchronous scheduling the runner's work runs on a thread of its own (the
-step thread), in the order vLLM asks for it: ``execute_model`` and ``sample_tokens`` queue
-their work and return at once, so vLLM schedules step N+1 and handles step N's output
-while step N runs. The step thread takes N+1 up the moment N ends: by then N's tokens
-(N+1's inputs), its host rows' sampling state (penalties, logprobs, grammars) and the KV
-lines are current, as in the synchronous order. Every backend call stays on that one
-thread (adapter loads too: ``serialized``), so a backend never sees two at once.
+With vLLM's asynchronous scheduling (vLLM schedules step N+1 while step N runs) the
+backend's calls run on a thread of their own, the device thread, in the order vLLM asks
+for them; ``sample_tokens`` queues the step there and returns at once. Step N+1's inputs
+are built on vLLM's thread while step N runs; the rows whose last token step N is still
+computing get it on the device thread the moment N ends, from N's device tokens (an index
+copy), so the device waits for nothing else. N's output (token lists, host sampling,
+logprobs) is handled on vLLM's output thread while N+1 runs. One lock keeps the runner's
+state (requests, KV lines, host sampler) whole between those threads. Where step N+1
+needs more of step N than its device tokens (a row sampled on the host, or on-device
+sampling off), the device thread waits until N's output is handled: that step does not
+overlap.
 """
 
 from __future__ import annotations
 
+import ctypes
 import sys
-from concurrent.futures import Future, ThreadPoolExecutor
+import threading
+from concurrent.futures import Future
+from dataclasses import dataclass, field
 
 import torch
 from vllm.v1.outputs import (
@@ -51,10 +58,12 @@ from vllm.v1.outputs import (
 )
 
 from vllm_neuronx import sampling
-from vllm_neuronx.backends import NeuronBackend
+from vllm_neuronx.backends import ForwardOutput, NeuronBackend
+from vllm_neuronx.backends.protocol import Batch
 from vllm_neuronx.log import get_logger
 from vllm_neuronx.lora import peft
 from vllm_neuronx.lora.pool import AdapterPool
+from vllm_neuronx.worker.device_thread import DeviceThread
 from vllm_neuronx.worker.host_sampler import HostSampler, merge_logprobs
 from vllm_neuronx.worker.inputs import (
     SequenceRow,
@@ -70,7 +79,7 @@ from vllm_neuronx.worker.step_times import StepTimes
 logger = get_logger(__name__)
 
 # Python's GIL switch interval with asynchronous scheduling (see NeuronModelRunner).
-STEP_THREAD_SWITCH_S = 50e-6
+DEVICE_THREAD_SWITCH_S = 50e-6
 
 
 class NeuronModelRunner:
@@ -81,16 +90,21 @@ class NeuronModelRunner:
         self.block_layout = backend.block_layout
         self.requests: dict[str, SequenceRow] = {}
         self._pending: StepInputs | None = None
-        # Asynchronous scheduling: the step thread, and an error of a queued execute_model
-        # (raised by the sample_tokens after it, whose output vLLM waits for).
-        self._steps = ThreadPoolExecutor(1, thread_name_prefix="NeuronStep") \
-            if vllm_config.scheduler_config.async_scheduling else None
+        # Asynchronous scheduling: the device thread, the lock on the runner's state, the
+        # last step queued there, and an error of an execute_model (raised by the
+        # sample_tokens after it, whose output vLLM waits for).
+        self._device = DeviceThread() if vllm_config.scheduler_config.async_scheduling \
+            else None
+        self._lock = threading.RLock()
+        self._queued: _Queued | None = None
+        self._follow: _Follow | None = None
         self._staging_error: BaseException | None = None
-        if self._steps is not None:
-            # The step thread must go on the moment its device call returns, not when the
-            # engine's thread next lets go of the GIL: with Python's default 5 ms switch
+        self._closing = False
+        if self._device is not None:
+            # The device thread must go on the moment its device call returns, not when
+            # another thread next lets go of the GIL: with Python's default 5 ms switch
             # interval it waited about 1 ms behind vLLM's output handling, every step.
-            sys.setswitchinterval(min(sys.getswitchinterval(), STEP_THREAD_SWITCH_S))
+            sys.setswitchinterval(min(sys.getswitchinterval(), DEVICE_THREAD_SWITCH_S))
         self.step_times = StepTimes()
         # Fused speculation: vLLM's n (placeholder drafts per row), and the rows of the last
         # step that get them (take_draft_token_ids).
@@ -122,7 +136,7 @@ class NeuronModelRunner:
             max_cpu_loras = lora_config.max_cpu_loras or lora_config.max_loras
             backend.init_lora(lora_config.max_loras, lora_config.max_lora_rank, max_cpu_loras)
             dims = peft.ModelDims.from_hf(vllm_config.model_config.hf_text_config)
-            self.lora = AdapterPool(backend, lora_config, dims)
+            self.lora = AdapterPool(_InOrder(backend, self.serialized), lora_config, dims)
 
     @property
     def _topk_limit(self) -> int:
@@ -194,27 +208,25 @@ class NeuronModelRunner:
             self.lines.release(req_id)
 
     def execute_model(self, scheduler_output) -> ModelRunnerOutput | None:
-        """Admit new requests, free finished ones, and stage this step's inputs (queued on
-        the step thread with asynchronous scheduling)."""
-        if self._steps is None:
+        """Admit new requests, free finished ones, and stage this step's inputs."""
+        if self._device is None:
             return self._stage(scheduler_output)
-        self._steps.submit(self._stage_queued, scheduler_output)
-        return EMPTY_MODEL_RUNNER_OUTPUT if not scheduler_output.total_num_scheduled_tokens \
-            else None
-
-    def _stage_queued(self, scheduler_output) -> None:
-        try:
-            self._stage(scheduler_output)
-        except BaseException as e:
-            self._pending, self._staging_error = None, e
+        with self._lock:
+            try:
+                return self._stage(scheduler_output)
+            except Exception as e:  # raised by the sample_tokens after it
+                self._pending, self._staging_error = None, e
+                return None
 
     def serialized(self, fn, *args):
-        """``fn(*args)`` in order with the steps (on the step thread, where there is one)."""
-        if self._steps is None:
+        """``fn(*args)`` in order with the steps (on the device thread, where there is
+        one): every call on the backend goes through here or ``forward``."""
+        if self._device is None or self._device.current:
             return fn(*args)
-        return self._steps.submit(fn, *args).result()
+        return self._device.submit(fn, *args).result()
 
     def _stage(self, scheduler_output) -> ModelRunnerOutput | None:
+        self._follow = None
         for req_id in scheduler_output.finished_req_ids:
             self._forget(req_id)
         self._preempted(scheduler_output.preempted_req_ids)
@@ -240,11 +252,16 @@ class NeuronModelRunner:
             if self.lora is not None:
                 self._pending.adapter_ids = self._adapter_ids(rows)
         elif cached.req_ids:
-            rows = []
+            rows, ahead = [], []
+            before = self._queued if self._queued is not None and not self._queued.handled \
+                else None
+            running = before.index if before is not None else {}
             for i, (req_id, computed) in enumerate(zip(cached.req_ids,
                                                        cached.num_computed_tokens, strict=True)):
                 row = self.requests[req_id]
-                if computed != len(row.token_ids) - 1:
+                if computed == len(row.token_ids) and req_id in running:
+                    ahead.append(row)  # its last token: the step still running
+                elif computed != len(row.token_ids) - 1:
                     raise RuntimeError(
                         f"request {req_id}: scheduler computed {computed} tokens, runner holds "
                         f"{len(row.token_ids)}"
@@ -252,7 +269,9 @@ class NeuronModelRunner:
                 if self.block_layout is not None and cached.new_block_ids[i] is not None:
                     row.blocks.extend(cached.new_block_ids[i][0])
                 rows.append(row)
-            self._pending = decode_inputs(rows)
+            self._pending = decode_inputs(rows, {r.req_id for r in ahead})
+            if ahead:
+                self._follow = _Follow.of(self._pending, ahead, before)
             if self.num_drafts:
                 self._pending.keep = self._kept_tokens(self._pending.req_ids, scheduler_output)
         else:
@@ -322,22 +341,30 @@ class NeuronModelRunner:
         for row in self.requests.values():
             if row.adapter is not None and row.req_id not in step:
                 live[id(row.adapter)] = row.adapter
-        return self.backend.adapter_indices([r.adapter for r in rows], list(live.values()))
+        return self.serialized(self.backend.adapter_indices, [r.adapter for r in rows],
+                               list(live.values()))
 
     def sample_tokens(self, grammar_output=None) -> ModelRunnerOutput | AsyncModelRunnerOutput:
         """Run the staged step on the backend; one new token per request. With
-        asynchronous scheduling it is queued on the step thread and this returns at once."""
-        if self._steps is None:
-            return self._sample(grammar_output)
-        return _StepInFlight(self._steps.submit(self._sample, grammar_output))
-
-    def _sample(self, grammar_output) -> ModelRunnerOutput:
+        asynchronous scheduling it is queued on the device thread and this returns at once."""
         error, self._staging_error = self._staging_error, None
         if error is not None:
             raise error
         step, self._pending = self._pending, None
+        follow, self._follow = self._follow, None
         if step is None:
             return EMPTY_MODEL_RUNNER_OUTPUT
+        if self._device is None:
+            queued = self._queue(step, grammar_output)
+            return self._finish(queued, self._forward(queued))
+        with self._lock:
+            queued = self._queue(step, grammar_output)
+        queued.device = self._device.submit(self._device_step, queued, follow, step=True)
+        self._queued = queued
+        return _StepInFlight(self, queued)
+
+    def _queue(self, step: StepInputs, grammar_output) -> _Queued:
+        """The step's call: its host-sampled rows and the backend's extra inputs."""
         # A chunked step's rows still mid-prompt yield nothing (as upstream discards them).
         yields = step.sampled or [True] * len(step.req_ids)
         host_rows = [i for i, req_id in enumerate(step.req_ids)
@@ -357,11 +384,45 @@ class NeuronModelRunner:
             extra["adapter_ids"] = step.adapter_ids
         if step.blocks is not None:
             extra["blocks"] = step.blocks
+        # Checked here, while the step before runs; tokens filled in later need no check.
+        batch = self.backend.check_call(step.input_ids, step.position_ids, step.seq_ids,
+                                        step.sampling_params, **extra)
+        return _Queued(step, batch, yields, host_rows, wants_prompt, grammar_output)
+
+    def _forward(self, queued: _Queued):
+        step = queued.step
         phase = "mixed" if step.chunked else "prefill" if step.is_prefill else "decode"
-        out = self.step_times.timed(
-            phase, len(step.req_ids), self.backend.forward,
-            step.input_ids, step.position_ids, step.seq_ids, step.sampling_params, **extra
-        )
+        queued.out = self.step_times.timed(phase, len(step.req_ids), self.backend.run,
+                                           queued.batch)
+        return queued.out
+
+    def _device_step(self, queued: _Queued, follow: _Follow | None):
+        """On the device thread: the tokens of the step before, then this step's call."""
+        if follow is not None:
+            follow.fill(queued.step.input_ids, self._device.launching, lambda: self._closing)
+        self._device.launching()
+        return self._forward(queued)
+
+    def _handle(self, queued: _Queued) -> ModelRunnerOutput:
+        """On vLLM's output thread (asynchronous scheduling): the step's output, once
+        the device has it."""
+        try:
+            out = queued.device.result()
+            with self._lock:
+                queued.handled = True  # with its tokens, as staging sees it under the lock
+                output = self._finish(queued, out)
+            queued.ok = True
+            return output
+        finally:
+            queued.handled = True
+            queued.done.set()
+
+    def _finish(self, queued: _Queued, out) -> ModelRunnerOutput:
+        """The step's tokens (device- and host-sampled) and logprobs, into vLLM's output
+        and each request's tokens."""
+        step = queued.step
+        # A request aborted while its step ran is gone: its row's output is discarded.
+        host_rows = [i for i in queued.host_rows if step.req_ids[i] in self.host]
         if host_rows and out.logits is None:
             raise RuntimeError(
                 f"{type(self.backend).__name__} returned no logits although its sampling "
@@ -371,7 +432,8 @@ class NeuronModelRunner:
         logprobs = None
         if host_rows:
             host = self.host.sample(
-                [step.req_ids[i] for i in host_rows], out.logits[host_rows], grammar_output
+                [step.req_ids[i] for i in host_rows], out.logits[host_rows],
+                queued.grammar_output
             )
             for i, token in zip(host_rows, host.tokens, strict=True):
                 sampled[i] = token
@@ -379,12 +441,14 @@ class NeuronModelRunner:
         prompt_logprobs = {
             req_id: self.host.prompt_logprobs(req_id, out.prompt_logits[i])
             for i, req_id in enumerate(step.req_ids)
-            if wants_prompt[i]
+            if queued.wants_prompt[i] and req_id in self.host
         }
         tokens = self._step_tokens(out, step, sampled, host_rows)
-        tokens = [t if y else [] for t, y in zip(tokens, yields, strict=True)]
+        tokens = [t if y else [] for t, y in zip(tokens, queued.yields, strict=True)]
         for req_id, new in zip(step.req_ids, tokens, strict=True):
-            self.requests[req_id].token_ids.extend(new)
+            row = self.requests.get(req_id)
+            if row is not None:
+                row.token_ids.extend(new)
         if self.num_drafts:
             self._drafted = [r for r in step.req_ids if r not in self.host]
         return ModelRunnerOutput(
@@ -442,16 +506,102 @@ class NeuronModelRunner:
         return self.lines.in_use
 
     def shutdown(self) -> None:
-        if self._steps is not None:
-            self._steps.shutdown(wait=True)
+        if self._device is not None:
+            self._closing = True
+            self._device.shutdown()
+
+
+@dataclass(slots=True, eq=False)
+class _Queued:
+    """A step handed to the backend, until its output is handled."""
+
+    step: StepInputs
+    batch: Batch  # the step's call, checked
+    yields: list[bool]
+    host_rows: list[int]  # rows sampled on the host, from the logits
+    wants_prompt: list[bool]
+    grammar_output: object = None
+    device: Future | None = None  # the backend's output (asynchronous scheduling)
+    out: ForwardOutput | None = None  # the same, as the device thread has it
+    handled: bool = False  # its tokens are in the requests' (under the runner's lock)
+    done: threading.Event = field(default_factory=threading.Event)
+    ok: bool = False
+
+    @property
+    def index(self) -> dict[str, int]:
+        return {r: i for i, r in enumerate(self.step.req_ids)}
+
+
+@dataclass(slots=True)
+class _Follow:
+    """The rows of a step whose input token the step before is still computing."""
+
+    before: _Queued
+    dst: torch.Tensor  # their rows in this step
+    src: torch.Tensor  # their rows in the step before
+    rows: list[SequenceRow]
+    direct: bool  # all sampled on the device in the step before: its tokens are theirs
+    same: bool  # every row of both steps, in the same order
+
+    @classmethod
+    def of(cls, step: StepInputs, ahead: list[SequenceRow], before: _Queued) -> _Follow:
+        late = {r.req_id: r for r in ahead}
+        dst = [i for i, r in enumerate(step.req_ids) if r in late]
+        index = before.index
+        src = [index[step.req_ids[i]] for i in dst]
+        host = set(before.host_rows)
+        same = dst == src and len(dst) == len(step.req_ids) == len(before.step.req_ids)
+        return cls(before, torch.tensor(dst), torch.tensor(src),
+                   [late[step.req_ids[i]] for i in dst], not host.intersection(src), same)
+
+    def fill(self, input_ids: torch.Tensor, release, closing) -> None:
+        """On the device thread, right after the step before ran there (``release``
+        gives its output to vLLM's output thread)."""
+        out = self.before.out  # this thread ran it
+        if out is None:
+            raise RuntimeError("the step before this one failed")
+        if self.direct and out.tokens is not None:
+            tokens = out.tokens
+            if self.same and tokens.dtype == input_ids.dtype and tokens.is_contiguous():
+                # The same rows in the same order (a steady decode): the bytes, as they are.
+                # The first torch op after the thread waited for the device costs 140 µs
+                # on a 2-core VM (7.7 µs warm); a memmove 44 (host_overhead.py's device).
+                ctypes.memmove(input_ids.data_ptr(), tokens.data_ptr(),
+                               input_ids.numel() * input_ids.element_size())
+            else:
+                input_ids.view(-1).index_copy_(0, self.dst, out.tokens.index_select(0, self.src))
+            return
+        # Sampled on the host (or on-device sampling off): wait for its output's handling.
+        release()
+        while not self.before.done.wait(0.05):
+            if closing():
+                raise RuntimeError("the runner shut down while a step waited for the one "
+                                   "before it")
+        if not self.before.ok:
+            raise RuntimeError("the step before this one failed")
+        input_ids.view(-1).index_copy_(0, self.dst,
+                                       torch.tensor([r.token_ids[-1] for r in self.rows]))
+
+
+class _InOrder:
+    """The backend, each call of it in order with the steps (``NeuronModelRunner.serialized``):
+    the LoRA pool's adapter loads come from vLLM's thread while a step may be running."""
+
+    def __init__(self, backend: NeuronBackend, serialized) -> None:
+        self._backend, self._serialized = backend, serialized
+
+    def __getattr__(self, name: str):
+        value = getattr(self._backend, name)
+        if not callable(value):
+            return value
+        return lambda *args: self._serialized(value, *args)
 
 
 class _StepInFlight(AsyncModelRunnerOutput):
     """A step on the device thread, as vLLM's engine waits for it."""
 
-    def __init__(self, future: Future) -> None:
-        self.future = future
+    def __init__(self, runner: NeuronModelRunner, queued: _Queued) -> None:
+        self.runner, self.queued = runner, queued
 
     def get_output(self) -> ModelRunnerOutput:
-        return self.future.result()
-
+        return self.runner._handle(self.queued)
