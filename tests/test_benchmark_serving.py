@@ -172,5 +172,6 @@ def test_host_overhead_runs_and_reports_the_exposed_host_time(tmp_path):
     assert [(r["device_ms"], r["batch"], r["scheduling"]) for r in rows] == [
         (0.0, 2, "sync"), (0.0, 2, "async"), (2.0, 2, "sync"), (2.0, 2, "async")]
     for r in rows[2:]:
-        assert r["backend_us"] >= 2000  # the device's time is in every step
-        assert r["exposed_host_us"] == pytest.approx(r["period_us"] - 2000)
+        # the device's time is in every step (backend_us is rounded to 10 µs)
+        assert r["backend_us"] + 10 >= r["device_us"] >= 2000
+        assert r["exposed_host_us"] == pytest.approx(r["period_us"] - r["device_us"])
