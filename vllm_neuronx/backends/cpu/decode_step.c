@@ -219,8 +219,10 @@ attend_head(const float *q, const void *keys, const void *values, float *out, lo
             total *= shrink;
             top = chunk_top;
         }
+        for (int j = 0; j < len; j += VW)  /* s becomes e^(s - top) */
+            vstore_n(s + j, vexp(vsub(vload_n(s + j, len - j), vset1(top))), len - j);
         for (int j = 0; j < len; j++) {
-            float p = expf(s[j] - top);
+            float p = s[j];
             total += p;
             long at = blocked ? offsets[j] : (c0 + j) * d;
             if (blocked && j + KV_AHEAD < len)
@@ -298,8 +300,11 @@ static void silu_times_up(const float *gate_up, float *out, int m, int n) {
 #pragma omp for schedule(static)
     for (int r = 0; r < m; r++) {
         const float *g = gate_up + (long)r * 2 * n, *u = g + n;
-        for (int j = 0; j < n; j++)
-            out[(long)r * n + j] = g[j] / (1.0f + expf(-g[j])) * u[j];
+        for (int j = 0; j < n; j += VW) {
+            vec gj = vload_n(g + j, n - j);
+            vec silu = vdiv(gj, vadd(vset1(1.0f), vexp(vsub(vzero(), gj))));
+            vstore_n(out + (long)r * n + j, vmul(silu, vload_n(u + j, n - j)), n - j);
+        }
     }
 }
 

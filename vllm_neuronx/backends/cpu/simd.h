@@ -27,6 +27,19 @@ static inline vec vfma(vec a, vec b, vec c) { return _mm512_fmadd_ps(a, b, c); }
 static inline vec vmul(vec a, vec b) { return _mm512_mul_ps(a, b); }
 static inline vec vadd(vec a, vec b) { return _mm512_add_ps(a, b); }
 static inline float vsum(vec a) { return _mm512_reduce_add_ps(a); }
+static inline vec vsub(vec a, vec b) { return _mm512_sub_ps(a, b); }
+static inline vec vdiv(vec a, vec b) { return _mm512_div_ps(a, b); }
+static inline vec vclamp(vec a, float lo, float hi) {
+    return _mm512_min_ps(_mm512_max_ps(a, vset1(lo)), vset1(hi));
+}
+static inline vec vround(vec a) {
+    return _mm512_roundscale_ps(a, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+}
+/* 2^n of whole numbers n in [-126, 127]. */
+static inline vec vexp2_int(vec n) {
+    __m512i e = _mm512_add_epi32(_mm512_cvtps_epi32(n), _mm512_set1_epi32(127));
+    return _mm512_castsi512_ps(_mm512_slli_epi32(e, 23));
+}
 
 static inline __mmask16 lanes(int n) {
     return n >= 16 ? (__mmask16)0xffff : (__mmask16)((1u << n) - 1);
@@ -59,6 +72,18 @@ static inline vec vset1(float x) { return _mm256_set1_ps(x); }
 static inline vec vfma(vec a, vec b, vec c) { return _mm256_fmadd_ps(a, b, c); }
 static inline vec vmul(vec a, vec b) { return _mm256_mul_ps(a, b); }
 static inline vec vadd(vec a, vec b) { return _mm256_add_ps(a, b); }
+static inline vec vsub(vec a, vec b) { return _mm256_sub_ps(a, b); }
+static inline vec vdiv(vec a, vec b) { return _mm256_div_ps(a, b); }
+static inline vec vclamp(vec a, float lo, float hi) {
+    return _mm256_min_ps(_mm256_max_ps(a, vset1(lo)), vset1(hi));
+}
+static inline vec vround(vec a) {
+    return _mm256_round_ps(a, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+}
+static inline vec vexp2_int(vec n) {
+    __m256i e = _mm256_add_epi32(_mm256_cvtps_epi32(n), _mm256_set1_epi32(127));
+    return _mm256_castsi256_ps(_mm256_slli_epi32(e, 23));
+}
 static inline float vsum(vec a) {
     __m128 s = _mm_add_ps(_mm256_castps256_ps128(a), _mm256_extractf128_ps(a, 1));
     s = _mm_add_ps(s, _mm_movehl_ps(s, s));
@@ -99,5 +124,23 @@ static inline vec vwiden_fp8(const uint8_t *p) {
 #endif
 
 #define FP8_UNIT 256.0f /* vwiden_fp8 gives the weight / FP8_UNIT */
+
+/* e^x in every lane, within 2 ulp of libm's expf (Cephes' range reduction and
+ * polynomial); inputs are clamped to [-87.3, 88.3], where e^x stays a normal float.
+ * Softmax and SiLU call it once per vector instead of expf once per value. */
+static inline vec vexp(vec x) {
+    x = vclamp(x, -87.3365448f, 88.3762626f);
+    vec n = vround(vmul(x, vset1(1.44269504088896341f)));
+    vec r = vfma(n, vset1(-0.693359375f), x);  /* x - n ln 2, in two parts */
+    r = vfma(n, vset1(2.12194440e-4f), r);
+    vec y = vset1(1.9875691500e-4f);
+    y = vfma(y, r, vset1(1.3981999507e-3f));
+    y = vfma(y, r, vset1(8.3334519073e-3f));
+    y = vfma(y, r, vset1(4.1665795894e-2f));
+    y = vfma(y, r, vset1(1.6666665459e-1f));
+    y = vfma(y, r, vset1(5.0000001201e-1f));
+    y = vfma(y, vmul(r, r), vadd(r, vset1(1.0f)));
+    return vmul(y, vexp2_int(n));
+}
 
 #endif
