@@ -127,3 +127,15 @@ def test_sampler_draws_from_the_distribution_its_rules_define(top_k, top_p, temp
     assert frequencies == pytest.approx(expected, abs=0.015)
     # What the rules drop is never drawn.
     assert [f == 0 for f in frequencies] == [e == 0 for e in expected]
+
+
+def test_argmax_is_torchs_first_maximum_at_any_vocab():
+    gen = torch.Generator().manual_seed(0)
+    for rows, vocab in ((1, 49152), (3, 1000), (4, 1024), (2, 2049), (5, 151936)):
+        logits = torch.randn(rows, vocab, generator=gen)
+        top = logits.max() + 1
+        logits[0, [vocab - 1, 7, vocab // 2]] = top  # ties: the first index wins
+        logits[-1, :] = 0.0  # a row all equal: index 0
+        assert torch.equal(sampling.argmax(logits), logits.argmax(dim=-1)), (rows, vocab)
+        half = logits.to(torch.bfloat16)
+        assert torch.equal(sampling.argmax(half), half.argmax(dim=-1)), (rows, vocab)

