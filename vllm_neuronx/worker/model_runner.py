@@ -271,7 +271,7 @@ class NeuronModelRunner:
                 rows.append(row)
             self._pending = decode_inputs(rows, {r.req_id for r in ahead})
             if ahead:
-                self._follow = _Follow.of(self._pending, ahead, before)
+                self._follow = _Follow.of(self._pending, ahead, before, running)
             if self.num_drafts:
                 self._pending.keep = self._kept_tokens(self._pending.req_ids, scheduler_output)
         else:
@@ -544,10 +544,11 @@ class _Follow:
     same: bool  # every row of both steps, in the same order
 
     @classmethod
-    def of(cls, step: StepInputs, ahead: list[SequenceRow], before: _Queued) -> _Follow:
+    def of(cls, step: StepInputs, ahead: list[SequenceRow], before: _Queued,
+           index: dict[str, int]) -> _Follow:
+        """``index``: the row of each request in ``before``."""
         late = {r.req_id: r for r in ahead}
         dst = [i for i, r in enumerate(step.req_ids) if r in late]
-        index = before.index
         src = [index[step.req_ids[i]] for i in dst]
         host = set(before.host_rows)
         same = dst == src and len(dst) == len(step.req_ids) == len(before.step.req_ids)
