@@ -50,14 +50,16 @@ class NullBackend(NeuronBackend):
     def _load(self, folder: str) -> None:
         self._tokens = torch.full((self.num_lines,), 5, dtype=torch.long)
 
-    def prefill(self, batch: Batch) -> ForwardOutput:
+    def _step(self, batch: Batch) -> ForwardOutput:
         if self.device_s:
             time.sleep(self.device_s)
         return ForwardOutput(tokens=self._tokens[: batch.size])
 
+    prefill = _step
+
     def decode(self, batch: Batch) -> ForwardOutput:
         start = time.perf_counter()
-        out = self.prefill(batch)
+        out = self._step(batch)
         NullBackend.slept_s += time.perf_counter() - start
         NullBackend.decodes += 1
         return out

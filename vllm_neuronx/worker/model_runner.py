@@ -47,7 +47,7 @@ import ctypes
 import sys
 import threading
 from concurrent.futures import Future
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 from vllm.v1.outputs import (
@@ -359,6 +359,7 @@ class NeuronModelRunner:
             return self._finish(queued, self._forward(queued))
         with self._lock:
             queued = self._queue(step, grammar_output)
+        queued.done = threading.Event()
         queued.device = self._device.submit(self._device_step, queued, follow, step=True)
         self._queued = queued
         return _StepInFlight(self, queued)
@@ -524,7 +525,8 @@ class _Queued:
     device: Future | None = None  # the backend's output (asynchronous scheduling)
     out: ForwardOutput | None = None  # the same, as the device thread has it
     handled: bool = False  # its tokens are in the requests' (under the runner's lock)
-    done: threading.Event = field(default_factory=threading.Event)
+    # Set once its output is handled (asynchronous scheduling: a step waiting on it).
+    done: threading.Event | None = None
     ok: bool = False
 
     @property
