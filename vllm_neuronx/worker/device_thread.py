@@ -10,22 +10,51 @@ from __future__ import annotations
 
 import queue
 import threading
-from concurrent.futures import Future
+
+
+class Result:
+    """A call's outcome, given by releasing one lock: the cheapest wake a thread has.
+    The device thread gives a step's output right before the next step's call, when it
+    has just waited for the device; a ``concurrent.futures.Future``'s condition costs
+    about 40 µs there on a 2-core VM, a lock's release about 10."""
+
+    __slots__ = ("_gate", "_given", "_value", "_error")
+
+    def __init__(self) -> None:
+        self._gate = threading.Lock()
+        self._gate.acquire()
+        self._given = False
+        self._value = self._error = None
+
+    def done(self) -> bool:
+        return self._given
+
+    def result(self, timeout: float | None = None):
+        if not self._gate.acquire(timeout=-1 if timeout is None else timeout):
+            raise TimeoutError("the device thread has not given this call's result")
+        self._gate.release()  # open for every other reader
+        if self._error is not None:
+            raise self._error
+        return self._value
+
+    def _give(self) -> None:
+        self._given = True
+        self._gate.release()
 
 
 class DeviceThread:
     def __init__(self) -> None:
         self._jobs: queue.SimpleQueue = queue.SimpleQueue()
-        self._held: tuple[Future, object] | None = None  # a step's output not yet given
+        self._held: Result | None = None  # a step's output not yet given
         self._thread = threading.Thread(target=self._loop, name="NeuronDevice", daemon=True)
         self._thread.start()
 
-    def submit(self, fn, *args, step: bool = False) -> Future:
+    def submit(self, fn, *args, step: bool = False) -> Result:
         """``fn(*args)`` after every call submitted before it. A ``step`` calls
         ``launching()`` right before its backend call."""
-        future: Future = Future()
-        self._jobs.put((future, fn, args, step))
-        return future
+        result = Result()
+        self._jobs.put((result, fn, args, step))
+        return result
 
     @property
     def current(self) -> bool:
@@ -34,10 +63,10 @@ class DeviceThread:
 
     def launching(self) -> None:
         """The step before this one may be handled now."""
-        if self._held is not None:
-            future, result = self._held
+        held = self._held
+        if held is not None:
             self._held = None
-            future.set_result(result)
+            held._give()
 
     def _loop(self) -> None:
         while True:
@@ -47,19 +76,20 @@ class DeviceThread:
             if item is None:
                 self.launching()
                 return
-            future, fn, args, step = item
+            result, fn, args, step = item
             if not step:
                 self.launching()
             try:
-                result = fn(*args)
+                result._value = fn(*args)
             except BaseException as e:
                 self.launching()
-                future.set_exception(e)
+                result._error = e
+                result._give()
                 continue
             if step:
-                self._held = (future, result)
+                self._held = result
             else:
-                future.set_result(result)
+                result._give()
 
     def shutdown(self) -> None:
         self._jobs.put(None)

@@ -46,7 +46,7 @@ from __future__ import annotations
 import ctypes
 import sys
 import threading
-from concurrent.futures import Future
+import time
 from dataclasses import dataclass
 
 import torch
@@ -63,7 +63,7 @@ from vllm_neuronx.backends.protocol import Batch
 from vllm_neuronx.log import get_logger
 from vllm_neuronx.lora import peft
 from vllm_neuronx.lora.pool import AdapterPool
-from vllm_neuronx.worker.device_thread import DeviceThread
+from vllm_neuronx.worker.device_thread import DeviceThread, Result
 from vllm_neuronx.worker.host_sampler import HostSampler, merge_logprobs
 from vllm_neuronx.worker.inputs import (
     SequenceRow,
@@ -391,11 +391,19 @@ class NeuronModelRunner:
         return _Queued(step, batch, yields, host_rows, wants_prompt, grammar_output)
 
     def _forward(self, queued: _Queued):
+        start = time.perf_counter()
+        queued.out = self.backend.run(queued.batch)
+        queued.ran = (start, time.perf_counter())
+        if self._device is None:
+            self._timed(queued)
+        return queued.out
+
+    def _timed(self, queued: _Queued) -> None:
+        """The step's backend time, into the step times. Asynchronous scheduling records
+        it when the output is handled, not on the device thread between two calls."""
         step = queued.step
         phase = "mixed" if step.chunked else "prefill" if step.is_prefill else "decode"
-        queued.out = self.step_times.timed(phase, len(step.req_ids), self.backend.run,
-                                           queued.batch)
-        return queued.out
+        self.step_times.record(phase, len(step.req_ids), *queued.ran)
 
     def _device_step(self, queued: _Queued, follow: _Follow | None):
         """On the device thread: the tokens of the step before, then this step's call."""
@@ -411,6 +419,7 @@ class NeuronModelRunner:
             out = queued.device.result()
             with self._lock:
                 queued.handled = True  # with its tokens, as staging sees it under the lock
+                self._timed(queued)
                 output = self._finish(queued, out)
             queued.ok = True
             return output
@@ -522,8 +531,9 @@ class _Queued:
     host_rows: list[int]  # rows sampled on the host, from the logits
     wants_prompt: list[bool]
     grammar_output: object = None
-    device: Future | None = None  # the backend's output (asynchronous scheduling)
+    device: Result | None = None  # the backend's output (asynchronous scheduling)
     out: ForwardOutput | None = None  # the same, as the device thread has it
+    ran: tuple[float, float] = (0.0, 0.0)  # the backend call's start and end
     handled: bool = False  # its tokens are in the requests' (under the runner's lock)
     # Set once its output is handled (asynchronous scheduling: a step waiting on it).
     done: threading.Event | None = None
@@ -543,7 +553,9 @@ class _Follow:
     src: torch.Tensor  # their rows in the step before
     rows: list[SequenceRow]
     direct: bool  # all sampled on the device in the step before: its tokens are theirs
-    same: bool  # every row of both steps, in the same order
+    # Every row of both steps, in the same order: this step's input_ids (address, bytes),
+    # to copy the tokens into as they are; else None.
+    same: tuple[int, int] | None
 
     @classmethod
     def of(cls, step: StepInputs, ahead: list[SequenceRow], before: _Queued,
@@ -553,7 +565,10 @@ class _Follow:
         dst = [i for i, r in enumerate(step.req_ids) if r in late]
         src = [index[step.req_ids[i]] for i in dst]
         host = set(before.host_rows)
-        same = dst == src and len(dst) == len(step.req_ids) == len(before.step.req_ids)
+        ids = step.input_ids
+        same = (ids.data_ptr(), ids.numel() * ids.element_size()) \
+            if dst == src and len(dst) == len(step.req_ids) == len(before.step.req_ids) \
+            and ids.is_contiguous() else None
         return cls(before, torch.tensor(dst), torch.tensor(src),
                    [late[step.req_ids[i]] for i in dst], not host.intersection(src), same)
 
@@ -565,12 +580,11 @@ class _Follow:
             raise RuntimeError("the step before this one failed")
         if self.direct and out.tokens is not None:
             tokens = out.tokens
-            if self.same and tokens.dtype == input_ids.dtype and tokens.is_contiguous():
+            if self.same and tokens.dtype is input_ids.dtype and tokens.is_contiguous():
                 # The same rows in the same order (a steady decode): the bytes, as they are.
                 # The first torch op after the thread waited for the device costs 140 µs
                 # on a 2-core VM (7.7 µs warm); a memmove 44 (host_overhead.py's device).
-                ctypes.memmove(input_ids.data_ptr(), tokens.data_ptr(),
-                               input_ids.numel() * input_ids.element_size())
+                ctypes.memmove(self.same[0], tokens.data_ptr(), self.same[1])
             else:
                 input_ids.view(-1).index_copy_(0, self.dst, out.tokens.index_select(0, self.src))
             return

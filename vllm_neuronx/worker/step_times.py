@@ -9,7 +9,6 @@ can set the step inside the engine beside the step measured alone.
 
 from __future__ import annotations
 
-import time
 from dataclasses import dataclass, field
 
 
@@ -35,13 +34,6 @@ class StepTimes:
         if self._last_end is not None and start - self._last_end < 1.0:
             tally.gap_s += start - self._last_end
         self._last_end = end
-
-    def timed(self, phase: str, rows: int, fn, *args, **kwargs):
-        start = time.perf_counter()
-        try:
-            return fn(*args, **kwargs)
-        finally:
-            self.record(phase, rows, start, time.perf_counter())
 
     def summary(self) -> list[dict]:
         """One entry per (phase, rows): steps, mean backend ms, mean gap ms."""
