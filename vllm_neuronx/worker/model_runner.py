@@ -356,7 +356,9 @@ class NeuronModelRunner:
             return EMPTY_MODEL_RUNNER_OUTPUT
         if self._device is None:
             queued = self._queue(step, grammar_output)
-            return self._finish(queued, self._forward(queued))
+            out = self._forward(queued)
+            self._timed(queued)
+            return self._finish(queued, out)
         with self._lock:
             queued = self._queue(step, grammar_output)
         queued.done = threading.Event()
@@ -394,8 +396,6 @@ class NeuronModelRunner:
         start = time.perf_counter()
         queued.out = self.backend.run(queued.batch)
         queued.ran = (start, time.perf_counter())
-        if self._device is None:
-            self._timed(queued)
         return queued.out
 
     def _timed(self, queued: _Queued) -> None:
@@ -407,8 +407,8 @@ class NeuronModelRunner:
 
     def _device_step(self, queued: _Queued, follow: _Follow | None):
         """On the device thread: the tokens of the step before, then this step's call."""
-        if follow is not None:
-            follow.fill(queued.step.input_ids, self._device.launching, lambda: self._closing)
+        if follow is not None and not follow.copied():
+            follow.wait(self._device.launching, lambda: self._closing)
         self._device.launching()
         return self._forward(queued)
 
@@ -549,6 +549,7 @@ class _Follow:
     """The rows of a step whose input token the step before is still computing."""
 
     before: _Queued
+    input_ids: torch.Tensor  # this step's
     dst: torch.Tensor  # their rows in this step
     src: torch.Tensor  # their rows in the step before
     rows: list[SequenceRow]
@@ -569,26 +570,32 @@ class _Follow:
         same = (ids.data_ptr(), ids.numel() * ids.element_size()) \
             if dst == src and len(dst) == len(step.req_ids) == len(before.step.req_ids) \
             and ids.is_contiguous() else None
-        return cls(before, torch.tensor(dst), torch.tensor(src),
+        return cls(before, ids, torch.tensor(dst), torch.tensor(src),
                    [late[step.req_ids[i]] for i in dst], not host.intersection(src), same)
 
-    def fill(self, input_ids: torch.Tensor, release, closing) -> None:
-        """On the device thread, right after the step before ran there (``release``
-        gives its output to vLLM's output thread)."""
+    def copied(self) -> bool:
+        """On the device thread, right after the step before ran there: its device tokens
+        into this step's input_ids; False where they are known only once its output is
+        handled (``wait``)."""
         out = self.before.out  # this thread ran it
         if out is None:
             raise RuntimeError("the step before this one failed")
-        if self.direct and out.tokens is not None:
-            tokens = out.tokens
-            if self.same and tokens.dtype is input_ids.dtype and tokens.is_contiguous():
-                # The same rows in the same order (a steady decode): the bytes, as they are.
-                # The first torch op after the thread waited for the device costs 140 µs
-                # on a 2-core VM (7.7 µs warm); a memmove 44 (host_overhead.py's device).
-                ctypes.memmove(self.same[0], tokens.data_ptr(), self.same[1])
-            else:
-                input_ids.view(-1).index_copy_(0, self.dst, out.tokens.index_select(0, self.src))
-            return
-        # Sampled on the host (or on-device sampling off): wait for its output's handling.
+        tokens = out.tokens
+        if not self.direct or tokens is None:
+            return False
+        if self.same is not None and tokens.dtype is self.input_ids.dtype \
+                and tokens.is_contiguous():
+            # The same rows in the same order (a steady decode): the bytes, as they are.
+            # After a wait for the device, a thread's first work runs about 10x slower than
+            # warm on a 2-core VM (a torch op 140 µs, 7.7 warm); a memmove costs least.
+            ctypes.memmove(self.same[0], tokens.data_ptr(), self.same[1])
+        else:
+            self.input_ids.view(-1).index_copy_(0, self.dst, tokens.index_select(0, self.src))
+        return True
+
+    def wait(self, release, closing) -> None:
+        """Rows sampled on the host (or on-device sampling off): their tokens once the step
+        before's output is handled on vLLM's output thread (``release`` gives it there)."""
         release()
         while not self.before.done.wait(0.05):
             if closing():
@@ -596,8 +603,8 @@ class _Follow:
                                    "before it")
         if not self.before.ok:
             raise RuntimeError("the step before this one failed")
-        input_ids.view(-1).index_copy_(0, self.dst,
-                                       torch.tensor([r.token_ids[-1] for r in self.rows]))
+        self.input_ids.view(-1).index_copy_(0, self.dst,
+                                            torch.tensor([r.token_ids[-1] for r in self.rows]))
 
 
 class _InOrder:
