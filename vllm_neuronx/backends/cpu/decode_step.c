@@ -22,6 +22,7 @@
  * no adapter row skips all of it.
  */
 #include <math.h>
+#include <omp.h>
 #include <string.h>
 
 #include "kernels.h"
@@ -172,25 +173,83 @@ static inline __attribute__((always_inline)) void prefetch_head(const char *p, i
         _mm_prefetch(p + b, _MM_HINT_T0);
 }
 
-/* One query head over positions [first, last] of its KV head: softmax(q . K^T * scale) . V.
- * Inlined with a constant ``d`` (64, 128) and cache format so the output stays in
- * registers. An fp8 cache's head_dim is a multiple of VW (checked in native.py).
- * ``blocked`` (a constant too): the positions are in blocks of ``block_size`` through
- * ``table`` (the row's block table), ``stride`` apart within a block (kv_heads * d); each
- * chunk's offsets are found once, walking (block, offset) without a division per position.
- * Otherwise positions are d apart from ``keys`` and ``values`` (the line's). */
+/* One query head over one chunk of positions (``len`` from ``c0``) of its KV head, on
+ * its running softmax: ``acc`` (d floats), ``top`` and ``total`` in memory between chunks,
+ * in registers within one. Inlined with a constant ``d`` (64, 128) and cache format. An fp8
+ * cache's head_dim is a multiple of VW (checked in native.py). ``blocked`` (a constant
+ * too): ``offsets`` holds each position's offset from ``keys`` and ``values``; otherwise
+ * positions are d apart from them. ``prefetch``: the first head over the chunk brings the
+ * blocks' scattered positions in ahead (the hardware prefetcher loses the stream at each
+ * block's end); the group's other heads find the chunk in L1. */
 static inline __attribute__((always_inline)) void
-attend_head(const float *q, const void *keys, const void *values, float *out, long first,
-            long last, float scale, const int d, const int fp8, const long *table,
-            int block_size, long stride, const int blocked) {
+attend_chunk(const float *q, const void *keys, const void *values, float *acc_mem,
+             float *top_mem, float *total_mem, long c0, int len, const long *offsets,
+             float scale, const int d, const int fp8, const int blocked, int prefetch) {
     vec acc[256 / VW];  /* d <= 256 */
     int vectors = (d + VW - 1) / VW;
     for (int v = 0; v < vectors; v++)
-        acc[v] = vzero();
-    float s[CHUNK], top = -INFINITY, total = 0.0f;
+        acc[v] = vload_n(acc_mem + VW * v, d - VW * v);
+    float s[CHUNK], top = *top_mem, total = *total_mem, chunk_top = -INFINITY;
+    for (int j = 0; j < len; j++) {
+        if (blocked && prefetch && j + KV_AHEAD < len)
+            prefetch_head(fp8 ? (const char *)keys + offsets[j + KV_AHEAD]
+                              : (const char *)((const float *)keys + offsets[j + KV_AHEAD]),
+                          fp8 ? d : 4 * d);
+        s[j] = dot_key(q, keys, blocked ? offsets[j] : (c0 + j) * d, d, fp8) * scale;
+        chunk_top = s[j] > chunk_top ? s[j] : chunk_top;
+    }
+    if (chunk_top > top) {
+        float shrink = expf(top - chunk_top);  /* 0 on the first chunk */
+        for (int v = 0; v < vectors; v++)
+            acc[v] = vmul(acc[v], vset1(shrink));
+        total *= shrink;
+        top = chunk_top;
+    }
+    for (int j = 0; j < len; j += VW)  /* s becomes e^(s - top) */
+        vstore_n(s + j, vexp(vsub(vload_n(s + j, len - j), vset1(top))), len - j);
+    for (int j = 0; j < len; j++) {
+        float p = s[j];
+        total += p;
+        long at = blocked ? offsets[j] : (c0 + j) * d;
+        if (blocked && prefetch && j + KV_AHEAD < len)
+            prefetch_head(fp8 ? (const char *)values + offsets[j + KV_AHEAD]
+                              : (const char *)((const float *)values + offsets[j + KV_AHEAD]),
+                          fp8 ? d : 4 * d);
+        vec pb = vset1(p);
+        for (int v = 0; v < vectors; v++)
+            acc[v] = vfma(pb, fp8 ? vwiden_fp8((const uint8_t *)values + at + VW * v)
+                                  : vload_n((const float *)values + at + VW * v, d - VW * v),
+                          acc[v]);
+    }
+    for (int v = 0; v < vectors; v++)
+        vstore_n(acc_mem + VW * v, acc[v], d - VW * v);
+    *top_mem = top;
+    *total_mem = total;
+}
+
+/* At most this many query heads of one KV head go over its positions together. */
+#define MAX_GROUP 8
+
+/* ``n`` query heads of one KV head (``q`` and ``out`` d apart) over positions [first,
+ * last]: softmax(q . K^T * scale) . V each. Query heads of a KV head read the same keys and
+ * values, so each chunk of positions is read from memory once, for all of them, and stays
+ * in L1 while they go over it; each head's arithmetic is what it is alone, in the same
+ * order. ``blocked``: the positions are in blocks of ``block_size`` through ``table`` (the
+ * row's block table), ``stride`` apart within a block (kv_heads * d); each chunk's offsets
+ * are found once, walking (block, offset) without a division per position. */
+static inline __attribute__((always_inline)) void
+attend_heads(const float *q, int n, const void *keys, const void *values, float *out,
+             long first, long last, float scale, const int d, const int fp8,
+             const long *table, int block_size, long stride, const int blocked) {
+    float acc[MAX_GROUP * 256] __attribute__((aligned(64)));
+    float top[MAX_GROUP], total[MAX_GROUP];
+    for (int g = 0; g < n; g++) {
+        memset(acc + g * d, 0, d * sizeof(float));
+        top[g] = -INFINITY;
+        total[g] = 0.0f;
+    }
     for (long c0 = first; c0 <= last; c0 += CHUNK) {
         int len = last - c0 + 1 < CHUNK ? (int)(last - c0 + 1) : CHUNK;
-        float chunk_top = -INFINITY;
         long offsets[CHUNK];  /* blocked: each position's, from keys and values */
         if (blocked) {
             long block = c0 / block_size;
@@ -204,60 +263,35 @@ attend_head(const float *q, const void *keys, const void *values, float *out, lo
                 offsets[j] = (start + in_block) * stride;
             }
         }
-        for (int j = 0; j < len; j++) {
-            if (blocked && j + KV_AHEAD < len)
-                prefetch_head(fp8 ? (const char *)keys + offsets[j + KV_AHEAD]
-                                  : (const char *)((const float *)keys + offsets[j + KV_AHEAD]),
-                              fp8 ? d : 4 * d);
-            s[j] = dot_key(q, keys, blocked ? offsets[j] : (c0 + j) * d, d, fp8) * scale;
-            chunk_top = s[j] > chunk_top ? s[j] : chunk_top;
-        }
-        if (chunk_top > top) {
-            float shrink = expf(top - chunk_top);  /* 0 on the first chunk */
-            for (int v = 0; v < vectors; v++)
-                acc[v] = vmul(acc[v], vset1(shrink));
-            total *= shrink;
-            top = chunk_top;
-        }
-        for (int j = 0; j < len; j += VW)  /* s becomes e^(s - top) */
-            vstore_n(s + j, vexp(vsub(vload_n(s + j, len - j), vset1(top))), len - j);
-        for (int j = 0; j < len; j++) {
-            float p = s[j];
-            total += p;
-            long at = blocked ? offsets[j] : (c0 + j) * d;
-            if (blocked && j + KV_AHEAD < len)
-                prefetch_head(fp8 ? (const char *)values + offsets[j + KV_AHEAD]
-                                  : (const char *)((const float *)values + offsets[j + KV_AHEAD]),
-                              fp8 ? d : 4 * d);
-            vec pb = vset1(p);
-            for (int v = 0; v < vectors; v++)
-                acc[v] = vfma(pb, fp8 ? vwiden_fp8((const uint8_t *)values + at + VW * v)
-                                      : vload_n((const float *)values + at + VW * v, d - VW * v),
-                              acc[v]);
-        }
+        for (int g = 0; g < n; g++)
+            attend_chunk(q + (long)g * d, keys, values, acc + g * d, top + g, total + g, c0,
+                         len, offsets, scale, d, fp8, blocked, g == 0);
     }
-    vec inv = vset1((fp8 ? FP8_UNIT : 1.0f) / total);
-    for (int v = 0; v < vectors; v++)
-        vstore_n(out + VW * v, vmul(acc[v], inv), d - VW * v);
+    for (int g = 0; g < n; g++) {
+        vec inv = vset1((fp8 ? FP8_UNIT : 1.0f) / total[g]);
+        for (int i = 0; i < d; i += VW)
+            vstore_n(out + (long)g * d + i, vmul(vload_n(acc + g * d + i, d - i), inv), d - i);
+    }
 }
 
-/* attend_head with the head size a constant where it is a common one (64, 128). */
+/* attend_heads with the head size a constant where it is a common one (64, 128). */
 static inline __attribute__((always_inline)) void
-attend_head_sized(const float *q, const void *keys, const void *values, float *out,
-                  long first, long last, float scale, int d, const int fp8, const long *table,
-                  int block_size, long stride, const int blocked) {
+attend_heads_sized(const float *q, int n, const void *keys, const void *values, float *out,
+                   long first, long last, float scale, int d, const int fp8,
+                   const long *table, int block_size, long stride, const int blocked) {
     switch (d) {
-    case 64: attend_head(q, keys, values, out, first, last, scale, 64, fp8, table,
-                         block_size, stride, blocked); break;
-    case 128: attend_head(q, keys, values, out, first, last, scale, 128, fp8, table,
+    case 64: attend_heads(q, n, keys, values, out, first, last, scale, 64, fp8, table,
                           block_size, stride, blocked); break;
-    default: attend_head(q, keys, values, out, first, last, scale, d, fp8, table,
-                         block_size, stride, blocked); break;
+    case 128: attend_heads(q, n, keys, values, out, first, last, scale, 128, fp8, table,
+                           block_size, stride, blocked); break;
+    default: attend_heads(q, n, keys, values, out, first, last, scale, d, fp8, table,
+                          block_size, stride, blocked); break;
     }
 }
 
-/* Each (row, query head) over the row's own positions (and its sliding window); inlined
- * once per layout (``blocked``, a constant), so the lines' loop is what it was. */
+/* Each row's query heads over the row's own positions (and its sliding window), a KV
+ * head's query heads together (up to MAX_GROUP) where that leaves the team enough items,
+ * else one head an item; inlined once per layout (``blocked``, a constant). */
 static inline __attribute__((always_inline)) void
 attend_rows(const Model *md, const Layer *ly, const float *qkv, float *out, int m,
             const long *pos, const long *line, const long *block_table, int table_width,
@@ -265,25 +299,31 @@ attend_rows(const Model *md, const Layer *ly, const float *qkv, float *out, int 
     int d = md->head_dim, w = qkv_width(md), group = md->heads / md->kv_heads;
     int bs = md->block_size;
     long stride = (long)md->kv_heads * d;  /* blocked: from a position to the next */
+    /* Heads per item: a whole group where the items are at least 4 per thread. */
+    int per = m * md->kv_heads >= 4 * omp_get_num_threads()
+        ? (group < MAX_GROUP ? group : MAX_GROUP) : 1;
+    int pieces = (group + per - 1) / per;  /* items per (row, KV head) */
+    long unit = md->kv_fp8 ? 1 : (long)sizeof(float);  /* bytes per cached value */
 #pragma omp for schedule(static)
-    for (int item = 0; item < m * md->heads; item++) {
-        int r = item / md->heads, h = item % md->heads;
+    for (int item = 0; item < m * md->kv_heads * pieces; item++) {
+        int r = item / (md->kv_heads * pieces), rest = item % (md->kv_heads * pieces);
+        int kvh = rest / pieces, h = kvh * group + (rest % pieces) * per;
+        int n = group - (h - kvh * group) < per ? group - (h - kvh * group) : per;
         long last = pos[r];
         long first = md->window > 0 && last - md->window + 1 > 0 ? last - md->window + 1 : 0;
-        long base = blocked ? (long)(h / group) * d
-                            : (line[r] * md->kv_heads + h / group) * (long)md->max_len * d;
+        long base = blocked ? (long)kvh * d
+                            : (line[r] * md->kv_heads + kvh) * (long)md->max_len * d;
         const long *table = blocked ? block_table + line[r] * table_width : NULL;
         const float *q = qkv + (long)r * w + (long)h * d;
         float *o = out + (long)r * md->heads * d + (long)h * d;
-        long unit = md->kv_fp8 ? 1 : (long)sizeof(float);  /* bytes per cached value */
         const char *keys = (const char *)ly->k_cache + base * unit;
         const char *values = (const char *)ly->v_cache + base * unit;
         if (md->kv_fp8)
-            attend_head_sized(q, keys, values, o, first, last, md->scale, d, 1, table, bs,
-                              stride, blocked);
+            attend_heads_sized(q, n, keys, values, o, first, last, md->scale, d, 1, table, bs,
+                               stride, blocked);
         else
-            attend_head_sized(q, keys, values, o, first, last, md->scale, d, 0, table, bs,
-                              stride, blocked);
+            attend_heads_sized(q, n, keys, values, o, first, last, md->scale, d, 0, table, bs,
+                               stride, blocked);
     }
 }
 
