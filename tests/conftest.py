@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 
 import pytest
@@ -62,22 +63,65 @@ def tiny_llama(tmp_path_factory) -> str:
     return make_tiny_llama(tmp_path_factory.mktemp("tiny-llama"))
 
 
-def close_to(kernel: str, rtol: float, atol: float, kv_fp8: bool = False) -> dict[str, float]:
+def close_to(kernel: str, rtol: float, atol: float, kv_fp8: bool = False,
+             kv_bf16: bool = False) -> dict[str, float]:
     """assert_close's tolerances for values from ``kernel`` (a variant's name, or what
     ``CpuBackend.kernel`` says) where fp32 sums would be held to ``rtol`` and ``atol``:
     the amx kernel multiplies each input of 16 rows or more as two bf16 halves (about
     2^-17 of it lost, not fp32's 2^-24: matmul.c), ten times looser; over an fp8 KV cache
     (``kv_fp8``), where such a difference can flip a value's e4m3 rounding (a step of 1/16
-    of it), a hundred."""
+    of it), a hundred. Over a bf16 KV cache (``kv_bf16``), where sums in another order can
+    land a K/V value one bf16 step (2^-8 of it) apart, ten times looser again."""
     loose = 1 if kernel.split()[0] != "amx" else 100 if kv_fp8 else 10
+    loose *= 10 if kv_bf16 else 1
     return {"rtol": rtol * loose, "atol": atol * loose}
+
+
+def bf16_kv(model) -> bool:
+    """Whether a CPU backend's model (llama.py) keeps its KV cache in bf16."""
+    return model.k_cache.dtype is torch.bfloat16
+
+
+def cache_close(kernel: str, rtol: float, atol: float, cache: torch.Tensor) -> dict[str, float]:
+    """``close_to`` for KV caches like ``cache``. In bf16, values written from fp32 sums
+    that agree to ``close_to``'s tolerance land a bf16 step (2^-8 of the value) apart where
+    one sat that near a rounding edge, and the next layer's values move with it: two
+    bf16 steps, or a hundred times ``atol`` for values near 0 (a misplaced K/V is off by
+    its whole size)."""
+    tolerance = close_to(kernel, rtol, atol)
+    if cache.dtype is torch.bfloat16:
+        tolerance = {"rtol": max(tolerance["rtol"], 2.0 ** -7),
+                     "atol": 100 * tolerance["atol"]}
+    return tolerance
+
+
+@contextlib.contextmanager
+def hf_kv_cache_in(dtype: torch.dtype | None):
+    """Hugging Face's KV cache holding each K/V value rounded to ``dtype`` and widened
+    back before attention reads it, as the CPU backend's cache in the model's dtype does
+    under fp32 activations (None: as computed)."""
+    from transformers.cache_utils import DynamicLayer
+
+    original = DynamicLayer.update
+
+    def rounded(self, key_states, value_states, *args, **kwargs):
+        return original(self, key_states.to(dtype).to(key_states.dtype),
+                        value_states.to(dtype).to(value_states.dtype), *args, **kwargs)
+
+    if dtype is not None:
+        DynamicLayer.update = rounded
+    try:
+        yield
+    finally:
+        DynamicLayer.update = original
 
 
 def hf_greedy(model_path: str, prompts: list[list[int]], max_new_tokens: list[int],
               dtype=torch.float32, weights_in=None) -> list[list[int]]:
     """Greedy continuations from Hugging Face transformers, one prompt at a time.
 
-    ``weights_in``: round the weights to this dtype first, then compute in ``dtype``.
+    ``weights_in``: round the weights to this dtype first, then compute in ``dtype``,
+    with the KV cache in ``weights_in`` (the model's dtype, as the backend keeps it).
     """
     from transformers import AutoModelForCausalLM
 
@@ -85,7 +129,7 @@ def hf_greedy(model_path: str, prompts: list[list[int]], max_new_tokens: list[in
     if weights_in is not None:
         model = model.to(weights_in).to(dtype)
     outs = []
-    with torch.no_grad():
+    with torch.no_grad(), hf_kv_cache_in(weights_in):
         for prompt, n in zip(prompts, max_new_tokens, strict=True):
             ids = torch.tensor([prompt])
             gen = model.generate(

@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from tests.conftest import close_to, hf_greedy
+from tests.conftest import bf16_kv, cache_close, close_to, hf_greedy
 from tests.engine_checks import prefill_args
 from vllm_neuronx import neuron_config as nc
 from vllm_neuronx.backends.cpu import CpuBackend, kernels
@@ -230,9 +230,12 @@ def check_native_decode_matches_torch(b) -> None:
     m.k_cache.copy_(cache[0])
     m.v_cache.copy_(cache[1])
     reference = m.token_generate(ids, positions, torch.tensor(lines), 128)
-    torch.testing.assert_close(native, reference, **close_to(b.kernel, 1e-4, 1e-4))
-    torch.testing.assert_close(native_cache[0], m.k_cache, **close_to(b.kernel, 1e-5, 1e-5))
-    torch.testing.assert_close(native_cache[1], m.v_cache, **close_to(b.kernel, 1e-5, 1e-5))
+    torch.testing.assert_close(native, reference, **close_to(b.kernel, 1e-4, 1e-4,
+                                                             kv_bf16=bf16_kv(m)))
+    torch.testing.assert_close(native_cache[0], m.k_cache,
+                               **cache_close(b.kernel, 1e-5, 1e-5, m.k_cache))
+    torch.testing.assert_close(native_cache[1], m.v_cache,
+                               **cache_close(b.kernel, 1e-5, 1e-5, m.v_cache))
 
 
 @pytest.mark.parametrize("kernel", NATIVE)
@@ -286,11 +289,12 @@ def test_native_prefill_matches_the_torch_prefill(tmp_path, monkeypatch, kernel)
     m.v_cache.zero_()
     reference, _ = m.context_encode(ids, lengths, lines)
     step = b.native.step
-    torch.testing.assert_close(native, reference, **close_to(kernel, 1e-4, 1e-4))
+    torch.testing.assert_close(native, reference,
+                               **close_to(kernel, 1e-4, 1e-4, kv_bf16=bf16_kv(m)))
     for line, n in zip(lines.tolist(), lengths.tolist(), strict=True):  # the real positions
         for cache, ref in zip(native_cache, (m.k_cache, m.v_cache), strict=True):
             torch.testing.assert_close(cache[:, line, :, :n], ref[:, line, :, :n],
-                                       **close_to(kernel, 1e-5, 1e-5))
+                                       **cache_close(kernel, 1e-5, 1e-5, ref))
     with pytest.raises(ValueError, match="out_rows"):
         step(torch.zeros(2, 256), torch.tensor([0, 1]), torch.tensor([0, 0]), torch.tensor([2]))
 
@@ -311,11 +315,12 @@ def test_native_prefill_matches_the_torch_prefill(tmp_path, monkeypatch, kernel)
     m.k_cache.zero_()
     m.v_cache.zero_()
     reference, _ = m.context_encode(ids, lengths, lines)
-    torch.testing.assert_close(native, reference, **close_to(kernel, 1e-4, 1e-4))
+    torch.testing.assert_close(native, reference,
+                               **close_to(kernel, 1e-4, 1e-4, kv_bf16=bf16_kv(m)))
     for line, n in zip(lines.tolist(), lengths.tolist(), strict=True):
         for cache, ref in zip(native_cache, (m.k_cache, m.v_cache), strict=True):
             torch.testing.assert_close(cache[:, line, :, :n], ref[:, line, :, :n],
-                                       **close_to(kernel, 1e-5, 1e-5))
+                                       **cache_close(kernel, 1e-5, 1e-5, ref))
     assert b.native.prefill(ids[:1].repeat(1, 2), torch.tensor([40]), lines[:1]) is None
 
 

@@ -11,7 +11,7 @@ import pytest
 import torch
 
 import vllm_neuronx.backends.cpu.backend as cpu_backend
-from tests.conftest import close_to, make_tiny_llama
+from tests.conftest import bf16_kv, cache_close, close_to, make_tiny_llama
 from vllm_neuronx import neuron_config as nc
 from vllm_neuronx.backends.cpu import CpuBackend, kernels
 from vllm_neuronx.backends.cpu.llama import BlockKV, LlamaModel
@@ -76,7 +76,8 @@ def backend_of(tmp_path_factory, library):
 def block_model(ref: LlamaModel, blocks: BlockKV) -> LlamaModel:
     """A model of the block layout over ``ref``'s packed weights, with a cache of its own."""
     return LlamaModel(ref.spec, ref.w, num_lines=1, max_len=ref.max_len, dtype=ref.dtype,
-                      linear=ref.linear, kv_fp8=ref.kv_fp8, blocks=blocks)
+                      linear=ref.linear, kv_fp8=ref.kv_fp8, kv_dtype=ref.k_cache.dtype,
+                      blocks=blocks)
 
 
 def shuffled_table(lengths, block_size: int, generator) -> tuple[torch.Tensor, int]:
@@ -125,7 +126,7 @@ def check_caches(native: LlamaModel, reference: LlamaModel, kernel: str) -> None
         if native.kv_fp8:
             assert (mine.view(torch.uint8) != ref.view(torch.uint8)).float().mean() < 1e-3
         else:
-            torch.testing.assert_close(mine, ref, **close_to(kernel, 1e-5, 1e-5))
+            torch.testing.assert_close(mine, ref, **cache_close(kernel, 1e-5, 1e-5, ref))
 
 
 @pytest.mark.parametrize("name, block_size", [("d16", 8), ("d16", 16), ("d16", 12),
@@ -169,7 +170,7 @@ def test_native_block_layout_matches_kv_lines_and_torch(backend_of, name, block_
 
     for tokens, starts, got in calls:
         torch.testing.assert_close(got, torch_rows(torch_model, tokens, starts, table),
-                                   **close_to(b.kernel, 1e-4, 1e-4, ref.kv_fp8))
+                                   **close_to(b.kernel, 1e-4, 1e-4, ref.kv_fp8, bf16_kv(ref)))
     check_caches(native_model, torch_model, b.kernel)
 
 

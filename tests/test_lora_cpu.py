@@ -7,7 +7,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from tests.conftest import close_to
+from tests.conftest import bf16_kv, cache_close, close_to
 from tests.engine_checks import prefill_args
 from tests.lora_utils import make_peft_adapter, peft_greedy
 from tests.test_cpu_backend import EVERY_PATH, NATIVE, bf16_backend_without_bf16_units, greedy
@@ -167,11 +167,12 @@ def test_native_lora_matches_the_torch_path(tiny_llama, adapters, tmp_path, monk
     m.k_cache.zero_()
     m.v_cache.zero_()
     reference, _ = m.context_encode(ids, lengths, lines, (), lora)
-    torch.testing.assert_close(got, reference, **close_to(kernel, 1e-4, 1e-4))
+    torch.testing.assert_close(got, reference,
+                               **close_to(kernel, 1e-4, 1e-4, kv_bf16=bf16_kv(m)))
     for line, n in zip(lines.tolist(), lengths.tolist(), strict=True):
         for ours, ref in zip(cache, (m.k_cache, m.v_cache), strict=True):
             torch.testing.assert_close(ours[:, line, :, :n], ref[:, line, :, :n],
-                                       **close_to(kernel, 1e-5, 1e-5))
+                                       **cache_close(kernel, 1e-5, 1e-5, ref))
     base = native.prefill(ids, lengths, lines)
     assert torch.equal(got[2], base[2]) and not torch.allclose(got[[0, 1, 3, 4]],
                                                                base[[0, 1, 3, 4]])
@@ -188,9 +189,12 @@ def test_native_lora_matches_the_torch_path(tiny_llama, adapters, tmp_path, monk
     m.k_cache.copy_(cache[0])
     m.v_cache.copy_(cache[1])
     reference = m.token_generate(tokens, positions, seq_ids, 128, step)
-    torch.testing.assert_close(got, reference, **close_to(kernel, 1e-4, 1e-4))
-    torch.testing.assert_close(after[0], m.k_cache, **close_to(kernel, 1e-5, 1e-5))
-    torch.testing.assert_close(after[1], m.v_cache, **close_to(kernel, 1e-5, 1e-5))
+    torch.testing.assert_close(got, reference,
+                               **close_to(kernel, 1e-4, 1e-4, kv_bf16=bf16_kv(m)))
+    torch.testing.assert_close(after[0], m.k_cache,
+                               **cache_close(kernel, 1e-5, 1e-5, m.k_cache))
+    torch.testing.assert_close(after[1], m.v_cache,
+                               **cache_close(kernel, 1e-5, 1e-5, m.v_cache))
     base_rows = (step.slots == 0).nonzero().flatten()
     m.k_cache.copy_(cache[0])
     m.v_cache.copy_(cache[1])

@@ -11,7 +11,7 @@ import pytest
 import torch
 from safetensors import safe_open
 
-from tests.conftest import hf_causal_lm, make_tiny_llama
+from tests.conftest import hf_causal_lm, hf_kv_cache_in, make_tiny_llama
 from tests.test_cpu_backend import EVERY_PATH, backend_greedy, use_kernel
 from vllm_neuronx import neuron_config as nc
 from vllm_neuronx.backends.cpu import CpuBackend, kernels
@@ -61,9 +61,11 @@ def hf_quantized(model_path: str, overrides: dict):
     return model
 
 
-def hf_greedy_of(model, prompts, steps):
+def hf_greedy_of(model, prompts, steps, kv=torch.bfloat16):
+    """``kv``: the KV cache's dtype (the backend's torch_dtype; None: as computed, where a
+    test rounds it its own way)."""
     outs = []
-    with torch.no_grad():
+    with torch.no_grad(), hf_kv_cache_in(kv):
         for prompt in prompts:
             ids = torch.tensor([prompt])
             gen = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=steps,
@@ -207,7 +209,8 @@ def test_fp8_kv_cache_matches_hf_with_its_cache_rounded_the_same_way(tiny_llama,
     # model's logits (spread to about +-40) that moves them by well under 1.
     assert float((fp8_logits - fp32_logits).abs().max()) < 1.0
     assert not torch.equal(fp8_logits, fp32_logits)
-    assert got == hf_greedy_of(hf_with_fp8_cache(tiny_llama, monkeypatch), PROMPTS, 6)
+    assert got == hf_greedy_of(hf_with_fp8_cache(tiny_llama, monkeypatch), PROMPTS, 6,
+                               kv=None)
 
 
 def test_native_fp8_kv_decode_matches_the_torch_decode(tmp_path, monkeypatch):

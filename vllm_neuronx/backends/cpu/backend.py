@@ -379,6 +379,7 @@ class CpuBackend(NeuronBackend):
             linear=matmul.linear if matmul is not None else torch.nn.functional.linear,
             zeros=memory.huge_page_zeros,
             kv_fp8=self.quant.kv_fp8,
+            kv_dtype=self.stored_dtype,  # NxDI's: the KV cache in the model's torch_dtype
             kv=kv,
             blocks=None if layout is None else BlockKV(layout.num_blocks, layout.block_size),
             collective=ranks,

@@ -8,11 +8,12 @@
  * the OS has lent to another process (the API server, a client) stalls the team.
  * Here the team enters once per step and meets at a barrier between phases.
  *
- * The arithmetic is that of llama.py (and Hugging Face): fp32 activations and KV,
+ * The arithmetic is that of llama.py (and Hugging Face): fp32 activations,
  * RMSNorm, rotary as x*cos + rotate_half(x)*sin, softmax attention over each row's
  * own positions (and its sliding window), SiLU(gate)*up; the matmuls are
- * matmul.c's over bf16, int8 or fp8 weights. The KV cache is fp32, or e4m3fn bytes
- * (kv_cache_quant: each K/V value rounded as torch casts it, widened when read), in lines
+ * matmul.c's over bf16, int8 or fp8 weights. The KV cache is in the model's dtype (fp32
+ * or bf16) or in e4m3fn bytes (kv_cache_quant), each K/V value rounded as torch casts it
+ * and widened when read, in lines
  * of max_len positions or in blocks read through a block table (Model's block_size: the
  * prefix-cached, chunked layout). Of the families' variations it handles biases on
  * q, k and v (Qwen2), the per-head RMSNorm of queries and keys (Qwen3) and experts
@@ -139,6 +140,11 @@ static void rotate_and_store(const Model *md, const Layer *ly, float *qkv, int m
                     ((uint8_t *)ly->k_cache)[at + j] = fp8_from_float(v[j]);
                     ((uint8_t *)ly->v_cache)[at + j] = fp8_from_float(v[v_offset + j]);
                 }
+            } else if (md->kv_bf16) {
+                for (int j = 0; j < d; j++) {
+                    ((uint16_t *)ly->k_cache)[at + j] = bf16_from_float(v[j]);
+                    ((uint16_t *)ly->v_cache)[at + j] = bf16_from_float(v[v_offset + j]);
+                }
             } else {
                 memcpy((float *)ly->k_cache + at, v, d * sizeof(float));
                 memcpy((float *)ly->v_cache + at, v + v_offset, d * sizeof(float));
@@ -151,16 +157,35 @@ static void rotate_and_store(const Model *md, const Layer *ly, float *qkv, int m
  * overlaps them), and the running maximum rescales the sums once per chunk. */
 #define CHUNK 64
 
-/* q . the key at ``at`` of a KV cache of fp32, or of e4m3fn bytes (their widened
- * values are the keys / FP8_UNIT, hence the factor: a power of two, exact). */
+/* The KV cache's formats: fp32, e4m3fn bytes (kv_cache_quant), bf16 (the model's dtype). */
+enum { KV_FP32, KV_FP8, KV_BF16 };
+
+/* The first ``n`` of VW cached values from ``at`` (the rest read as 0), widened: fp8's
+ * are the values / FP8_UNIT (a power of two, exact); an fp8 cache's head_dim is a multiple
+ * of VW (native.py checks it). */
+static inline __attribute__((always_inline)) vec
+kv_load(const void *cache, long at, int n, const int kvf) {
+    if (kvf == KV_FP8)
+        return vwiden_fp8((const uint8_t *)cache + at);
+    if (kvf == KV_BF16) {
+        if (n >= VW)
+            return vwiden((const uint16_t *)cache + at);
+        uint16_t tail[VW] = {0};  /* a head narrower than the vectors (tiny models) */
+        memcpy(tail, (const uint16_t *)cache + at, n * sizeof(uint16_t));
+        return vwiden(tail);
+    }
+    return vload_n((const float *)cache + at, n);
+}
+
+/* q . the key at ``at`` of a KV cache of format ``kvf``. */
 static inline __attribute__((always_inline)) float
-dot_key(const float *q, const void *keys, long at, int d, int fp8) {
-    if (!fp8)
+dot_key(const float *q, const void *keys, long at, int d, const int kvf) {
+    if (kvf == KV_FP32)
         return dot(q, (const float *)keys + at, d);
     vec acc = vzero();
     for (int j = 0; j < d; j += VW)
-        acc = vfma(vload_n(q + j, d - j), vwiden_fp8((const uint8_t *)keys + at + j), acc);
-    return vsum(acc) * FP8_UNIT;
+        acc = vfma(vload_n(q + j, d - j), kv_load(keys, at + j, d - j, kvf), acc);
+    return vsum(acc) * (kvf == KV_FP8 ? FP8_UNIT : 1.0f);
 }
 
 /* Blocked attention: positions this far ahead are prefetched (blocks are scattered, so
@@ -175,8 +200,8 @@ static inline __attribute__((always_inline)) void prefetch_head(const char *p, i
 
 /* One query head over one chunk of positions (``len`` from ``c0``) of its KV head, on
  * its running softmax: ``acc`` (d floats), ``top`` and ``total`` in memory between chunks,
- * in registers within one. Inlined with a constant ``d`` (64, 128) and cache format. An fp8
- * cache's head_dim is a multiple of VW (checked in native.py). ``blocked`` (a constant
+ * in registers within one. Inlined with a constant ``d`` (64, 128) and cache format
+ * ``kvf``. ``blocked`` (a constant
  * too): ``offsets`` holds each position's offset from ``keys`` and ``values``; otherwise
  * positions are d apart from them. ``prefetch``: the first head over the chunk brings the
  * blocks' scattered positions in ahead (the hardware prefetcher loses the stream at each
@@ -184,18 +209,17 @@ static inline __attribute__((always_inline)) void prefetch_head(const char *p, i
 static inline __attribute__((always_inline)) void
 attend_chunk(const float *q, const void *keys, const void *values, float *acc_mem,
              float *top_mem, float *total_mem, long c0, int len, const long *offsets,
-             float scale, const int d, const int fp8, const int blocked, int prefetch) {
+             float scale, const int d, const int kvf, const int blocked, int prefetch) {
     vec acc[256 / VW];  /* d <= 256 */
     int vectors = (d + VW - 1) / VW;
+    int width = kvf == KV_FP8 ? 1 : kvf == KV_BF16 ? 2 : 4;  /* bytes per cached value */
     for (int v = 0; v < vectors; v++)
         acc[v] = vload_n(acc_mem + VW * v, d - VW * v);
     float s[CHUNK], top = *top_mem, total = *total_mem, chunk_top = -INFINITY;
     for (int j = 0; j < len; j++) {
         if (blocked && prefetch && j + KV_AHEAD < len)
-            prefetch_head(fp8 ? (const char *)keys + offsets[j + KV_AHEAD]
-                              : (const char *)((const float *)keys + offsets[j + KV_AHEAD]),
-                          fp8 ? d : 4 * d);
-        s[j] = dot_key(q, keys, blocked ? offsets[j] : (c0 + j) * d, d, fp8) * scale;
+            prefetch_head((const char *)keys + offsets[j + KV_AHEAD] * width, width * d);
+        s[j] = dot_key(q, keys, blocked ? offsets[j] : (c0 + j) * d, d, kvf) * scale;
         chunk_top = s[j] > chunk_top ? s[j] : chunk_top;
     }
     if (chunk_top > top) {
@@ -212,14 +236,10 @@ attend_chunk(const float *q, const void *keys, const void *values, float *acc_me
         total += p;
         long at = blocked ? offsets[j] : (c0 + j) * d;
         if (blocked && prefetch && j + KV_AHEAD < len)
-            prefetch_head(fp8 ? (const char *)values + offsets[j + KV_AHEAD]
-                              : (const char *)((const float *)values + offsets[j + KV_AHEAD]),
-                          fp8 ? d : 4 * d);
+            prefetch_head((const char *)values + offsets[j + KV_AHEAD] * width, width * d);
         vec pb = vset1(p);
         for (int v = 0; v < vectors; v++)
-            acc[v] = vfma(pb, fp8 ? vwiden_fp8((const uint8_t *)values + at + VW * v)
-                                  : vload_n((const float *)values + at + VW * v, d - VW * v),
-                          acc[v]);
+            acc[v] = vfma(pb, kv_load(values, at + VW * v, d - VW * v, kvf), acc[v]);
     }
     for (int v = 0; v < vectors; v++)
         vstore_n(acc_mem + VW * v, acc[v], d - VW * v);
@@ -239,7 +259,7 @@ attend_chunk(const float *q, const void *keys, const void *values, float *acc_me
  * are found once, walking (block, offset) without a division per position. */
 static inline __attribute__((always_inline)) void
 attend_heads(const float *q, int n, const void *keys, const void *values, float *out,
-             long first, long last, float scale, const int d, const int fp8,
+             long first, long last, float scale, const int d, const int kvf,
              const long *table, int block_size, long stride, const int blocked) {
     float acc[MAX_GROUP * 256] __attribute__((aligned(64)));
     float top[MAX_GROUP], total[MAX_GROUP];
@@ -265,10 +285,10 @@ attend_heads(const float *q, int n, const void *keys, const void *values, float 
         }
         for (int g = 0; g < n; g++)
             attend_chunk(q + (long)g * d, keys, values, acc + g * d, top + g, total + g, c0,
-                         len, offsets, scale, d, fp8, blocked, g == 0);
+                         len, offsets, scale, d, kvf, blocked, g == 0);
     }
     for (int g = 0; g < n; g++) {
-        vec inv = vset1((fp8 ? FP8_UNIT : 1.0f) / total[g]);
+        vec inv = vset1((kvf == KV_FP8 ? FP8_UNIT : 1.0f) / total[g]);
         for (int i = 0; i < d; i += VW)
             vstore_n(out + (long)g * d + i, vmul(vload_n(acc + g * d + i, d - i), inv), d - i);
     }
@@ -277,14 +297,14 @@ attend_heads(const float *q, int n, const void *keys, const void *values, float 
 /* attend_heads with the head size a constant where it is a common one (64, 128). */
 static inline __attribute__((always_inline)) void
 attend_heads_sized(const float *q, int n, const void *keys, const void *values, float *out,
-                   long first, long last, float scale, int d, const int fp8,
+                   long first, long last, float scale, int d, const int kvf,
                    const long *table, int block_size, long stride, const int blocked) {
     switch (d) {
-    case 64: attend_heads(q, n, keys, values, out, first, last, scale, 64, fp8, table,
+    case 64: attend_heads(q, n, keys, values, out, first, last, scale, 64, kvf, table,
                           block_size, stride, blocked); break;
-    case 128: attend_heads(q, n, keys, values, out, first, last, scale, 128, fp8, table,
+    case 128: attend_heads(q, n, keys, values, out, first, last, scale, 128, kvf, table,
                            block_size, stride, blocked); break;
-    default: attend_heads(q, n, keys, values, out, first, last, scale, d, fp8, table,
+    default: attend_heads(q, n, keys, values, out, first, last, scale, d, kvf, table,
                           block_size, stride, blocked); break;
     }
 }
@@ -303,7 +323,7 @@ attend_rows(const Model *md, const Layer *ly, const float *qkv, float *out, int 
     int per = m * md->kv_heads >= 4 * omp_get_num_threads()
         ? (group < MAX_GROUP ? group : MAX_GROUP) : 1;
     int pieces = (group + per - 1) / per;  /* items per (row, KV head) */
-    long unit = md->kv_fp8 ? 1 : (long)sizeof(float);  /* bytes per cached value */
+    long unit = md->kv_fp8 ? 1 : md->kv_bf16 ? 2 : 4;  /* bytes per cached value */
 #pragma omp for schedule(static)
     for (int item = 0; item < m * md->kv_heads * pieces; item++) {
         int r = item / (md->kv_heads * pieces), rest = item % (md->kv_heads * pieces);
@@ -319,11 +339,14 @@ attend_rows(const Model *md, const Layer *ly, const float *qkv, float *out, int 
         const char *keys = (const char *)ly->k_cache + base * unit;
         const char *values = (const char *)ly->v_cache + base * unit;
         if (md->kv_fp8)
-            attend_heads_sized(q, n, keys, values, o, first, last, md->scale, d, 1, table, bs,
-                               stride, blocked);
+            attend_heads_sized(q, n, keys, values, o, first, last, md->scale, d, KV_FP8, table,
+                               bs, stride, blocked);
+        else if (md->kv_bf16)
+            attend_heads_sized(q, n, keys, values, o, first, last, md->scale, d, KV_BF16, table,
+                               bs, stride, blocked);
         else
-            attend_heads_sized(q, n, keys, values, o, first, last, md->scale, d, 0, table, bs,
-                               stride, blocked);
+            attend_heads_sized(q, n, keys, values, o, first, last, md->scale, d, KV_FP32, table,
+                               bs, stride, blocked);
     }
 }
 

@@ -64,6 +64,7 @@ enum { WEIGHT_BF16 = 0, WEIGHT_INT8 = 1, WEIGHT_FP8 = 2 };
     X(int, layers) X(int, max_len) X(int, window) X(int, vocab)                           \
     X(int, experts) X(int, experts_per_token) X(int, norm_topk) X(int, expert_size)       \
     X(int, kv_fp8)                 /* the KV cache holds e4m3fn bytes, not fp32 */        \
+    X(int, kv_bf16)                /* the KV cache holds bf16 (an fp32's top half) */     \
     X(int, block_size)             /* > 0: the block layout, through a block table; */    \
                                    /* 0: a line of max_len positions per sequence */      \
     X(int, lora_slots)             /* max_loras + 1 (0: no LoRA) */                       \
@@ -92,6 +93,8 @@ void matmul_team(const float *restrict x, const Weight *w, float *restrict y, in
 
 /* e4m3fn of x: round to nearest even, saturated at +-448 (torch's cast of x clamped). */
 uint8_t fp8_from_float(float x);
+/* x rounded to bf16 (to nearest even; NaN to a quiet NaN), as torch rounds it. */
+uint16_t bf16_from_float(float x);
 
 /* The fields of "Weight", "Lora", "Layer" or "Model", ending with a NULL name; *size gets the
  * struct's. */

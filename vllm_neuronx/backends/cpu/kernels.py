@@ -432,7 +432,7 @@ class Model(ctypes.Structure):
         *[(name, ctypes.c_int) for name in ("hidden", "intermediate", "heads", "kv_heads",
                                             "head_dim", "layers", "max_len", "window",
                                             "vocab", "experts", "experts_per_token",
-                                            "norm_topk", "expert_size", "kv_fp8",
+                                            "norm_topk", "expert_size", "kv_fp8", "kv_bf16",
                                             "block_size", "lora_slots", "lora_rank")],
         ("eps", ctypes.c_float),
         ("scale", ctypes.c_float),

@@ -263,11 +263,14 @@ class LlamaModel:
         linear: Callable[..., torch.Tensor] = F.linear,
         zeros: Callable[..., torch.Tensor] = torch.zeros,
         kv_fp8: bool = False,
+        kv_dtype: torch.dtype | None = None,
         kv: tuple[torch.Tensor, torch.Tensor] | None = None,
         blocks: BlockKV | None = None,
         collective: Collective | None = None,
     ) -> None:
-        """``kv``: K and V caches to share (another model's of this shape: a draft reading
+        """``kv_dtype``: the KV cache's (default ``dtype``; float8_e4m3fn with ``kv_fp8``):
+        a bf16 model computed in fp32 keeps its K/V in bf16, as NxDI and vLLM do.
+        ``kv``: K and V caches to share (another model's of this shape: a draft reading
         the target's), instead of allocating them with ``zeros``. ``blocks``: the block KV
         layout instead of one line of ``max_len`` per sequence (``block_rows`` runs it).
         ``collective``: the tensor-parallel ranks this model is one shard of (``spec``
@@ -285,9 +288,10 @@ class LlamaModel:
         else:
             shape = (spec.num_layers, blocks.num_blocks, blocks.block_size, spec.num_kv_heads,
                      spec.head_dim)
-        # kv_cache_quant: K/V stored as float8_e4m3fn (quantize.fp8_kv), widened to read.
+        # kv_cache_quant: K/V stored as float8_e4m3fn (quantize.fp8_kv), widened to read;
+        # else rounded to kv_dtype where it is narrower than dtype.
         self.kv_fp8 = kv_fp8
-        kv_dtype = FP8_DTYPE if kv_fp8 else dtype
+        kv_dtype = FP8_DTYPE if kv_fp8 else kv_dtype or dtype
         if kv is None:
             kv = zeros(shape, dtype=kv_dtype), zeros(shape, dtype=kv_dtype)
         elif any(c.shape != shape or c.dtype != kv_dtype for c in kv):
@@ -479,7 +483,7 @@ class LlamaModel:
 
     def _stored(self, x: torch.Tensor) -> torch.Tensor:
         """K or V values as the cache holds them."""
-        return fp8_kv(x) if self.kv_fp8 else x
+        return fp8_kv(x) if self.kv_fp8 else x.to(self.k_cache.dtype)
 
     def _window_mask(self, mask: torch.Tensor, q_pos: torch.Tensor, k_len: int) -> torch.Tensor:
         if self.window is None:

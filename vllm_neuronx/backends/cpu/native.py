@@ -62,7 +62,8 @@ class DecodeStep:
         [num_blocks, block_size, kv_heads, head_dim]; else (0 or absent) KV lines,
         [lines, kv_heads, max_len, head_dim]."""
         self._weights = []  # the weights' descriptors, alive as long as the step
-        kv_dtype = torch.float8_e4m3fn if dims["kv_fp8"] else torch.float32
+        kv_dtype = torch.float8_e4m3fn if dims["kv_fp8"] else \
+            torch.bfloat16 if dims.get("kv_bf16") else torch.float32
         # Native code addresses the caches by these shapes: checked, as it trusts them.
         self.block_size = dims.get("block_size", 0)
         first = layers[0]["k_cache"].shape[0]
@@ -291,6 +292,7 @@ class NativeStep:
         packed = [name for name in w if LlamaModel.is_matmul(name)]
         other_bias = any(name + "_bias" in w for name in packed if not name.endswith("qkv"))
         kv_fp8 = model.k_cache.dtype is torch.float8_e4m3fn
+        kv_bf16 = model.k_cache.dtype is torch.bfloat16
         if s.head_dim > MAX_HEAD_DIM or other_bias or \
                 (kv_fp8 and s.head_dim % (matmul.panel // 3)) or \
                 not all(isinstance(w[name], PackedWeight) for name in packed):
@@ -312,7 +314,7 @@ class NativeStep:
                 "layers": s.num_layers, "max_len": model.max_len, "window": model.window or 0,
                 "vocab": s.vocab_size, "experts": s.num_experts,
                 "experts_per_token": s.experts_per_token, "norm_topk": int(s.norm_topk_prob),
-                "expert_size": s.expert_size, "kv_fp8": int(kv_fp8),
+                "expert_size": s.expert_size, "kv_fp8": int(kv_fp8), "kv_bf16": int(kv_bf16),
                 "block_size": model.blocks.block_size if model.blocks is not None else 0}
         tensors = {"cos": model.cos, "sin": model.sin, "norm": w["norm"],
                    "lm_head": w["lm_head"]}
