@@ -6,7 +6,8 @@ fp8 when the neuron config asks: quant_config.py, quantize.py), builds the nativ
 kernel for this CPU (kernels.py), and stores both with the resolved config. "load"
 maps them back (packing bf16 weights on a CPU without bf16 units, and quantized
 weights on every CPU, for the kernel; widening them to fp32 without it) and
-allocates the KV lines (fp8 with ``kv_cache_quant``). A step runs natively
+allocates the KV lines in the model's torch_dtype, as NxDI does (bf16 for a bf16 model,
+whose activations run in fp32; fp8 with ``kv_cache_quant``). A step runs natively
 (native.py) where it can, else on the model's torch path (llama.py); both follow
 the contract: static buckets, KV lines indexed by seq_id, sampling on the
 "device". Like NxDI
