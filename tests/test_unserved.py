@@ -93,6 +93,24 @@ def test_lora_dtype_equal_to_the_model_dtype_passes(tiny_llama):
     assert config.lora_config is not None
 
 
+@pytest.mark.parametrize(("cache_dtype", "match"), [
+    ("fp8", r"kv_cache_dtype='fp8': .*model's dtype \(float32\); use 'auto' for an fp8 "
+            r'cache .*"kv_cache_quant": true'),
+    ("bfloat16", r"kv_cache_dtype='bfloat16': .*model's dtype \(float32\); use 'auto' \["),
+])
+def test_a_kv_cache_dtype_no_backend_keeps_fails_at_start_up_by_name(tiny_llama, cache_dtype,
+                                                                      match):
+    with pytest.raises(ValueError, match=match):
+        engine_config(tiny_llama, device="neuron", kv_cache_dtype=cache_dtype)
+
+
+def test_the_models_own_kv_cache_dtype_passes(tiny_llama):
+    for cache_dtype in ("auto", "float32"):
+        unserved.check_kv_cache_dtype(cache_dtype, "float32")
+    config = engine_config(tiny_llama, device="neuron", kv_cache_dtype="auto")
+    assert config.cache_config.cache_dtype == "auto"
+
+
 def test_default_mm_loras_is_refused_by_name():
     """(vLLM refuses it first for a text model; a multimodal one would reach our check.)"""
     from vllm.config.lora import LoRAConfig

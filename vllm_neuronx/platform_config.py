@@ -53,6 +53,8 @@ class NeuronSettings:
             warnings.append(choice.warning)
         overrides = (vllm_config.additional_config or {}).get(OVERRIDES_KEY)
         unserved.check_vllm_features(vllm_config, choice.backend)
+        unserved.check_kv_cache_dtype(vllm_config.cache_config.cache_dtype,
+                                      vllm_config.model_config.dtype)
         draft = _draft(vllm_config)
         if draft is not None and vllm_config.lora_config is not None:
             raise nc.NeuronConfigError(
