@@ -125,7 +125,7 @@ class Sampler:
     def propose(self, logits: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
         """A proposer's logits [m, V] -> its tokens [m] and, for the sampled rows, the
         distributions they were drawn from, dense [s, V] (None without sampled rows)."""
-        tokens = logits.argmax(dim=-1)
+        tokens = sampling.argmax(logits)
         rows = self.sampled
         if rows is None:
             return tokens, None
@@ -140,7 +140,7 @@ def greedy_accept(logits: torch.Tensor, drafts: torch.Tensor
                   ) -> tuple[torch.Tensor, torch.Tensor]:
     """Target logits [m, k, V] and drafts [m, k-1] -> (tokens [m, k]: the drafts that
     equal the target's argmax, then the target's own token, then PAD; counts [m])."""
-    best = logits.argmax(dim=-1)
+    best = sampling.argmax(logits.flatten(0, 1)).view(logits.shape[:2])
     agreed = (drafts == best[:, :-1]).int().cumprod(dim=-1).sum(dim=-1)
     keep = torch.arange(best.shape[1]) <= agreed[:, None]
     return torch.where(keep, best, PAD), agreed + 1
