@@ -201,9 +201,8 @@ static inline __attribute__((always_inline)) void prefetch_head(const char *p, i
 /* One query head over one chunk of positions (``len`` from ``c0``) of its KV head, on
  * its running softmax: ``acc`` (d floats), ``top`` and ``total`` in memory between chunks,
  * in registers within one. Inlined with a constant ``d`` (64, 128) and cache format
- * ``kvf``. ``blocked`` (a constant
- * too): ``offsets`` holds each position's offset from ``keys`` and ``values``; otherwise
- * positions are d apart from them. ``prefetch``: the first head over the chunk brings the
+ * ``kvf``. ``blocked`` (a constant too): ``offsets`` holds each position's offset from
+ * ``keys`` and ``values``; otherwise positions are d apart from them. ``prefetch``: the first head over the chunk brings the
  * blocks' scattered positions in ahead (the hardware prefetcher loses the stream at each
  * block's end); the group's other heads find the chunk in L1. */
 static inline __attribute__((always_inline)) void
