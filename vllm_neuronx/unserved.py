@@ -126,13 +126,14 @@ def check_kv_cache_dtype(cache_dtype: str, model_dtype) -> None:
     """vLLM's kv_cache_dtype: every backend keeps the KV cache in the model's dtype, as
     NxDI does (its torch_dtype), or in fp8 through the neuron config's kv_cache_quant.
     Any other ask is refused by name rather than quietly served in the model's dtype."""
-    if cache_dtype == "auto" or cache_dtype == str(model_dtype).removeprefix("torch."):
+    model = str(model_dtype).removeprefix("torch.")
+    if cache_dtype in ("auto", model):
         return
     fp8 = (" for an fp8 cache (e4m3, a direct cast as NxDI's) set override_neuron_config="
            '{"kv_cache_quant": true}' if cache_dtype.startswith("fp8") else "")
     raise nc.NeuronConfigError(
         f"kv_cache_dtype={cache_dtype!r}: the Neuron backends keep the KV cache in the "
-        f"model's dtype ({str(model_dtype).removeprefix('torch.')}); use 'auto'{fp8}")
+        f"model's dtype ({model}); use 'auto'{fp8}")
 
 
 def check_block_layout(layout, backend: str) -> None:
