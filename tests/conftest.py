@@ -96,19 +96,19 @@ def cache_close(kernel: str, rtol: float, atol: float, cache: torch.Tensor) -> d
 
 
 @contextlib.contextmanager
-def hf_kv_cache_in(dtype: torch.dtype | None):
-    """Hugging Face's KV cache holding each K/V value rounded to ``dtype`` and widened
-    back before attention reads it, as the CPU backend's cache in the model's dtype does
-    under fp32 activations (None: as computed)."""
+def hf_kv_cache_in(kv):
+    """Hugging Face's KV cache holding each K/V value as the CPU backend's cache does,
+    widened back before attention reads it: ``kv`` a dtype (the model's, under fp32
+    activations) to round to, or a function rounding a tensor (fp8); None: as computed."""
     from transformers.cache_utils import DynamicLayer
 
     original = DynamicLayer.update
+    rounded_as = kv if callable(kv) else lambda x: x.to(kv).to(x.dtype)
 
     def rounded(self, key_states, value_states, *args, **kwargs):
-        return original(self, key_states.to(dtype).to(key_states.dtype),
-                        value_states.to(dtype).to(value_states.dtype), *args, **kwargs)
+        return original(self, rounded_as(key_states), rounded_as(value_states), *args, **kwargs)
 
-    if dtype is not None:
+    if kv is not None:
         DynamicLayer.update = rounded
     try:
         yield

@@ -62,8 +62,8 @@ def hf_quantized(model_path: str, overrides: dict):
 
 
 def hf_greedy_of(model, prompts, steps, kv=torch.bfloat16):
-    """``kv``: the KV cache's dtype (the backend's torch_dtype; None: as computed, where a
-    test rounds it its own way)."""
+    """``kv``: how the backend's KV cache holds K/V (``hf_kv_cache_in``): its torch_dtype,
+    or fp8's rounding."""
     outs = []
     with torch.no_grad(), hf_kv_cache_in(kv):
         for prompt in prompts:
@@ -172,21 +172,9 @@ def test_artifacts_hold_int8_weights_and_a_warm_start_does_not_quantize_again(
     assert backend_greedy(warm, PROMPTS[:2], 4) == expected
 
 
-def hf_with_fp8_cache(model_path: str, monkeypatch):
-    """HF (weights in bf16) whose KV cache holds each K/V value as the fp8 cache does
-    (clamped to +-448, cast to e4m3fn, widened back) before attention reads it."""
-    from transformers.cache_utils import DynamicLayer
-
-    original = DynamicLayer.update
-
-    def rounded(self, key_states, value_states, *args, **kwargs):
-        def fp8(x):
-            return x.clamp(-448, 448).to(torch.float8_e4m3fn).to(x.dtype)
-
-        return original(self, fp8(key_states), fp8(value_states), *args, **kwargs)
-
-    monkeypatch.setattr(DynamicLayer, "update", rounded)
-    return hf_quantized(model_path, {})
+def fp8_kv_rounded(x: torch.Tensor) -> torch.Tensor:
+    """A K/V value as the fp8 cache holds it: clamped to +-448, cast to e4m3fn, widened."""
+    return x.clamp(-448, 448).to(torch.float8_e4m3fn).to(x.dtype)
 
 
 @pytest.mark.parametrize("kernel", EVERY_PATH)
@@ -209,8 +197,8 @@ def test_fp8_kv_cache_matches_hf_with_its_cache_rounded_the_same_way(tiny_llama,
     # model's logits (spread to about +-40) that moves them by well under 1.
     assert float((fp8_logits - fp32_logits).abs().max()) < 1.0
     assert not torch.equal(fp8_logits, fp32_logits)
-    assert got == hf_greedy_of(hf_with_fp8_cache(tiny_llama, monkeypatch), PROMPTS, 6,
-                               kv=None)
+    assert got == hf_greedy_of(hf_quantized(tiny_llama, {}), PROMPTS, 6,
+                               kv=fp8_kv_rounded)
 
 
 def test_native_fp8_kv_decode_matches_the_torch_decode(tmp_path, monkeypatch):
