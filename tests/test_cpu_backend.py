@@ -148,8 +148,9 @@ def test_bf16_kernel_computes_fp32_matmul_of_bf16_weights(monkeypatch, name):
     torch.manual_seed(0)
     # columns not a multiple of the panel, rows across blocks of 8, odd k
     for m, n, k in [(1, 37, 48), (3, 960, 576), (4, 5, 16), (9, 7, 33), (17, 100, 64),
-                    (130, 49, 20), (300, 100, 64)]:  # 9+ rows: panels widened (AVX2);
-        # 300 rows: the weight widened for MKL (AVX-512)
+                    (32, 200, 576), (130, 49, 20), (300, 100, 64)]:
+        # 9+ rows: panels widened (AVX2); 16+: AMX tiles (prefetching under 64 rows,
+        # panels shared out dynamically from 128); 300: the weight widened for MKL (AVX-512)
         w = torch.randn(n, k).bfloat16()
         x = torch.randn(m, k)
         got = matmul(x, matmul.pack(w))
