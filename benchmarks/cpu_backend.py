@@ -120,7 +120,7 @@ def measure(model: str, dtype: str, kernel: str | None, quant: str, args) -> dic
         result["weights_mb"] = round(weights_bytes(backend) / 1e6, 1)
         print(f"-- kernel {backend.kernel}, weights {quant} ({result['weights_mb']} MB held; "
               f"the embedding table mapped, not counted), KV "
-              f"{'fp8' if args.kv_fp8 else 'fp32'}", flush=True)
+              f"{str(backend.model.k_cache.dtype).removeprefix('torch.')}", flush=True)
         for batch in args.prefill_batch:
             result["prefill_s"][batch] = round(time_prefill(backend, batch, vocab), 2)
             print(f"prefill {LINES}x{PROMPT}, {batch} per call: {result['prefill_s'][batch]} s",
