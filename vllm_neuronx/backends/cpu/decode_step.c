@@ -323,7 +323,12 @@ attend_rows(const Model *md, const Layer *ly, const float *qkv, float *out, int 
         ? (group < MAX_GROUP ? group : MAX_GROUP) : 1;
     int pieces = (group + per - 1) / per;  /* items per (row, KV head) */
     long unit = md->kv_fp8 ? 1 : md->kv_bf16 ? 2 : 4;  /* bytes per cached value */
-#pragma omp for schedule(static)
+    /* Items as the threads come for them: rows differ in length (a server's rows, a
+     * prompt's causal rows: a static split gave one thread a prompt's short half, the
+     * other its long half) and a thread the VM slows takes fewer. SmolLM2 on 2 cores,
+     * old and new alternating, 12 rounds: 32x128 prefill one prompt a call 0.94x, 8 a
+     * call 0.90x; b=32 at contexts 130-379 0.96x. */
+#pragma omp for schedule(dynamic, 1)
     for (int item = 0; item < m * md->kv_heads * pieces; item++) {
         int r = item / (md->kv_heads * pieces), rest = item % (md->kv_heads * pieces);
         int kvh = rest / pieces, h = kvh * group + (rest % pieces) * per;
