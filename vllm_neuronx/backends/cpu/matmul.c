@@ -424,6 +424,35 @@ static void matmul_pairs(const float *restrict x, const Weight *w, float *restri
 int matmul_use_amx(int rows) { (void)rows; return 0; }
 #endif
 
+/* Panel ``p`` of ``w`` against the slab's rows [slab, slab_end) of x, into y. */
+static inline void rows_of_slab(const float *restrict x, const Weight *w, float *restrict y,
+                                int p, int slab, int slab_end, int add) {
+    int bytes = w->kind == WEIGHT_BF16 ? 2 : 1;
+    const char *panel = (const char *)w->data + (long)p * w->k * PANEL * bytes;
+    float *wide = WIDE_FROM && slab_end - slab >= WIDE_FROM
+                      ? thread_panel((long)w->k * PANEL) : NULL;
+    if (wide)
+        widen_panel(w, p, wide, PANEL);
+    for (int r0 = slab; r0 < slab_end; r0 += ROWS) {
+        int rows = slab_end - r0 < ROWS ? slab_end - r0 : ROWS, first = r0 == slab;
+        if (wide) {
+            rows_of_panel(x, w, wide, y, p, r0, rows, 0, add, WEIGHT_FP32);
+            continue;
+        }
+        switch (w->kind) {
+        case WEIGHT_INT8:
+            rows_of_panel(x, w, panel, y, p, r0, rows, first, add, WEIGHT_INT8);
+            break;
+        case WEIGHT_FP8:
+            rows_of_panel(x, w, panel, y, p, r0, rows, first, add, WEIGHT_FP8);
+            break;
+        default:
+            rows_of_panel(x, w, panel, y, p, r0, rows, first, add, WEIGHT_BF16);
+            break;
+        }
+    }
+}
+
 /* y = x . w^T, or y += x . w^T with ``add``; panels shared out to the calling team
  * (serially outside a parallel region). Every thread of the team must call it. */
 void matmul_team(const float *restrict x, const Weight *w, float *restrict y, int m, int add) {
@@ -435,35 +464,18 @@ void matmul_team(const float *restrict x, const Weight *w, float *restrict y, in
 #endif
     int panels = (w->n + PANEL - 1) / PANEL;
     /* Rows in slabs that stay in L2 while every panel passes them (a prefill's 1024
-     * rows do not: re-reading them from L3 for each panel cost 40% of its time). */
+     * rows do not: re-reading them from L3 for each panel cost 40% of its time); a
+     * prefill's panels shared out dynamically, as matmul_pairs does. */
     for (int slab = 0; slab < m; slab += SLAB_ROWS) {
         int slab_end = m - slab < SLAB_ROWS ? m : slab + SLAB_ROWS;
+        if (m >= SLAB_ROWS) {
+#pragma omp for schedule(dynamic, 2)
+            for (int p = 0; p < panels; p++)
+                rows_of_slab(x, w, y, p, slab, slab_end, add);
+        } else {
 #pragma omp for schedule(static)
-        for (int p = 0; p < panels; p++) {
-            int bytes = w->kind == WEIGHT_BF16 ? 2 : 1;
-            const char *panel = (const char *)w->data + (long)p * w->k * PANEL * bytes;
-            float *wide = WIDE_FROM && slab_end - slab >= WIDE_FROM
-                              ? thread_panel((long)w->k * PANEL) : NULL;
-            if (wide)
-                widen_panel(w, p, wide, PANEL);
-            for (int r0 = slab; r0 < slab_end; r0 += ROWS) {
-                int rows = slab_end - r0 < ROWS ? slab_end - r0 : ROWS, first = r0 == slab;
-                if (wide) {
-                    rows_of_panel(x, w, wide, y, p, r0, rows, 0, add, WEIGHT_FP32);
-                    continue;
-                }
-                switch (w->kind) {
-                case WEIGHT_INT8:
-                    rows_of_panel(x, w, panel, y, p, r0, rows, first, add, WEIGHT_INT8);
-                    break;
-                case WEIGHT_FP8:
-                    rows_of_panel(x, w, panel, y, p, r0, rows, first, add, WEIGHT_FP8);
-                    break;
-                default:
-                    rows_of_panel(x, w, panel, y, p, r0, rows, first, add, WEIGHT_BF16);
-                    break;
-                }
-            }
+            for (int p = 0; p < panels; p++)
+                rows_of_slab(x, w, y, p, slab, slab_end, add);
         }
     }
 }
