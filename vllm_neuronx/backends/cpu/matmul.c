@@ -48,6 +48,12 @@
 #define PANEL (3 * VW)
 #define ROWS (VW == 16 ? 8 : 4)
 #define SLAB_ROWS 128
+/* From this many rows (a prefill) panels are shared out as the threads come for them
+ * (``schedule(dynamic)``): a thread the VM slows takes fewer instead of the other waiting
+ * at the barrier (SmolLM2, 32x128 prefill: amx 0.94-0.96x, avx2 0.94-0.95x). Decode steps
+ * keep a static split, so each thread's prefetch runs on into its next panel (dynamic
+ * there: b=32 1.03x slower). */
+#define SHARED_FROM SLAB_ROWS
 /* From this many rows (AVX2 only), each panel is widened and scaled once per slab into
  * a buffer of the thread's, and every block of rows multiplies fp32 from there: the
  * weights then cost a load each instead of a load and one or two conversions per block.
@@ -404,12 +410,7 @@ static void matmul_pairs(const float *restrict x, const Weight *w, float *restri
             rows_to_bf16(xs, k, kpad, rows, rows16, xb);
             load_tile_config(); /* per call: oneDNN may have loaded its own on this thread */
         }
-        /* A prefill shares its panels out as the threads come for them: a thread
-         * the VM slows, or one that shares its core, takes fewer, instead of the other
-         * waiting for it at the barrier (SmolLM2, 32x128 prefill: 3.48 -> 3.23 s, every
-         * round faster); a decode step keeps them static, so each thread's prefetch
-         * runs on into its next panel (dynamic there: b=32 1.03x slower). */
-        if (m >= SLAB_ROWS) {
+        if (m >= SHARED_FROM) {
 #pragma omp for schedule(dynamic, 2)
             for (int p = 0; p < panels; p++)
                 pairs_of_panel(xs, w, xb, lo, y + (long)slab * n, p, rows, kpad, add);
@@ -464,11 +465,10 @@ void matmul_team(const float *restrict x, const Weight *w, float *restrict y, in
 #endif
     int panels = (w->n + PANEL - 1) / PANEL;
     /* Rows in slabs that stay in L2 while every panel passes them (a prefill's 1024
-     * rows do not: re-reading them from L3 for each panel cost 40% of its time); a
-     * prefill's panels shared out dynamically, as matmul_pairs does. */
+     * rows do not: re-reading them from L3 for each panel cost 40% of its time). */
     for (int slab = 0; slab < m; slab += SLAB_ROWS) {
         int slab_end = m - slab < SLAB_ROWS ? m : slab + SLAB_ROWS;
-        if (m >= SLAB_ROWS) {
+        if (m >= SHARED_FROM) {
 #pragma omp for schedule(dynamic, 2)
             for (int p = 0; p < panels; p++)
                 rows_of_slab(x, w, y, p, slab, slab_end, add);
