@@ -160,6 +160,13 @@ static void rotate_and_store(const Model *md, const Layer *ly, float *qkv, int m
 /* The KV cache's formats: fp32, e4m3fn bytes (kv_cache_quant), bf16 (the model's dtype). */
 enum { KV_FP32, KV_FP8, KV_BF16 };
 
+static inline int kv_format(const Model *md) {
+    return md->kv_fp8 ? KV_FP8 : md->kv_bf16 ? KV_BF16 : KV_FP32;
+}
+
+/* Bytes per cached value of format ``kvf``. */
+static inline int kv_width(const int kvf) { return kvf == KV_FP8 ? 1 : kvf == KV_BF16 ? 2 : 4; }
+
 /* The first ``n`` of VW cached values from ``at`` (the rest read as 0), widened: fp8's
  * are the values / FP8_UNIT (a power of two, exact); an fp8 cache's head_dim is a multiple
  * of VW (native.py checks it). */
@@ -211,7 +218,7 @@ attend_chunk(const float *q, const void *keys, const void *values, float *acc_me
              float scale, const int d, const int kvf, const int blocked, int prefetch) {
     vec acc[256 / VW];  /* d <= 256 */
     int vectors = (d + VW - 1) / VW;
-    int width = kvf == KV_FP8 ? 1 : kvf == KV_BF16 ? 2 : 4;  /* bytes per cached value */
+    int width = kv_width(kvf);
     for (int v = 0; v < vectors; v++)
         acc[v] = vload_n(acc_mem + VW * v, d - VW * v);
     float s[CHUNK], top = *top_mem, total = *total_mem, chunk_top = -INFINITY;
@@ -322,7 +329,8 @@ attend_rows(const Model *md, const Layer *ly, const float *qkv, float *out, int 
     int per = m * md->kv_heads >= 4 * omp_get_num_threads()
         ? (group < MAX_GROUP ? group : MAX_GROUP) : 1;
     int pieces = (group + per - 1) / per;  /* items per (row, KV head) */
-    long unit = md->kv_fp8 ? 1 : md->kv_bf16 ? 2 : 4;  /* bytes per cached value */
+    int kvf = kv_format(md);
+    long unit = kv_width(kvf);
     /* Items as the threads come for them: rows differ in length (a server's rows, a
      * prompt's causal rows: a static split gave one thread a prompt's short half, the
      * other its long half) and a thread the VM slows takes fewer. SmolLM2 on 2 cores,
@@ -342,10 +350,10 @@ attend_rows(const Model *md, const Layer *ly, const float *qkv, float *out, int 
         float *o = out + (long)r * md->heads * d + (long)h * d;
         const char *keys = (const char *)ly->k_cache + base * unit;
         const char *values = (const char *)ly->v_cache + base * unit;
-        if (md->kv_fp8)
+        if (kvf == KV_FP8)
             attend_heads_sized(q, n, keys, values, o, first, last, md->scale, d, KV_FP8, table,
                                bs, stride, blocked);
-        else if (md->kv_bf16)
+        else if (kvf == KV_BF16)
             attend_heads_sized(q, n, keys, values, o, first, last, md->scale, d, KV_BF16, table,
                                bs, stride, blocked);
         else
