@@ -5,9 +5,12 @@ n > 1 and structured output keep their exact results, and every KV line comes ba
 
 from __future__ import annotations
 
+import gc
 import random
 import re
+import threading
 import types
+import weakref
 
 import pytest
 from vllm import LLM, EngineArgs, SamplingParams
@@ -110,6 +113,25 @@ def test_host_sampled_rows_beside_device_sampled_ones(llm, tiny_llama):
                                                                       [12] * 3)
     logprobs = outs[1].outputs[0].logprobs
     assert len(logprobs) == 12 and all(len(step) >= 2 for step in logprobs)
+
+
+def test_no_step_is_freed_between_two_device_calls(llm, monkeypatch):
+    """The device thread never holds a step's last reference: freeing a step's tensors
+    there would put that host time between two device calls (worker/device_thread.py)."""
+    from vllm_neuronx.worker import model_runner
+
+    freed_on, queue = [], model_runner.NeuronModelRunner._queue
+
+    def watched(self, step, grammar_output):
+        weakref.finalize(step.input_ids,
+                         lambda: freed_on.append(threading.current_thread().name))
+        return queue(self, step, grammar_output)
+
+    monkeypatch.setattr(model_runner.NeuronModelRunner, "_queue", watched)
+    params = SamplingParams(temperature=0, max_tokens=24, ignore_eos=True, detokenize=False)
+    llm.generate([{"prompt_token_ids": [1, 2, 3 + i]} for i in range(MAX_NUM_SEQS)], params)
+    gc.collect()
+    assert len(freed_on) > 20 and "NeuronDevice" not in freed_on
 
 
 def test_n_children_each_get_a_line(llm):

@@ -67,6 +67,28 @@ def test_an_error_reaches_its_own_waiter_and_the_thread_goes_on(device):
     assert good.result(5) == 3
 
 
+def test_the_thread_never_frees_what_a_call_was_given_or_returned(device):
+    """Freed on this thread, a step's objects would cost host time between two device
+    calls: the last reference is always the submitter's."""
+    freed_on = []
+
+    class Step:  # a step's objects, as the runner's are
+        def __del__(self):
+            freed_on.append(threading.current_thread().name)
+
+    def launch(out):  # a step: the one before it is given as it launches
+        device.launching()
+        return out
+
+    for _ in range(3):
+        args, out, last = Step(), Step(), Step()
+        first = device.submit(lambda a, o=out: o, args, step=True)
+        second = device.submit(launch, last, step=True)  # queued: first is held till then
+        assert first.result(5) is out and second.result(5) is last
+        del args, out, last, first, second
+    assert freed_on == [threading.current_thread().name] * 9
+
+
 def test_rows_ahead_take_position_len_and_a_token_filled_in_later():
     rows = [SequenceRow("b", 1, [5, 6, 7], (1, 1.0, 0.0)),
             SequenceRow("a", 0, [1, 2], (1, 1.0, 0.0))]

@@ -4,6 +4,11 @@ A step's output goes to whoever waits for it (vLLM's output thread) only once th
 queued step has reached the backend, or when nothing else is queued: woken earlier, the
 waiter's output handling would compete for the GIL with the next step's launch, which
 is the host time the device waits for.
+
+This thread lets go of a call's function, arguments and result as soon as the call
+returns, while its submitter still holds them (a step's output is not given yet), so
+it never frees a step: freeing one's tensors and objects took about 40 µs on a 2-core
+VM, between two device calls, when this thread held the last reference.
 """
 
 from __future__ import annotations
@@ -77,6 +82,7 @@ class DeviceThread:
                 self.launching()
                 return
             result, fn, args, step = item
+            item = None
             if not step:
                 self.launching()
             try:
@@ -85,11 +91,14 @@ class DeviceThread:
                 self.launching()
                 result._error = e
                 result._give()
+                result = fn = args = None
                 continue
+            fn = args = None
             if step:
                 self._held = result
             else:
                 result._give()
+            result = None
 
     def shutdown(self) -> None:
         self._jobs.put(None)
