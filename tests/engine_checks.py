@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import re
 import sys
 
 import pytest
@@ -62,6 +63,75 @@ def check_aborts_free_lines(llm, max_num_seqs: int, prefix: str = "abort") -> No
     out = llm.generate([{"prompt_token_ids": [7, 8]}], params)
     assert len(out[0].outputs[0].token_ids) == 40
     assert lines_in_use(llm) == 0
+
+
+def check_stop_tokens(llm, model: str) -> None:
+    """Each request ends at its own stop token, where HF's greedy tokens put it."""
+    from tests.conftest import hf_greedy
+
+    prompts = [[1, 40, 41, 42], [1, 7, 8]]
+    full = hf_greedy(model, prompts, [20, 20])
+    stops = [full[0][5], full[1][2]]  # each request's 6th and 3rd tokens stop it
+    params = [SamplingParams(temperature=0, max_tokens=20, stop_token_ids=[s],
+                             detokenize=False) for s in stops]
+    outs = llm.generate([{"prompt_token_ids": p} for p in prompts], params)
+    got = [list(o.outputs[0].token_ids) for o in outs]
+    assert got == [f[:f.index(s) + 1] for f, s in zip(full, stops, strict=True)]
+    assert lines_in_use(llm) == 0
+
+
+def check_host_rows_beside_device_rows(llm, model: str) -> None:
+    """A row sampled on the host (logprobs) in one batch with rows sampled on the device:
+    every row's greedy tokens equal HF's, and the host row gets its logprobs."""
+    from tests.conftest import hf_greedy
+
+    prompts = [[1, 11, 12], [1, 13], [1, 14, 15, 16]]
+    plain = SamplingParams(temperature=0, max_tokens=12, ignore_eos=True, detokenize=False)
+    host = SamplingParams(temperature=0, max_tokens=12, ignore_eos=True, detokenize=False,
+                          logprobs=2, repetition_penalty=1.0)
+    outs = llm.generate([{"prompt_token_ids": p} for p in prompts], [plain, host, plain])
+    assert [list(o.outputs[0].token_ids) for o in outs] == hf_greedy(model, prompts, [12] * 3)
+    logprobs = outs[1].outputs[0].logprobs
+    assert len(logprobs) == 12 and all(len(step) >= 2 for step in logprobs)
+
+
+def check_n_children(llm) -> None:
+    """``n`` > 1: each child its own KV line, seeded children the same on a second run."""
+    params = SamplingParams(n=3, temperature=1.0, seed=7, max_tokens=10, ignore_eos=True,
+                            detokenize=False)
+    (out,) = llm.generate([{"prompt_token_ids": [1, 2, 3]}], params)
+    assert len(out.outputs) == 3 and all(len(c.token_ids) == 10 for c in out.outputs)
+    again = llm.generate([{"prompt_token_ids": [1, 2, 3]}], params)[0]
+    assert [c.token_ids for c in again.outputs] == [c.token_ids for c in out.outputs]
+    assert lines_in_use(llm) == 0
+
+
+def check_structured_output(llm) -> None:
+    """A regex and a choice grammar beside a row with none, in one batch (``llm`` serves a
+    model with a tokenizer)."""
+    from vllm.sampling_params import StructuredOutputsParams
+
+    params = [SamplingParams(temperature=0, max_tokens=8,
+                             structured_outputs=StructuredOutputsParams(regex=r"[0-9]{3}")),
+              SamplingParams(temperature=0, max_tokens=8,
+                             structured_outputs=StructuredOutputsParams(choice=["yes", "no"])),
+              SamplingParams(temperature=0, max_tokens=8, logprobs=1)]  # no grammar
+    outs = llm.generate(["A number:", "Yes or no?", "Hello"], params)
+    assert re.fullmatch(r"[0-9]{3}", outs[0].outputs[0].text), outs[0].outputs[0].text
+    assert outs[1].outputs[0].text in ("yes", "no")
+    assert len(outs[2].outputs[0].token_ids) == 8
+
+
+def check_stop_strings(llm) -> None:
+    """A stop string ends the text right before it, as the same greedy run without it
+    shows (``llm`` serves a model with a tokenizer)."""
+    params = SamplingParams(temperature=0, max_tokens=24, ignore_eos=True)
+    full = llm.generate(["Once upon a time"], params)[0].outputs[0].text
+    stop = full[len(full) // 2:len(full) // 2 + 3]
+    assert len(stop) == 3 and stop in full, full
+    stopped = llm.generate(["Once upon a time"], SamplingParams(
+        temperature=0, max_tokens=24, ignore_eos=True, stop=[stop]))[0].outputs[0]
+    assert stopped.text == full[:full.index(stop)] and stopped.finish_reason == "stop"
 
 
 def forget_module(package: str, *also: str) -> None:

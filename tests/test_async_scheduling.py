@@ -7,19 +7,21 @@ from __future__ import annotations
 
 import gc
 import random
-import re
 import threading
 import types
 import weakref
 
 import pytest
 from vllm import LLM, EngineArgs, SamplingParams
-from vllm.sampling_params import StructuredOutputsParams
 
-from tests.conftest import hf_greedy
 from tests.engine_checks import (
     check_aborts_free_lines,
     check_greedy_matches_hf,
+    check_host_rows_beside_device_rows,
+    check_n_children,
+    check_stop_strings,
+    check_stop_tokens,
+    check_structured_output,
     in_process_engines,
     lines_in_use,
 )
@@ -92,27 +94,11 @@ def test_aborts_free_every_line(llm):
 
 
 def test_stop_tokens_end_each_request_where_greedy_says(llm, tiny_llama):
-    prompts = [[1, 40, 41, 42], [1, 7, 8]]
-    full = hf_greedy(tiny_llama, prompts, [20, 20])
-    stops = [full[0][5], full[1][2]]  # each request's 6th and 3rd tokens stop it
-    params = [SamplingParams(temperature=0, max_tokens=20, stop_token_ids=[s],
-                             detokenize=False) for s in stops]
-    outs = llm.generate([{"prompt_token_ids": p} for p in prompts], params)
-    got = [list(o.outputs[0].token_ids) for o in outs]
-    assert got == [f[:f.index(s) + 1] for f, s in zip(full, stops, strict=True)]
-    assert lines_in_use(llm) == 0
+    check_stop_tokens(llm, tiny_llama)
 
 
 def test_host_sampled_rows_beside_device_sampled_ones(llm, tiny_llama):
-    prompts = [[1, 11, 12], [1, 13], [1, 14, 15, 16]]
-    plain = SamplingParams(temperature=0, max_tokens=12, ignore_eos=True, detokenize=False)
-    host = SamplingParams(temperature=0, max_tokens=12, ignore_eos=True, detokenize=False,
-                          logprobs=2, repetition_penalty=1.0)
-    outs = llm.generate([{"prompt_token_ids": p} for p in prompts], [plain, host, plain])
-    assert [list(o.outputs[0].token_ids) for o in outs] == hf_greedy(tiny_llama, prompts,
-                                                                      [12] * 3)
-    logprobs = outs[1].outputs[0].logprobs
-    assert len(logprobs) == 12 and all(len(step) >= 2 for step in logprobs)
+    check_host_rows_beside_device_rows(llm, tiny_llama)
 
 
 def test_no_step_is_freed_between_two_device_calls(llm, monkeypatch):
@@ -135,28 +121,14 @@ def test_no_step_is_freed_between_two_device_calls(llm, monkeypatch):
 
 
 def test_n_children_each_get_a_line(llm):
-    params = SamplingParams(n=3, temperature=1.0, seed=7, max_tokens=10, ignore_eos=True,
-                            detokenize=False)
-    (out,) = llm.generate([{"prompt_token_ids": [1, 2, 3]}], params)
-    assert len(out.outputs) == 3 and all(len(c.token_ids) == 10 for c in out.outputs)
-    again = llm.generate([{"prompt_token_ids": [1, 2, 3]}], params)[0]
-    assert [c.token_ids for c in again.outputs] == [c.token_ids for c in out.outputs]
-    assert lines_in_use(llm) == 0
+    check_n_children(llm)
 
 
-def test_structured_output_beside_a_row_without_a_grammar(tiny_chat):
+def test_structured_output_and_stop_strings(tiny_chat):
     llm = LLM(model=tiny_chat, device="neuron", max_num_seqs=2, max_model_len=256,
               dtype="float32", async_scheduling=True)
     try:
-        params = [SamplingParams(temperature=0, max_tokens=8,
-                                 structured_outputs=StructuredOutputsParams(regex=r"[0-9]{3}")),
-                  SamplingParams(temperature=0, max_tokens=8,
-                                 structured_outputs=StructuredOutputsParams(
-                                     choice=["yes", "no"])),
-                  SamplingParams(temperature=0, max_tokens=8, logprobs=1)]  # no grammar
-        outs = llm.generate(["A number:", "Yes or no?", "Hello"], params)
-        assert re.fullmatch(r"[0-9]{3}", outs[0].outputs[0].text), outs[0].outputs[0].text
-        assert outs[1].outputs[0].text in ("yes", "no")
-        assert len(outs[2].outputs[0].token_ids) == 8
+        check_structured_output(llm)
+        check_stop_strings(llm)
     finally:
         llm.llm_engine.engine_core.shutdown()
