@@ -170,7 +170,7 @@ def async_scheduling(settings: NeuronSettings, vllm_config) -> bool:
 
     On by default on a Neuron device (NxDI, transformers-neuronx), where the host's work
     per step is otherwise added to the device's: behind a 5 ms device step the host time
-    exposed per decode step fell from 1.1-1.9 ms to 0.07-0.14 ms at batch 1 to 32
+    exposed per decode step fell from 1.4-1.7 ms to 0.07-0.11 ms at batch 1 to 32
     (benchmarks/host_overhead.py, 2-core Xeon VM). Off by default on the CPU backend, whose
     steps share the cores with the host's work (--async-scheduling turns it on); off
     where the user says --no-async-scheduling. Not with fused speculation (the runner
