@@ -6,7 +6,8 @@ middle of a 128-in / 128-out request); prefill runs 32 prompts of 128 tokens the
 way the scheduler hands them over (as many as free lines allow).
 
     .venv/bin/python benchmarks/cpu_backend.py [--dtype bfloat16] [--steps 20]
-        [--kernel avx512,avx2,torch] [--engine] [--model DIR | --family qwen2|mixtral]
+        [--kernel avx512,avx2,torch] [--phases] [--engine]
+        [--model DIR | --family qwen2|mixtral]
 
 ``--kernel`` measures each kernel variant in turn (VLLM_NEURONX_CPU_KERNEL) in one run;
 by default, the one the backend chooses on this CPU. The header names the CPU model,
@@ -15,6 +16,11 @@ its vector ISA flags and the variant of every figure.
 ``--model`` takes any HF folder the backend serves; ``--family`` makes a random-weight
 model of that family in SmolLM2's shape (Mixtral: 8 experts of a quarter of its MLP,
 2 per token, so about as many weights), to compare families at one size.
+
+``--phases`` times each decode batch again, phase by phase of the native step (norms,
+the q/k/v, o, gate/up and down matmuls, rotary and cache stores, attention, the MLP's
+activation, experts, the LM head), so that a phase can be set against its own floor
+(e.g. a matmul's weight bytes at the machine's read bandwidth).
 
 ``--engine`` then runs the same backend inside vLLM's engine, its core in a child
 process as under the server, and serves one request and then 32 at a time (128 prompt
@@ -131,7 +137,26 @@ def measure(model: str, dtype: str, kernel: str | None, quant: str, args) -> dic
             result["decode_tok_s"][batch] = round(batch / step, 1)
             print(f"decode b={batch} @ctx {CONTEXT}: {step * 1e3:.1f} ms/step, "
                   f"{batch / step:.0f} tok/s", flush=True)
+            if args.phases and backend.native is not None:
+                result.setdefault("phases_ms", {})[batch] = phases = \
+                    time_phases(backend, batch, args.steps, vocab)
+                print(f"  by phase (ms/step, {sum(phases.values()):.1f} in all): " + ", ".join(
+                    f"{name} {ms:.2f}" for name, ms in phases.items() if ms), flush=True)
     return result
+
+
+def time_phases(backend: CpuBackend, batch: int, steps: int, vocab: int) -> dict[str, float]:
+    """Mean milliseconds per decode step in each phase of the native step (decode_step.c:
+    from the barrier ending the phase before to the one ending it), over another ``steps``
+    steps timed that way."""
+    native = backend.native.step
+    native.time_phases(True)
+    try:
+        native.phase_times()  # from zero
+        time_decode(backend, batch, steps, vocab)  # steps + 2, the first two untimed there
+        return {name: round(ms / (steps + 2), 3) for name, ms in native.phase_times().items()}
+    finally:
+        native.time_phases(False)
 
 
 def engine_steps(model: str, dtype: str) -> list[dict]:
@@ -201,6 +226,8 @@ def main() -> None:
     parser.add_argument("--quant", default="none",
                         help=f"comma-separated weight formats to compare: {','.join(QUANT)}")
     parser.add_argument("--kv-fp8", action="store_true", help="an fp8 KV cache")
+    parser.add_argument("--phases", action="store_true",
+                        help="also time each decode batch by phase of the native step")
     parser.add_argument("--engine", action="store_true",
                         help="also time the steps inside vLLM's engine (worker/step_times.py)")
     args = parser.parse_args()

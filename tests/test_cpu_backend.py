@@ -267,6 +267,35 @@ def test_native_decode_step_matches_the_torch_decode(tmp_path, monkeypatch, head
                       greedy(1))
 
 
+def test_a_native_step_is_timed_by_phase_only_while_asked(tmp_path, monkeypatch):
+    """cpu_backend.py --phases: each phase of a dense model's step takes some time, none
+    is counted off, and together they fit in the call."""
+    import time
+
+    from tests.conftest import make_tiny_llama
+
+    model = make_tiny_llama(tmp_path / "model", hidden_size=256, num_attention_heads=4,
+                            num_key_value_heads=2)
+    b = bf16_backend_without_bf16_units(model, tmp_path / "artifacts", monkeypatch, "avx2")
+    step = b.native.step
+    b.forward(*prefill_args([[5, 6, 7]], [0]), greedy(1))
+    step.phase_times()
+    b.native.decode(torch.tensor([8]), torch.tensor([3]), torch.tensor([0]))
+    assert set(step.phase_times().values()) == {0.0}
+    step.time_phases(True)
+    try:
+        start = time.perf_counter()
+        b.native.decode(torch.tensor([9]), torch.tensor([4]), torch.tensor([0]))
+        wall_ms = (time.perf_counter() - start) * 1e3
+        phases = step.phase_times()
+    finally:
+        step.time_phases(False)
+    assert phases["experts"] == 0.0
+    assert all(ms > 0 for name, ms in phases.items() if name != "experts"), phases
+    assert sum(phases.values()) <= wall_ms
+    assert set(step.phase_times().values()) == {0.0}  # read, then zero
+
+
 @pytest.mark.parametrize("kernel", NATIVE)
 def test_native_prefill_matches_the_torch_prefill(tmp_path, monkeypatch, kernel):
     """A small prefill runs as one native step over the prompts' real tokens, a bigger one

@@ -25,6 +25,7 @@
 #include <math.h>
 #include <omp.h>
 #include <string.h>
+#include <time.h>
 
 #include "kernels.h"
 #include "simd.h"
@@ -629,6 +630,38 @@ static void lora_expand_rows(const Lora *table, const LoraGroup *groups, int n_g
     }
 }
 
+/* A step's time by phase, for benchmarks (cpu_backend.py --phases): while on, the team's
+ * first thread adds each phase's wall time from the barrier that ends the phase before
+ * it to the one that ends it (so a thread waiting at a barrier counts in the phase). Off,
+ * each phase costs one predictable branch. LoRA's products count in their matmul's
+ * phase; the final norm (and the gather of the rows that want logits) in PH_NORM. */
+enum { PH_NORM, PH_QKV, PH_ROPE, PH_ATTEND, PH_O, PH_GATE_UP, PH_ACT, PH_DOWN, PH_EXPERTS,
+       PH_HEAD, PHASES };
+static int timing;
+static double phase_ns[PHASES];
+
+void time_phases(int on) { timing = on; }
+int phase_count(void) { return PHASES; }
+
+/* Nanoseconds in each phase since the last call, then zero. */
+void phase_times(double *out) {
+    for (int i = 0; i < PHASES; i++) {
+        out[i] = phase_ns[i];
+        phase_ns[i] = 0.0;
+    }
+}
+
+static inline void phase_end(int phase, double *since) {
+    if (!timing || omp_get_thread_num() != 0)
+        return;
+    struct timespec t;
+    clock_gettime(CLOCK_MONOTONIC, &t);
+    double now = (double)t.tv_sec * 1e9 + (double)t.tv_nsec;
+    if (phase >= 0)
+        phase_ns[phase] += now - *since;
+    *since = now;
+}
+
 /* x [m, hidden]: the embedded tokens in, the last hidden state (before the final norm)
  * out. pos and line: each row's position and KV line. Rows may share a line: every row's
  * K/V is stored before any row attends, so the rows of one prompt at positions 0..n-1 are
@@ -657,6 +690,8 @@ void decode_step(const Model *md, float *x, int m, const long *pos, const long *
     int lora = row_slot != NULL && md->lora_slots > 0;
 #pragma omp parallel
     {
+        double since = 0.0;  /* the last phase's end (timing) */
+        phase_end(-1, &since);
         if (lora) {
 #pragma omp single
             n_groups = lora_groups(md, row_slot, m, groups);
@@ -672,26 +707,36 @@ void decode_step(const Model *md, float *x, int m, const long *pos, const long *
                            hidden * sizeof(float));
             }
             rms_norm_rows(x, ly->ln1, h, m, hidden, md->eps);
+            phase_end(PH_NORM, &since);
             lora_shrink_rows(ly->lora_qkv, groups, n_groups, h, hidden, t, rt);
             matmul_team(h, ly->qkv, qkv, m, 0);
             lora_expand_rows(ly->lora_qkv, groups, n_groups, t, rt, qkv, ly->qkv->n);
+            phase_end(PH_QKV, &since);
             rotate_and_store(md, ly, qkv, m, pos, line, block_table, table_width);
+            phase_end(PH_ROPE, &since);
             attend(md, ly, qkv, att, m, pos, line, block_table, table_width);
+            phase_end(PH_ATTEND, &since);
             lora_shrink_rows(ly->lora_o, groups, n_groups, att, q_size, t, rt);
             matmul_team(att, ly->o, x, m, 1);
             lora_expand_rows(ly->lora_o, groups, n_groups, t, rt, x, hidden);
+            phase_end(PH_O, &since);
             rms_norm_rows(x, ly->ln2, h, m, hidden, md->eps);
+            phase_end(PH_NORM, &since);
             if (ly->router != NULL) {  /* experts take no LoRA (llama.py) */
                 experts(md, ly, h, x, m, moe, gu, act, picked);
+                phase_end(PH_EXPERTS, &since);
                 continue;
             }
             lora_shrink_rows(ly->lora_gate_up, groups, n_groups, h, hidden, t, rt);
             matmul_team(h, ly->gate_up, gu, m, 0);
             lora_expand_rows(ly->lora_gate_up, groups, n_groups, t, rt, gu, 2 * inter);
+            phase_end(PH_GATE_UP, &since);
             silu_times_up(gu, act, m, inter);
+            phase_end(PH_ACT, &since);
             lora_shrink_rows(ly->lora_down, groups, n_groups, act, inter, t, rt);
             matmul_team(act, ly->down, x, m, 1);
             lora_expand_rows(ly->lora_down, groups, n_groups, t, rt, x, hidden);
+            phase_end(PH_DOWN, &since);
         }
         if (out_rows != NULL) {  /* gather the rows that need logits */
 #pragma omp for schedule(static)
@@ -701,6 +746,8 @@ void decode_step(const Model *md, float *x, int m, const long *pos, const long *
         }
         const float *last = out_rows != NULL ? picked : x;
         rms_norm_rows(last, md->norm, h, n_out, hidden, md->eps);
+        phase_end(PH_NORM, &since);
         matmul_team(h, md->lm_head, logits, n_out, 0);
+        phase_end(PH_HEAD, &since);
     }
 }

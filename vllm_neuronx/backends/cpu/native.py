@@ -115,6 +115,23 @@ class DecodeStep:
         self._lora_held: list[LoraWeights | None] = []
         self._scratch = self._new_scratch()
 
+    # decode_step.c's phases, in its order (its PH_ enum).
+    PHASES = ("norm", "qkv", "rope", "attend", "o", "gate_up", "act", "down", "experts",
+              "lm_head")
+
+    def time_phases(self, on: bool) -> None:
+        """Time every later step by phase (decode_step.c), or stop; for benchmarks. The
+        times are the library's, shared by every step it runs."""
+        if self._lib.phase_count() != len(self.PHASES):
+            raise RuntimeError("decode_step.c's phases differ from DecodeStep.PHASES")
+        self._lib.time_phases(int(on))
+
+    def phase_times(self) -> dict[str, float]:
+        """Milliseconds in each phase since the last call (while timed), then zero."""
+        out = (ctypes.c_double * len(self.PHASES))()
+        self._lib.phase_times(out)
+        return {name: out[i] / 1e6 for i, name in enumerate(self.PHASES)}
+
     def _new_scratch(self) -> torch.Tensor:
         floats = self._lib.decode_scratch_floats(ctypes.byref(self._model), self.max_rows)
         return torch.empty(floats, dtype=torch.float32)
