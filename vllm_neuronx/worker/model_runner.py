@@ -47,8 +47,9 @@ import ctypes
 import sys
 import threading
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
+import numpy as np
 import torch
 from vllm.v1.outputs import (
     EMPTY_MODEL_RUNNER_OUTPUT,
@@ -360,7 +361,7 @@ class NeuronModelRunner:
             self._timed(queued)
             return self._finish(queued, out)
         with self._lock:
-            queued = self._queue(step, grammar_output)
+            queued = self._queue(step, _own(grammar_output))
         queued.done = threading.Event()
         queued.follow = follow
         queued.device = self._device.submit(self._device_step, queued, step=True)
@@ -526,6 +527,20 @@ class NeuronModelRunner:
         if self._device is not None:
             self._closing = True
             self._device.shutdown()
+
+
+def _own(grammar_output):
+    """The step's own copy of its grammar bitmasks. vLLM's structured-output manager fills
+    one buffer at every schedule and hands out a view of it; with the worker in the
+    scheduler's process, a step whose output is handled after the next step is scheduled
+    (asynchronous scheduling) would otherwise mask its rows with the next step's grammars
+    (seen: a ``[0-9]{3}`` row sampling the ``no`` a choice grammar allowed)."""
+    if grammar_output is None:
+        return None
+    return replace(grammar_output,
+                   structured_output_request_ids=list(
+                       grammar_output.structured_output_request_ids),
+                   grammar_bitmask=np.array(grammar_output.grammar_bitmask, copy=True))
 
 
 @dataclass(slots=True, eq=False)
