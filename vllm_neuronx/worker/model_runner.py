@@ -409,9 +409,11 @@ class NeuronModelRunner:
 
     def _device_step(self, queued: _Queued):
         """On the device thread: the tokens of the step before, then this step's call.
-        This thread never lets go of an earlier step's last reference: freeing a step's
-        tensors and objects (about 40 µs on a 2-core VM) would come between two device
-        calls. The step before is let go here while vLLM's threads still hold it."""
+        The step before is let go here, where its device tokens are copied while vLLM's
+        threads still hold it: this thread holding its last reference would free its
+        tensors (about 40 µs on a 2-core VM) between two device calls. A step that waited
+        for the one before to be handled (``_Follow.wait``) may free it here, after a
+        wait its rows need anyway."""
         follow = queued.follow
         if follow is not None:
             if not follow.copied():
