@@ -5,7 +5,8 @@ max_num_seqs (the queue grows: no bound is set), with about a third of the
 clients hanging up at random points, some before their first token. Every
 request left alone ends with the greedy text its prompt gets alone, from the
 same server; afterwards nothing runs or waits, every KV line is free, and the
-next request is served. A random-weight Llama with SmolLM2's tokenizer keeps it
+next request is served; with synchronous scheduling (the CPU default) and with vLLM's
+asynchronous scheduling. A random-weight Llama with SmolLM2's tokenizer keeps it
 fast; the burst takes well under a minute on two cores.
 """
 
@@ -89,8 +90,11 @@ def metric(server, name: str) -> float:
                if line.startswith(name + "{") or line.startswith(name + " "))
 
 
-def test_burst_with_cancellations_serves_the_rest_exactly_and_frees_everything(servers):
-    server = servers()
+@pytest.mark.parametrize("scheduling", ["sync", "async"])
+def test_burst_with_cancellations_serves_the_rest_exactly_and_frees_everything(servers,
+                                                                              scheduling):
+    # async: vLLM's asynchronous scheduling (issue 23), step N+1 staged while N runs
+    server = servers() if scheduling == "sync" else servers("--async-scheduling")
     prompts = [f"Request {i}: write about the number {i * 7 + 3}." for i in range(DISTINCT_PROMPTS)]
     alone = [stream(server, p, None) for p in prompts]
     assert all(alone) and len(set(alone)) > 1

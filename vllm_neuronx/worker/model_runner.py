@@ -408,17 +408,10 @@ class NeuronModelRunner:
         self.step_times.record(phase, len(step.req_ids), *queued.ran)
 
     def _device_step(self, queued: _Queued):
-        """On the device thread: the tokens of the step before, then this step's call.
-        The step before is let go here, where its device tokens are copied while vLLM's
-        threads still hold it: this thread holding its last reference would free its
-        tensors (about 40 µs on a 2-core VM) between two device calls. A step that waited
-        for the one before to be handled (``_Follow.wait``) may free it here, after a
-        wait its rows need anyway."""
+        """On the device thread: the tokens of the step before, then this step's call."""
         follow = queued.follow
-        if follow is not None:
-            if not follow.copied():
-                follow.wait(self._device.launching, lambda: self._closing)
-            follow.before = None
+        if follow is not None and not follow.copied():
+            follow.wait(self._device.launching, lambda: self._closing)
         self._device.launching()
         return self._forward(queued)
 
@@ -435,6 +428,10 @@ class NeuronModelRunner:
             return output
         finally:
             queued.handled = True
+            # The follow-up and, through it, the step before: let go here, on vLLM's
+            # output thread. Freed on the device thread, a step's tensors and objects
+            # (about 40 µs on a 2-core VM) would come between two device calls.
+            queued.follow = None
             queued.done.set()
 
     def _finish(self, queued: _Queued, out) -> ModelRunnerOutput:
@@ -558,8 +555,8 @@ class _Queued:
     device: Result | None = None  # the backend's output (asynchronous scheduling)
     out: ForwardOutput | None = None  # the same, as the device thread has it
     ran: tuple[float, float] = (0.0, 0.0)  # the backend call's start and end
-    # Its rows whose input token the step before computes (asynchronous scheduling);
-    # held here, not on the device thread, so that they are freed with the step.
+    # Its rows whose input token the step before computes (asynchronous scheduling):
+    # held here, not by the device thread, and let go once this step is handled.
     follow: _Follow | None = None
     handled: bool = False  # its tokens are in the requests' (under the runner's lock)
     # Set once its output is handled (asynchronous scheduling: a step waiting on it).
@@ -575,7 +572,7 @@ class _Queued:
 class _Follow:
     """The rows of a step whose input token the step before is still computing."""
 
-    before: _Queued | None  # None once its tokens are in (``NeuronModelRunner._device_step``)
+    before: _Queued
     input_ids: torch.Tensor  # this step's
     dst: torch.Tensor  # their rows in this step
     src: torch.Tensor  # their rows in the step before
