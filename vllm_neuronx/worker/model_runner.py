@@ -429,8 +429,7 @@ class NeuronModelRunner:
         finally:
             queued.handled = True
             # The follow-up and, through it, the step before: let go here, on vLLM's
-            # output thread. Freed on the device thread, a step's tensors and objects
-            # (about 40 µs on a 2-core VM) would come between two device calls.
+            # output thread, never on the device thread (device_thread.py says why).
             queued.follow = None
             queued.done.set()
 

@@ -300,11 +300,13 @@ attend_heads(const float *q, int n, const void *keys, const void *values, float 
              * then read fp32 from L1: the same values, so the same sums (SmolLM2's
              * logits bit-identical), and a third of the widening. AMX Xeon, b=32:
              * attention 16.8 -> 15.8 ms a step (its phase timed alone, 6 rounds). */
+            int width = kv_width(KV_BF16);
             for (int j = 0; j < len; j++) {
                 long at = blocked ? offsets[j] : (c0 + j) * d;
                 if (blocked && j + KV_AHEAD < len) {
-                    prefetch_head((const char *)keys + offsets[j + KV_AHEAD] * 2, 2 * d);
-                    prefetch_head((const char *)values + offsets[j + KV_AHEAD] * 2, 2 * d);
+                    long ahead = offsets[j + KV_AHEAD] * width;
+                    prefetch_head((const char *)keys + ahead, width * d);
+                    prefetch_head((const char *)values + ahead, width * d);
                 }
                 for (int i = 0; i < d; i += VW) {
                     vstore_n(wide_k + j * d + i, kv_load(keys, at + i, d - i, KV_BF16), d - i);
