@@ -260,6 +260,78 @@ attend_chunk(const float *q, const void *keys, const void *values, float *acc_me
 /* At most this many query heads of one KV head go over its positions together. */
 #define MAX_GROUP 8
 
+/* Query heads sharing a KV head that go over a bf16 line in registers (below). */
+#define REGISTER_GROUP 4
+
+/* ``n`` query heads (a constant, at most REGISTER_GROUP) of one KV head over positions
+ * [first, last] of a bf16 cache in lines, ``d`` (a constant, 64 or 128) apart: each key and
+ * value is widened once, into registers, for all n heads, instead of into a buffer the
+ * heads read back from L1 (a chunk's widening stored 16 KB and the heads reloaded it n
+ * times). Each head's arithmetic is attend_chunk's, in the same order, so the same sums. */
+static inline __attribute__((always_inline)) void
+attend_group_bf16(const float *q, const int n, const uint16_t *keys, const uint16_t *values,
+                  float *out, long first, long last, float scale, const int d) {
+    enum { MOST = 128 / VW };
+    const int nv = d / VW;
+    vec acc[REGISTER_GROUP][MOST];
+    float s[REGISTER_GROUP][CHUNK], top[REGISTER_GROUP], total[REGISTER_GROUP];
+    for (int g = 0; g < n; g++) {
+        for (int v = 0; v < nv; v++)
+            acc[g][v] = vzero();
+        top[g] = -INFINITY;
+        total[g] = 0.0f;
+    }
+    for (long c0 = first; c0 <= last; c0 += CHUNK) {
+        int len = last - c0 + 1 < CHUNK ? (int)(last - c0 + 1) : CHUNK;
+        float chunk_top[REGISTER_GROUP];
+        for (int g = 0; g < n; g++)
+            chunk_top[g] = -INFINITY;
+        for (int j = 0; j < len; j++) {
+            const uint16_t *row = keys + (c0 + j) * d;
+            vec k[MOST];
+            for (int v = 0; v < nv; v++)
+                k[v] = vwiden(row + VW * v);
+            for (int g = 0; g < n; g++) {
+                vec dot = vzero();
+                for (int v = 0; v < nv; v++)
+                    dot = vfma(vload_n(q + (long)g * d + VW * v, VW), k[v], dot);
+                float score = vsum(dot) * scale;
+                s[g][j] = score;
+                chunk_top[g] = score > chunk_top[g] ? score : chunk_top[g];
+            }
+        }
+        for (int g = 0; g < n; g++) {
+            if (chunk_top[g] > top[g]) {
+                float shrink = expf(top[g] - chunk_top[g]); /* 0 on the first chunk */
+                for (int v = 0; v < nv; v++)
+                    acc[g][v] = vmul(acc[g][v], vset1(shrink));
+                total[g] *= shrink;
+                top[g] = chunk_top[g];
+            }
+            for (int j = 0; j < len; j += VW) /* s becomes e^(s - top) */
+                vstore_n(s[g] + j, vexp(vsub(vload_n(s[g] + j, len - j), vset1(top[g]))),
+                         len - j);
+        }
+        for (int j = 0; j < len; j++) {
+            const uint16_t *row = values + (c0 + j) * d;
+            vec val[MOST];
+            for (int v = 0; v < nv; v++)
+                val[v] = vwiden(row + VW * v);
+            for (int g = 0; g < n; g++) {
+                total[g] += s[g][j];
+                vec p = vset1(s[g][j]);
+                for (int v = 0; v < nv; v++)
+                    acc[g][v] = vfma(p, val[v], acc[g][v]);
+            }
+        }
+    }
+    for (int g = 0; g < n; g++) {
+        vec inv = vset1(1.0f / total[g]);
+        for (int v = 0; v < nv; v++)
+            vstore_n(out + (long)g * d + VW * v, vmul(acc[g][v], inv), VW);
+    }
+}
+
 /* ``n`` query heads of one KV head (``q`` and ``out`` d apart) over positions [first,
  * last]: softmax(q . K^T * scale) . V each. Query heads of a KV head read the same keys and
  * values, so each chunk of positions is read from memory once, for all of them, and stays
@@ -271,6 +343,15 @@ static inline __attribute__((always_inline)) void
 attend_heads(const float *q, int n, const void *keys, const void *values, float *out,
              long first, long last, float scale, const int d, const int kvf,
              const long *table, int block_size, long stride, const int blocked) {
+    if (kvf == KV_BF16 && !blocked && (d == 64 || d == 128)) {
+        const uint16_t *k = keys, *v = values;
+        switch (n) {
+        case 2: attend_group_bf16(q, 2, k, v, out, first, last, scale, d); return;
+        case 3: attend_group_bf16(q, 3, k, v, out, first, last, scale, d); return;
+        case 4: attend_group_bf16(q, 4, k, v, out, first, last, scale, d); return;
+        default: break;
+        }
+    }
     float acc[MAX_GROUP * 256] __attribute__((aligned(64)));
     float wide_k[CHUNK * WIDE_HEAD] __attribute__((aligned(64)));
     float wide_v[CHUNK * WIDE_HEAD] __attribute__((aligned(64)));
