@@ -354,6 +354,7 @@ attend_heads(const float *q, int n, const void *keys, const void *values, float 
     if (kvf == KV_BF16 && !blocked && (d == 64 || d == 128)) {
         const uint16_t *k = keys, *v = values;
         switch (n) {
+        case 1: attend_group_bf16(q, 1, k, v, out, first, last, scale, d); return;
         case 2: attend_group_bf16(q, 2, k, v, out, first, last, scale, d); return;
         case 3: attend_group_bf16(q, 3, k, v, out, first, last, scale, d); return;
         case 4: attend_group_bf16(q, 4, k, v, out, first, last, scale, d); return;
