@@ -93,8 +93,15 @@ void matmul_team(const float *restrict x, const Weight *w, float *restrict y, in
 
 /* e4m3fn of x: round to nearest even, saturated at +-448 (torch's cast of x clamped). */
 uint8_t fp8_from_float(float x);
-/* x rounded to bf16 (to nearest even; NaN to a quiet NaN), as torch rounds it. */
-uint16_t bf16_from_float(float x);
+/* x rounded to bf16 (to nearest even; NaN to a quiet NaN), as torch rounds it. Inline, so
+ * that a loop of them vectorizes (the KV write: a call per value took a b=32 step's
+ * rotary-and-store phase to 1.45 ms). */
+static inline uint16_t bf16_from_float(float x) {
+    uint32_t bits;
+    __builtin_memcpy(&bits, &x, sizeof bits);
+    uint16_t rounded = (uint16_t)((bits + 0x7FFF + ((bits >> 16) & 1)) >> 16);
+    return x != x ? 0x7FC0 : rounded;
+}
 
 /* The fields of "Weight", "Lora", "Layer" or "Model", ending with a NULL name; *size gets the
  * struct's. */

@@ -509,13 +509,6 @@ uint8_t fp8_from_float(float x) {
     return sign | (uint8_t)(r - ((127 - 7) << 3));
 }
 
-uint16_t bf16_from_float(float x) {
-    uint32_t bits;
-    memcpy(&bits, &x, sizeof bits);
-    if (isnan(x))
-        return 0x7FC0;
-    return (uint16_t)((bits + 0x7FFF + ((bits >> 16) & 1)) >> 16);
-}
 
 void fp8_from_floats(const float *x, uint8_t *out, long n) {
     for (long i = 0; i < n; i++)
