@@ -3,7 +3,7 @@
 SmolLM2's matmuls of one layer (qkv 960x576, o 576x576, gate_up 3072x576, down 576x1536),
 four layers' worth of distinct weights, at 1 to 512 rows (a decode batch, or a prefill's
 tokens), through each kernel variant this CPU runs (``backends/cpu/kernels.py``;
-``amx`` twice: tiles from 16 rows as it runs, and its fp32 FMAs at every row count) and
+``amx`` twice: tiles from its ``amx_rows`` as it runs, and its fp32 FMAs at every row count) and
 through torch (oneDNN's bf16 and MKL's fp32 over weights it holds unpacked). The candidates
 alternate within each round (best of ``--rounds``), so the machine's drift hits them alike.
 This is the measurement behind ``CPU_CLASSES``, the variant each CPU class runs.

@@ -67,7 +67,7 @@ def close_to(kernel: str, rtol: float, atol: float, kv_fp8: bool = False,
              kv_bf16: bool = False) -> dict[str, float]:
     """assert_close's tolerances for values from ``kernel`` (a variant's name, or what
     ``CpuBackend.kernel`` says) where fp32 sums would be held to ``rtol`` and ``atol``:
-    the amx kernel multiplies each input of 16 rows or more as two bf16 halves (about
+    the amx kernel multiplies each input of 10 rows or more as two bf16 halves (about
     2^-17 of it lost, not fp32's 2^-24: matmul.c), ten times looser; over an fp8 KV cache
     (``kv_fp8``), where such a difference can flip a value's e4m3 rounding (a step of 1/16
     of it), a hundred. Over a bf16 KV cache (``kv_bf16``), where sums in another order can
