@@ -98,7 +98,8 @@ CPU_CLASSES = (
     CpuClass("AMX (Xeon Sapphire Rapids and later)", ("amx_bf16", "amx_tile", "avx512_bf16"),
              "amx", "SmolLM2's matmuls (cpu_matmul.py): AMX tiles 278 GFLOP/s at 16 rows and "
              "658 at 128 against 181 and 210 for avx512's fp32 FMAs and 150 and 611 for "
-             "oneDNN's bf16; under 16 rows all bound by the weights' bytes. Served 3.1x / "
+             "oneDNN's bf16; under 10 rows (where tiles start) all bound by the weights' "
+             "bytes. Served 3.1x / "
              "1.4x the torch path at c1 / c32"),
     CpuClass("AVX512-BF16 without AMX (AMD Zen 4, Intel Cooper Lake)", ("avx512_bf16",),
              TORCH, "Zen 4 (issue 15): served 24.7 / 278.5 tok/s at c1 / c32 on the torch "
