@@ -254,7 +254,9 @@ attend_chunk(const float *q, const void *keys, const void *values, float *acc_me
     *total_mem = total;
 }
 
-/* Heads up to this size widen a bf16 chunk once for a group (2 x 32 KB on the stack). */
+/* Heads up to this size widen a bf16 chunk once for a group (2 x 32 KB on the stack)
+ * where the group cannot go over it in registers (attend_group_bf16: the block layout,
+ * groups of more than REGISTER_GROUP heads). */
 #define WIDE_HEAD 128
 
 /* At most this many query heads of one KV head go over its positions together. */
@@ -351,7 +353,7 @@ static inline __attribute__((always_inline)) void
 attend_heads(const float *q, int n, const void *keys, const void *values, float *out,
              long first, long last, float scale, const int d, const int kvf,
              const long *table, int block_size, long stride, const int blocked) {
-    if (kvf == KV_BF16 && !blocked && (d == 64 || d == 128)) {
+    if (kvf == KV_BF16 && !blocked && (d == 64 || d == 128)) { /* in registers, if n fits */
         const uint16_t *k = keys, *v = values;
         switch (n) {
         case 1: attend_group_bf16(q, 1, k, v, out, first, last, scale, d); return;
@@ -446,8 +448,8 @@ attend_rows(const Model *md, const Layer *ly, const float *qkv, float *out, int 
     int bs = md->block_size;
     long stride = (long)md->kv_heads * d;  /* blocked: from a position to the next */
     /* Heads per item: a whole group where that leaves every thread an item (each KV head
-     * is then read once; b=1 on 2 threads, 3 KV heads: attention 0.65x against a head an
-     * item), else one head an item. */
+     * is then read once; b=1 on 2 threads, 3 KV heads: attention 0.61-0.65x against a
+     * head an item), else one head an item. */
     int per = m * md->kv_heads >= omp_get_num_threads()
         ? (group < MAX_GROUP ? group : MAX_GROUP) : 1;
     int pieces = (group + per - 1) / per;  /* items per (row, KV head) */

@@ -99,8 +99,7 @@ CPU_CLASSES = (
              "amx", "SmolLM2's matmuls (cpu_matmul.py): AMX tiles 278 GFLOP/s at 16 rows and "
              "658 at 128 against 181 and 210 for avx512's fp32 FMAs and 150 and 611 for "
              "oneDNN's bf16; under 10 rows (where tiles start) all bound by the weights' "
-             "bytes. Served 3.1x / "
-             "1.4x the torch path at c1 / c32"),
+             "bytes. Served 3.1x / 1.4x the torch path at c1 / c32"),
     CpuClass("AVX512-BF16 without AMX (AMD Zen 4, Intel Cooper Lake)", ("avx512_bf16",),
              TORCH, "Zen 4 (issue 15): served 24.7 / 278.5 tok/s at c1 / c32 on the torch "
              "path (oneDNN bf16) against 16.6 / 132.0 with avx512 forced, although that step "

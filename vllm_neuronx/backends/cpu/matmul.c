@@ -509,7 +509,6 @@ uint8_t fp8_from_float(float x) {
     return sign | (uint8_t)(r - ((127 - 7) << 3));
 }
 
-
 void fp8_from_floats(const float *x, uint8_t *out, long n) {
     for (long i = 0; i < n; i++)
         out[i] = fp8_from_float(x[i]);
