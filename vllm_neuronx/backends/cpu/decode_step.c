@@ -206,6 +206,23 @@ static inline __attribute__((always_inline)) void prefetch_head(const char *p, i
         _mm_prefetch(p + b, _MM_HINT_T0);
 }
 
+/* A chunk's scores ``s`` (``len``, their maximum ``chunk_top``) onto a head's running
+ * softmax: its sums ``acc`` (``vectors`` of them), ``top`` and ``total`` rescaled where the
+ * chunk raises the maximum, then ``s`` becomes e^(s - top). */
+static inline __attribute__((always_inline)) void
+softmax_chunk(float *s, int len, float chunk_top, float *top, float *total, vec *acc,
+              int vectors) {
+    if (chunk_top > *top) {
+        float shrink = expf(*top - chunk_top);  /* 0 on the first chunk */
+        for (int v = 0; v < vectors; v++)
+            acc[v] = vmul(acc[v], vset1(shrink));
+        *total *= shrink;
+        *top = chunk_top;
+    }
+    for (int j = 0; j < len; j += VW)
+        vstore_n(s + j, vexp(vsub(vload_n(s + j, len - j), vset1(*top))), len - j);
+}
+
 /* One query head over one chunk of positions (``len`` from ``c0``) of its KV head, on
  * its running softmax: ``acc`` (d floats), ``top`` and ``total`` in memory between chunks,
  * in registers within one. Inlined with a constant ``d`` (64, 128) and cache format
@@ -229,15 +246,7 @@ attend_chunk(const float *q, const void *keys, const void *values, float *acc_me
         s[j] = dot_key(q, keys, blocked ? offsets[j] : (c0 + j) * d, d, kvf) * scale;
         chunk_top = s[j] > chunk_top ? s[j] : chunk_top;
     }
-    if (chunk_top > top) {
-        float shrink = expf(top - chunk_top);  /* 0 on the first chunk */
-        for (int v = 0; v < vectors; v++)
-            acc[v] = vmul(acc[v], vset1(shrink));
-        total *= shrink;
-        top = chunk_top;
-    }
-    for (int j = 0; j < len; j += VW)  /* s becomes e^(s - top) */
-        vstore_n(s + j, vexp(vsub(vload_n(s + j, len - j), vset1(top))), len - j);
+    softmax_chunk(s, len, chunk_top, &top, &total, acc, vectors);
     for (int j = 0; j < len; j++) {
         float p = s[j];
         total += p;
@@ -307,18 +316,8 @@ attend_group_bf16(const float *q, const int n, const uint16_t *keys, const uint1
                 chunk_top[g] = score > chunk_top[g] ? score : chunk_top[g];
             }
         }
-        for (int g = 0; g < n; g++) {
-            if (chunk_top[g] > top[g]) {
-                float shrink = expf(top[g] - chunk_top[g]); /* 0 on the first chunk */
-                for (int v = 0; v < nv; v++)
-                    acc[g][v] = vmul(acc[g][v], vset1(shrink));
-                total[g] *= shrink;
-                top[g] = chunk_top[g];
-            }
-            for (int j = 0; j < len; j += VW) /* s becomes e^(s - top) */
-                vstore_n(s[g] + j, vexp(vsub(vload_n(s[g] + j, len - j), vset1(top[g]))),
-                         len - j);
-        }
+        for (int g = 0; g < n; g++)
+            softmax_chunk(s[g], len, chunk_top[g], top + g, total + g, acc[g], nv);
         for (int j = 0; j < len; j++) {
             const uint16_t *row = values + (c0 + j) * d;
             if (c0 + CHUNK + j <= last)
