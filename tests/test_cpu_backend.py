@@ -354,6 +354,42 @@ def test_native_prefill_matches_the_torch_prefill(tmp_path, monkeypatch, kernel)
     assert b.native.prefill(ids[:1].repeat(1, 2), torch.tensor([40]), lines[:1]) is None
 
 
+@pytest.mark.parametrize("kernel", NATIVE)
+@pytest.mark.parametrize("heads,kv_heads,head_dim,window", [
+    (4, 2, 64, None), (6, 2, 64, None), (4, 4, 32, None), (16, 1, 16, None), (6, 2, 64, 7)])
+def test_prompt_rows_attend_as_the_torch_prefill(tmp_path, monkeypatch, kernel, heads,
+                                                 kv_heads, head_dim, window):
+    """Prompts of 16+ tokens attend a block of rows at a time, one (row, query head) to a
+    lane (decode_step.c attend_prompts, AVX-512 builds): blocks that a prompt ends inside,
+    1 to 5 rows a block, a sliding window shorter than the prompt. The same last-token
+    logits and KV lines as llama.py's torch prefill (itself against HF above)."""
+    from tests.conftest import make_tiny_llama
+
+    extra = {"mistral": True, "sliding_window": window} if window else {}
+    model = make_tiny_llama(tmp_path / "model", hidden_size=heads * head_dim,
+                            num_attention_heads=heads, num_key_value_heads=kv_heads, **extra)
+    b = bf16_backend_without_bf16_units(model, tmp_path / "artifacts", monkeypatch, kernel)
+    m = b.model
+    prompts = [list(range(5, 45)), [10, 11], list(range(100, 117)), [7, 8, 9] * 8]
+    width = max(len(p) for p in prompts)
+    lengths = torch.tensor([len(p) for p in prompts])
+    ids = torch.zeros((len(prompts), width), dtype=torch.long)
+    for row, p in enumerate(prompts):
+        ids[row, :len(p)] = torch.tensor(p)
+    lines = torch.tensor([0, 2, 3, 5])
+    b.native.prefill_rows = b.native.step.max_rows + 1  # one native step, every variant
+    native = b.native.prefill(ids, lengths, lines)
+    native_cache = m.k_cache.clone(), m.v_cache.clone()
+    m.k_cache.zero_()
+    m.v_cache.zero_()
+    reference, _ = m.context_encode(ids, lengths, lines)
+    torch.testing.assert_close(native, reference,
+                               **close_to(kernel, 1e-4, 1e-4, kv_bf16=bf16_kv(m)))
+    for line, n in zip(lines.tolist(), lengths.tolist(), strict=True):  # the real positions
+        for cache, ref in zip(native_cache, (m.k_cache, m.v_cache), strict=True):
+            torch.testing.assert_close(cache[:, line, :, :n], ref[:, line, :, :n],
+                                       **cache_close(kernel, 1e-5, 1e-5, ref))
+
 @pytest.mark.parametrize("kernel", EVERY_PATH)
 def test_sliding_window_matches_hf(tmp_path, monkeypatch, kernel):
     """A Mistral whose sliding window (6) is shorter than its prompts and generations:

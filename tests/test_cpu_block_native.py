@@ -153,7 +153,10 @@ def test_native_block_layout_matches_kv_lines_and_torch(backend_of, name, block_
     def step(tokens, starts):
         got = native_rows(native, tokens, starts, range(3), table)
         over_lines = native_rows(b.native, tokens, starts, LINES)
-        torch.testing.assert_close(got, over_lines, **close_to(b.kernel, 1e-5, 1e-5))
+        # prompts' rows split into steps differently (max_rows) attend by other paths
+        # (decode_step.c: a step holding 16 rows of one prompt attends them together)
+        torch.testing.assert_close(got, over_lines,
+                                   **close_to(b.kernel, 1e-5, 1e-5, kv_bf16=bf16_kv(ref)))
         assert torch.equal(got.argmax(-1), over_lines.argmax(-1))  # greedy: the same tokens
         calls.append((tokens, starts, got))
         return got

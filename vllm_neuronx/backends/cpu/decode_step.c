@@ -436,6 +436,212 @@ attend_heads_sized(const float *q, int n, const void *keys, const void *values, 
     }
 }
 
+#if VW == 16
+/* A prompt's rows attend together (AVX-512): rows r0.. (``rows`` of them) of one KV line
+ * at consecutive positions, and the ``group`` query heads from h0 of one KV head, one
+ * query to a lane (row-major: lane = row * group + head; RUN_LANES of them at most).
+ * Each key is widened once for all of them, and its scores come out as one vector (the
+ * queries transposed: q . k is d FMAs with k's values broadcast, no sum across lanes),
+ * the sums of values likewise transposed (``ot``: d vectors of the lanes' sums). A
+ * per-row pass over a prompt (attend_group_bf16) sums each score across lanes and widens
+ * each key once per row. Chunks of RUN_LANES keys; keys outside a lane's window (its row's
+ * causal end, its sliding window's start) weigh 0. A bf16 or fp32 cache, heads up to
+ * WIDE_HEAD, d a multiple of 8. */
+#define RUN_LANES 16
+
+/* r[i][j] <- r[j][i]: a 16 x 16 block of floats transposed in registers. */
+static inline __attribute__((always_inline)) void transpose16(__m512 r[16]) {
+    __m512 t[16];
+    for (int i = 0; i < 16; i += 2) {
+        t[i] = _mm512_unpacklo_ps(r[i], r[i + 1]);
+        t[i + 1] = _mm512_unpackhi_ps(r[i], r[i + 1]);
+    }
+    for (int i = 0; i < 16; i += 4) {
+        r[i] = _mm512_shuffle_ps(t[i], t[i + 2], 0x44);
+        r[i + 1] = _mm512_shuffle_ps(t[i], t[i + 2], 0xEE);
+        r[i + 2] = _mm512_shuffle_ps(t[i + 1], t[i + 3], 0x44);
+        r[i + 3] = _mm512_shuffle_ps(t[i + 1], t[i + 3], 0xEE);
+    }
+    for (int i = 0; i < 4; i++) {
+        t[i] = _mm512_shuffle_f32x4(r[i], r[i + 4], 0x88);
+        t[i + 4] = _mm512_shuffle_f32x4(r[i], r[i + 4], 0xDD);
+        t[i + 8] = _mm512_shuffle_f32x4(r[i + 8], r[i + 12], 0x88);
+        t[i + 12] = _mm512_shuffle_f32x4(r[i + 8], r[i + 12], 0xDD);
+    }
+    for (int i = 0; i < 8; i++) {
+        r[i] = _mm512_shuffle_f32x4(t[i], t[i + 8], 0x88);
+        r[i + 8] = _mm512_shuffle_f32x4(t[i], t[i + 8], 0xDD);
+    }
+}
+
+static inline __attribute__((always_inline)) void
+attend_run(const float *qkv, int w, const long *pos, int r0, int rows, int h0, int group,
+           const void *keys, const void *values, float *out, int heads, float scale,
+           long window, const int d, const int kvf, const long *table, int block_size,
+           long stride, const int blocked) {
+    float qt[WIDE_HEAD * RUN_LANES] __attribute__((aligned(64)));
+    float ot[WIDE_HEAD * RUN_LANES] __attribute__((aligned(64)));
+    float kw[RUN_LANES * WIDE_HEAD] __attribute__((aligned(64)));
+    float vw[RUN_LANES * WIDE_HEAD] __attribute__((aligned(64)));
+    float last_of[RUN_LANES] __attribute__((aligned(64)));
+    float first_of[RUN_LANES] __attribute__((aligned(64)));
+    int used = rows * group;
+    long lo = pos[r0], hi = pos[r0 + rows - 1];
+    for (int l = 0; l < RUN_LANES; l++) {
+        if (l >= used) {  /* an empty lane: no key is in its window */
+            last_of[l] = -1.0f;
+            first_of[l] = 0.0f;
+            continue;
+        }
+        int r = r0 + l / group;
+        long first = window > 0 && pos[r] - window + 1 > 0 ? pos[r] - window + 1 : 0;
+        lo = first < lo ? first : lo;
+        last_of[l] = (float)pos[r];  /* positions < 2^24: exact */
+        first_of[l] = (float)first;
+    }
+    for (int i0 = 0; i0 < d; i0 += 16) {  /* qt[i] = the lanes' i-th query values */
+        __m512 r[16];
+        for (int l = 0; l < RUN_LANES; l++)
+            r[l] = l < used ? vload_n(qkv + (long)(r0 + l / group) * w +
+                                      (long)(h0 + l % group) * d + i0, d - i0)
+                            : _mm512_setzero_ps();
+        transpose16(r);
+        for (int x = 0; x < 16 && i0 + x < d; x++)
+            _mm512_store_ps(qt + (i0 + x) * RUN_LANES, r[x]);
+    }
+    memset(ot, 0, sizeof(float) * d * RUN_LANES);
+    __m512 top = _mm512_set1_ps(-INFINITY), total = _mm512_setzero_ps();
+    __m512 last_v = _mm512_load_ps(last_of), first_v = _mm512_load_ps(first_of);
+    /* chunks on a grid from position 0, so that a row's sums do not depend on the rows
+     * beside it (a masked key adds 0, a maximum that did not rise scales by 1) */
+    for (long c0 = lo / RUN_LANES * RUN_LANES; c0 <= hi; c0 += RUN_LANES) {
+        int len = hi - c0 + 1 < RUN_LANES ? (int)(hi - c0 + 1) : RUN_LANES;
+        for (int j = 0; j < RUN_LANES; j++) {
+            long p = c0 + j, at = !blocked ? p * d
+                : (table[p / block_size] * block_size + p % block_size) * stride;
+            for (int i = 0; i < d; i += VW) {
+                vec kv = j < len ? kv_load(keys, at + i, d - i, kvf) : vzero();
+                vec vv = j < len ? kv_load(values, at + i, d - i, kvf) : vzero();
+                vstore_n(kw + j * d + i, kv, d - i);
+                vstore_n(vw + j * d + i, vv, d - i);
+            }
+        }
+        __m512 s[RUN_LANES];
+        for (int j = 0; j < RUN_LANES; j++)
+            s[j] = _mm512_setzero_ps();
+        for (int i = 0; i < d; i++) {
+            __m512 q = _mm512_load_ps(qt + i * RUN_LANES);
+            for (int j = 0; j < RUN_LANES; j++)
+                s[j] = _mm512_fmadd_ps(q, _mm512_set1_ps(kw[j * d + i]), s[j]);
+        }
+        __mmask16 in[RUN_LANES];
+        __m512 chunk_top = _mm512_set1_ps(-INFINITY);
+        for (int j = 0; j < RUN_LANES; j++) {
+            __m512 at = _mm512_set1_ps((float)(c0 + j));
+            in[j] = _mm512_cmp_ps_mask(at, first_v, _CMP_GE_OQ) &
+                    _mm512_cmp_ps_mask(at, last_v, _CMP_LE_OQ);
+            s[j] = _mm512_mul_ps(s[j], _mm512_set1_ps(scale));
+            chunk_top = _mm512_mask_max_ps(chunk_top, in[j], chunk_top, s[j]);
+        }
+        __mmask16 raised = _mm512_cmp_ps_mask(chunk_top, top, _CMP_GT_OQ);
+        if (raised) {  /* rescale the lanes whose maximum rose (sums still 0 on their
+                        * first keys, where vexp's clamp makes e^-inf tiny, not NaN) */
+            __m512 new_top = _mm512_mask_mov_ps(top, raised, chunk_top);
+            __m512 shrink = _mm512_mask_mov_ps(_mm512_set1_ps(1.0f), raised,
+                                               vexp(_mm512_sub_ps(top, new_top)));
+            total = _mm512_mul_ps(total, shrink);
+            for (int i = 0; i < d; i++)
+                _mm512_store_ps(ot + i * RUN_LANES,
+                                _mm512_mul_ps(_mm512_load_ps(ot + i * RUN_LANES), shrink));
+            top = new_top;
+        }
+        __m512 p[RUN_LANES];
+        for (int j = 0; j < RUN_LANES; j++) {
+            p[j] = _mm512_maskz_mov_ps(in[j], vexp(_mm512_sub_ps(s[j], top)));
+            total = _mm512_add_ps(total, p[j]);
+        }
+        for (int i = 0; i < d; i += 8) {
+            __m512 o[8];
+            for (int x = 0; x < 8; x++)
+                o[x] = _mm512_load_ps(ot + (i + x) * RUN_LANES);
+            for (int j = 0; j < len; j++)
+                for (int x = 0; x < 8; x++)
+                    o[x] = _mm512_fmadd_ps(p[j], _mm512_set1_ps(vw[j * d + i + x]), o[x]);
+            for (int x = 0; x < 8; x++)
+                _mm512_store_ps(ot + (i + x) * RUN_LANES, o[x]);
+        }
+    }
+    float inv[RUN_LANES] __attribute__((aligned(64)));
+    _mm512_store_ps(inv, _mm512_div_ps(_mm512_set1_ps(1.0f), total));
+    for (int i0 = 0; i0 < d; i0 += 16) {  /* back to a row of d per lane */
+        __m512 r[16];
+        for (int x = 0; x < 16; x++)
+            r[x] = i0 + x < d ? _mm512_load_ps(ot + (i0 + x) * RUN_LANES) : _mm512_setzero_ps();
+        transpose16(r);
+        for (int l = 0; l < used; l++)
+            vstore_n(out + (long)(r0 + l / group) * heads * d + (long)(h0 + l % group) * d + i0,
+                     _mm512_mul_ps(r[l], _mm512_set1_ps(inv[l])), d - i0);
+    }
+}
+
+/* A step holding a prompt: this many rows of one line at consecutive positions. A
+ * speculation's verify pass (a few rows a line) and decode steps keep attend_rows. */
+#define RUN_FROM 16
+
+static int has_prompt(const long *pos, const long *line, int m) {
+    for (int r = 1, run = 1; r < m; r++) {
+        run = line[r] == line[r - 1] && pos[r] == pos[r - 1] + 1 ? run + 1 : 1;
+        if (run >= RUN_FROM)
+            return 1;
+    }
+    return 0;
+}
+
+static inline __attribute__((always_inline)) void
+attend_run_sized(const float *qkv, int w, const long *pos, int r0, int rows, int h0,
+                 int group, const void *keys, const void *values, float *out, int heads,
+                 float scale, long window, int d, const int kvf, const long *table,
+                 int block_size, long stride, const int blocked) {
+    switch (d) {
+    case 64: attend_run(qkv, w, pos, r0, rows, h0, group, keys, values, out, heads, scale,
+                        window, 64, kvf, table, block_size, stride, blocked); break;
+    case 128: attend_run(qkv, w, pos, r0, rows, h0, group, keys, values, out, heads, scale,
+                         window, 128, kvf, table, block_size, stride, blocked); break;
+    default: attend_run(qkv, w, pos, r0, rows, h0, group, keys, values, out, heads, scale,
+                        window, d, kvf, table, block_size, stride, blocked); break;
+    }
+}
+
+/* attend_rows for a step holding prompts: items of RUN_LANES / group rows and one KV
+ * head, each item's rows split where a run ends (another line, or a gap in positions),
+ * each run through attend_run; inlined once per layout (``blocked``) and cache format. */
+static inline __attribute__((always_inline)) void
+attend_prompts(const Model *md, const Layer *ly, const float *qkv, float *out, int m,
+               const long *pos, const long *line, const long *block_table, int table_width,
+               const int kvf, const int blocked) {
+    int d = md->head_dim, w = qkv_width(md), group = md->heads / md->kv_heads;
+    int per = RUN_LANES / group, blocks = (m + per - 1) / per;
+    long unit = kv_width(kvf), stride = (long)md->kv_heads * d;
+#pragma omp for schedule(dynamic, 1)
+    for (int item = 0; item < blocks * md->kv_heads; item++) {
+        int b = item / md->kv_heads, kvh = item % md->kv_heads;
+        int end = (b + 1) * per < m ? (b + 1) * per : m;
+        for (int r0 = b * per, r1; r0 < end; r0 = r1) {
+            for (r1 = r0 + 1; r1 < end && line[r1] == line[r0] && pos[r1] == pos[r1 - 1] + 1;)
+                r1++;
+            long base = blocked ? (long)kvh * d
+                                : (line[r0] * md->kv_heads + kvh) * (long)md->max_len * d;
+            const long *table = blocked ? block_table + line[r0] * table_width : NULL;
+            attend_run_sized(qkv, w, pos, r0, r1 - r0, kvh * group, group,
+                             (const char *)ly->k_cache + base * unit,
+                             (const char *)ly->v_cache + base * unit, out, md->heads,
+                             md->scale, md->window, d, kvf, table, md->block_size, stride,
+                             blocked);
+        }
+    }
+}
+#endif
+
 /* Each row's query heads over the row's own positions (and its sliding window), a KV
  * head's query heads together (up to MAX_GROUP) where that leaves the team enough items,
  * else one head an item; inlined once per layout (``blocked``, a constant). */
@@ -488,6 +694,21 @@ attend_rows(const Model *md, const Layer *ly, const float *qkv, float *out, int 
 static void attend(const Model *md, const Layer *ly, const float *qkv, float *out, int m,
                    const long *pos, const long *line, const long *block_table,
                    int table_width) {
+#if VW == 16
+    int kvf = kv_format(md), d = md->head_dim;
+    if (kvf != KV_FP8 && d <= WIDE_HEAD && d % 8 == 0 &&
+        md->heads / md->kv_heads <= RUN_LANES && has_prompt(pos, line, m)) {
+        if (md->block_size > 0 && kvf == KV_BF16)
+            attend_prompts(md, ly, qkv, out, m, pos, line, block_table, table_width, KV_BF16, 1);
+        else if (md->block_size > 0)
+            attend_prompts(md, ly, qkv, out, m, pos, line, block_table, table_width, KV_FP32, 1);
+        else if (kvf == KV_BF16)
+            attend_prompts(md, ly, qkv, out, m, pos, line, NULL, 0, KV_BF16, 0);
+        else
+            attend_prompts(md, ly, qkv, out, m, pos, line, NULL, 0, KV_FP32, 0);
+        return;
+    }
+#endif
     if (md->block_size > 0)
         attend_rows(md, ly, qkv, out, m, pos, line, block_table, table_width, 1);
     else
