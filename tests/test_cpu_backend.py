@@ -328,16 +328,18 @@ def test_native_prefill_matches_the_torch_prefill(tmp_path, monkeypatch, kernel)
     with pytest.raises(ValueError, match="out_rows"):
         step(torch.zeros(2, 256), torch.tensor([0, 1]), torch.tensor([0, 0]), torch.tensor([2]))
 
-    # More tokens in all than one step takes: several native steps of whole prompts
-    # (5 + 2 + 30, then 20, then 25 under a limit of 40), the same logits and KV lines;
-    # a prompt over the limit alone is declined (the torch path takes the batch).
-    prompts = [[5, 6, 7, 8, 9], [10, 11], [12, 13, 14] * 10, [15, 16] * 10, [17] * 25]
+    # More tokens in all than one step takes (no sgemm threshold): native steps of 40
+    # rows in row order, cut through prompts (5 + 2 + 30 + 3 of the 20, then 17 + 23 of
+    # the 50, then its last 27), a prompt longer than a step included: the same logits
+    # and KV lines. With a threshold (AVX-512: sgemm from 256 rows) the torch path takes
+    # a prefill of more tokens in all than it.
+    prompts = [[5, 6, 7, 8, 9], [10, 11], [12, 13, 14] * 10, [15, 16] * 10, [17] * 50]
     lengths = torch.tensor([len(p) for p in prompts])
-    ids = torch.zeros((5, 32), dtype=torch.long)
+    ids = torch.zeros((5, 64), dtype=torch.long)
     for row, p in enumerate(prompts):
         ids[row, :len(p)] = torch.tensor(p)
     lines = torch.tensor([0, 2, 3, 5, 6])
-    b.native.prefill_rows, b.native.split_prefills = 40, True
+    b.native.step.max_rows, b.native.split_prefills = 40, True
     m.k_cache.zero_()
     m.v_cache.zero_()
     native = b.native.prefill(ids, lengths, lines)
@@ -351,7 +353,8 @@ def test_native_prefill_matches_the_torch_prefill(tmp_path, monkeypatch, kernel)
         for cache, ref in zip(native_cache, (m.k_cache, m.v_cache), strict=True):
             torch.testing.assert_close(cache[:, line, :, :n], ref[:, line, :, :n],
                                        **cache_close(kernel, 1e-5, 1e-5, ref))
-    assert b.native.prefill(ids[:1].repeat(1, 2), torch.tensor([40]), lines[:1]) is None
+    b.native.split_prefills, b.native.prefill_rows = False, 40
+    assert b.native.prefill(ids, lengths, lines) is None
 
 
 @pytest.mark.parametrize("kernel", NATIVE)

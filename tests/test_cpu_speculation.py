@@ -358,8 +358,8 @@ def test_eagle_greedy_matches_hf_and_proposes_from_the_targets_features(
     backends/cpu/speculation.py)."""
     b = spec_backend(eagle_target, Draft(method, heads[method], N), tmp_path, monkeypatch,
                      kernel)
-    if b.native is not None:  # a native prefill in two groups (5 + 2 tokens, then 9)
-        b.native.prefill_rows = 10
+    if b.native is not None:  # a native prefill in two steps (5 + 2 + 3 of 9, then 6)
+        b.native.step.max_rows = 10
     proposer = b.speculation.proposer
     assert isinstance(proposer, cpu_spec.Eagle)
     assert (len(proposer.aux_layers) == 3) == (method == "eagle3")

@@ -293,9 +293,10 @@ class NativeStep:
         # A prefill of this many tokens or more is faster widened through sgemm (None:
         # never), or more rows than the step's scratch holds.
         self.prefill_rows = min(prefill_rows or step.max_rows + 1, step.max_rows + 1)
-        # Without a sgemm threshold (AVX2) a prefill of more tokens than one step holds
-        # runs as several native steps; with one (AVX-512, measured there before the
-        # split existed) it goes to sgemm as before.
+        # Without a sgemm threshold (amx, avx2) a prefill of more tokens than one step
+        # holds runs as several native steps, a long prompt's rows split across them (amx,
+        # 8 prompts of 448 tokens: 2.9-3.3 s against 4.2-6.6 on the torch path); with
+        # one (avx512, measured there before the split existed) it goes to sgemm.
         self.split_prefills = prefill_rows is None
 
     @classmethod
@@ -350,52 +351,30 @@ class NativeStep:
                 slots: torch.Tensor | None = None, *, logits: bool = True,
                 capture: Capture | None = None) -> torch.Tensor | None:
         """Last-token logits [n, vocab] of right-padded prompts [n, width] (``slots``: each
-        prompt's adapter slot; ``logits`` False: none, [0, vocab], for a draft's prefill),
-        or None when one prompt alone has more tokens than the native step is faster at
-        (or holds). Prompts of more tokens in all than that run as several steps of whole
-        prompts (a prompt's rows attend to its line only) where the variant has no sgemm
-        threshold. ``capture`` gets every position's hidden states, [n, width, ...] (zero
-        past each prompt)."""
+        prompt's adapter slot; ``logits`` False: none, [0, vocab], for a draft's prefill):
+        the prompts' tokens as rows in order, in native steps of ``max_rows`` (a step's
+        rows attend to the K/V of the steps before), so prompts of any length. None where
+        the variant has an sgemm threshold and the prompts hold more tokens in all (the
+        torch path is faster there). ``capture`` gets every position's hidden states,
+        [n, width, ...] (zero past each prompt)."""
         self._lines_only("prefill")
-        limit = lengths.max() if self.split_prefills else lengths.sum()
-        if int(limit) >= self.prefill_rows:
+        if not self.split_prefills and int(lengths.sum()) >= self.prefill_rows:
             return None
-        groups, first, total = [], 0, 0
-        for i, length in enumerate(lengths.tolist()):
-            if total + length >= self.prefill_rows:
-                groups.append(slice(first, i))
-                first, total = i, 0
-            total += length
-        groups.append(slice(first, len(lengths)))
-        parts = [self._prefill(input_ids[g], lengths[g], seq_ids[g],
-                               None if slots is None else slots[g], logits, capture)
-                 for g in groups]
-        if capture is not None:
-            n, t = input_ids.shape
-            real = torch.arange(t)[None, :] < lengths[:, None]
-            for name in ("hidden",) + (("aux",) if capture.aux_layers else ()):
-                rows = torch.cat([part[1 if name == "hidden" else 2] for part in parts])
-                padded = rows.new_zeros((n, t, rows.shape[-1]))
-                padded[real] = rows
-                setattr(capture, name, padded)
-        return torch.cat([part[0] for part in parts])
-
-    def _prefill(self, input_ids: torch.Tensor, lengths: torch.Tensor, seq_ids: torch.Tensor,
-                 slots: torch.Tensor | None, logits: bool = True,
-                 capture: Capture | None = None) -> tuple:
-        """One native step over prompts of fewer tokens in all than ``prefill_rows``:
-        (logits, and with ``capture`` the real rows' hidden states and aux states)."""
         n, t = input_ids.shape
         real = torch.arange(t)[None, :] < lengths[:, None]
-        positions = torch.arange(t).expand(n, t)[real]
-        lines = seq_ids[:, None].expand(n, t)[real]
-        if slots is not None:  # a prompt's rows share its slot
-            slots = slots[:, None].expand(n, t)[real]
         last = lengths.cumsum(0) - 1 if logits else torch.empty(0, dtype=torch.long)
-        x = self.model.embed(input_ids[real])
         aux_layers = capture.aux_layers if capture is not None else ()
-        out = self.step(x, positions, lines, last, slots, aux_layers)
-        return (out, x) if not aux_layers else (out[0], x, out[1])
+        out, x, aux = self.rows(input_ids[real], torch.arange(t).expand(n, t)[real],
+                                seq_ids[:, None].expand(n, t)[real], last,
+                                None if slots is None else slots[:, None].expand(n, t)[real],
+                                aux_layers)
+        if capture is not None:
+            for name, rows in (("hidden", x), ("aux", aux)):
+                if rows is not None:
+                    padded = rows.new_zeros((n, t, rows.shape[-1]))
+                    padded[real] = rows
+                    setattr(capture, name, padded)
+        return out
 
     def decode(self, input_ids: torch.Tensor, positions: torch.Tensor, seq_ids: torch.Tensor,
                slots: torch.Tensor | None = None) -> torch.Tensor | None:
