@@ -3,7 +3,8 @@
 Each speed lever of the CPU backend is measured here, step by step, before it is
 judged in the serving benchmark. Decode steps run at a context of 192 tokens (the
 middle of a 128-in / 128-out request); prefill runs 32 prompts of 128 tokens the
-way the scheduler hands them over (as many as free lines allow).
+way the scheduler hands them over (as many as free lines allow), then 8 prompts of 448
+tokens, two a call (longer than one native step: cut across steps).
 
     .venv/bin/python benchmarks/cpu_backend.py [--dtype bfloat16] [--steps 20]
         [--kernel avx512,avx2,torch] [--phases] [--engine]
@@ -48,6 +49,8 @@ from vllm_neuronx.backends.cpu.backend import CpuBackend, compute_dtype
 from vllm_neuronx.default_model import default_model_path
 
 LINES, SEQ_LEN, PROMPT, CONTEXT = 32, 512, 128, 192
+# Long prompts: this many of this many tokens, two a call (more than one native step holds).
+LONG_LINES, LONG_PROMPT = 8, 448
 
 
 # --quant: the neuron config keys of each weight format (quant_config.py).
@@ -73,12 +76,13 @@ def greedy(n: int) -> torch.Tensor:
     return sampling.sampling_tensor([sampling.GREEDY_ROW] * n)
 
 
-def time_prefill(backend: CpuBackend, batch: int, vocab: int) -> float:
-    """Seconds to prefill LINES prompts of PROMPT tokens, ``batch`` prompts per call."""
-    ids = torch.randint(0, vocab, (LINES, PROMPT))
-    pos = torch.arange(PROMPT).expand(LINES, PROMPT)
+def time_prefill(backend: CpuBackend, batch: int, vocab: int, lines: int = LINES,
+                 prompt: int = PROMPT) -> float:
+    """Seconds to prefill ``lines`` prompts of ``prompt`` tokens, ``batch`` prompts per call."""
+    ids = torch.randint(0, vocab, (lines, prompt))
+    pos = torch.arange(prompt).expand(lines, prompt)
     start = time.perf_counter()
-    for first in range(0, LINES, batch):
+    for first in range(0, lines, batch):
         rows = slice(first, first + batch)
         n = ids[rows].shape[0]
         backend.forward(ids[rows], pos[rows], torch.arange(first, first + n), greedy(n))
@@ -131,6 +135,10 @@ def measure(model: str, dtype: str, kernel: str | None, quant: str, args) -> dic
             result["prefill_s"][batch] = round(time_prefill(backend, batch, vocab), 2)
             print(f"prefill {LINES}x{PROMPT}, {batch} per call: {result['prefill_s'][batch]} s",
                   flush=True)
+        result["prefill_long_s"] = round(
+            time_prefill(backend, 2, vocab, LONG_LINES, LONG_PROMPT), 2)
+        print(f"prefill {LONG_LINES}x{LONG_PROMPT}, 2 per call: {result['prefill_long_s']} s",
+              flush=True)
         for batch in (1, 8, 32):
             step = time_decode(backend, batch, args.steps, vocab)
             result["decode_ms"][batch] = round(step * 1e3, 1)
