@@ -296,6 +296,32 @@ def test_a_native_step_is_timed_by_phase_only_while_asked(tmp_path, monkeypatch)
     assert set(step.phase_times().values()) == {0.0}  # read, then zero
 
 
+def check_native_prefill(b, kernel: str, prompts, lines) -> tuple:
+    """``b``'s native prefill of ``prompts`` on KV ``lines``, from empty caches, against
+    llama.py's padded torch prefill: the same last-token logits and K/V at the prompts'
+    positions. Returns the padded ids, lengths and lines."""
+    m = b.model
+    lengths = torch.tensor([len(p) for p in prompts])
+    ids = torch.zeros((len(prompts), int(lengths.max())), dtype=torch.long)
+    for row, p in enumerate(prompts):
+        ids[row, :len(p)] = torch.tensor(p)
+    lines = torch.tensor(lines)
+    m.k_cache.zero_()
+    m.v_cache.zero_()
+    native = b.native.prefill(ids, lengths, lines)
+    native_cache = m.k_cache.clone(), m.v_cache.clone()
+    m.k_cache.zero_()
+    m.v_cache.zero_()
+    reference, _ = m.context_encode(ids, lengths, lines)
+    torch.testing.assert_close(native, reference,
+                               **close_to(kernel, 1e-4, 1e-4, kv_bf16=bf16_kv(m)))
+    for line, n in zip(lines.tolist(), lengths.tolist(), strict=True):  # the real positions
+        for cache, ref in zip(native_cache, (m.k_cache, m.v_cache), strict=True):
+            torch.testing.assert_close(cache[:, line, :, :n], ref[:, line, :, :n],
+                                       **cache_close(kernel, 1e-5, 1e-5, ref))
+    return ids, lengths, lines
+
+
 @pytest.mark.parametrize("kernel", NATIVE)
 def test_native_prefill_matches_the_torch_prefill(tmp_path, monkeypatch, kernel):
     """A small prefill runs as one native step over the prompts' real tokens, a bigger one
@@ -305,54 +331,20 @@ def test_native_prefill_matches_the_torch_prefill(tmp_path, monkeypatch, kernel)
     model = make_tiny_llama(tmp_path / "model", hidden_size=256, num_attention_heads=4,
                             num_key_value_heads=2)
     b = bf16_backend_without_bf16_units(model, tmp_path / "artifacts", monkeypatch, kernel)
-    m = b.model
-    prompts = [[5, 6, 7, 8, 9], [10, 11], [12, 13, 14] * 30]
-    lengths = torch.tensor([len(p) for p in prompts])
-    ids = torch.zeros((3, 96), dtype=torch.long)
-    for row, p in enumerate(prompts):
-        ids[row, :len(p)] = torch.tensor(p)
-    lines = torch.tensor([1, 4, 7])
     b.native.prefill_rows = b.native.step.max_rows + 1  # native whatever the variant
-    native = b.native.prefill(ids, lengths, lines)
-    native_cache = m.k_cache.clone(), m.v_cache.clone()
-    m.k_cache.zero_()
-    m.v_cache.zero_()
-    reference, _ = m.context_encode(ids, lengths, lines)
-    step = b.native.step
-    torch.testing.assert_close(native, reference,
-                               **close_to(kernel, 1e-4, 1e-4, kv_bf16=bf16_kv(m)))
-    for line, n in zip(lines.tolist(), lengths.tolist(), strict=True):  # the real positions
-        for cache, ref in zip(native_cache, (m.k_cache, m.v_cache), strict=True):
-            torch.testing.assert_close(cache[:, line, :, :n], ref[:, line, :, :n],
-                                       **cache_close(kernel, 1e-5, 1e-5, ref))
+    check_native_prefill(b, kernel, [[5, 6, 7, 8, 9], [10, 11], [12, 13, 14] * 30], [1, 4, 7])
     with pytest.raises(ValueError, match="out_rows"):
-        step(torch.zeros(2, 256), torch.tensor([0, 1]), torch.tensor([0, 0]), torch.tensor([2]))
+        b.native.step(torch.zeros(2, 256), torch.tensor([0, 1]), torch.tensor([0, 0]),
+                      torch.tensor([2]))
 
     # More tokens in all than one step takes (no sgemm threshold): native steps of 40
     # rows in row order, cut through prompts (5 + 2 + 30 + 3 of the 20, then 17 + 23 of
     # the 50, then its last 27), a prompt longer than a step included: the same logits
     # and KV lines. With a threshold (AVX-512: sgemm from 256 rows) the torch path takes
     # a prefill of more tokens in all than it.
-    prompts = [[5, 6, 7, 8, 9], [10, 11], [12, 13, 14] * 10, [15, 16] * 10, [17] * 50]
-    lengths = torch.tensor([len(p) for p in prompts])
-    ids = torch.zeros((5, 64), dtype=torch.long)
-    for row, p in enumerate(prompts):
-        ids[row, :len(p)] = torch.tensor(p)
-    lines = torch.tensor([0, 2, 3, 5, 6])
     b.native.step.max_rows, b.native.split_prefills = 40, True
-    m.k_cache.zero_()
-    m.v_cache.zero_()
-    native = b.native.prefill(ids, lengths, lines)
-    native_cache = m.k_cache.clone(), m.v_cache.clone()
-    m.k_cache.zero_()
-    m.v_cache.zero_()
-    reference, _ = m.context_encode(ids, lengths, lines)
-    torch.testing.assert_close(native, reference,
-                               **close_to(kernel, 1e-4, 1e-4, kv_bf16=bf16_kv(m)))
-    for line, n in zip(lines.tolist(), lengths.tolist(), strict=True):
-        for cache, ref in zip(native_cache, (m.k_cache, m.v_cache), strict=True):
-            torch.testing.assert_close(cache[:, line, :, :n], ref[:, line, :, :n],
-                                       **cache_close(kernel, 1e-5, 1e-5, ref))
+    prompts = [[5, 6, 7, 8, 9], [10, 11], [12, 13, 14] * 10, [15, 16] * 10, [17] * 50]
+    ids, lengths, lines = check_native_prefill(b, kernel, prompts, [0, 2, 3, 5, 6])
     b.native.split_prefills, b.native.prefill_rows = False, 40
     assert b.native.prefill(ids, lengths, lines) is None
 
@@ -372,26 +364,10 @@ def test_prompt_rows_attend_as_the_torch_prefill(tmp_path, monkeypatch, kernel, 
     model = make_tiny_llama(tmp_path / "model", hidden_size=heads * head_dim,
                             num_attention_heads=heads, num_key_value_heads=kv_heads, **extra)
     b = bf16_backend_without_bf16_units(model, tmp_path / "artifacts", monkeypatch, kernel)
-    m = b.model
-    prompts = [list(range(5, 45)), [10, 11], list(range(100, 117)), [7, 8, 9] * 8]
-    width = max(len(p) for p in prompts)
-    lengths = torch.tensor([len(p) for p in prompts])
-    ids = torch.zeros((len(prompts), width), dtype=torch.long)
-    for row, p in enumerate(prompts):
-        ids[row, :len(p)] = torch.tensor(p)
-    lines = torch.tensor([0, 2, 3, 5])
     b.native.prefill_rows = b.native.step.max_rows + 1  # one native step, every variant
-    native = b.native.prefill(ids, lengths, lines)
-    native_cache = m.k_cache.clone(), m.v_cache.clone()
-    m.k_cache.zero_()
-    m.v_cache.zero_()
-    reference, _ = m.context_encode(ids, lengths, lines)
-    torch.testing.assert_close(native, reference,
-                               **close_to(kernel, 1e-4, 1e-4, kv_bf16=bf16_kv(m)))
-    for line, n in zip(lines.tolist(), lengths.tolist(), strict=True):  # the real positions
-        for cache, ref in zip(native_cache, (m.k_cache, m.v_cache), strict=True):
-            torch.testing.assert_close(cache[:, line, :, :n], ref[:, line, :, :n],
-                                       **cache_close(kernel, 1e-5, 1e-5, ref))
+    prompts = [list(range(5, 45)), [10, 11], list(range(100, 117)), [7, 8, 9] * 8]
+    check_native_prefill(b, kernel, prompts, [0, 2, 3, 5])
+
 
 @pytest.mark.parametrize("kernel", EVERY_PATH)
 def test_sliding_window_matches_hf(tmp_path, monkeypatch, kernel):
