@@ -588,15 +588,6 @@ attend_run(const float *qkv, int w, const long *pos, int r0, int rows, int h0, i
  * speculation's verify pass (a few rows a line) and decode steps keep attend_rows. */
 #define RUN_FROM 16
 
-static int has_prompt(const long *pos, const long *line, int m) {
-    for (int r = 1, run = 1; r < m; r++) {
-        run = line[r] == line[r - 1] && pos[r] == pos[r - 1] + 1 ? run + 1 : 1;
-        if (run >= RUN_FROM)
-            return 1;
-    }
-    return 0;
-}
-
 static inline __attribute__((always_inline)) void
 attend_run_sized(const float *qkv, int w, const long *pos, int r0, int rows, int h0,
                  int group, const void *keys, const void *values, float *out, int heads,
@@ -691,13 +682,32 @@ attend_rows(const Model *md, const Layer *ly, const float *qkv, float *out, int 
     }
 }
 
+/* Whether a step's rows attend through attend_prompts: an AVX-512 build, a bf16 or fp32
+ * cache, heads it takes, and a prompt among the rows (RUN_FROM of one line at consecutive
+ * positions). The same for every layer: found once a step. */
+static int by_prompts(const Model *md, const long *pos, const long *line, int m) {
+#if VW == 16
+    int d = md->head_dim;
+    if (kv_format(md) == KV_FP8 || d > WIDE_HEAD || d % 8 != 0 ||
+        md->heads / md->kv_heads > RUN_LANES)
+        return 0;
+    for (int r = 1, run = 1; r < m; r++) {
+        run = line[r] == line[r - 1] && pos[r] == pos[r - 1] + 1 ? run + 1 : 1;
+        if (run >= RUN_FROM)
+            return 1;
+    }
+#else
+    (void)md, (void)pos, (void)line, (void)m;
+#endif
+    return 0;
+}
+
 static void attend(const Model *md, const Layer *ly, const float *qkv, float *out, int m,
                    const long *pos, const long *line, const long *block_table,
-                   int table_width) {
+                   int table_width, int prompts) {
 #if VW == 16
-    int kvf = kv_format(md), d = md->head_dim;
-    if (kvf != KV_FP8 && d <= WIDE_HEAD && d % 8 == 0 &&
-        md->heads / md->kv_heads <= RUN_LANES && has_prompt(pos, line, m)) {
+    if (prompts) {
+        int kvf = kv_format(md);
         if (md->block_size > 0 && kvf == KV_BF16)
             attend_prompts(md, ly, qkv, out, m, pos, line, block_table, table_width, KV_BF16, 1);
         else if (md->block_size > 0)
@@ -708,6 +718,8 @@ static void attend(const Model *md, const Layer *ly, const float *qkv, float *ou
             attend_prompts(md, ly, qkv, out, m, pos, line, NULL, 0, KV_FP32, 0);
         return;
     }
+#else
+    (void)prompts;
 #endif
     if (md->block_size > 0)
         attend_rows(md, ly, qkv, out, m, pos, line, block_table, table_width, 1);
@@ -1004,6 +1016,7 @@ void decode_step(const Model *md, float *x, int m, const long *pos, const long *
     LoraGroup *groups = (LoraGroup *)(t + (long)m * rt);
     int n_groups = 0;  /* LoRA groups of rows; 0: nothing to add */
     int lora = row_slot != NULL && md->lora_slots > 0;
+    int prompts = by_prompts(md, pos, line, m);
 #pragma omp parallel
     {
         double since = 0.0;  /* the last phase's end (timing) */
@@ -1030,7 +1043,7 @@ void decode_step(const Model *md, float *x, int m, const long *pos, const long *
             phase_end(PH_QKV, &since);
             rotate_and_store(md, ly, qkv, m, pos, line, block_table, table_width);
             phase_end(PH_ROPE, &since);
-            attend(md, ly, qkv, att, m, pos, line, block_table, table_width);
+            attend(md, ly, qkv, att, m, pos, line, block_table, table_width, prompts);
             phase_end(PH_ATTEND, &since);
             lora_shrink_rows(ly->lora_o, groups, n_groups, att, q_size, t, rt);
             matmul_team(att, ly->o, x, m, 1);
