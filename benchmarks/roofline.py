@@ -298,6 +298,28 @@ def measure(config: dict, threads: int, serving: dict = SERVING) -> dict:
     }
 
 
+def pace(threads: int, megabytes: int = 256) -> dict[str, float]:
+    """How fast this machine runs right now, in a second: the read bandwidth and torch's
+    bf16 rate at one prefill shape (the gate/up projection of ``PREFILL_ROWS`` rows).
+
+    A VM's speed can move 2x within minutes (other tenants on the host); taken before
+    each peer of a serving run and at its end, it shows whether the peers were measured
+    on the same machine, so to speak, or a ratio between them carries the drift.
+    """
+    import torch
+
+    from vllm_neuronx.backends.cpu.memory import huge_page_bytes
+
+    torch.set_num_threads(threads)
+    x = huge_page_bytes(megabytes * (1 << 20)).view(torch.float32).fill_(1.0)
+    a = torch.randn(PREFILL_ROWS, 576, dtype=torch.bfloat16)
+    w = torch.randn(3072, 576, dtype=torch.bfloat16)
+    seconds = best_seconds({"read": x.sum, "bf16": lambda: torch.nn.functional.linear(a, w)},
+                           rounds=4)
+    return {"threads": threads, "read_gbs": round(x.numel() * 4 / seconds["read"] / 1e9, 1),
+            "bf16_gflops": round(2 * PREFILL_ROWS * 576 * 3072 / seconds["bf16"] / 1e9)}
+
+
 def format_roofline(result: dict) -> str:
     """Human-readable lines for the measured rates and bounds."""
     lines = [f"memory read bandwidth: {result['bandwidth_gbs']:.1f} GB/s "
@@ -332,7 +354,16 @@ def main() -> None:
     parser.add_argument("--output-len", type=int, default=SERVING["output_len"])
     parser.add_argument("--concurrency", type=int, nargs="+",
                         default=list(SERVING["concurrency"]))
+    parser.add_argument("--pace", action="store_true",
+                        help="only the machine's pace now (pace()): a second, no model")
     args = parser.parse_args()
+    if args.pace:
+        result = pace(args.threads)
+        print(json.dumps(result))
+        if args.json:
+            with open(args.json, "w") as f:
+                json.dump(result, f)
+        return
     if args.model is None:
         from vllm_neuronx.default_model import default_model_path
 

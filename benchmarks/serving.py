@@ -48,8 +48,26 @@ import time
 from pathlib import Path
 
 from serving_peers import OURS, bench_peer, cache_dir
-from serving_report import NOTES, against_bounds, format_ratios, format_table, machine_info, ratios
-from serving_run import FULL, HERE, LONG, MINUTE, QUICK, PeerUnavailable, log, run_roofline
+from serving_report import (
+    NOTES,
+    against_bounds,
+    format_paces,
+    format_ratios,
+    format_table,
+    machine_info,
+    ratios,
+)
+from serving_run import (
+    FULL,
+    HERE,
+    LONG,
+    MINUTE,
+    QUICK,
+    PeerUnavailable,
+    log,
+    run_pace,
+    run_roofline,
+)
 
 PEERS = (*OURS, "vllm-cpu", "llama.cpp", "hf")
 
@@ -101,7 +119,9 @@ def main() -> None:
 
     roofline = None if args.no_roofline else run_roofline(model, workload, out_dir)
     rows, peers = [], {}
+    paces = {}
     for name in args.peers:
+        paces[name] = run_pace(out_dir, name)
         peer_began = time.monotonic()
         try:
             peer_rows, config = bench_peer(name, workload, model, cache, out_dir)
@@ -111,6 +131,8 @@ def main() -> None:
             log(f"{name}: UNAVAILABLE, carrying on without it: {e}")
             peers[name] = {"status": "unavailable", "reason": str(e)}
         peers[name]["elapsed_s"] = time.monotonic() - peer_began
+        peers[name]["pace_before"] = paces[name]
+    paces["end"] = machine["pace_at_end"] = run_pace(out_dir, "end")
 
     table = format_table(rows)
     ratio_rows = {name: ratios(rows, name) for name in OURS if name in args.peers}
@@ -132,6 +154,7 @@ def main() -> None:
         print("\nRoofline (same run):\n" + format_roofline(roofline))
         for line in against_bounds(rows, roofline):
             print(line)
+    print("\n" + format_paces(paces))
     print("\nNotes:\n" + "\n".join(f"- {note}" for note in NOTES))
     machine["load_average_at_end"] = os.getloadavg()
     elapsed = time.monotonic() - began

@@ -90,6 +90,21 @@ def format_ratios(entries: list[dict], ours: str = "ours") -> str:
     return "\n".join(lines)
 
 
+def format_paces(paces: dict[str, dict | None]) -> str:
+    """One line: the machine's pace (roofline.pace) before each peer and at the end, and
+    how far it moved, so a ratio between peers can be read against the drift."""
+    seen = {label: p for label, p in paces.items() if p}
+    if not seen:
+        return "machine pace: not measured"
+    cells = ", ".join(f"{label} {p['read_gbs']:.1f} GB/s {p['bf16_gflops']:.0f} GFLOP/s"
+                      for label, p in seen.items())
+    spread = {key: max(p[key] for p in seen.values()) / max(min(p[key] for p in seen.values()),
+                                                            1e-9)
+              for key in ("read_gbs", "bf16_gflops")}
+    return (f"machine pace (read bandwidth, torch bf16 at 512 rows) before each peer: {cells}; "
+            f"max / min {spread['read_gbs']:.2f}x and {spread['bf16_gflops']:.2f}x")
+
+
 def machine_info() -> dict:
     """What a reader needs to compare figures across machines."""
     with open("/proc/meminfo") as f:
@@ -125,4 +140,7 @@ NOTES = (
     "quantize those per channel (weights only: activations and sums stay fp32).",
     "the roofline's bounds are those of bf16 weights (ours); quantized rows read half "
     "the weight bytes, so their c1 bound is higher.",
+    "machine pace: read bandwidth and torch's bf16 rate, measured in a second before each "
+    "peer and at the end (roofline.py --pace); where it moved between peers, their ratio "
+    "holds that drift too.",
 )

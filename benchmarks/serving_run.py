@@ -358,6 +358,21 @@ def bench_hf(workload: Workload, model: str, out_dir: Path) -> list[dict]:
     return rows
 
 
+def run_pace(out_dir: Path, label: str) -> dict | None:
+    """roofline.py --pace in a child process (the servers' thread count): the machine's
+    read GB/s and bf16 GFLOP/s now, before ``label``; None where it fails."""
+    out = out_dir / f"pace-{label}.json"
+    try:
+        run_step([sys.executable, str(HERE / "roofline.py"), "--pace",
+                  "--threads", str(len(os.sched_getaffinity(0))), "--json", str(out)],
+                 f"the machine's pace before {label}", out_dir / "pace.log", 5 * MINUTE)
+        with open(out) as f:
+            return json.load(f)
+    except (PeerUnavailable, OSError, ValueError) as e:
+        log(f"pace failed: {e}")
+        return None
+
+
 def run_roofline(model: str, workload: Workload, out_dir: Path) -> dict | None:
     """benchmarks/roofline.py in a child process, with the servers' thread count."""
     out = out_dir / "roofline.json"

