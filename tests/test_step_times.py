@@ -17,4 +17,7 @@ def test_steps_are_tallied_by_phase_and_rows_with_the_gap_before_each():
         {"phase": "prefill", "rows": 2, "steps": 1, "backend_ms": 500.0, "gap_ms": 0.0},
     ]
     assert t.describe().startswith("prefill 1 steps, 500.0 ms in the backend")
+    # each phase's widest batch apart: a serving run's c32 steps beside its c1 ones
+    assert "decode 3 steps, 10.0 ms in the backend and 1.3 ms between steps on average " \
+        "(2 rows: 2 steps, 10.0 + 2.0 ms)" in t.describe()
 

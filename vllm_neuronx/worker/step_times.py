@@ -45,14 +45,21 @@ class StepTimes:
         ]
 
     def describe(self) -> str:
-        """One line for the log: each phase's steps, mean backend and gap ms."""
+        """One line for the log: each phase's steps, mean backend and gap ms, and those of
+        its widest batch (a serving run's c32 decode, apart from its c1 steps)."""
         parts = []
         for phase in ("prefill", "decode", "mixed"):  # mixed: chunked prefill's steps
-            mine = [t for (p, _), t in self.tallies.items() if p == phase]
-            steps = sum(t.steps for t in mine)
-            if steps:
-                parts.append(
-                    f"{phase} {steps} steps, {sum(t.backend_s for t in mine) / steps * 1e3:.1f} "
-                    f"ms in the backend and {sum(t.gap_s for t in mine) / steps * 1e3:.1f} ms "
-                    "between steps on average")
+            mine = {rows: t for (p, rows), t in self.tallies.items() if p == phase}
+            steps = sum(t.steps for t in mine.values())
+            if not steps:
+                continue
+            backend = sum(t.backend_s for t in mine.values()) / steps * 1e3
+            gap = sum(t.gap_s for t in mine.values()) / steps * 1e3
+            rows = max(mine)
+            widest = mine[rows]
+            parts.append(
+                f"{phase} {steps} steps, {backend:.1f} ms in the backend and {gap:.1f} ms "
+                f"between steps on average ({rows} rows: {widest.steps} steps, "
+                f"{widest.backend_s / widest.steps * 1e3:.1f} + "
+                f"{widest.gap_s / widest.steps * 1e3:.1f} ms)")
         return "; ".join(parts) or "no steps"
