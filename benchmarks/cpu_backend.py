@@ -41,6 +41,7 @@ import tempfile
 import time
 
 import torch
+from roofline import pace
 
 from vllm_neuronx import neuron_config as nc
 from vllm_neuronx import sampling
@@ -221,6 +222,17 @@ def random_model(family: str, folder: str) -> str:
     return folder
 
 
+def machine_pace(when: str) -> dict:
+    """roofline.pace with this run's threads, printed: the figures of a run are read
+    against the machine's speed before and after it (a VM's moves 2x within minutes)."""
+    threads = torch.get_num_threads()
+    now = pace(threads)
+    torch.set_num_threads(threads)
+    print(f"machine pace {when}: read {now['read_gbs']:.1f} GB/s, torch bf16 "
+          f"{now['bf16_gflops']:.0f} GFLOP/s ({threads} threads)", flush=True)
+    return now
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--model", default=None)
@@ -256,11 +268,13 @@ def main() -> None:
     }
     print(f"{result['model']} on {result['cpu']}, {os.cpu_count()} cores, ISA {' '.join(flags)}; "
           f"{args.dtype} computed in {result['compute_dtype']}", flush=True)
+    result["pace_before"] = machine_pace("before")
     variants = args.kernel.split(",") if args.kernel else [None]
     for kernel, quant in itertools.product(variants, args.quant.split(",")):
         result["runs"].append(measure(model, args.dtype, kernel, quant, args))
         if args.engine:
             result["runs"][-1]["engine_steps"] = engine_steps(model, args.dtype)
+    result["pace_after"] = machine_pace("after")
     os.makedirs(os.path.join(os.path.dirname(__file__), "results"), exist_ok=True)
     out = os.path.join(os.path.dirname(__file__), "results", "cpu_backend.json")
     with open(out, "w") as f:
