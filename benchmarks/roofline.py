@@ -37,6 +37,7 @@ BATCHES = (1, 32)
 PREFILL_ROWS = 512  # a batched prefill: 4 prompts of 128 multiplied at once
 CONTEXT = 192  # 128 prompt tokens + half of the 128 generated ones
 DTYPE_BYTES = {"bf16": 2, "fp32": 4}
+PACE_SHAPE = (576, 3072)  # pace(): in K, out N of SmolLM2's gate/up projection
 SERVING = {"input_len": 128, "output_len": 128, "concurrency": (1, 32)}
 
 
@@ -220,17 +221,25 @@ def _our_kernel():
         return kernels.load(folder, variant), variant.name
 
 
+def _read(megabytes: int) -> tuple[Callable[[], object], int]:
+    """A sum over ``megabytes`` of fp32 (far larger than the caches) and the bytes it reads.
+
+    On huge pages where the kernel allows, like the CPU backend's weights: 4 KB pages read
+    more slowly, and the bound would understate the machine."""
+    import torch
+
+    from vllm_neuronx.backends.cpu.memory import huge_page_bytes
+
+    x = huge_page_bytes(megabytes * (1 << 20)).view(torch.float32).fill_(1.0)
+    return x.sum, x.numel() * 4
+
+
 def _kernels(m: LlamaShape, context: int, megabytes: int = 1024) -> dict[str, tuple]:
     """name -> (callable, bytes or FLOPs per call): the read, and every matmul per kernel
     ("bf16", "fp32": torch; "ours-<variant>": kernels.py over packed bf16) and batch."""
     import torch
 
-    from vllm_neuronx.backends.cpu.memory import huge_page_bytes
-
-    # On huge pages where the kernel allows, like the CPU backend's weights: 4 KB pages
-    # read more slowly, and the bound would understate the machine.
-    x = huge_page_bytes(megabytes * (1 << 20)).view(torch.float32).fill_(1.0)
-    kernels = {"bandwidth": (x.sum, x.numel() * 4)}
+    kernels = {"bandwidth": _read(megabytes)}
     group = m.heads // m.kv_heads
     ours, variant = _our_kernel()
     for dtype, torch_dtype in (("bf16", torch.bfloat16), ("fp32", torch.float32)):
@@ -308,16 +317,15 @@ def pace(threads: int, megabytes: int = 256) -> dict[str, float]:
     """
     import torch
 
-    from vllm_neuronx.backends.cpu.memory import huge_page_bytes
-
     torch.set_num_threads(threads)
-    x = huge_page_bytes(megabytes * (1 << 20)).view(torch.float32).fill_(1.0)
-    a = torch.randn(PREFILL_ROWS, 576, dtype=torch.bfloat16)
-    w = torch.randn(3072, 576, dtype=torch.bfloat16)
-    seconds = best_seconds({"read": x.sum, "bf16": lambda: torch.nn.functional.linear(a, w)},
+    read, read_bytes = _read(megabytes)
+    k, n = PACE_SHAPE
+    a = torch.randn(PREFILL_ROWS, k, dtype=torch.bfloat16)
+    w = torch.randn(n, k, dtype=torch.bfloat16)
+    seconds = best_seconds({"read": read, "bf16": lambda: torch.nn.functional.linear(a, w)},
                            rounds=4)
-    return {"threads": threads, "read_gbs": round(x.numel() * 4 / seconds["read"] / 1e9, 1),
-            "bf16_gflops": round(2 * PREFILL_ROWS * 576 * 3072 / seconds["bf16"] / 1e9)}
+    return {"threads": threads, "read_gbs": round(read_bytes / seconds["read"] / 1e9, 1),
+            "bf16_gflops": round(2 * PREFILL_ROWS * k * n / seconds["bf16"] / 1e9)}
 
 
 def format_roofline(result: dict) -> str:

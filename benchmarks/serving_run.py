@@ -365,7 +365,7 @@ def run_pace(out_dir: Path, label: str) -> dict | None:
     try:
         run_step([sys.executable, str(HERE / "roofline.py"), "--pace",
                   "--threads", str(len(os.sched_getaffinity(0))), "--json", str(out)],
-                 f"the machine's pace before {label}", out_dir / "pace.log", 5 * MINUTE)
+                 f"the machine's pace ({label})", out_dir / "pace.log", 5 * MINUTE)
         with open(out) as f:
             return json.load(f)
     except (PeerUnavailable, OSError, ValueError) as e:
