@@ -226,8 +226,7 @@ def machine_pace(when: str) -> dict:
     """roofline.pace with this run's threads, printed: the figures of a run are read
     against the machine's speed before and after it (a VM's moves 2x within minutes)."""
     threads = torch.get_num_threads()
-    now = pace(threads)
-    torch.set_num_threads(threads)
+    now = pace(threads)  # sets torch's threads: to the same count
     print(f"machine pace {when}: read {now['read_gbs']:.1f} GB/s, torch bf16 "
           f"{now['bf16_gflops']:.0f} GFLOP/s ({threads} threads)", flush=True)
     return now
